@@ -1,0 +1,10 @@
+{
+  "targets": [
+    {
+      "target_name": "vblk_native",
+      "sources": ["addon/vblk_native.c"],
+      "cflags": ["-std=gnu11", "-Wall", "-Wextra", "-Werror=implicit-function-declaration", "-fstack-protector-strong", "-D_FORTIFY_SOURCE=2", "-O2"],
+      "defines": ["NAPI_VERSION=8"]
+    }
+  ]
+}
