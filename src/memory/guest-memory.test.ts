@@ -1,0 +1,67 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import fc from 'fast-check';
+import { GuestMemory, MemoryError } from './guest-memory.js';
+
+function twoRegions(): GuestMemory {
+  // Two adjacent regions and one apart: [0x1000, 0x2000) [0x2000, 0x3000) [0x8000, 0x9000)
+  return new GuestMemory([
+    { guestAddress: 0x2000, bytes: new Uint8Array(0x1000).fill(2) },
+    { guestAddress: 0x1000, bytes: new Uint8Array(0x1000).fill(1) },
+    { guestAddress: 0x8000, bytes: new Uint8Array(0x1000).fill(8) },
+  ]);
+}
+
+test('view returns a range inside one region and null otherwise', () => {
+  const m = twoRegions();
+  assert.deepEqual(m.view(0x1ff0, 16), new Uint8Array(16).fill(1));
+  assert.equal(m.view(0x1ff0, 17), null, 'crosses into the next region');
+  assert.equal(m.view(0x0fff, 1), null);
+  assert.equal(m.view(0x9000, 1), null);
+  assert.equal(m.view(0x3000, 0), null, 'a zero-length range must still start inside a region');
+  assert.equal(m.view(-1, 1), null);
+  assert.equal(m.view(2 ** 60, 1), null);
+});
+
+test('gather splits a range at region boundaries and refuses holes', () => {
+  const m = twoRegions();
+  const out: Uint8Array[] = [];
+  assert.equal(m.gather(0x1ffe, 4, out), true);
+  assert.deepEqual(out.map((v) => [...v]), [[1, 1], [2, 2]]);
+  const before = out.length;
+  assert.equal(m.gather(0x2ffe, 4, out), false, '0x3000 is a hole');
+  assert.equal(out.length, before, 'a refused gather leaves the list as it was');
+});
+
+test('contains agrees with gather on every range', () => {
+  const m = twoRegions();
+  fc.assert(fc.property(fc.integer({ min: 0, max: 0xa000 }), fc.integer({ min: 0, max: 0x3000 }), (addr, len) => {
+    const out: Uint8Array[] = [];
+    const ok = m.gather(addr, len, out);
+    assert.equal(m.contains(addr, len), ok || (len === 0 && m.view(addr, 0) !== null));
+    if (ok) assert.equal(out.reduce((n, v) => n + v.length, 0), len);
+  }));
+});
+
+test('read and write copy across regions and refuse out-of-range without touching memory', () => {
+  const m = twoRegions();
+  assert.equal(m.write(0x1ffe, new Uint8Array([9, 9, 9, 9])), true);
+  const back = new Uint8Array(6);
+  assert.equal(m.read(0x1ffd, back), true);
+  assert.deepEqual([...back], [1, 9, 9, 9, 9, 2]);
+  assert.equal(m.write(0x2fff, new Uint8Array([7, 7])), false);
+  const last = new Uint8Array(1);
+  m.read(0x2fff, last);
+  assert.equal(last[0], 2, 'nothing was written by the refused write');
+});
+
+test('overlapping, empty and out-of-range regions are refused with typed errors', () => {
+  assert.throws(() => new GuestMemory([
+    { guestAddress: 0, bytes: new Uint8Array(0x1000) },
+    { guestAddress: 0xfff, bytes: new Uint8Array(0x10) },
+  ]), (e) => e instanceof MemoryError && e.code === 'OVERLAPPING_REGIONS');
+  assert.throws(() => new GuestMemory([{ guestAddress: 0, bytes: new Uint8Array(0) }]),
+    (e) => e instanceof MemoryError && e.code === 'BAD_REGION');
+  assert.throws(() => new GuestMemory([{ guestAddress: Number.MAX_SAFE_INTEGER, bytes: new Uint8Array(2) }]),
+    (e) => e instanceof MemoryError && e.code === 'BAD_REGION');
+});

@@ -1,0 +1,150 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { SplitDeviceQueue } from './split-device.js';
+import { ChainError } from './chain.js';
+import { QueueSetupError } from './ring-views.js';
+import { RawRing } from './testing.js';
+import { VIRTQ_DESC_F, VIRTQ_USED_F_NO_NOTIFY, VIRTQ_AVAIL_F_NO_INTERRUPT } from '../spec/split-ring.js';
+
+const { NEXT, WRITE, INDIRECT } = VIRTQ_DESC_F;
+
+function queue(r: RawRing): SplitDeviceQueue {
+  const q = SplitDeviceQueue.create(r.memory, r.config);
+  assert.ok(q instanceof SplitDeviceQueue);
+  return q;
+}
+
+test('pops a readable+writable chain as views of the right bytes', () => {
+  const r = new RawRing(8);
+  const a = r.dataBase;
+  r.fill(a, 16, 7);
+  r.desc(0, a, 16, NEXT, 3);
+  r.desc(3, a + 16, 100, WRITE | NEXT, 5);
+  r.desc(5, a + 200, 1, WRITE);
+  r.publish(0);
+  const q = queue(r);
+  const c = q.pop();
+  assert.ok(c && !(c instanceof ChainError));
+  assert.equal(c.head, 0);
+  assert.equal(c.readableBytes, 16);
+  assert.equal(c.writableBytes, 101);
+  assert.deepEqual([...c.readable[0]], new Array(16).fill(7));
+  assert.deepEqual(c.writable.map((v) => v.length), [100, 1]);
+  assert.equal(q.pop(), null);
+});
+
+test('used entries are invisible until published, then published in one index update', () => {
+  const r = new RawRing(4);
+  for (let h = 0; h < 3; h++) {
+    r.desc(h, r.dataBase + h * 64, 64, WRITE);
+    r.publish(h);
+  }
+  const q = queue(r);
+  const heads = [q.pop(), q.pop(), q.pop()].map((c) => (c as { head: number }).head);
+  q.pushUsed(heads[2], 10);
+  q.pushUsed(heads[0], 20);
+  assert.equal(r.usedIdx(), 0);
+  assert.equal(q.publishUsed(), true);
+  assert.equal(r.usedIdx(), 2);
+  assert.deepEqual(r.usedElem(0), { id: 2, len: 10 });
+  assert.deepEqual(r.usedElem(1), { id: 0, len: 20 });
+  assert.equal(q.publishUsed(), false, 'nothing new to publish');
+});
+
+test('without EVENT_IDX, NO_INTERRUPT suppresses the used notification', () => {
+  const r = new RawRing(4);
+  r.desc(0, r.dataBase, 8, WRITE);
+  r.publish(0);
+  const q = queue(r);
+  q.pop();
+  r.setAvailFlags(VIRTQ_AVAIL_F_NO_INTERRUPT);
+  q.pushUsed(0, 1);
+  assert.equal(q.publishUsed(), false);
+});
+
+test('with EVENT_IDX, notification follows used_event', () => {
+  const r = new RawRing(8, { eventIdx: true });
+  for (let h = 0; h < 4; h++) {
+    r.desc(h, r.dataBase + h * 64, 64, WRITE);
+    r.publish(h);
+  }
+  const q = queue(r);
+  r.setUsedEvent(2); // the driver wants to hear when used.idx passes 2
+  for (let h = 0; h < 2; h++) q.pushUsed((q.pop() as { head: number }).head, 0);
+  assert.equal(q.publishUsed(), false, 'used.idx 0 → 2 did not cross 2');
+  q.pushUsed((q.pop() as { head: number }).head, 0);
+  assert.equal(q.publishUsed(), true, 'used.idx 2 → 3 crossed 2');
+});
+
+test('notification suppression towards the driver, with and without EVENT_IDX', () => {
+  const plain = new RawRing(4);
+  const q1 = queue(plain);
+  q1.disableNotifications();
+  assert.equal(plain.usedFlags(), VIRTQ_USED_F_NO_NOTIFY);
+  assert.equal(q1.enableNotifications(), false);
+  assert.equal(plain.usedFlags(), 0);
+
+  const ev = new RawRing(4, { eventIdx: true });
+  const q2 = queue(ev);
+  ev.desc(0, ev.dataBase, 8, WRITE);
+  ev.publish(0);
+  assert.equal(q2.enableNotifications(), true, 'a buffer is already there: drain again');
+  q2.pop();
+  assert.equal(q2.enableNotifications(), false);
+  assert.equal(ev.availEvent(), 1, 'avail_event names the next index we wait for');
+});
+
+test('nextAvail can be set (vhost-user vring base) and the used index continues from the ring', () => {
+  const r = new RawRing(4);
+  r.desc(2, r.dataBase, 8, WRITE);
+  // Avail ring slot 1 holds head 2; start processing at index 1.
+  r.publish(0);
+  r.publish(2);
+  const q = queue(r);
+  q.nextAvail = 1;
+  assert.equal(q.pending(), 1);
+  const c = q.pop();
+  assert.ok(c && !(c instanceof ChainError));
+  assert.equal(c.head, 2);
+  assert.equal(q.nextAvail, 2);
+});
+
+test('indirect chains are walked when negotiated', () => {
+  const r = new RawRing(4, { indirect: true });
+  const table = r.dataBase;
+  r.desc(0, r.dataBase + 0x1000, 16, NEXT, 1, table);
+  r.desc(1, r.dataBase + 0x2000, 512, WRITE | NEXT, 2, table);
+  r.desc(2, r.dataBase + 0x3000, 1, WRITE, 0, table);
+  r.desc(0, table, 48, INDIRECT);
+  r.publish(0);
+  const c = queue(r).pop();
+  assert.ok(c && !(c instanceof ChainError));
+  assert.equal(c.readableBytes, 16);
+  assert.equal(c.writableBytes, 513);
+});
+
+test('a descriptor crossing two adjacent regions yields two views', () => {
+  const r = new RawRing(4);
+  const end = r.regionEnd;
+  // A second region right after the first.
+  const mem2 = new (r.memory.constructor as typeof import('../memory/guest-memory.js').GuestMemory)([
+    ...r.memory.regions, { guestAddress: end, bytes: new Uint8Array(4096) },
+  ]);
+  r.desc(0, end - 10, 30, WRITE);
+  r.publish(0);
+  const q = SplitDeviceQueue.create(mem2, r.config);
+  assert.ok(q instanceof SplitDeviceQueue);
+  const c = q.pop();
+  assert.ok(c && !(c instanceof ChainError));
+  assert.deepEqual(c.writable.map((v) => v.length), [10, 20]);
+});
+
+test('queue setup refuses bad sizes and rings outside memory', () => {
+  const r = new RawRing(4);
+  const bad = (over: object): unknown => SplitDeviceQueue.create(r.memory, { ...r.config, ...over });
+  assert.equal((bad({ size: 3 }) as QueueSetupError).code, 'BAD_QUEUE_SIZE');
+  assert.equal((bad({ size: 65536 }) as QueueSetupError).code, 'BAD_QUEUE_SIZE');
+  assert.equal((bad({ used: r.regionEnd - 8 }) as QueueSetupError).code, 'RING_OUT_OF_BOUNDS');
+  assert.equal((bad({ desc: r.config.desc + 8 }) as QueueSetupError).code, 'RING_MISALIGNED');
+  assert.equal((bad({ used: r.config.used + 2 }) as QueueSetupError).code, 'RING_MISALIGNED');
+});
