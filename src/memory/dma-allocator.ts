@@ -36,7 +36,7 @@ export class DmaAllocator {
 
   /** Guest address of a new block of at least `length` bytes, or -1 when none is free. */
   alloc(length: number): number {
-    let order = Math.max(this.minOrder, Math.ceil(Math.log2(Math.max(1, length))));
+    const order = Math.max(this.minOrder, Math.ceil(Math.log2(Math.max(1, length))));
     if (order > this.maxOrder) return -1;
     let o = order;
     while (o <= this.maxOrder && this.free[o].size === 0) o++;
