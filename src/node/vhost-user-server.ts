@@ -1,0 +1,200 @@
+/**
+ * The socket side of the vhost-user backend: listens on a unix socket, serves one
+ * frontend at a time with a {@link VhostUserBackendSession}, and keeps listening when a
+ * frontend goes away (guest reboot, QEMU quitting, `reconnect=`). Messages are read as
+ * VHOST-USER-NOTES.md says: exactly the 12-byte header with its fds, then exactly the
+ * payload; never ahead.
+ */
+import { chmodSync } from 'node:fs';
+import { VblkError } from '../errors.js';
+import { VHOST_USER_HEADER_SIZE, VHOST_USER_MAX_FDS } from '../spec/vhost-user.js';
+import { decodeFrontendRequest, decodeHeader, encodeBackendReply } from '../transport/vhost-user/codec.js';
+import {
+  BACKEND_PROTOCOL_FEATURES, VhostUserBackendSession,
+  type BackendIo, type RegionMapping, type Stoppable,
+} from '../transport/vhost-user/backend.js';
+import type { BackendReply, EncodedMessage } from '../transport/vhost-user/messages.js';
+import type { VirtioDevice } from '../virtqueue/device.js';
+import { EventFd } from './eventfd.js';
+import { FdWatcher } from './fd-watcher.js';
+import { MappedRegion } from './mapped-memory.js';
+import * as native from './native.js';
+import { UnixSocketServer, type UnixConnection } from './unix-socket.js';
+
+export interface VhostUserServerOptions {
+  /** Path of the unix socket to listen on. */
+  readonly socketPath: string;
+  readonly device: VirtioDevice;
+  /** File mode of the socket (default 0o600: only the owner may connect). */
+  readonly socketMode?: number;
+  /** Protocol features to offer (default: all the backend implements). */
+  readonly protocolFeatures?: bigint;
+  /** One line per connection and per error. */
+  readonly log?: (line: string) => void;
+}
+
+/** Node's effects for a backend session: mmap, eventfds, the backend channel. */
+export class NodeBackendIo implements BackendIo {
+  constructor(readonly log: (line: string) => void) {}
+
+  mapRegion(fd: number, size: number, mmapOffset: number): RegionMapping {
+    const fileSize = native.fstatSize(fd);
+    // Touching a mapping past the end of its file raises SIGBUS, which kills the process.
+    if (mmapOffset + size > fileSize) {
+      throw new VblkError('REGION_PAST_EOF', `region of ${size} bytes at offset ${mmapOffset} reaches past the end of its ${fileSize}-byte fd`);
+    }
+    const region = MappedRegion.map(fd, size, { fileOffset: mmapOffset });
+    return { chunks: region.windows.map((w) => w.bytes), unmap: () => region.unmap() };
+  }
+
+  closeFd(fd: number): void {
+    try {
+      native.close(fd);
+    } catch (e) {
+      this.log(`closing fd ${fd}: ${(e as Error).message}`);
+    }
+  }
+
+  checkEventFd(fd: number): void {
+    // Adopting checks the fd really is an eventfd and makes it non-blocking: a pipe or
+    // file from a hostile frontend must neither spin the watcher nor block a write.
+    EventFd.adopt(fd);
+  }
+
+  watchEventFd(fd: number, onReady: () => void): Stoppable {
+    return new FdWatcher(fd, 'r', (error) => {
+      if (error !== null) {
+        this.log(`eventfd ${fd}: ${error.message}`);
+        return;
+      }
+      if (native.eventfdRead(fd) > 0) onReady();
+    });
+  }
+
+  signalEventFd(fd: number): void {
+    try {
+      native.eventfdWrite(fd, 1);
+    } catch (e) {
+      this.log(`signalling eventfd ${fd}: ${(e as Error).message}`);
+    }
+  }
+
+  sendOnBackendChannel(fd: number, message: EncodedMessage): void {
+    try {
+      native.setNonBlocking(fd);
+      native.sendmsg(fd, message.bytes, message.fds);
+    } catch (e) {
+      this.log(`backend channel: ${(e as Error).message}`);
+    }
+  }
+}
+
+/** A listening vhost-user backend. */
+export class VhostUserServer {
+  private readonly log: (line: string) => void;
+  private active: Promise<void> | null = null;
+  private current: UnixConnection | null = null;
+  private connections = 0;
+
+  private constructor(private readonly options: VhostUserServerOptions, private readonly server: { close(): void }) {
+    this.log = options.log ?? (() => {});
+  }
+
+  /**
+   * Listens on `options.socketPath`. A stale socket file (nobody listening) is replaced;
+   * a live one fails with `EADDRINUSE`.
+   */
+  static listen(options: VhostUserServerOptions): VhostUserServer {
+    let self: VhostUserServer | null = null;
+    const server = UnixSocketServer.listen(options.socketPath, (conn) => self?.accept(conn), { removeStale: true });
+    chmodSync(options.socketPath, options.socketMode ?? 0o600);
+    self = new VhostUserServer(options, server);
+    return self;
+  }
+
+  /** Number of frontends served so far. */
+  get connectionCount(): number {
+    return this.connections;
+  }
+
+  private accept(conn: UnixConnection): void {
+    if (this.active) {
+      this.log('refusing a second frontend: one is connected already');
+      conn.close();
+      return;
+    }
+    const n = ++this.connections;
+    this.log(`frontend ${n} connected`);
+    this.current = conn;
+    this.active = this.serve(conn, n).finally(() => {
+      this.active = null;
+      this.current = null;
+    });
+  }
+
+  private async serve(conn: UnixConnection, n: number): Promise<void> {
+    const io = new NodeBackendIo(this.log);
+    const session = new VhostUserBackendSession(this.options.device, io, this.options.protocolFeatures ?? BACKEND_PROTOCOL_FEATURES);
+    let reason = 'frontend closed the connection';
+    try {
+      for (;;) {
+        const head = await conn.readExact(VHOST_USER_HEADER_SIZE, VHOST_USER_MAX_FDS);
+        if (head === null) break;
+        const header = decodeHeader(head.data);
+        if (!header.ok) {
+          head.fds.forEach((fd) => io.closeFd(fd));
+          reason = header.error.message;
+          break;
+        }
+        const payload = await conn.readExact(header.value.size, 0);
+        if (payload === null || payload.truncatedFds) {
+          head.fds.forEach((fd) => io.closeFd(fd));
+          reason = payload === null ? 'frontend closed the connection mid-message' : 'fds attached inside a payload';
+          break;
+        }
+        if (head.truncatedFds) {
+          head.fds.forEach((fd) => io.closeFd(fd));
+          reason = `more than ${VHOST_USER_MAX_FDS} fds on one message`;
+          break;
+        }
+        const decoded = decodeFrontendRequest(header.value, payload.data, head.fds);
+        if (!decoded.ok) {
+          decoded.fds.forEach((fd) => io.closeFd(fd));
+          reason = decoded.error.message;
+          break;
+        }
+        const req = decoded.value;
+        let reply: BackendReply | null;
+        try {
+          reply = await session.handle(req);
+        } catch (e) {
+          if (!(e instanceof VblkError)) throw e;
+          this.log(`frontend ${n}: VHOST_USER_${req.request} refused: ${e.message}`);
+          reply = session.failureReply(req);
+          if (!reply) {
+            reason = `cannot honour VHOST_USER_${req.request}: ${e.message}`;
+            break;
+          }
+        }
+        if (reply) {
+          const msg = encodeBackendReply(reply);
+          conn.send(msg.bytes, msg.fds);
+        }
+      }
+    } catch (e) {
+      reason = e instanceof Error ? e.message : String(e);
+    } finally {
+      this.log(`frontend ${n} disconnected: ${reason}`);
+      conn.close();
+      await session.close().catch((e: unknown) => this.log(`frontend ${n}: cleanup failed: ${(e as Error).message}`));
+    }
+  }
+
+  /** Stops listening and drops the current frontend after its requests complete. */
+  async close(): Promise<void> {
+    this.server.close();
+    this.current?.close();
+    await this.active;
+  }
+}
+

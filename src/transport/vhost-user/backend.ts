@@ -1,0 +1,482 @@
+/**
+ * The vhost-user backend as a state machine (vhost-user.rst; VHOST-USER-NOTES.md has what
+ * QEMU 7.2 really sends). It takes decoded frontend requests one at a time and answers
+ * them; every effect on the outside world — mapping a region fd, watching a kick eventfd,
+ * signalling a call eventfd, writing to the backend channel — goes through the
+ * {@link BackendIo} it is given, so this module stays free of Node and sockets.
+ *
+ * The device model behind it is any {@link VirtioDevice}: the session turns rings that
+ * the frontend set up into {@link SplitDeviceQueue}s and hands them to the device.
+ */
+import { VblkError } from '../../errors.js';
+import { GuestMemory, type MemoryRegion } from '../../memory/guest-memory.js';
+import { VIRTIO_F, features as featureSet, hasFeature } from '../../spec/virtio.js';
+import { VHOST_USER_F_PROTOCOL_FEATURES, VHOST_USER_PROTOCOL_F } from '../../spec/vhost-user.js';
+import type { ChainError } from '../../virtqueue/chain.js';
+import type { DeviceHost, VirtioDevice } from '../../virtqueue/device.js';
+import { QueueSetupError } from '../../virtqueue/ring-views.js';
+import { SplitDeviceQueue } from '../../virtqueue/split-device.js';
+import { encodeBackendRequest, getConfigReply } from './codec.js';
+import {
+  requestFds,
+  type BackendReply, type EncodedMessage, type FrontendRequest, type FrontendRequestOf, type MappedMemoryRegion,
+  type RequestWithReply,
+} from './messages.js';
+
+/** A mapped region: views of its bytes in order (several when it is larger than one window). */
+export interface RegionMapping {
+  readonly chunks: readonly Uint8Array[];
+  /** Unmaps; views taken from `chunks` read as empty afterwards. */
+  unmap(): void;
+}
+
+/** Something that can be stopped (an fd watch). */
+export interface Stoppable {
+  stop(): void;
+}
+
+/** The platform effects a backend session needs. Node's is in `src/node/`. */
+export interface BackendIo {
+  /**
+   * Maps `size` bytes from `mmapOffset` of a region fd, shared and writable. Throws a
+   * {@link VblkError} that says why when the fd cannot back the region (too small, not
+   * mappable, unsealed when seals are required).
+   */
+  mapRegion(fd: number, size: number, mmapOffset: number): RegionMapping;
+  closeFd(fd: number): void;
+  /**
+   * Throws when `fd` is not an eventfd (a hostile frontend may send a pipe or a file,
+   * which would spin a watcher or block a write); makes it non-blocking otherwise.
+   */
+  checkEventFd(fd: number): void;
+  /** Watches an eventfd; `onReady` runs (after the count is drained) whenever it fires. */
+  watchEventFd(fd: number, onReady: () => void): Stoppable;
+  /** Adds 1 to an eventfd. */
+  signalEventFd(fd: number): void;
+  /** Sends a message on the backend channel (best effort: a dead channel is logged, not thrown). */
+  sendOnBackendChannel(fd: number, message: EncodedMessage): void;
+  log(line: string): void;
+}
+
+export type BackendSessionErrorCode =
+  | 'BAD_FEATURES'
+  | 'NOT_NEGOTIATED'
+  | 'BAD_RING_INDEX'
+  | 'BAD_RING'
+  | 'BAD_MEMORY_TABLE'
+  | 'NO_MEMORY'
+  | 'RING_BUSY';
+
+/** A frontend request that is well-formed but cannot be honoured in this session's state. */
+export class BackendSessionError extends VblkError {
+  declare readonly code: BackendSessionErrorCode;
+  constructor(code: BackendSessionErrorCode, message: string) {
+    super(code, message);
+  }
+}
+
+/** Protocol features this backend implements (and so offers). */
+export const BACKEND_PROTOCOL_FEATURES = featureSet(
+  VHOST_USER_PROTOCOL_F.MQ,
+  VHOST_USER_PROTOCOL_F.REPLY_ACK,
+  VHOST_USER_PROTOCOL_F.BACKEND_REQ,
+  VHOST_USER_PROTOCOL_F.CONFIG,
+);
+
+interface Vring {
+  num: number;
+  /** Frontend user addresses, as SET_VRING_ADDR gave them; null until then. */
+  addr: { desc: number; avail: number; used: number } | null;
+  base: number;
+  kickFd: number | null;
+  kickWatch: Stoppable | null;
+  callFd: number | null;
+  errFd: number | null;
+  enabled: boolean;
+  /** The running device queue, or null while stopped. */
+  queue: SplitDeviceQueue | null;
+}
+
+interface Region {
+  readonly guestAddress: number;
+  readonly size: number;
+  readonly userAddress: number;
+  readonly mapping: RegionMapping;
+}
+
+/** One frontend connection's state. Create one per connection; call {@link close} at the end. */
+export class VhostUserBackendSession implements DeviceHost {
+  private readonly vrings: Vring[] = [];
+  private regions: Region[] = [];
+  private memory: GuestMemory | null = null;
+  private acked = 0n;
+  private protocol = 0n;
+  private backendChannel: number | null = null;
+  private closed = false;
+
+  constructor(
+    private readonly device: VirtioDevice,
+    private readonly io: BackendIo,
+    /** Protocol features to offer: a subset of {@link BACKEND_PROTOCOL_FEATURES}. */
+    private readonly offeredProtocol: bigint = BACKEND_PROTOCOL_FEATURES,
+  ) {
+    for (let i = 0; i < device.numQueues; i++) {
+      this.vrings.push({
+        num: 0, addr: null, base: 0, kickFd: null, kickWatch: null, callFd: null, errFd: null, enabled: false, queue: null,
+      });
+    }
+    device.attach(this);
+  }
+
+  /** Features offered in GET_FEATURES: the device's plus VHOST_USER_F_PROTOCOL_FEATURES. */
+  get offeredFeatures(): bigint {
+    return this.device.deviceFeatures | (1n << BigInt(VHOST_USER_F_PROTOCOL_FEATURES));
+  }
+
+  private hasProtocol(bit: number): boolean {
+    return hasFeature(this.protocol, bit);
+  }
+
+  /**
+   * Handles one request and returns the reply to send (its own reply, or a REPLY_ACK
+   * when the frontend asked for one), or null when none is owed. A request that cannot
+   * be honoured throws {@link BackendSessionError}: the caller answers a failed
+   * REPLY_ACK when one is owed ({@link failureReply}) and otherwise drops the connection.
+   */
+  async handle(req: FrontendRequest): Promise<BackendReply | null> {
+    const own = await this.dispatch(req);
+    if (own) return own;
+    return req.needReply && this.hasProtocol(VHOST_USER_PROTOCOL_F.REPLY_ACK)
+      ? { request: req.request as Exclude<FrontendRequest['request'], RequestWithReply>, success: true }
+      : null;
+  }
+
+  /** The failed REPLY_ACK owed for `req`, or null when the frontend did not ask for one. */
+  failureReply(req: FrontendRequest): BackendReply | null {
+    if (!req.needReply || !this.hasProtocol(VHOST_USER_PROTOCOL_F.REPLY_ACK)) return null;
+    switch (req.request) {
+      case 'GET_FEATURES': case 'GET_PROTOCOL_FEATURES': case 'GET_VRING_BASE': case 'GET_QUEUE_NUM':
+      case 'GET_CONFIG': case 'GET_INFLIGHT_FD': case 'GET_MAX_MEM_SLOTS': case 'GET_STATUS':
+        return null;
+      default:
+        return { request: req.request, success: false };
+    }
+  }
+
+  private async dispatch(req: FrontendRequest): Promise<BackendReply | null> {
+    switch (req.request) {
+      case 'GET_FEATURES':
+        return { request: 'GET_FEATURES', features: this.offeredFeatures };
+      case 'SET_FEATURES':
+        return this.setFeatures(req.features);
+      case 'GET_PROTOCOL_FEATURES':
+        return { request: 'GET_PROTOCOL_FEATURES', features: this.offeredProtocol };
+      case 'SET_PROTOCOL_FEATURES':
+        if ((req.features & ~this.offeredProtocol) !== 0n) {
+          throw new BackendSessionError('BAD_FEATURES', `frontend accepted protocol features 0x${(req.features & ~this.offeredProtocol).toString(16)} that were not offered`);
+        }
+        this.protocol = req.features;
+        return null;
+      case 'SET_OWNER':
+        return null;
+      case 'RESET_OWNER':
+      case 'RESET_DEVICE':
+        await this.resetRings();
+        return null;
+      case 'GET_QUEUE_NUM':
+        return { request: 'GET_QUEUE_NUM', queues: this.device.numQueues };
+      case 'SET_MEM_TABLE':
+        await this.setMemTable(req.regions);
+        return null;
+      case 'SET_VRING_NUM':
+        this.setVringNum(req.index, req.num);
+        return null;
+      case 'SET_VRING_ADDR':
+        this.idleVring(req.index, 'SET_VRING_ADDR').addr = { desc: req.desc, avail: req.avail, used: req.used };
+        return null;
+      case 'SET_VRING_BASE':
+        this.idleVring(req.index, 'SET_VRING_BASE').base = req.num & 0xffff;
+        return null;
+      case 'GET_VRING_BASE':
+        return { request: 'GET_VRING_BASE', index: req.index, num: await this.stopVring(req.index) };
+      case 'SET_VRING_KICK':
+        this.setKick(req.index, req.fd);
+        return null;
+      case 'SET_VRING_CALL': {
+        const v = this.eventFdVring(req.index, req.fd);
+        this.replaceFd(v.callFd, req.fd);
+        v.callFd = req.fd;
+        return null;
+      }
+      case 'SET_VRING_ERR': {
+        const v = this.eventFdVring(req.index, req.fd);
+        this.replaceFd(v.errFd, req.fd);
+        v.errFd = req.fd;
+        return null;
+      }
+      case 'SET_VRING_ENABLE':
+        this.setEnable(req.index, req.enable);
+        return null;
+      case 'SET_BACKEND_REQ_FD':
+        if (!this.hasProtocol(VHOST_USER_PROTOCOL_F.BACKEND_REQ)) {
+          this.io.closeFd(req.fd);
+          throw new BackendSessionError('NOT_NEGOTIATED', 'SET_BACKEND_REQ_FD without VHOST_USER_PROTOCOL_F_BACKEND_REQ');
+        }
+        this.replaceFd(this.backendChannel, req.fd);
+        this.backendChannel = req.fd;
+        return null;
+      case 'GET_CONFIG':
+        return this.getConfig(req);
+      case 'SET_CONFIG':
+        this.requireProtocol(VHOST_USER_PROTOCOL_F.CONFIG, 'SET_CONFIG');
+        this.device.writeConfig(req.offset, req.data);
+        return null;
+      default:
+        for (const fd of requestFds(req)) this.io.closeFd(fd);
+        throw new BackendSessionError('NOT_NEGOTIATED', `VHOST_USER_${req.request} needs a protocol feature this backend does not offer`);
+    }
+  }
+
+  private setFeatures(features: bigint): null {
+    const offered = this.offeredFeatures;
+    if ((features & ~offered) !== 0n) {
+      throw new BackendSessionError('BAD_FEATURES', `frontend accepted features 0x${(features & ~offered).toString(16)} that were not offered`);
+    }
+    if (!hasFeature(features, VIRTIO_F.VERSION_1)) {
+      throw new BackendSessionError('BAD_FEATURES', 'frontend did not accept VIRTIO_F_VERSION_1; legacy virtio is not supported');
+    }
+    const ringFeatures = (1n << BigInt(VIRTIO_F.RING_EVENT_IDX)) | (1n << BigInt(VIRTIO_F.RING_INDIRECT_DESC));
+    if (this.vrings.some((v) => v.queue) && ((features ^ this.acked) & ringFeatures) !== 0n) {
+      throw new BackendSessionError('RING_BUSY', 'ring features cannot change while rings run');
+    }
+    this.acked = features;
+    this.device.setDriverFeatures(features & ~(1n << BigInt(VHOST_USER_F_PROTOCOL_FEATURES)));
+    return null;
+  }
+
+  private requireProtocol(bit: number, what: string): void {
+    if (!this.hasProtocol(bit)) throw new BackendSessionError('NOT_NEGOTIATED', `${what} needs protocol feature bit ${bit}, not negotiated`);
+  }
+
+  private getConfig(req: FrontendRequestOf<'GET_CONFIG'>): BackendReply {
+    this.requireProtocol(VHOST_USER_PROTOCOL_F.CONFIG, 'GET_CONFIG');
+    return getConfigReply(req, this.device.readConfig(0, req.offset + req.size));
+  }
+
+  private vring(index: number, fdToCloseOnError: number | null = null): Vring {
+    const v = this.vrings[index];
+    if (!v) {
+      if (fdToCloseOnError !== null) this.io.closeFd(fdToCloseOnError);
+      throw new BackendSessionError('BAD_RING_INDEX', `ring ${index} does not exist (the device has ${this.vrings.length})`);
+    }
+    return v;
+  }
+
+  /** Ring `index` for a SET_VRING_KICK/CALL/ERR, after checking its fd is an eventfd. */
+  private eventFdVring(index: number, fd: number | null): Vring {
+    const v = this.vring(index, fd);
+    if (fd !== null) {
+      try {
+        this.io.checkEventFd(fd);
+      } catch (e) {
+        this.io.closeFd(fd);
+        throw new BackendSessionError('BAD_RING', `ring ${index}: ${e instanceof Error ? e.message : String(e)}`);
+      }
+    }
+    return v;
+  }
+
+  private idleVring(index: number, what: string): Vring {
+    const v = this.vring(index);
+    if (v.queue) throw new BackendSessionError('RING_BUSY', `${what} on ring ${index} while it runs`);
+    return v;
+  }
+
+  private setVringNum(index: number, num: number): void {
+    const v = this.idleVring(index, 'SET_VRING_NUM');
+    if (num === 0 || num > this.device.maxQueueSize || (num & (num - 1)) !== 0) {
+      throw new BackendSessionError('BAD_RING', `ring ${index} size ${num} is not a power of two up to ${this.device.maxQueueSize}`);
+    }
+    v.num = num;
+  }
+
+  private replaceFd(old: number | null, next: number | null): void {
+    if (old !== null && old !== next) this.io.closeFd(old);
+  }
+
+  private setKick(index: number, fd: number | null): void {
+    const v = this.eventFdVring(index, fd);
+    v.kickWatch?.stop();
+    v.kickWatch = null;
+    this.replaceFd(v.kickFd, fd);
+    v.kickFd = fd;
+    if (fd !== null) {
+      // Kicks may come before SET_VRING_ENABLE (NOTES): the watch drains them either way,
+      // and enabling rescans the ring, so none is lost.
+      v.kickWatch = this.io.watchEventFd(fd, () => {
+        if (v.queue) this.device.queueNotify(index);
+      });
+    }
+    // Without PROTOCOL_FEATURES a ring starts on its kick (vhost-user.rst, "Starting and stopping rings").
+    if (!hasFeature(this.acked, VHOST_USER_F_PROTOCOL_FEATURES)) v.enabled = true;
+    this.maybeStart(index);
+  }
+
+  private setEnable(index: number, enable: boolean): void {
+    const v = this.vring(index);
+    v.enabled = enable;
+    if (enable) this.maybeStart(index);
+  }
+
+  /** Starts ring `index` when it has everything it needs: memory, size, addresses, a kick, enabled. */
+  private maybeStart(index: number): void {
+    const v = this.vrings[index];
+    if (v.queue || !v.enabled || v.kickFd === null || v.addr === null || v.num === 0 || this.memory === null) return;
+    const desc = this.toGuest(v.addr.desc);
+    const avail = this.toGuest(v.addr.avail);
+    const used = this.toGuest(v.addr.used);
+    if (desc < 0 || avail < 0 || used < 0) {
+      throw new BackendSessionError('BAD_RING', `ring ${index} addresses are outside every memory region`);
+    }
+    const queue = SplitDeviceQueue.create(this.memory, {
+      size: v.num, desc, avail, used,
+      eventIdx: hasFeature(this.acked, VIRTIO_F.RING_EVENT_IDX),
+      indirect: hasFeature(this.acked, VIRTIO_F.RING_INDIRECT_DESC),
+    });
+    if (queue instanceof QueueSetupError) throw new BackendSessionError('BAD_RING', `ring ${index}: ${queue.message}`);
+    queue.nextAvail = v.base;
+    v.queue = queue;
+    this.device.startQueue(index, queue, () => {
+      if (v.callFd !== null) this.io.signalEventFd(v.callFd);
+    });
+    // Rescan: buffers may have been made available (and kicked) before we started.
+    this.device.queueNotify(index);
+  }
+
+  /** Stops ring `index` (GET_VRING_BASE) once its requests are done; returns the next avail index. */
+  private async stopVring(index: number): Promise<number> {
+    const v = this.vring(index);
+    v.kickWatch?.stop();
+    v.kickWatch = null;
+    if (v.kickFd !== null) this.io.closeFd(v.kickFd);
+    v.kickFd = null;
+    v.enabled = false;
+    if (v.queue) {
+      v.base = await this.device.stopQueue(index);
+      v.queue = null;
+    }
+    return v.base;
+  }
+
+  private async resetRings(): Promise<void> {
+    for (let i = 0; i < this.vrings.length; i++) await this.stopVring(i);
+    await this.device.reset();
+    for (const v of this.vrings) {
+      v.num = 0;
+      v.addr = null;
+      v.base = 0;
+    }
+  }
+
+  /** Frontend user address → guest address, through the memory table; -1 if unmapped. */
+  private toGuest(uva: number): number {
+    for (const r of this.regions) {
+      if (uva >= r.userAddress && uva - r.userAddress < r.size) return r.guestAddress + (uva - r.userAddress);
+    }
+    return -1;
+  }
+
+  private async setMemTable(table: readonly MappedMemoryRegion[]): Promise<void> {
+    const fail = (why: string): never => {
+      for (const r of table) this.io.closeFd(r.fd);
+      throw new BackendSessionError('BAD_MEMORY_TABLE', why);
+    };
+    for (const r of table) {
+      if (r.size === 0) fail(`memory region at guest 0x${r.guestAddress.toString(16)} is empty`);
+      if (r.guestAddress + r.size > Number.MAX_SAFE_INTEGER || r.userAddress + r.size > Number.MAX_SAFE_INTEGER ||
+          r.mmapOffset + r.size > Number.MAX_SAFE_INTEGER) {
+        fail(`memory region at guest 0x${r.guestAddress.toString(16)} reaches past 2^53`);
+      }
+    }
+    const overlaps = (key: 'guestAddress' | 'userAddress'): boolean => {
+      const sorted = [...table].sort((a, b) => a[key] - b[key]);
+      return sorted.some((r, i) => i > 0 && sorted[i - 1][key] + sorted[i - 1].size > r[key]);
+    };
+    if (overlaps('guestAddress')) fail('memory regions overlap in guest-physical addresses');
+    if (overlaps('userAddress')) fail('memory regions overlap in frontend user addresses');
+
+    // Rings run on views of the old mappings: stop them (their requests finish first),
+    // swap the table, then restart them where they stopped (NOTES: SET_MEM_TABLE may
+    // arrive while rings run).
+    const running = this.vrings.map((v, i) => (v.queue ? i : -1)).filter((i) => i >= 0);
+    for (const i of running) {
+      const v = this.vrings[i];
+      v.base = await this.device.stopQueue(i);
+      v.queue = null;
+    }
+    const mapped: Region[] = [];
+    try {
+      for (const r of table) {
+        mapped.push({ guestAddress: r.guestAddress, size: r.size, userAddress: r.userAddress, mapping: this.io.mapRegion(r.fd, r.size, r.mmapOffset) });
+      }
+    } catch (e) {
+      for (const m of mapped) m.mapping.unmap();
+      fail(`cannot map memory region: ${e instanceof Error ? e.message : String(e)}`);
+    } finally {
+      // The mapping keeps the memory; the fds are not needed any more.
+      for (const r of table) this.io.closeFd(r.fd);
+    }
+    this.unmapAll();
+    this.regions = mapped;
+    const parts: MemoryRegion[] = [];
+    for (const r of mapped) {
+      let at = r.guestAddress;
+      for (const chunk of r.mapping.chunks) {
+        parts.push({ guestAddress: at, bytes: chunk });
+        at += chunk.length;
+      }
+    }
+    this.memory = new GuestMemory(parts);
+    for (const i of running) this.maybeStart(i);
+  }
+
+  private unmapAll(): void {
+    for (const r of this.regions) r.mapping.unmap();
+    this.regions = [];
+    this.memory = null;
+  }
+
+  // DeviceHost
+
+  configChanged(): void {
+    if (this.closed || this.backendChannel === null || !this.hasProtocol(VHOST_USER_PROTOCOL_F.CONFIG)) return;
+    // No NEED_REPLY: QEMU 7.2 sends GET_CONFIG before it acks (NOTES), and this channel
+    // must never hold up the main socket.
+    this.io.sendOnBackendChannel(this.backendChannel, encodeBackendRequest({ request: 'CONFIG_CHANGE_MSG', needReply: false }));
+  }
+
+  needsReset(index: number, reason: ChainError): void {
+    this.io.log(`ring ${index} stopped, the driver must reset the device: ${reason.message}`);
+    const v = this.vrings[index];
+    if (v?.errFd != null) this.io.signalEventFd(v.errFd);
+  }
+
+  /**
+   * Ends the session (the frontend disconnected): stops every ring once its requests
+   * have completed, resets the device for the next frontend, unmaps memory, closes fds.
+   */
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    for (let i = 0; i < this.vrings.length; i++) await this.stopVring(i);
+    await this.device.reset();
+    this.unmapAll();
+    for (const v of this.vrings) {
+      for (const fd of [v.callFd, v.errFd]) if (fd !== null) this.io.closeFd(fd);
+      v.callFd = null;
+      v.errFd = null;
+    }
+    if (this.backendChannel !== null) this.io.closeFd(this.backendChannel);
+    this.backendChannel = null;
+  }
+}
