@@ -166,19 +166,25 @@ bool vblk_arg_string(napi_env env, napi_value v, const char *fn, const char *nam
   return true;
 }
 
-bool vblk_arg_bytes(napi_env env, napi_value v, const char *fn, const char *name, uint8_t **data, size_t *len) {
+bool vblk_arg_bytes(napi_env env, napi_value v, const char *fn, const char *name, uint8_t **data, size_t *len,
+                    bool *detached) {
   bool is_ta = false;
   VBLK_NAPI_B(env, napi_is_typedarray(env, v, &is_ta));
   napi_typedarray_type type = napi_int8_array;
   void *p = NULL;
   size_t n = 0;
-  if (is_ta) VBLK_NAPI_B(env, napi_get_typedarray_info(env, v, &type, &n, &p, NULL, NULL));
+  napi_value ab = NULL;
+  if (is_ta) VBLK_NAPI_B(env, napi_get_typedarray_info(env, v, &type, &n, &p, &ab, NULL));
   if (!is_ta || type != napi_uint8_array) {
     vblk_throw_type(env, "%s: %s must be a Uint8Array", fn, name);
     return false;
   }
+  // An empty view has no data pointer either: only the ArrayBuffer tells the two apart.
+  bool is_detached = false;
+  VBLK_NAPI_B(env, napi_is_detached_arraybuffer(env, ab, &is_detached));
+  if (detached != NULL) *detached = is_detached;
   *data = p;
-  *len = p == NULL ? 0 : n;
+  *len = is_detached ? 0 : n;
   return true;
 }
 

@@ -72,8 +72,10 @@ bool vblk_arg_bool(napi_env env, napi_value v, const char *fn, const char *name,
 // does not fit in cap - 1 bytes.
 bool vblk_arg_string(napi_env env, napi_value v, const char *fn, const char *name, char *buf, size_t cap,
                      size_t *len);
-// A Uint8Array (Buffer included). *data is NULL when its ArrayBuffer is detached.
-bool vblk_arg_bytes(napi_env env, napi_value v, const char *fn, const char *name, uint8_t **data, size_t *len);
+// A Uint8Array (Buffer included). A detached one reads as empty; *detached (if not
+// NULL) tells whether it is.
+bool vblk_arg_bytes(napi_env env, napi_value v, const char *fn, const char *name, uint8_t **data, size_t *len,
+                    bool *detached);
 bool vblk_arg_function(napi_env env, napi_value v, const char *fn, const char *name);
 // A JS array; *len receives its length.
 bool vblk_arg_array(napi_env env, napi_value v, const char *fn, const char *name, uint32_t *len);

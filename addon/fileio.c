@@ -99,10 +99,11 @@ static bool collect_buffers(napi_env env, napi_value arr, const char *fn, uint32
     char name[24];
     uint8_t *data;
     size_t len;
+    bool detached;
     snprintf(name, sizeof name, "buffers[%u]", i);
     VBLK_NAPI_B(env, napi_get_element(env, arr, i, &el));
-    if (!vblk_arg_bytes(env, el, fn, name, &data, &len)) return false;
-    if (data == NULL) {
+    if (!vblk_arg_bytes(env, el, fn, name, &data, &len, &detached)) return false;
+    if (detached) {
       vblk_throw_code(env, "ERR_VBLK_DETACHED", "%s: %s is detached (its memory was unmapped)", fn, name);
       return false;
     }

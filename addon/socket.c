@@ -127,7 +127,7 @@ static napi_value js_sendmsg(napi_env env, napi_callback_info info) {
   int fds[VBLK_SEND_MAX_FDS];
   uint32_t nfds = 0;
   if (!vblk_args(env, info, "sendmsg", 2, argv) || !vblk_arg_fd(env, argv[0], "sendmsg", "fd", &fd) ||
-      !vblk_arg_bytes(env, argv[1], "sendmsg", "data", &data, &len))
+      !vblk_arg_bytes(env, argv[1], "sendmsg", "data", &data, &len, NULL))
     return NULL;
   if (len == 0)
     return vblk_throw_range(env, "sendmsg: data must not be empty (fds need at least one byte to ride on)");
@@ -181,7 +181,7 @@ static napi_value js_recvmsg(napi_env env, napi_callback_info info) {
   size_t len;
   uint64_t max_fds;
   if (!vblk_args(env, info, "recvmsg", 3, argv) || !vblk_arg_fd(env, argv[0], "recvmsg", "fd", &fd) ||
-      !vblk_arg_bytes(env, argv[1], "recvmsg", "into", &data, &len) ||
+      !vblk_arg_bytes(env, argv[1], "recvmsg", "into", &data, &len, NULL) ||
       !vblk_arg_uint(env, argv[2], "recvmsg", "maxFds", 0, VBLK_RECV_CMSG_FDS, &max_fds))
     return NULL;
   // A zero-length read would return 0, which means end of stream.
