@@ -3,8 +3,8 @@
  * normative text) and as QEMU 7.2 and libvhost-user behave (`VHOST-USER-NOTES.md`).
  * Request objects follow the convention of `virtio.ts`: object name + key is the spec's
  * name, so `VHOST_USER.SET_MEM_TABLE` is `VHOST_USER_SET_MEM_TABLE` and
- * `VHOST_USER_PROTOCOL_F.CONFIG` is `VHOST_USER_PROTOCOL_F_CONFIG`. The spec's old
- * "slave" names appear here under their current "backend" names.
+ * `VHOST_USER_PROTOCOL_F.CONFIG` is `VHOST_USER_PROTOCOL_F_CONFIG`. Names that older
+ * versions of the spec gave the back-end channel appear under their current names.
  *
  * Every number on the wire is little-endian (the spec says "machine native"; vblk, QEMU
  * and every peer we talk to are little-endian hosts).

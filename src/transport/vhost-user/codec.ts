@@ -24,7 +24,6 @@ import {
   VHOST_USER_INFLIGHT,
   VHOST_USER_LOG,
   VHOST_USER_MAX_CONFIG_SIZE,
-  VHOST_USER_MAX_FDS,
   VHOST_USER_MAX_MEM_REGIONS,
   VHOST_USER_MAX_PAYLOAD_SIZE,
   VHOST_USER_MEM_REG,
@@ -411,7 +410,8 @@ function decodeMemTable(input: Input, needReply: boolean): DecodeResult<Frontend
 
 /** Builds header + payload in one buffer, for one sendmsg with `fds` on its first byte. */
 function encodeMessage(request: number, flags: number, payloadSize: number, fds: readonly number[], fill?: (view: DataView) => void): EncodedMessage {
-  if (fds.length > VHOST_USER_MAX_FDS) throw new UsageError('BAD_ARGUMENT', `${fds.length} fds, at most ${VHOST_USER_MAX_FDS} per message`);
+  // fds are C ints. At most VHOST_USER_MAX_FDS of them: only SET_MEM_TABLE carries more
+  // than one, and it is limited to as many regions.
   for (const fd of fds) checkUint('fd', fd, 0x7fff_ffff);
   const bytes = new Uint8Array(VHOST_USER_HEADER_SIZE + payloadSize);
   const header = viewOf(bytes);
