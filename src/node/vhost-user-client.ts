@@ -1,0 +1,169 @@
+/**
+ * Node plumbing for the vhost-user frontend: the socket and its replies, eventfds, a
+ * sealed memfd shared with the backend, and the backend channel (a socketpair whose
+ * other end we hand over with SET_BACKEND_REQ_FD).
+ */
+import { VblkError } from '../errors.js';
+import { VHOST_USER_HEADER_SIZE, VHOST_USER_MAX_FDS } from '../spec/vhost-user.js';
+import {
+  decodeBackendReply, decodeBackendRequest, decodeHeader, encodeFrontendReply, encodeFrontendRequest,
+} from '../transport/vhost-user/codec.js';
+import {
+  VhostUserFrontend, type FrontendChannel, type FrontendIo, type FrontendOptions, type Notifier, type SharedMemory,
+} from '../transport/vhost-user/frontend.js';
+import type { BackendReply, FrontendRequest, RequestWithReply } from '../transport/vhost-user/messages.js';
+import { EventFd } from './eventfd.js';
+import { MappedRegion } from './mapped-memory.js';
+import * as native from './native.js';
+import { UnixConnection } from './unix-socket.js';
+
+const OWN_REPLY: ReadonlySet<RequestWithReply> = new Set<RequestWithReply>([
+  'GET_FEATURES', 'GET_PROTOCOL_FEATURES', 'GET_VRING_BASE', 'GET_QUEUE_NUM', 'GET_CONFIG', 'GET_INFLIGHT_FD',
+  'GET_MAX_MEM_SLOTS', 'GET_STATUS',
+]);
+
+export interface ConnectOptions extends FrontendOptions {
+  /** How long to wait for each reply before giving up on the backend. Default 10 s. */
+  replyTimeoutMs?: number;
+}
+
+/** Requests go out one at a time; each reply is read exactly (header, then payload). */
+class SocketChannel implements FrontendChannel {
+  private tail: Promise<unknown> = Promise.resolve();
+
+  constructor(private readonly conn: UnixConnection, private readonly timeoutMs: number) {}
+
+  call(req: FrontendRequest): Promise<BackendReply | null> {
+    const run = this.tail.then(() => this.exchange(req));
+    this.tail = run.catch(() => {});
+    return run;
+  }
+
+  private async exchange(req: FrontendRequest): Promise<BackendReply | null> {
+    const msg = encodeFrontendRequest(req);
+    this.conn.send(msg.bytes, msg.fds);
+    if (!OWN_REPLY.has(req.request as RequestWithReply) && !req.needReply) return null;
+    let timer: NodeJS.Timeout | undefined;
+    const timeout = new Promise<never>((_, reject) => {
+      timer = setTimeout(() => {
+        this.conn.close();
+        reject(new VblkError('TIMEOUT', `no reply to VHOST_USER_${req.request} within ${this.timeoutMs} ms: is this a vhost-user device?`));
+      }, this.timeoutMs);
+    });
+    try {
+      return await Promise.race([this.readReply(req), timeout]);
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  private async readReply(req: FrontendRequest): Promise<BackendReply> {
+    const head = await this.conn.readExact(VHOST_USER_HEADER_SIZE, VHOST_USER_MAX_FDS);
+    if (head === null) throw new VblkError('DISCONNECTED', `the backend closed the connection instead of answering VHOST_USER_${req.request}`);
+    const header = decodeHeader(head.data);
+    if (!header.ok) {
+      head.fds.forEach((fd) => native.close(fd));
+      throw header.error;
+    }
+    const payload = await this.conn.readExact(header.value.size, 0);
+    if (payload === null) throw new VblkError('DISCONNECTED', 'the backend closed the connection mid-reply');
+    const reply = decodeBackendReply(header.value, payload.data, head.fds, req);
+    if (!reply.ok) {
+      reply.fds.forEach((fd) => native.close(fd));
+      throw reply.error;
+    }
+    return reply.value;
+  }
+
+  close(): void {
+    this.conn.close();
+  }
+}
+
+class NodeFrontendIo implements FrontendIo {
+  readonly channel: FrontendChannel;
+
+  constructor(conn: UnixConnection, timeoutMs: number) {
+    this.channel = new SocketChannel(conn, timeoutMs);
+  }
+
+  createNotifier(): Notifier {
+    const e = EventFd.create();
+    return {
+      fd: e.fd,
+      signal: () => e.write(1),
+      watch: (onSignal) => e.watch(() => onSignal()),
+      close: () => e.close(),
+    };
+  }
+
+  createSharedMemory(size: number): SharedMemory {
+    // Sealed against shrinking: a backend that maps it can never take SIGBUS from us.
+    const fd = native.memfdCreate('vblk-frontend', size, { seal: true });
+    try {
+      const region = MappedRegion.map(fd, size);
+      if (region.windows.length !== 1) throw new VblkError('BAD_OPTION', `shared memory of ${size} bytes needs more than one mapping window`);
+      const w = region.windows[0];
+      return {
+        fd,
+        address: Number(w.address),
+        bytes: w.bytes,
+        release: () => {
+          region.unmap();
+          native.close(fd);
+        },
+      };
+    } catch (e) {
+      native.close(fd);
+      throw e;
+    }
+  }
+
+  openBackendChannel(onConfigChange: () => void): { fd: number; close(): void } {
+    const [ours, theirs] = native.socketpair();
+    const conn = new UnixConnection(ours);
+    const loop = async (): Promise<void> => {
+      for (;;) {
+        const head = await conn.readExact(VHOST_USER_HEADER_SIZE, VHOST_USER_MAX_FDS);
+        if (head === null) return;
+        const header = decodeHeader(head.data);
+        if (!header.ok) throw header.error;
+        const payload = await conn.readExact(header.value.size, 0);
+        if (payload === null) return;
+        const req = decodeBackendRequest(header.value, payload.data, head.fds);
+        if (!req.ok) {
+          req.fds.forEach((fd) => native.close(fd));
+          throw req.error;
+        }
+        onConfigChange();
+        if (req.value.needReply) {
+          const ack = encodeFrontendReply({ request: req.value.request, success: true });
+          conn.send(ack.bytes, ack.fds);
+        }
+      }
+    };
+    loop().catch(() => conn.close());
+    return {
+      fd: theirs,
+      close: () => {
+        conn.close();
+        native.close(theirs);
+      },
+    };
+  }
+}
+
+/**
+ * Connects to a vhost-user device at `socketPath` and opens a frontend session on it.
+ * Fails with one readable error when nothing listens there or the peer is not a
+ * vhost-user device.
+ */
+export async function connectVhostUser(socketPath: string, options: ConnectOptions = {}): Promise<VhostUserFrontend> {
+  let conn: UnixConnection;
+  try {
+    conn = await UnixConnection.connect(socketPath);
+  } catch (e) {
+    throw new VblkError('CONNECT_FAILED', `cannot connect to ${socketPath}: ${(e as Error).message}`);
+  }
+  return VhostUserFrontend.open(new NodeFrontendIo(conn, options.replyTimeoutMs ?? 10_000), options);
+}
