@@ -20,10 +20,12 @@ export function viewOf(bytes: Uint8Array): DataView {
   return new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
 }
 
+/** Reads a u16 field of the struct at `base`. */
 export function getU16(view: DataView, base: number, field: WireField<2>): number {
   return view.getUint16(base + field.offset, true);
 }
 
+/** Reads a u32 field of the struct at `base`. */
 export function getU32(view: DataView, base: number, field: WireField<4>): number {
   return view.getUint32(base + field.offset, true);
 }
@@ -55,16 +57,19 @@ export function checkUint(what: string, value: number, max: number): void {
   }
 }
 
+/** Writes a u16 field; throws {@link UsageError} when `value` does not fit. */
 export function setU16(view: DataView, base: number, field: WireField<2>, value: number, what: string): void {
   checkUint(what, value, 0xffff);
   view.setUint16(base + field.offset, value, true);
 }
 
+/** Writes a u32 field; throws {@link UsageError} when `value` does not fit. */
 export function setU32(view: DataView, base: number, field: WireField<4>, value: number, what: string): void {
   checkUint(what, value, 0xffff_ffff);
   view.setUint32(base + field.offset, value, true);
 }
 
+/** Writes a bit-set u64 (feature words); throws {@link UsageError} outside 0 to 2^64-1. */
 export function setU64Bits(view: DataView, base: number, field: WireField<8>, value: bigint, what: string): void {
   if (value < 0n || value >= U64_LIMIT) {
     throw new UsageError('BAD_ARGUMENT', `${what} must fit in 64 bits, got 0x${value.toString(16)}`);
