@@ -297,6 +297,5 @@ bool vblk_register_memory(napi_env env, napi_value exports) {
          vblk_export_number(env, exports, "MMAP_MAX_LENGTH", (double)VBLK_MMAP_MAX_LENGTH) &&
          vblk_export_number(env, exports, "F_SEAL_SEAL", F_SEAL_SEAL) &&
          vblk_export_number(env, exports, "F_SEAL_SHRINK", F_SEAL_SHRINK) &&
-         vblk_export_number(env, exports, "F_SEAL_GROW", F_SEAL_GROW) &&
-         vblk_export_number(env, exports, "F_SEAL_WRITE", F_SEAL_WRITE);
+         vblk_export_number(env, exports, "F_SEAL_GROW", F_SEAL_GROW);
 }

@@ -2,8 +2,10 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
+import { Worker } from 'node:worker_threads';
 import * as native from './native.js';
 import { isNativeError } from './native.js';
+import type { WatchHandle } from './native.js';
 import { FdWatcher, READABLE, WRITABLE } from './fd-watcher.js';
 
 const tick = (ms = 20) => new Promise((resolve) => setTimeout(resolve, ms));
@@ -150,4 +152,34 @@ test('an exception thrown by a callback is an uncaught exception', () => {
   `);
   assert.equal(handled.status, 0, handled.stderr);
   assert.equal(handled.stdout.trim(), 'caught boom');
+});
+
+test('a worker that ends with an active watcher and a live mapping shuts down cleanly', async () => {
+  const watcherUrl = new URL('./fd-watcher.js', import.meta.url).href;
+  const nativeUrl = new URL('./native.js', import.meta.url).href;
+  // CommonJS eval code: import() loads the ES modules inside the worker.
+  const code = `
+    const { parentPort } = require('node:worker_threads');
+    Promise.all([import(${JSON.stringify(watcherUrl)}), import(${JSON.stringify(nativeUrl)})]).then(([{ FdWatcher }, native]) => {
+      const e = native.eventfd();
+      new FdWatcher(e, 'r', () => { native.eventfdRead(e); parentPort.postMessage('woken'); });
+      const fd = native.memfdCreate('vblk-worker', native.PAGE_SIZE);
+      new Uint8Array(native.mmap(fd, native.PAGE_SIZE, 0, true).buffer)[0] = 1;
+      native.eventfdWrite(e);
+    });
+  `;
+  const before = native.mappingCount();
+  for (let i = 0; i < 5; i++) {
+    const worker = new Worker(code, { eval: true });
+    assert.equal(await new Promise((resolve) => worker.once('message', resolve)), 'woken');
+    await worker.terminate();
+  }
+  // The workers' environments released their watchers and unmapped their memory.
+  assert.equal(native.mappingCount(), before);
+});
+
+test('watcher functions refuse values that are not watcher handles', () => {
+  const fake = {} as unknown as WatchHandle;
+  assert.throws(() => native.watchStop(fake), (e: unknown) => isNativeError(e, 'ERR_INVALID_ARG_TYPE'));
+  assert.throws(() => native.watchSetEvents(fake, 1), (e: unknown) => isNativeError(e, 'ERR_INVALID_ARG_TYPE'));
 });

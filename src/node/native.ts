@@ -107,7 +107,6 @@ interface Binding {
   readonly F_SEAL_SEAL: number;
   readonly F_SEAL_SHRINK: number;
   readonly F_SEAL_GROW: number;
-  readonly F_SEAL_WRITE: number;
   readonly READABLE: number;
   readonly WRITABLE: number;
   readonly FALLOC_FL_KEEP_SIZE: number;
@@ -169,7 +168,6 @@ export const MAX_SEGMENTS: number = binding.MAX_SEGMENTS;
 export const F_SEAL_SEAL: number = binding.F_SEAL_SEAL;
 export const F_SEAL_SHRINK: number = binding.F_SEAL_SHRINK;
 export const F_SEAL_GROW: number = binding.F_SEAL_GROW;
-export const F_SEAL_WRITE: number = binding.F_SEAL_WRITE;
 /** Event bits of {@link watch}. */
 export const READABLE: number = binding.READABLE;
 export const WRITABLE: number = binding.WRITABLE;
