@@ -1,0 +1,110 @@
+/**
+ * The storage behind a virtio-blk device: a small capability interface that anyone can
+ * implement (Firecracker / Cloud Hypervisor style). The device derives its feature bits
+ * from the capabilities a backend declares, validates every request against the disk
+ * size before calling it, and turns any failure into VIRTIO_BLK_S_IOERR for that request.
+ *
+ * Built-in implementations: `MemoryBackend` (memory-backend.ts, sparse, runs anywhere)
+ * and `FileBackend` (src/node/file-backend.ts, a raw image file).
+ */
+import { VblkError } from '../errors.js';
+import { VIRTIO_BLK_SECTOR_SIZE } from '../spec/virtio-blk.js';
+
+/**
+ * What a backend operation returns: nothing when it completed synchronously, or a
+ * promise when it completes later. A backend that finishes at once should return
+ * nothing, so the device's hot path pays no promise (and no microtask) per request.
+ * Failure is a thrown exception or a rejected promise.
+ */
+export type BackendResult = void | Promise<void>;
+
+/**
+ * A block backend. Offsets and lengths are in bytes; the device only ever asks for
+ * whole 512-byte sectors inside `[0, size)`, and backends check that again (a range
+ * error is a failure, never a short I/O).
+ *
+ * Buffers passed to `read` and `write` are views straight into guest memory (zero
+ * copy). They are valid only until the operation completes: never keep them.
+ * Operations on overlapping ranges may be in flight at once; their order is undefined,
+ * as it is for the driver (VIRTIO 1.2, 5.2.6: requests are served "not necessarily in
+ * order").
+ */
+export interface BlockBackend {
+  /** Size in bytes, a multiple of 512. Changes only through {@link resize}. */
+  readonly size: number;
+  /** Refuses every write, discard and write-zeroes; the device offers VIRTIO_BLK_F_RO. */
+  readonly readOnly: boolean;
+  /**
+   * The backend has a volatile cache (a page cache, say) and {@link flush} makes
+   * completed writes durable. The device then offers VIRTIO_BLK_F_FLUSH and
+   * VIRTIO_BLK_F_CONFIG_WCE. When false, a write must be durable when it completes.
+   */
+  readonly canFlush: boolean;
+  /** {@link discard} is implemented; the device may offer VIRTIO_BLK_F_DISCARD. */
+  readonly canDiscard: boolean;
+  /** {@link writeZeroes} is implemented; the device may offer VIRTIO_BLK_F_WRITE_ZEROES. */
+  readonly canWriteZeroes: boolean;
+
+  /** Fills `buffers`, in order, with exactly their total length of bytes from `offset`. */
+  read(offset: number, buffers: readonly Uint8Array[]): BackendResult;
+  /** Writes all of `buffers`, in order, at `offset`. */
+  write(offset: number, buffers: readonly Uint8Array[]): BackendResult;
+  /** Makes every write completed before this call durable. */
+  flush(): BackendResult;
+  /**
+   * Deallocates `[offset, offset + length)` where the storage can. Afterwards the range
+   * reads as zeroes (both built-in backends guarantee it, and the device's secure erase
+   * relies on it only together with {@link writeZeroes}).
+   */
+  discard(offset: number, length: number): BackendResult;
+  /**
+   * Makes `[offset, offset + length)` read as zeroes. With `unmap` the backend may
+   * deallocate the range (as {@link discard}); without it the range stays allocated.
+   */
+  writeZeroes(offset: number, length: number, unmap: boolean): BackendResult;
+  /** Grows the disk to `newSize` bytes (a multiple of 512); shrinking is refused. */
+  resize?(newSize: number): BackendResult;
+  /** Releases the storage; every later call fails. */
+  close(): BackendResult;
+}
+
+export type BackendErrorCode = 'READ_ONLY' | 'OUT_OF_RANGE' | 'CLOSED' | 'BAD_SIZE' | 'SHORT_IO';
+
+/** Why a backend refused an operation. */
+export class BackendError extends VblkError {
+  declare readonly code: BackendErrorCode;
+  constructor(code: BackendErrorCode, message: string) {
+    super(code, message);
+  }
+}
+
+/** Total bytes of a buffer list. */
+export function totalLength(buffers: readonly Uint8Array[]): number {
+  let n = 0;
+  for (let i = 0; i < buffers.length; i++) n += buffers[i].length;
+  return n;
+}
+
+/** Throws unless `[offset, offset + length)` lies inside a disk of `size` bytes. */
+export function checkRange(size: number, offset: number, length: number): void {
+  // Written as two comparisons so that offset + length cannot overflow precision.
+  if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0 ||
+      offset > size || length > size - offset) {
+    throw new BackendError('OUT_OF_RANGE', `range of ${length} bytes at ${offset} is outside the disk of ${size} bytes`);
+  }
+}
+
+/** Throws unless `size` is a usable disk size: a positive safe multiple of 512 bytes. */
+export function checkDiskSize(size: number): void {
+  if (!Number.isSafeInteger(size) || size < VIRTIO_BLK_SECTOR_SIZE || size % VIRTIO_BLK_SECTOR_SIZE !== 0) {
+    throw new BackendError('BAD_SIZE', `disk size ${size} is not a positive multiple of ${VIRTIO_BLK_SECTOR_SIZE} bytes`);
+  }
+}
+
+/** Throws unless a resize from `size` to `newSize` grows (or keeps) a valid disk size. */
+export function checkGrow(size: number, newSize: number): void {
+  checkDiskSize(newSize);
+  if (newSize < size) {
+    throw new BackendError('BAD_SIZE', `cannot shrink the disk from ${size} to ${newSize} bytes: data past the new end would be lost`);
+  }
+}

@@ -1,0 +1,143 @@
+/**
+ * A sparse in-memory disk. Memory grows with what is written, not with the disk size:
+ * the disk is a map of fixed-size chunks, a chunk exists only once something was written
+ * into it, an absent chunk reads as zeroes, and discard / write-zeroes free every chunk
+ * they cover whole. A 1 TiB memory disk costs nothing until it is written.
+ */
+import {
+  BackendError, checkDiskSize, checkGrow, checkRange, totalLength, type BlockBackend,
+} from './backend.js';
+
+/**
+ * Bytes per chunk: large enough that a map entry per chunk is cheap against the data
+ * it holds, small enough that a 4 KiB write to a fresh area allocates little.
+ */
+export const MEMORY_CHUNK_SIZE = 64 * 1024;
+
+export interface MemoryBackendOptions {
+  /** Disk size in bytes: a positive multiple of 512. */
+  readonly size: number;
+  /** Refuse writes (for a read-only disk served from memory). */
+  readonly readOnly?: boolean;
+}
+
+export class MemoryBackend implements BlockBackend {
+  size: number;
+  readonly readOnly: boolean;
+  /**
+   * Flush is a no-op here (memory is as durable as this disk gets), but it is offered so
+   * a guest sees an ordinary disk with a cache it can flush and toggle (VIRTIO 1.2,
+   * 5.2.5.2: "Devices SHOULD always offer VIRTIO_BLK_F_FLUSH").
+   */
+  readonly canFlush = true;
+  readonly canDiscard = true;
+  readonly canWriteZeroes = true;
+  private readonly chunks = new Map<number, Uint8Array>();
+  private closed = false;
+
+  /** Throws {@link BackendError} `BAD_SIZE` unless the size is a positive multiple of 512. */
+  constructor(options: MemoryBackendOptions) {
+    checkDiskSize(options.size);
+    this.size = options.size;
+    this.readOnly = options.readOnly ?? false;
+  }
+
+  /** Bytes of memory held by written chunks (what the disk costs). */
+  get allocatedBytes(): number {
+    return this.chunks.size * MEMORY_CHUNK_SIZE;
+  }
+
+  read(offset: number, buffers: readonly Uint8Array[]): void {
+    this.check(offset, totalLength(buffers), false);
+    let pos = offset;
+    for (let i = 0; i < buffers.length; i++) {
+      const dest = buffers[i];
+      let done = 0;
+      while (done < dest.length) {
+        const index = Math.floor(pos / MEMORY_CHUNK_SIZE);
+        const at = pos - index * MEMORY_CHUNK_SIZE;
+        const n = Math.min(MEMORY_CHUNK_SIZE - at, dest.length - done);
+        const chunk = this.chunks.get(index);
+        if (chunk) dest.set(chunk.subarray(at, at + n), done);
+        else dest.fill(0, done, done + n);
+        done += n;
+        pos += n;
+      }
+    }
+  }
+
+  write(offset: number, buffers: readonly Uint8Array[]): void {
+    this.check(offset, totalLength(buffers), true);
+    let pos = offset;
+    for (let i = 0; i < buffers.length; i++) {
+      const src = buffers[i];
+      let done = 0;
+      while (done < src.length) {
+        const index = Math.floor(pos / MEMORY_CHUNK_SIZE);
+        const at = pos - index * MEMORY_CHUNK_SIZE;
+        const n = Math.min(MEMORY_CHUNK_SIZE - at, src.length - done);
+        let chunk = this.chunks.get(index);
+        if (!chunk) {
+          chunk = new Uint8Array(MEMORY_CHUNK_SIZE);
+          this.chunks.set(index, chunk);
+        }
+        chunk.set(src.subarray(done, done + n), at);
+        done += n;
+        pos += n;
+      }
+    }
+  }
+
+  flush(): void {
+    this.check(0, 0, false);
+  }
+
+  discard(offset: number, length: number): void {
+    this.check(offset, length, true);
+    this.zero(offset, length, true);
+  }
+
+  /**
+   * Without `unmap` the chunks that exist stay allocated (zeroed in place), as the spec
+   * intends for a write-zeroes that may not deallocate (5.2.6.2); chunks that never
+   * existed already read as zeroes.
+   */
+  writeZeroes(offset: number, length: number, unmap: boolean): void {
+    this.check(offset, length, true);
+    this.zero(offset, length, unmap);
+  }
+
+  resize(newSize: number): void {
+    this.check(0, 0, false);
+    checkGrow(this.size, newSize);
+    this.size = newSize;
+  }
+
+  close(): void {
+    this.chunks.clear();
+    this.closed = true;
+  }
+
+  /** Zeroes a range: whole chunks are freed when `free`, partial ones zeroed in place. */
+  private zero(offset: number, length: number, free: boolean): void {
+    let pos = offset;
+    const end = offset + length;
+    while (pos < end) {
+      const index = Math.floor(pos / MEMORY_CHUNK_SIZE);
+      const at = pos - index * MEMORY_CHUNK_SIZE;
+      const n = Math.min(MEMORY_CHUNK_SIZE - at, end - pos);
+      const chunk = this.chunks.get(index);
+      if (chunk) {
+        if (free && n === MEMORY_CHUNK_SIZE) this.chunks.delete(index);
+        else chunk.fill(0, at, at + n);
+      }
+      pos += n;
+    }
+  }
+
+  private check(offset: number, length: number, writes: boolean): void {
+    if (this.closed) throw new BackendError('CLOSED', 'the memory backend is closed');
+    if (writes && this.readOnly) throw new BackendError('READ_ONLY', 'the memory backend is read-only');
+    checkRange(this.size, offset, length);
+  }
+}
