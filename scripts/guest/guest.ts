@@ -3,7 +3,7 @@
 // and/or plain virtio-blk disks, and reports what the script did. scripts/guest/README.md
 // explains how to write a guest script (including scripts that span reboots).
 import { spawn, type ChildProcess } from 'node:child_process';
-import { accessSync, constants as fsConstants } from 'node:fs';
+import { accessSync, constants as fsConstants, rmSync } from 'node:fs';
 import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { createConnection, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
@@ -24,23 +24,27 @@ export const GUEST_PEERS: readonly string[] = [
 
 // e2fsprogs lives in /usr/sbin, which is not on an ordinary user's PATH.
 const searchPath = [...(process.env.PATH ?? '').split(delimiter), '/usr/sbin', '/sbin'].filter((d) => d !== '');
-const found = new Map<string, boolean>();
+const found = new Map<string, string | undefined>();
 
-/** Whether an executable of this name is installed (PATH, plus the sbin directories). */
-export function peerAvailable(name: string): boolean {
-  let ok = found.get(name);
-  if (ok === undefined) {
-    ok = searchPath.some((dir) => {
+/** Where an executable is installed (PATH, plus the sbin directories), or undefined. */
+export function peerPath(name: string): string | undefined {
+  if (!found.has(name)) {
+    const path = searchPath.map((dir) => join(dir, name)).find((p) => {
       try {
-        accessSync(join(dir, name), fsConstants.X_OK);
+        accessSync(p, fsConstants.X_OK);
         return true;
       } catch {
         return false;
       }
     });
-    found.set(name, ok);
+    found.set(name, path);
   }
-  return ok;
+  return found.get(name);
+}
+
+/** Whether an executable of this name is installed (see peerPath). */
+export function peerAvailable(name: string): boolean {
+  return peerPath(name) !== undefined;
 }
 
 /**
@@ -206,7 +210,8 @@ const PANIC = /Kernel panic - not syncing: .*/;
 // init powers off right after the exit marker; a QEMU still alive this long after it is stuck.
 const POWEROFF_GRACE_MS = 10_000;
 
-const live = new Set<ChildProcess>();
+/** Running QEMUs and their temporary directories, for the exit hook. */
+const live = new Map<ChildProcess, string>();
 let exitHookInstalled = false;
 
 /** Starts QEMU with the guest and returns at once; see Guest. */
@@ -271,11 +276,15 @@ function launch(argv: string[], opts: GuestOptions, maxBoots: number, qmpSocket:
   const [cmd, ...args] = peerAvailable('setpriv') ? ['setpriv', '--pdeathsig', 'KILL', ...argv] : argv;
   const started = Date.now();
   const child = spawn(cmd, args, { stdio: ['pipe', 'pipe', 'pipe'] });
-  live.add(child);
+  live.set(child, dir);
   if (!exitHookInstalled) {
     exitHookInstalled = true;
+    // A test that fails or times out may leave its guest running: end it with the process.
     process.on('exit', () => {
-      for (const c of live) c.kill('SIGKILL');
+      for (const [c, d] of live) {
+        c.kill('SIGKILL');
+        rmSync(d, { recursive: true, force: true });
+      }
     });
   }
 
@@ -304,6 +313,9 @@ function launch(argv: string[], opts: GuestOptions, maxBoots: number, qmpSocket:
     let m: RegExpExecArray | null;
     if (line.includes(BOOT_MARKER)) {
       boots += 1;
+      // QEMU read the initrd into memory at startup and reuses that copy on reset: the
+      // 30 MB file can go now, so even a run whose node process is SIGKILLed leaves little.
+      if (boots === 1) void rm(join(dir, 'initrd.img'), { force: true });
       if (boots > maxBoots) fail(`the guest booted ${boots} times; the run allows ${maxBoots}`);
       else child.stdin?.write(`${boots}\n`);
     } else if (bootMs === null && START_MARKER.test(line)) {
