@@ -1,0 +1,54 @@
+/**
+ * The benchmark's yardstick (DESIGN.md, Performance, measure 1): a bare JavaScript loop
+ * that only copies the same blocks a benchmark moves — `bs` bytes at the same kind of
+ * offsets over a region of the same size — and nothing else. No request in JavaScript
+ * can beat one copy of its data, so IOPS over this rate says how much of the physical
+ * limit the whole stack achieves.
+ */
+import type { BenchPattern } from './bench-core.js';
+
+/** Copies per time check: enough that reading the clock costs nothing in comparison. */
+const COPIES_PER_CHECK = 256;
+const MS_PER_S = 1000;
+/** Bytes written per page when touching the source so that its memory really exists. */
+const PAGE_SIZE = 4096;
+
+export interface BaselineParams {
+  readonly rw: BenchPattern;
+  readonly bs: number;
+  /** Bytes of the region the blocks come from (the disk region the benchmark uses). */
+  readonly regionBytes: number;
+  readonly durationMs: number;
+}
+
+/** Copies per second of `bs`-byte blocks between a region and a block buffer. */
+export function bareCopyRate(p: BaselineParams): number {
+  const region = new Uint8Array(p.regionBytes);
+  // Touch every page, as the benchmark's prefill does, so no copy meets a fresh page.
+  for (let i = 0; i < region.length; i += PAGE_SIZE) region[i] = i & 0xff;
+  const block = new Uint8Array(p.bs);
+  const blocks = Math.floor(p.regionBytes / p.bs);
+  const isRead = p.rw === 'randread' || p.rw === 'read';
+  const isRandom = p.rw === 'randread' || p.rw === 'randwrite';
+  let cursor = 0;
+  let copies = 0;
+  const start = performance.now();
+  const end = start + p.durationMs;
+  let now = start;
+  while (now < end) {
+    for (let k = 0; k < COPIES_PER_CHECK; k++) {
+      let index: number;
+      if (isRandom) index = Math.floor(Math.random() * blocks);
+      else {
+        index = cursor;
+        cursor = cursor + 1 === blocks ? 0 : cursor + 1;
+      }
+      const at = index * p.bs;
+      if (isRead) block.set(region.subarray(at, at + p.bs));
+      else region.set(block, at);
+    }
+    copies += COPIES_PER_CHECK;
+    now = performance.now();
+  }
+  return copies / ((now - start) / MS_PER_S);
+}

@@ -1,0 +1,130 @@
+/**
+ * The benchmark loop, transport-agnostic: it takes a {@link BlkDriver}, whatever the
+ * driver sits on (loopback, a vhost-user frontend), and keeps `iodepth` requests
+ * outstanding for the runtime, recording each request's latency.
+ */
+import type { BlkDriver } from '../blk/driver.js';
+import { VIRTIO_BLK_SECTOR_SIZE } from '../spec/virtio-blk.js';
+
+export const BENCH_PATTERNS = ['randread', 'randwrite', 'read', 'write'] as const;
+export type BenchPattern = (typeof BENCH_PATTERNS)[number];
+
+export interface BenchParams {
+  readonly rw: BenchPattern;
+  /** Bytes per request: a multiple of the disk's logical block size. */
+  readonly bs: number;
+  /** Requests kept outstanding. */
+  readonly iodepth: number;
+  readonly runtimeMs: number;
+  /** Requests go to [0, regionBytes) of the disk; a multiple of `bs`. */
+  readonly regionBytes: number;
+}
+
+export interface BenchResult {
+  /** Requests completed (successfully or not). */
+  readonly ios: number;
+  readonly errors: number;
+  /** The first error's message, when there was one. */
+  readonly firstError: string | null;
+  readonly elapsedMs: number;
+  readonly iops: number;
+  /** Bytes per second moved by successful requests. */
+  readonly bwBytes: number;
+  /** Latency percentiles in microseconds. */
+  readonly latUs: { readonly p50: number; readonly p99: number; readonly mean: number; readonly max: number };
+}
+
+const MS_PER_S = 1000;
+const US_PER_MS = 1000;
+const INITIAL_SAMPLES = 1 << 16;
+const P50 = 0.5;
+const P99 = 0.99;
+
+/** Latencies in milliseconds, in a growable typed array (no per-sample allocation). */
+class Samples {
+  private data = new Float64Array(INITIAL_SAMPLES);
+  count = 0;
+
+  add(ms: number): void {
+    if (this.count === this.data.length) {
+      const bigger = new Float64Array(this.data.length * 2);
+      bigger.set(this.data);
+      this.data = bigger;
+    }
+    this.data[this.count++] = ms;
+  }
+
+  /** Sorted samples (sorts in place once). */
+  sorted(): Float64Array {
+    return this.data.subarray(0, this.count).sort();
+  }
+}
+
+/** Nearest-rank percentile of sorted samples. */
+function percentile(sorted: Float64Array, p: number): number {
+  if (sorted.length === 0) return 0;
+  return sorted[Math.min(sorted.length - 1, Math.max(0, Math.ceil(p * sorted.length) - 1))];
+}
+
+/** Runs the benchmark on `driver`. Errors are counted, not thrown. */
+export async function runBench(driver: BlkDriver, p: BenchParams): Promise<BenchResult> {
+  const isRead = p.rw === 'randread' || p.rw === 'read';
+  const isRandom = p.rw === 'randread' || p.rw === 'randwrite';
+  const blocks = Math.floor(p.regionBytes / p.bs);
+  const sectorsPerIo = p.bs / VIRTIO_BLK_SECTOR_SIZE;
+  const samples = new Samples();
+  let cursor = 0;
+  let errors = 0;
+  let ok = 0;
+  let firstError: string | null = null;
+  const start = performance.now();
+  const end = start + p.runtimeMs;
+
+  const lane = async (seed: number): Promise<void> => {
+    const buffer = new Uint8Array(p.bs);
+    if (!isRead) buffer.fill(seed & 0xff);
+    const buffers = [buffer];
+    for (let now = performance.now(); now < end;) {
+      let block: number;
+      if (isRandom) block = Math.floor(Math.random() * blocks);
+      else {
+        block = cursor;
+        cursor = cursor + 1 === blocks ? 0 : cursor + 1;
+      }
+      const sector = block * sectorsPerIo;
+      try {
+        await (isRead ? driver.read(sector, buffers) : driver.write(sector, buffers));
+        ok++;
+      } catch (e) {
+        errors++;
+        firstError ??= e instanceof Error ? e.message : String(e);
+      }
+      const done = performance.now();
+      samples.add(done - now);
+      now = done;
+    }
+  };
+
+  const lanes: Promise<void>[] = [];
+  for (let i = 0; i < p.iodepth; i++) lanes.push(lane(i + 1));
+  await Promise.all(lanes);
+  const elapsedMs = performance.now() - start;
+  const sorted = samples.sorted();
+  let sum = 0;
+  for (let i = 0; i < sorted.length; i++) sum += sorted[i];
+  const seconds = elapsedMs / MS_PER_S;
+  return {
+    ios: samples.count,
+    errors,
+    firstError,
+    elapsedMs,
+    iops: samples.count / seconds,
+    bwBytes: (ok * p.bs) / seconds,
+    latUs: {
+      p50: percentile(sorted, P50) * US_PER_MS,
+      p99: percentile(sorted, P99) * US_PER_MS,
+      mean: sorted.length ? (sum / sorted.length) * US_PER_MS : 0,
+      max: sorted.length ? sorted[sorted.length - 1] * US_PER_MS : 0,
+    },
+  };
+}

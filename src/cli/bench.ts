@@ -1,0 +1,188 @@
+/**
+ * `vblk bench (--socket PATH | --loopback) [--rw …] [--bs 4k] [--iodepth N] [--queues N]
+ * [--runtime SECONDS] [--size SIZE] [--json]`: block I/O through our driver, with
+ * `iodepth` requests always outstanding, against a bare copy loop in the same run.
+ *
+ * The loop (bench-core.ts) takes a {@link BlkDriver} and does not know its transport:
+ * `--loopback` builds driver → LoopbackTransport → BlkDevice → memory backend here;
+ * `--socket` plugs a vhost-user frontend transport into the same loop.
+ */
+import { MemoryBackend } from '../backends/memory-backend.js';
+import { BlkDevice } from '../blk/device.js';
+import { BlkDriver } from '../blk/driver.js';
+import { LoopbackTransport } from '../transport/loopback.js';
+import { VIRTIO_BLK_SECTOR_SIZE } from '../spec/virtio-blk.js';
+import { CliUsageError, EXIT_FAILURE, formatSizeValue } from './args.js';
+import { bareCopyRate } from './bench-baseline.js';
+import { BENCH_PATTERNS, runBench, type BenchParams, type BenchResult } from './bench-core.js';
+import { defineCommand, type CliIo } from './command.js';
+
+const DEFAULT_BS = 4096;
+const DEFAULT_IODEPTH = 32;
+const DEFAULT_RUNTIME_S = 5;
+/** Loopback disk size, and the default region: big enough to leave the CPU caches. */
+const DEFAULT_LOOPBACK_SIZE = 64 << 20;
+/** The CLI's request timeout: a stuck device fails the run instead of hanging it. */
+const DEFAULT_TIMEOUT_S = 30;
+/** Loopback guest memory: at least this, and twice the bytes iodepth requests hold. */
+const MIN_LOOPBACK_MEMORY = 64 << 20;
+const MAX_LOOPBACK_MEMORY = 1 << 30;
+/** The bare copy loop runs a quarter of the runtime, within these bounds. */
+const BASELINE_SHARE = 4;
+const MIN_BASELINE_MS = 200;
+const MAX_BASELINE_MS = 2000;
+const MS_PER_S = 1000;
+const LOOPBACK_QUEUE_SIZE = 256;
+
+/** A driver ready to benchmark and how to let it go. */
+export interface BenchTarget {
+  readonly driver: BlkDriver;
+  /** "loopback" or the socket path, for the summary. */
+  readonly label: string;
+  close(): Promise<void>;
+}
+
+export const command = defineCommand({
+  name: 'bench',
+  summary: 'Measure block I/O through the vblk driver (IOPS, bandwidth, latency)',
+  usage: '(--socket PATH | --loopback) [options]',
+  details: [
+    'Keeps --iodepth requests outstanding for --runtime seconds and reports IOPS, bandwidth and',
+    'latency percentiles, and the rate of a bare JavaScript loop that only copies the same blocks',
+    '(baseline_iops; ratio = iops / baseline_iops). Exit status 1 when any request failed.',
+  ],
+  options: {
+    socket: { kind: 'string', valueName: 'PATH', description: 'drive the vhost-user-blk device at this socket' },
+    loopback: { kind: 'boolean', description: 'drive an in-process device with a memory backend' },
+    rw: { kind: 'choice', choices: BENCH_PATTERNS, default: 'randread', description: 'access pattern' },
+    bs: { kind: 'size', min: VIRTIO_BLK_SECTOR_SIZE, default: DEFAULT_BS, description: 'bytes per request, a multiple of the logical block' },
+    iodepth: { kind: 'integer', default: DEFAULT_IODEPTH, description: 'requests kept outstanding' },
+    queues: { kind: 'integer', default: 1, description: 'virtqueues to spread requests over' },
+    runtime: { kind: 'number', valueName: 'SECONDS', default: DEFAULT_RUNTIME_S, description: 'how long to run' },
+    size: {
+      kind: 'size', min: VIRTIO_BLK_SECTOR_SIZE,
+      description: `bytes of disk to use (loopback: the disk size, default ${formatSizeValue(DEFAULT_LOOPBACK_SIZE)}; socket: default the whole disk)`,
+    },
+    timeout: { kind: 'number', valueName: 'SECONDS', allowZero: true, default: DEFAULT_TIMEOUT_S, description: 'fail a request after this long (0: never)' },
+    json: { kind: 'boolean', description: 'print one JSON object on one line' },
+  },
+  async run({ options: o, positionals }, io) {
+    if (positionals.length > 0) throw new CliUsageError(`vblk bench: unexpected argument '${positionals[0]}'`);
+    if ((o.socket !== undefined) === o.loopback) throw new CliUsageError('vblk bench: give exactly one of --socket PATH or --loopback');
+    if (o.bs % VIRTIO_BLK_SECTOR_SIZE !== 0) throw new CliUsageError(`vblk bench: --bs must be a multiple of ${VIRTIO_BLK_SECTOR_SIZE}, got ${o.bs}`);
+    if (o.size !== undefined && o.size < o.bs) throw new CliUsageError(`vblk bench: --size ${o.size} is smaller than one --bs ${o.bs} block`);
+    const timeoutMs = o.timeout * MS_PER_S;
+    const target = o.socket !== undefined
+      ? await openSocket(o.socket)
+      : await openLoopback(o.size ?? DEFAULT_LOOPBACK_SIZE, o.queues, o.iodepth, o.bs, timeoutMs);
+    try {
+      const driver = target.driver;
+      if (o.bs % driver.logicalBlockSize !== 0) {
+        throw new CliUsageError(`vblk bench: --bs ${o.bs} is not a multiple of the disk's ${driver.logicalBlockSize}-byte logical block`);
+      }
+      const disk = Math.min(driver.sizeBytes, o.size ?? driver.sizeBytes);
+      const regionBytes = disk - (disk % o.bs);
+      if (regionBytes === 0) throw new CliUsageError(`vblk bench: the disk (${driver.sizeBytes} bytes) holds no --bs ${o.bs} block`);
+      const params: BenchParams = { rw: o.rw, bs: o.bs, iodepth: o.iodepth, runtimeMs: o.runtime * MS_PER_S, regionBytes };
+      const baselineMs = Math.min(MAX_BASELINE_MS, Math.max(MIN_BASELINE_MS, params.runtimeMs / BASELINE_SHARE));
+      const baseline = bareCopyRate({ rw: o.rw, bs: o.bs, regionBytes, durationMs: baselineMs });
+      const result = await runBench(driver, params);
+      report(io, o.json, target.label, params, driver.numQueues, result, baseline);
+      if (result.errors > 0) {
+        io.stderr(`vblk bench: ${result.errors} of ${result.ios} requests failed; the first: ${result.firstError}\n`);
+        return EXIT_FAILURE;
+      }
+    } finally {
+      await target.close();
+    }
+  },
+});
+
+/**
+ * driver → loopback → BlkDevice → memory backend, the disk written through once so that
+ * reads copy real data (an unwritten sparse disk would read as a cheap zero fill).
+ */
+export async function openLoopback(size: number, queues: number, iodepth: number, bs: number, timeoutMs: number): Promise<BenchTarget> {
+  const backend = new MemoryBackend({ size: size - (size % VIRTIO_BLK_SECTOR_SIZE) });
+  const device = new BlkDevice({ backend, numQueues: queues, queueSize: LOOPBACK_QUEUE_SIZE });
+  const memorySize = Math.min(MAX_LOOPBACK_MEMORY, nextPowerOfTwo(Math.max(MIN_LOOPBACK_MEMORY, 2 * iodepth * bs)));
+  const transport = new LoopbackTransport(device, { memorySize });
+  let driver: BlkDriver;
+  try {
+    driver = await BlkDriver.probe(transport, { queues, timeoutMs });
+  } catch (e) {
+    await transport.close();
+    throw e;
+  }
+  const close = async (): Promise<void> => {
+    await driver.remove();
+    await transport.close();
+  };
+  try {
+    const chunk = new Uint8Array(driver.maxRequestBytes).fill(0xa5);
+    for (let at = 0; at < driver.sizeBytes; at += chunk.length) {
+      const n = Math.min(chunk.length, driver.sizeBytes - at);
+      await driver.write(at / VIRTIO_BLK_SECTOR_SIZE, [n === chunk.length ? chunk : chunk.subarray(0, n)]);
+    }
+  } catch (e) {
+    await close();
+    throw e;
+  }
+  return { driver, label: 'loopback', close };
+}
+
+/** The vhost-user frontend transport plugs in here once it exists; the loop is the same. */
+async function openSocket(path: string): Promise<BenchTarget> {
+  throw new Error(`--socket ${path}: the vhost-user frontend transport is not in this build yet; use --loopback`);
+}
+
+function nextPowerOfTwo(n: number): number {
+  return 2 ** Math.ceil(Math.log2(n));
+}
+
+const US_DECIMALS = 2;
+const RATIO_DECIMALS = 3;
+
+function round(n: number, decimals: number): number {
+  const f = 10 ** decimals;
+  return Math.round(n * f) / f;
+}
+
+function report(io: CliIo, json: boolean, label: string, p: BenchParams, queues: number, r: BenchResult, baseline: number): void {
+  const ratio = baseline > 0 ? r.iops / baseline : 0;
+  if (json) {
+    io.stdout(`${JSON.stringify({
+      transport: label,
+      rw: p.rw,
+      bs: p.bs,
+      iodepth: p.iodepth,
+      queues,
+      region_bytes: p.regionBytes,
+      runtime_s: round(r.elapsedMs / MS_PER_S, RATIO_DECIMALS),
+      ios: r.ios,
+      iops: Math.round(r.iops),
+      bw_bytes: Math.round(r.bwBytes),
+      lat_us: {
+        p50: round(r.latUs.p50, US_DECIMALS),
+        p99: round(r.latUs.p99, US_DECIMALS),
+        mean: round(r.latUs.mean, US_DECIMALS),
+        max: round(r.latUs.max, US_DECIMALS),
+      },
+      errors: r.errors,
+      baseline_iops: Math.round(baseline),
+      ratio: round(ratio, RATIO_DECIMALS),
+    })}\n`);
+    return;
+  }
+  const mib = r.bwBytes / (1 << 20);
+  io.stdout([
+    `vblk bench: ${label}, ${p.rw}, bs ${formatSizeValue(p.bs)}, iodepth ${p.iodepth}, queues ${queues}, ` +
+      `region ${formatSizeValue(p.regionBytes)}, ${(r.elapsedMs / MS_PER_S).toFixed(2)} s`,
+    `  iops       ${Math.round(r.iops)}`,
+    `  bandwidth  ${mib.toFixed(1)} MiB/s`,
+    `  latency    p50 ${r.latUs.p50.toFixed(1)} us, p99 ${r.latUs.p99.toFixed(1)} us, mean ${r.latUs.mean.toFixed(1)} us, max ${r.latUs.max.toFixed(1)} us`,
+    `  errors     ${r.errors}`,
+    `  bare copy  ${Math.round(baseline)} blocks/s (ratio ${ratio.toFixed(RATIO_DECIMALS)})`,
+    '',
+  ].join('\n'));
+}

@@ -1,0 +1,117 @@
+#!/usr/bin/env node
+/**
+ * `vblk`: the command-line entry point. Dispatches to the subcommands of DESIGN.md's CLI
+ * contract, each in its own module `./<name>.js` exporting `command` (see command.ts).
+ * Modules are loaded on demand, so a subcommand that is not built yet is reported as
+ * such instead of breaking the others. Errors print one line to stderr and exit non-zero
+ * (2 for a bad command line, 1 for a failure while running).
+ */
+import { existsSync, realpathSync } from 'node:fs';
+import { fileURLToPath, pathToFileURL } from 'node:url';
+import { CliUsageError, EXIT_FAILURE, EXIT_OK, EXIT_USAGE, formatOptions, isHelpFlag, parseCommandLine } from './args.js';
+import type { CliIo, Command } from './command.js';
+
+/** The subcommands, in the order `vblk --help` lists them. */
+export const SUBCOMMANDS = ['serve', 'info', 'read', 'write', 'bench', 'resize'] as const;
+export type SubcommandName = (typeof SUBCOMMANDS)[number];
+
+const processIo: CliIo = {
+  stdout: (text) => void process.stdout.write(text),
+  stderr: (text) => void process.stderr.write(text),
+};
+
+function isSubcommand(name: string): name is SubcommandName {
+  return (SUBCOMMANDS as readonly string[]).includes(name);
+}
+
+/** The module of subcommand `name`, or null when it is not part of this build. */
+async function loadCommand(name: SubcommandName): Promise<Command | null> {
+  const url = new URL(`./${name}.js`, import.meta.url);
+  if (!existsSync(url)) return null;
+  const module = (await import(url.href)) as { command?: Command };
+  return module.command ?? null;
+}
+
+/** `vblk <name> --help`. */
+export function commandHelp(command: Command): string {
+  const lines = [`Usage: vblk ${command.name} ${command.usage}`, '', command.summary];
+  if (command.details) lines.push('', ...command.details);
+  lines.push('', 'Options:', ...formatOptions(command.options));
+  return `${lines.join('\n')}\n`;
+}
+
+async function topLevelHelp(): Promise<string> {
+  const lines = ['Usage: vblk <command> [options]', '', 'The virtio block device, both ends of it.', '', 'Commands:'];
+  for (const name of SUBCOMMANDS) {
+    const c = await loadCommand(name);
+    lines.push(`  ${name.padEnd(8)}${c ? c.summary : '(not available in this build)'}`);
+  }
+  lines.push('', "Run 'vblk <command> --help' for a command's options.");
+  return `${lines.join('\n')}\n`;
+}
+
+/** One line: an error's message with any line breaks folded. */
+function oneLine(text: string): string {
+  return text.replace(/\s*\n\s*/g, ' ').trim();
+}
+
+/** Runs `vblk` with `argv` (the arguments after the program name) and returns the exit status. */
+export async function main(argv: readonly string[], io: CliIo = processIo): Promise<number> {
+  const [name, ...rest] = argv;
+  if (name === undefined || isHelpFlag(name) || name === 'help') {
+    const topic = name === 'help' ? rest[0] : undefined;
+    if (topic !== undefined && isSubcommand(topic)) {
+      const c = await loadCommand(topic);
+      if (c) {
+        io.stdout(commandHelp(c));
+        return EXIT_OK;
+      }
+    }
+    if (name === undefined) {
+      io.stderr(`vblk: missing command (one of ${SUBCOMMANDS.join(', ')}); see vblk --help\n`);
+      return EXIT_USAGE;
+    }
+    io.stdout(await topLevelHelp());
+    return EXIT_OK;
+  }
+  if (!isSubcommand(name)) {
+    io.stderr(`vblk: unknown command '${name}' (one of ${SUBCOMMANDS.join(', ')}); see vblk --help\n`);
+    return EXIT_USAGE;
+  }
+  const command = await loadCommand(name);
+  if (command === null) {
+    io.stderr(`vblk ${name}: not available in this build\n`);
+    return EXIT_FAILURE;
+  }
+  const dashDash = rest.indexOf('--');
+  if (rest.slice(0, dashDash < 0 ? undefined : dashDash).some(isHelpFlag)) {
+    io.stdout(commandHelp(command));
+    return EXIT_OK;
+  }
+  try {
+    const status = await command.run(parseCommandLine(name, command.options, rest), io);
+    return status ?? EXIT_OK;
+  } catch (e) {
+    if (e instanceof CliUsageError) {
+      io.stderr(`${oneLine(e.message)}\n`);
+      return EXIT_USAGE;
+    }
+    io.stderr(`vblk ${name}: ${oneLine(e instanceof Error ? e.message : String(e))}\n`);
+    return EXIT_FAILURE;
+  }
+}
+
+/** Whether this module is the program being run (not imported by a test). */
+function isEntryPoint(): boolean {
+  const script = process.argv[1];
+  if (!script) return false;
+  try {
+    return realpathSync(script) === realpathSync(fileURLToPath(import.meta.url));
+  } catch {
+    return pathToFileURL(script).href === import.meta.url;
+  }
+}
+
+if (isEntryPoint()) {
+  process.exitCode = await main(process.argv.slice(2));
+}
