@@ -1,0 +1,89 @@
+/**
+ * `vblk serve IMAGE --socket PATH`: the virtio-blk device on a raw image, as a
+ * vhost-user backend for QEMU (`-device vhost-user-blk-pci`). Serves one frontend at a
+ * time and keeps serving across disconnects; SIGINT/SIGTERM stop it cleanly after the
+ * requests in flight complete and the image is flushed.
+ */
+import { BlkDevice } from '../blk/device.js';
+import { listenControl } from '../node/control.js';
+import { openFileBackend } from '../node/file-backend.js';
+import { VhostUserServer } from '../node/vhost-user-server.js';
+import { CliUsageError } from './args.js';
+import { defineCommand } from './command.js';
+
+export const command = defineCommand({
+  name: 'serve',
+  summary: 'serve a raw image as a vhost-user-blk device (for QEMU and other vhost-user frontends)',
+  usage: 'IMAGE --socket PATH [options]',
+  details: [
+    'QEMU connects with:',
+    '  -object memory-backend-memfd,id=mem,size=256M,share=on -numa node,memdev=mem',
+    '  -chardev socket,id=c0,path=PATH -device vhost-user-blk-pci,chardev=c0,num-queues=N',
+  ],
+  options: {
+    socket: { kind: 'string', valueName: 'PATH', description: 'unix socket to listen on (required)' },
+    'read-only': { kind: 'boolean', description: 'open the image read-only and offer a read-only disk' },
+    serial: { kind: 'string', valueName: 'STR', description: 'disk serial (GET_ID), at most 20 bytes', default: 'vblk' },
+    queues: { kind: 'integer', valueName: 'N', min: 1, max: 64, default: 1, description: 'number of request queues' },
+    'queue-size': { kind: 'integer', valueName: 'N', min: 2, max: 32768, default: 256, description: 'largest queue size (a power of two)' },
+    'block-size': { kind: 'choice', choices: ['512', '4096'], default: '512', description: 'logical block size in bytes' },
+    size: { kind: 'size', valueName: 'SIZE', description: 'create the image, or grow it, to SIZE bytes (K/M/G/T suffixes)' },
+    control: { kind: 'string', valueName: 'PATH', description: 'control socket for `vblk resize`' },
+    'socket-mode': { kind: 'string', valueName: 'MODE', default: '600', description: 'file mode of the socket, in octal' },
+    cache: { kind: 'choice', choices: ['writeback', 'writethrough'], default: 'writeback', description: 'initial cache mode the guest sees (it may change it)' },
+  },
+  async run({ options, positionals }, io) {
+    if (positionals.length !== 1) throw new CliUsageError(`vblk serve: expected one IMAGE, got ${positionals.length}`);
+    if (options.socket === undefined) throw new CliUsageError('vblk serve: --socket PATH is required');
+    const queueSize = options['queue-size'];
+    if ((queueSize & (queueSize - 1)) !== 0) throw new CliUsageError(`vblk serve: --queue-size must be a power of two, got ${queueSize}`);
+    if (!/^[0-7]{3,4}$/.test(options['socket-mode'])) throw new CliUsageError(`vblk serve: --socket-mode must be octal like 600, got '${options['socket-mode']}'`);
+    if (Buffer.byteLength(options.serial) > 20) throw new CliUsageError('vblk serve: --serial is at most 20 bytes');
+    const log = (line: string): void => io.stderr(`vblk serve: ${line}\n`);
+
+    const backend = openFileBackend(positionals[0], { readOnly: options['read-only'], size: options.size });
+    const device = new BlkDevice({
+      backend,
+      serial: options.serial,
+      numQueues: options.queues,
+      queueSize,
+      blockSize: options['block-size'] === '4096' ? 4096 : 512,
+      readOnly: options['read-only'],
+      cache: options.cache,
+      onBackendError: (e) => log(`I/O error: ${e instanceof Error ? e.message : String(e)}`),
+    });
+    let server: VhostUserServer;
+    try {
+      server = VhostUserServer.listen({ socketPath: options.socket, device, socketMode: parseInt(options['socket-mode'], 8), log });
+    } catch (e) {
+      await backend.close();
+      throw e;
+    }
+    const control = options.control === undefined ? null : await listenControl(options.control, {
+      resize: async (size) => {
+        await device.resize(size);
+        log(`resized to ${size} bytes`);
+        return size;
+      },
+    });
+    log(`serving ${positionals[0]} (${backend.size} bytes${options['read-only'] ? ', read-only' : ''}) on ${options.socket}`);
+
+    await new Promise<void>((resolve) => {
+      const stop = (signal: string): void => {
+        log(`${signal}: stopping`);
+        process.off('SIGINT', onInt);
+        process.off('SIGTERM', onTerm);
+        resolve();
+      };
+      const onInt = (): void => stop('SIGINT');
+      const onTerm = (): void => stop('SIGTERM');
+      process.on('SIGINT', onInt);
+      process.on('SIGTERM', onTerm);
+    });
+    control?.close();
+    await server.close();
+    if (!backend.readOnly) await backend.flush();
+    await backend.close();
+    log('stopped');
+  },
+});

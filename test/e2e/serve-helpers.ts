@@ -1,0 +1,82 @@
+// Starting `vblk serve` as a user would — the compiled CLI in a child process — for the
+// end-to-end tests, with its log captured and its exit awaited.
+import { spawn, type ChildProcess } from 'node:child_process';
+import { existsSync, mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { dirname, join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const here = dirname(fileURLToPath(import.meta.url));
+/** The compiled CLI (dist/src/cli/main.js), found from dist/test/e2e/. */
+export const CLI = resolve(here, '../../src/cli/main.js');
+
+export interface Served {
+  readonly proc: ChildProcess;
+  readonly socket: string;
+  log(): string;
+  /** Waits for a log line matching `pattern` (searching the whole log so far first). */
+  waitForLog(pattern: RegExp, timeoutMs?: number): Promise<string>;
+  /** SIGTERM, then the exit code. */
+  stop(): Promise<number | null>;
+  readonly exited: Promise<number | null>;
+}
+
+export function scratchDir(prefix: string): { dir: string; cleanup(): void } {
+  const dir = mkdtempSync(join(tmpdir(), prefix));
+  return { dir, cleanup: () => rmSync(dir, { recursive: true, force: true }) };
+}
+
+/** Runs `vblk serve IMAGE --socket SOCKET ...extra` and resolves once it listens. */
+export async function startServe(image: string, socket: string, extra: string[] = []): Promise<Served> {
+  const proc = spawn(process.execPath, [CLI, 'serve', image, '--socket', socket, ...extra], { stdio: ['ignore', 'pipe', 'pipe'] });
+  let log = '';
+  const waiters: { pattern: RegExp; resolve: (l: string) => void }[] = [];
+  const onData = (d: Buffer): void => {
+    log += d.toString();
+    for (const w of [...waiters]) {
+      const m = log.split('\n').find((l) => w.pattern.test(l));
+      if (m !== undefined) {
+        waiters.splice(waiters.indexOf(w), 1);
+        w.resolve(m);
+      }
+    }
+  };
+  proc.stdout!.on('data', onData);
+  proc.stderr!.on('data', onData);
+  const exited = new Promise<number | null>((res) => proc.on('exit', (code) => res(code)));
+  const waitForLog = (pattern: RegExp, timeoutMs = 20_000): Promise<string> => {
+    const m = log.split('\n').find((l) => pattern.test(l));
+    if (m !== undefined) return Promise.resolve(m);
+    return new Promise((res, rej) => {
+      const t = setTimeout(() => rej(new Error(`vblk serve never logged ${pattern}; log:\n${log}`)), timeoutMs);
+      waiters.push({ pattern, resolve: (l) => { clearTimeout(t); res(l); } });
+    });
+  };
+  const started = Date.now();
+  while (!existsSync(socket)) {
+    if (proc.exitCode !== null) throw new Error(`vblk serve exited with ${proc.exitCode}:\n${log}`);
+    if (Date.now() - started > 20_000) throw new Error(`vblk serve did not create ${socket}:\n${log}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  return {
+    proc, socket, log: () => log, waitForLog, exited,
+    stop: async () => {
+      if (proc.exitCode === null) proc.kill('SIGTERM');
+      return exited;
+    },
+  };
+}
+
+/** Runs the CLI to completion: exit code, stdout, stderr. */
+export function runCli(args: string[], input?: Uint8Array): Promise<{ code: number | null; stdout: Buffer; stderr: string }> {
+  return new Promise((res) => {
+    const p = spawn(process.execPath, [CLI, ...args], { stdio: ['pipe', 'pipe', 'pipe'] });
+    const out: Buffer[] = [];
+    let err = '';
+    p.stdout.on('data', (d: Buffer) => out.push(d));
+    p.stderr.on('data', (d: Buffer) => (err += d.toString()));
+    p.on('exit', (code) => res({ code, stdout: Buffer.concat(out), stderr: err }));
+    if (input) p.stdin.end(input);
+    else p.stdin.end();
+  });
+}
