@@ -19,7 +19,7 @@ import { EventFd } from './eventfd.js';
 import { FdWatcher } from './fd-watcher.js';
 import { MappedRegion } from './mapped-memory.js';
 import * as native from './native.js';
-import { UnixSocketServer, type UnixConnection } from './unix-socket.js';
+import { UnixConnection, UnixSocketServer } from './unix-socket.js';
 
 export interface VhostUserServerOptions {
   /** Path of the unix socket to listen on. */
@@ -35,6 +35,9 @@ export interface VhostUserServerOptions {
 
 /** Node's effects for a backend session: mmap, eventfds, the backend channel. */
 export class NodeBackendIo implements BackendIo {
+  /** Backend channels by fd: a connection queues what a full socket cannot take yet. */
+  private readonly channels = new Map<number, UnixConnection>();
+
   constructor(readonly log: (line: string) => void) {}
 
   mapRegion(fd: number, size: number, mmapOffset: number): RegionMapping {
@@ -48,6 +51,12 @@ export class NodeBackendIo implements BackendIo {
   }
 
   closeFd(fd: number): void {
+    const channel = this.channels.get(fd);
+    if (channel) {
+      this.channels.delete(fd);
+      channel.close();
+      return;
+    }
     try {
       native.close(fd);
     } catch (e) {
@@ -62,13 +71,15 @@ export class NodeBackendIo implements BackendIo {
   }
 
   watchEventFd(fd: number, onReady: () => void): Stoppable {
-    return new FdWatcher(fd, 'r', (error) => {
+    const watcher = new FdWatcher(fd, 'r', (error) => {
       if (error !== null) {
         this.log(`eventfd ${fd}: ${error.message}`);
+        watcher.stop();
         return;
       }
       if (native.eventfdRead(fd) > 0) onReady();
     });
+    return watcher;
   }
 
   signalEventFd(fd: number): void {
@@ -80,12 +91,21 @@ export class NodeBackendIo implements BackendIo {
   }
 
   sendOnBackendChannel(fd: number, message: EncodedMessage): void {
-    try {
-      native.setNonBlocking(fd);
-      native.sendmsg(fd, message.bytes, message.fds);
-    } catch (e) {
-      this.log(`backend channel: ${(e as Error).message}`);
+    let channel = this.channels.get(fd);
+    if (!channel) {
+      try {
+        native.setNonBlocking(fd);
+      } catch (e) {
+        this.log(`backend channel: ${(e as Error).message}`);
+        return;
+      }
+      channel = new UnixConnection(fd);
+      this.channels.set(fd, channel);
     }
+    // A dead channel closes the connection and is reported to readers; nothing reads
+    // this one, so a failed send is only worth a log line.
+    if (channel.isClosed) this.log('backend channel is closed; configuration change not sent');
+    else channel.send(message.bytes, message.fds);
   }
 }
 
