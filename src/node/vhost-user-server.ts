@@ -31,6 +31,23 @@ export interface VhostUserServerOptions {
   readonly protocolFeatures?: bigint;
   /** One line per connection and per error. */
   readonly log?: (line: string) => void;
+  /**
+   * Map memory regions whose fd is not sealed against shrinking (memory-backend-file on
+   * /dev/shm or hugetlbfs, `memory-backend-memfd,seal=off`). Dangerous: a frontend that
+   * then shrinks the file kills this process with SIGBUS (see {@link NodeBackendIo.mapRegion}).
+   * Default false.
+   */
+  readonly allowUnsealedMemory?: boolean;
+}
+
+export type RegionMappingErrorCode = 'UNSEALED_MEMORY' | 'REGION_PAST_EOF';
+
+/** A memory region fd the backend refuses to map; the message says why. */
+export class RegionMappingError extends VblkError {
+  declare readonly code: RegionMappingErrorCode;
+  constructor(code: RegionMappingErrorCode, message: string) {
+    super(code, message);
+  }
 }
 
 /** Node's effects for a backend session: mmap, eventfds, the backend channel. */
@@ -38,13 +55,39 @@ export class NodeBackendIo implements BackendIo {
   /** Backend channels by fd: a connection queues what a full socket cannot take yet. */
   private readonly channels = new Map<number, UnixConnection>();
 
-  constructor(readonly log: (line: string) => void) {}
+  constructor(
+    readonly log: (line: string) => void,
+    private readonly allowUnsealedMemory = false,
+  ) {}
 
+  /**
+   * The SIGBUS policy. Touching a shared mapping past the end of its file raises SIGBUS,
+   * which no JavaScript can catch: the process dies. Checking the size when mapping is
+   * not enough, since a hostile frontend can ftruncate the file after SET_MEM_TABLE and
+   * kill us at the next ring access. So a region fd must carry F_SEAL_SHRINK, which
+   * nobody can ever remove. QEMU's memory-backend-memfd seals by default: QEMU 7.2 sends
+   * seals 0x7 (SEAL | SHRINK | GROW); with `seal=off`, or a memory-backend-file on
+   * /dev/shm, it sends 0x1, and files that cannot carry seals at all (disk, pipes) fail
+   * F_GET_SEALS. Those are refused with UNSEALED_MEMORY unless the server was told
+   * `allowUnsealedMemory`, which trusts the frontend never to shrink the file.
+   * Seals are read before the size, so a shrink between the two checks cannot slip by.
+   */
   mapRegion(fd: number, size: number, mmapOffset: number): RegionMapping {
+    if (!this.allowUnsealedMemory) {
+      let seals: number;
+      try {
+        seals = native.getSeals(fd);
+      } catch (e) {
+        throw new RegionMappingError('UNSEALED_MEMORY', `region fd cannot carry seals (${(e as Error).message}): only memfds sealed with F_SEAL_SHRINK are mapped unless unsealed memory is allowed`);
+      }
+      if ((seals & native.F_SEAL_SHRINK) === 0) {
+        throw new RegionMappingError('UNSEALED_MEMORY', `region fd is not sealed against shrinking (seals 0x${seals.toString(16)}): a frontend could shrink it under us (SIGBUS); use a sealed memfd or allow unsealed memory`);
+      }
+    }
     const fileSize = native.fstatSize(fd);
     // Touching a mapping past the end of its file raises SIGBUS, which kills the process.
     if (mmapOffset + size > fileSize) {
-      throw new VblkError('REGION_PAST_EOF', `region of ${size} bytes at offset ${mmapOffset} reaches past the end of its ${fileSize}-byte fd`);
+      throw new RegionMappingError('REGION_PAST_EOF', `region of ${size} bytes at offset ${mmapOffset} reaches past the end of its ${fileSize}-byte fd`);
     }
     const region = MappedRegion.map(fd, size, { fileOffset: mmapOffset });
     return { chunks: region.windows.map((w) => w.bytes), unmap: () => region.unmap() };
@@ -153,7 +196,7 @@ export class VhostUserServer {
   }
 
   private async serve(conn: UnixConnection, n: number): Promise<void> {
-    const io = new NodeBackendIo(this.log);
+    const io = new NodeBackendIo(this.log, this.options.allowUnsealedMemory ?? false);
     const session = new VhostUserBackendSession(this.options.device, io, this.options.protocolFeatures ?? BACKEND_PROTOCOL_FEATURES);
     let reason = 'frontend closed the connection';
     try {

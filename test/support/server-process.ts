@@ -1,0 +1,158 @@
+/**
+ * A vhost-user backend running in a child process, watched from outside: its log lines
+ * (stderr), how it exited, and its open fds (/proc/<pid>/fd). The hostile-frontend
+ * catalogue and the fuzzer use it to tell "survived" from "crashed", "wedged" or
+ * "leaked" after every case.
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { existsSync, readdirSync, readlinkSync } from 'node:fs';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+/** The compiled child (dist/test/support/serve-child.js), next to this module. */
+export const SERVE_CHILD = join(dirname(fileURLToPath(import.meta.url)), 'serve-child.js');
+
+export interface ServerExit {
+  readonly code: number | null;
+  readonly signal: NodeJS.Signals | null;
+}
+
+/** What a server line "frontend N disconnected: reason" says. */
+export interface Disconnect {
+  readonly frontend: number;
+  readonly reason: string;
+}
+
+const DISCONNECT = /^frontend (\d+) disconnected: (.*)$/;
+
+export class ServerProcess {
+  /** Every log line so far. */
+  readonly lines: string[] = [];
+  private partial = '';
+  private exitInfo: ServerExit | null = null;
+  private readonly exitWaiters: ((e: ServerExit) => void)[] = [];
+  private readonly lineWaiters: (() => void)[] = [];
+
+  private constructor(private readonly proc: ChildProcess, readonly socketPath: string) {
+    const onData = (d: Buffer): void => {
+      const text = this.partial + d.toString();
+      const parts = text.split('\n');
+      this.partial = parts.pop() ?? '';
+      this.lines.push(...parts);
+      if (parts.length > 0) this.lineWaiters.splice(0).forEach((w) => w());
+    };
+    proc.stdout?.on('data', onData);
+    proc.stderr?.on('data', onData);
+    proc.on('exit', (code, signal) => {
+      this.exitInfo = { code, signal };
+      this.exitWaiters.splice(0).forEach((w) => w({ code, signal }));
+      this.lineWaiters.splice(0).forEach((w) => w());
+    });
+  }
+
+  /**
+   * Starts `command` (default: the serve child with `args`) and resolves once the socket
+   * exists. `args` go after the command.
+   */
+  static async start(socketPath: string, args: readonly string[] = [], command: readonly string[] = [SERVE_CHILD, '--socket', socketPath]): Promise<ServerProcess> {
+    const proc = spawn(process.execPath, [...command, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+    const server = new ServerProcess(proc, socketPath);
+    const deadline = Date.now() + 20_000;
+    while (!existsSync(socketPath)) {
+      if (server.exitInfo) throw new Error(`the server exited (${describeExit(server.exitInfo)}) before listening:\n${server.log()}`);
+      if (Date.now() > deadline) {
+        proc.kill('SIGKILL');
+        throw new Error(`the server did not create ${socketPath}:\n${server.log()}`);
+      }
+      await sleep(20);
+    }
+    return server;
+  }
+
+  get pid(): number {
+    return this.proc.pid ?? -1;
+  }
+
+  /** How the process ended, or null while it runs. */
+  get exit(): ServerExit | null {
+    return this.exitInfo;
+  }
+
+  log(from = 0): string {
+    return this.lines.slice(from).join('\n');
+  }
+
+  /** Open fds of the server process. */
+  fdCount(): number {
+    return readdirSync(`/proc/${this.pid}/fd`).length;
+  }
+
+  /** What each open fd is (for a leak report). */
+  fdTargets(): string[] {
+    const out: string[] = [];
+    for (const fd of readdirSync(`/proc/${this.pid}/fd`)) {
+      try {
+        out.push(`${fd} -> ${readlinkSync(`/proc/${this.pid}/fd/${fd}`)}`);
+      } catch {
+        // Closed between the listing and the readlink: not open any more.
+      }
+    }
+    return out;
+  }
+
+  /** The "frontend N disconnected" lines logged at or after line `from`. */
+  disconnects(from = 0): Disconnect[] {
+    const out: Disconnect[] = [];
+    for (const line of this.lines.slice(from)) {
+      const m = DISCONNECT.exec(line);
+      if (m) out.push({ frontend: Number(m[1]), reason: m[2] });
+    }
+    return out;
+  }
+
+  /** Resolves once `done()` holds, re-checking on each new log line; rejects after `timeoutMs` or on exit. */
+  async waitFor(what: string, done: () => boolean, timeoutMs = 5000): Promise<void> {
+    const deadline = Date.now() + timeoutMs;
+    while (!done()) {
+      if (this.exitInfo) throw new Error(`the server died (${describeExit(this.exitInfo)}) while waiting for ${what}`);
+      const left = deadline - Date.now();
+      if (left <= 0) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
+      await new Promise<void>((resolve) => {
+        const t = setTimeout(resolve, Math.min(left, 50));
+        this.lineWaiters.push(() => {
+          clearTimeout(t);
+          resolve();
+        });
+      });
+    }
+  }
+
+  /** Polls until the server has `expected` fds open; resolves with the count it settled at (or the last seen). */
+  async settleFds(expected: number, timeoutMs = 3000): Promise<number> {
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      const n = this.fdCount();
+      if (n === expected || Date.now() > deadline) return n;
+      await sleep(10);
+    }
+  }
+
+  /** SIGTERM (SIGKILL after 5 s), then how it exited. */
+  async stop(): Promise<ServerExit> {
+    if (this.exitInfo) return this.exitInfo;
+    const exited = new Promise<ServerExit>((resolve) => this.exitWaiters.push(resolve));
+    this.proc.kill('SIGTERM');
+    const t = setTimeout(() => this.proc.kill('SIGKILL'), 5000);
+    const e = await exited;
+    clearTimeout(t);
+    return e;
+  }
+}
+
+export function describeExit(e: ServerExit): string {
+  return e.signal !== null ? `killed by ${e.signal}` : `exit code ${e.code}`;
+}
+
+export function sleep(ms: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}
