@@ -47,6 +47,11 @@ export class DriverQueueError<T = unknown> extends VblkError {
   }
 }
 
+interface IndirectTable {
+  readonly u32: Uint32Array;
+  readonly u16: Uint16Array;
+}
+
 /** One used buffer: what was posted with it, and how many bytes the device wrote. */
 export interface UsedBuffer<T> {
   readonly token: T;
@@ -68,7 +73,8 @@ export class SplitDriverQueue<T> {
   private readonly tokens: (T | undefined)[];
   private readonly chainDescs: Uint16Array;
   private readonly postedWritable: Float64Array;
-  private readonly indirectTables: Uint8Array[] | null;
+  /** Per head: its indirect table as u32 and u16 views, taken once (no allocation per add). */
+  private readonly indirectTables: IndirectTable[] | null;
   private readonly indirectEntries: number;
   private readonly indirectBase: number;
   private availIdx = 0;
@@ -77,7 +83,7 @@ export class SplitDriverQueue<T> {
   private inFlight = 0;
   private brokenBy: DriverQueueError<T> | null = null;
 
-  private constructor(config: SplitQueueConfig, views: RingViews, indirect: IndirectArea | null, tables: Uint8Array[] | null) {
+  private constructor(config: SplitQueueConfig, views: RingViews, indirect: IndirectArea | null, tables: IndirectTable[] | null) {
     this.size = config.size;
     this.mask = config.size - 1;
     this.eventIdx = config.eventIdx;
@@ -104,7 +110,7 @@ export class SplitDriverQueue<T> {
   static create<T>(memory: GuestMemory, config: SplitQueueConfig, indirect: IndirectArea | null = null): SplitDriverQueue<T> | QueueSetupError {
     const views = ringViews(memory, config);
     if (views instanceof QueueSetupError) return views;
-    let tables: Uint8Array[] | null = null;
+    let tables: IndirectTable[] | null = null;
     if (indirect && config.indirect) {
       tables = [];
       const bytes = indirect.entries * VIRTQ_DESC_SIZE;
@@ -113,7 +119,7 @@ export class SplitDriverQueue<T> {
         if (t === null || t.byteOffset % 4 !== 0) {
           return new QueueSetupError('RING_OUT_OF_BOUNDS', `indirect table area at 0x${indirect.addr.toString(16)} is not aligned inside one memory region`);
         }
-        tables.push(t);
+        tables.push({ u32: new Uint32Array(t.buffer, t.byteOffset, bytes / 4), u16: new Uint16Array(t.buffer, t.byteOffset, bytes / 2) });
       }
     }
     return new SplitDriverQueue<T>(config, views, indirect, tables);
@@ -159,9 +165,7 @@ export class SplitDriverQueue<T> {
     const head = this.freeHead;
     const { descU32, descU16 } = this.v;
     if (count > 1 && this.indirectTables && count <= this.indirectEntries) {
-      const table = this.indirectTables[head];
-      const t32 = new Uint32Array(table.buffer, table.byteOffset, count * 4);
-      const t16 = new Uint16Array(table.buffer, table.byteOffset, count * 8);
+      const { u32: t32, u16: t16 } = this.indirectTables[head];
       for (let k = 0; k < count; k++) {
         const s = k < out.length ? out[k] : inp[k - out.length];
         const last = k === count - 1;
