@@ -70,6 +70,8 @@ const STATUS_UNWRITTEN = 0xff;
 const MAX_BOUNCE_CACHE = 16 << 20;
 const BOUNCE_CACHE_SHARE = 8;
 const TWO_POW_32 = 0x1_0000_0000;
+/** Bounce blocks up to this size stay with their slot between requests (no pool round trip). */
+const SLOT_BOUNCE_KEEP = 64 << 10;
 /** Timeout sweeps per timeout period: a request fails between 1 and 1.25 timeouts late. */
 const TIMEOUT_SWEEPS = 4;
 
@@ -123,34 +125,34 @@ export interface ResizeEvent {
 
 type Phase = 'probing' | 'running' | 'freezing' | 'frozen' | 'removing' | 'removed' | 'failed';
 
-/** One caller request; it may travel as several chunks (chains). */
-class Op {
+/**
+ * One chain's worth of a caller request. A request that fits one chain is one Req — a
+ * single allocation per request on the hot path; a larger one is split into several,
+ * and the first of them, the root, also carries the request's promise and bookkeeping.
+ */
+class Req {
+  /** Link in a queue's software FIFO. */
+  next: Req | null = null;
+  // The request's state, kept on the root.
   resolve!: () => void;
   reject!: (e: Error) => void;
   settled = false;
-  /** Chunks not yet completed. */
-  remaining = 0;
-  /** Chunks on a ring while the op is unsettled (counted in `liveChains`). */
+  /** Chains of the request not yet completed. */
+  remaining = 1;
+  /** Chains of the request on a ring while it is unsettled (counted in `liveChains`). */
   inFlight = 0;
+  deadline = Infinity;
+  /** The request as the caller made it, for messages: its first sector and its bytes. */
+  opSector = 0;
+  opBytes = 0;
   constructor(
-    readonly type: number,
-    readonly sector: number,
-    readonly bytes: number,
-    readonly deadline: number,
-  ) {}
-}
-
-/** One chain's worth of an {@link Op}. */
-class Chunk {
-  /** Link in a queue's software FIFO. */
-  next: Chunk | null = null;
-  constructor(
-    readonly op: Op,
+    /** The request this chain belongs to, or null when this is the root. */
+    readonly root: Req | null,
     readonly type: number,
     readonly sector: number,
     /** Caller buffers the data comes from or goes to, or null. */
     readonly buffers: readonly Uint8Array[] | null,
-    /** Offset of this chunk's data in the concatenation of `buffers`. */
+    /** Offset of this chain's data in the concatenation of `buffers`. */
     readonly byteOffset: number,
     /** Bytes of data (or of `payload`); 0 for a flush. */
     readonly length: number,
@@ -158,7 +160,8 @@ class Chunk {
     readonly payload: Uint8Array | null,
     /** Data is device-writable (IN, GET_ID) rather than device-readable. */
     readonly isWritable: boolean,
-    readonly queue: number,
+    /** Queue index; restore moves requests of queues that no longer exist. */
+    public queue: number,
   ) {}
 }
 
@@ -167,29 +170,42 @@ interface MutableSegment {
   len: number;
 }
 
-/** One in-flight chain's resources: header and status byte in DMA memory, segment lists. */
+/**
+ * One chain's resources: header and status byte in DMA memory, a bounce block kept
+ * across requests, and the segment lists of the common chain shapes, built once.
+ */
 class Slot {
-  chunk: Chunk | null = null;
+  chunk: Req | null = null;
+  /** The bounce block in use, or kept from an earlier request for reuse. */
   bounce: DmaBlock | null = null;
-  readonly out: Segment[];
-  readonly inp: Segment[] = [];
-  readonly dataSegs: MutableSegment[] = [];
+  readonly headerSeg: Segment;
   readonly statusSeg: Segment;
+  /** The data segment of a chain with one data descriptor. */
+  readonly dataSeg: MutableSegment = { addr: 0, len: 0 };
+  /** out/in lists: no data; device-readable data; device-writable data. */
+  readonly headerOnly: Segment[];
+  readonly statusOnly: Segment[];
+  readonly headerData: Segment[];
+  readonly dataStatus: Segment[];
   constructor(
     readonly header: Uint8Array,
     readonly status: Uint8Array,
     headerAddr: number,
   ) {
-    this.out = [{ addr: headerAddr, len: VIRTIO_BLK_REQ_HEADER.size }];
+    this.headerSeg = { addr: headerAddr, len: VIRTIO_BLK_REQ_HEADER.size };
     this.statusSeg = { addr: headerAddr + STATUS_OFFSET, len: 1 };
+    this.headerOnly = [this.headerSeg];
+    this.statusOnly = [this.statusSeg];
+    this.headerData = [this.headerSeg, this.dataSeg];
+    this.dataStatus = [this.dataSeg, this.statusSeg];
   }
 }
 
 /** A virtqueue as the driver uses it, and the requests waiting for room on it. */
 class QueueState {
   readonly freeSlots: Slot[] = [];
-  pendingHead: Chunk | null = null;
-  pendingTail: Chunk | null = null;
+  pendingHead: Req | null = null;
+  pendingTail: Req | null = null;
   pendingCount = 0;
   kickScheduled = false;
   broken: QueueBrokenError | null = null;
@@ -283,7 +299,7 @@ export class BlkDriver {
   /** Chunks in software FIFOs, all queues. */
   private pendingTotal = 0;
   /** Chunks of a frozen disk, waiting for restore. */
-  private parked: Chunk[] = [];
+  private parked: Req[] = [];
   private readonly waiters: { isDone: () => boolean; resolve: () => void }[] = [];
   private timer: ReturnType<typeof setTimeout> | null = null;
   private readonly onTimer = (): void => this.expireTimedOut();
@@ -540,13 +556,14 @@ export class BlkDriver {
     if (total === 0) return Promise.resolve();
     const queue = this.pickQueue(options);
     if (typeof queue !== 'number') return Promise.reject(queue);
-    const op = new Op(type, sector, total, this.deadline());
-    const promise = this.track(op);
     const max = this.maxChainBytes;
-    op.remaining = Math.ceil(total / max);
-    for (let off = 0; off < total; off += max) {
-      const length = Math.min(max, total - off);
-      this.enqueue(new Chunk(op, type, sector + off / VIRTIO_BLK_SECTOR_SIZE, buffers, off, length, null, type === VIRTIO_BLK_T.IN, queue));
+    const isIn = type === VIRTIO_BLK_T.IN;
+    const root = new Req(null, type, sector, buffers, 0, Math.min(max, total), null, isIn, queue);
+    const promise = this.track(root, sector, total);
+    root.remaining = Math.ceil(total / max);
+    this.enqueue(root);
+    for (let off = max; off < total; off += max) {
+      this.enqueue(new Req(root, type, sector + off / VIRTIO_BLK_SECTOR_SIZE, buffers, off, Math.min(max, total - off), null, isIn, queue));
     }
     return promise;
   }
@@ -557,10 +574,9 @@ export class BlkDriver {
     if (gone) return gone;
     const queue = this.pickQueue(options);
     if (typeof queue !== 'number') return Promise.reject(queue);
-    const op = new Op(type, 0, length, this.deadline());
-    const promise = this.track(op);
-    op.remaining = 1;
-    this.enqueue(new Chunk(op, type, 0, buffers, 0, length, null, isWritable, queue));
+    const root = new Req(null, type, 0, buffers, 0, length, null, isWritable, queue);
+    const promise = this.track(root, 0, length);
+    this.enqueue(root);
     return promise;
   }
 
@@ -586,10 +602,8 @@ export class BlkDriver {
     if (segments.length === 0) return Promise.resolve();
     const queue = this.pickQueue(options);
     if (typeof queue !== 'number') return Promise.reject(queue);
-    const op = new Op(type, ranges[0].sector, total, this.deadline());
-    const promise = this.track(op);
     const count = segments.length / 2;
-    op.remaining = Math.ceil(count / limits.maxSegments);
+    const payloads: Uint8Array[] = [];
     for (let first = 0; first < count; first += limits.maxSegments) {
       const n = Math.min(limits.maxSegments, count - first);
       const payload = new Uint8Array(n * VIRTIO_BLK_DWZ_SEGMENT.size);
@@ -600,8 +614,14 @@ export class BlkDriver {
         v.setUint32(at + VIRTIO_BLK_DWZ_SEGMENT.numSectors, segments[2 * (first + k) + 1], true);
         v.setUint32(at + VIRTIO_BLK_DWZ_SEGMENT.flags, flags, true);
       }
-      this.enqueue(new Chunk(op, type, 0, null, 0, payload.length, payload, false, queue));
+      payloads.push(payload);
     }
+    const chain = (root: Req | null, payload: Uint8Array): Req => new Req(root, type, 0, null, 0, payload.length, payload, false, queue);
+    const root = chain(null, payloads[0]);
+    const promise = this.track(root, ranges[0].sector, total);
+    root.remaining = payloads.length;
+    this.enqueue(root);
+    for (let i = 1; i < payloads.length; i++) this.enqueue(chain(root, payloads[i]));
     return promise;
   }
 
@@ -638,22 +658,26 @@ export class BlkDriver {
     return this.queues[0].broken as QueueBrokenError;
   }
 
-  private deadline(): number {
-    return this.timeoutMs > 0 ? performance.now() + this.timeoutMs : Infinity;
-  }
-
-  /** Counts `op` as live and returns its promise; arms the timeout when there is one. */
-  private track(op: Op): Promise<void> {
+  /**
+   * Counts request `op` (a root) as live, notes what it is for messages, and returns its
+   * promise; arms the timeout sweep when requests have a deadline.
+   */
+  private track(op: Req, sector: number, bytes: number): Promise<void> {
     const promise = new Promise<void>((resolve, reject) => {
       op.resolve = resolve;
       op.reject = reject;
     });
+    op.opSector = sector;
+    op.opBytes = bytes;
     this.liveOps++;
-    if (this.timer === null && op.deadline !== Infinity) this.armTimer();
+    if (this.timeoutMs > 0) {
+      op.deadline = performance.now() + this.timeoutMs;
+      if (this.timer === null) this.armTimer();
+    }
     return promise;
   }
 
-  private settle(op: Op, error: Error | null): void {
+  private settle(op: Req, error: Error | null): void {
     if (op.settled) return;
     op.settled = true;
     this.liveOps--;
@@ -664,22 +688,24 @@ export class BlkDriver {
     if (this.waiters.length > 0) this.checkWaiters();
   }
 
-  private describe(op: Op): string {
+  private describe(op: Req): string {
     const what = TYPE_NAMES[op.type];
     if (op.type === VIRTIO_BLK_T.FLUSH || op.type === VIRTIO_BLK_T.GET_ID) return `${this.name}: ${what}`;
-    return `${this.name}: ${what} of ${op.bytes} bytes at sector ${op.sector}`;
+    return `${this.name}: ${what} of ${op.opBytes} bytes at sector ${op.opSector}`;
   }
 
   // ---- Software queue and posting ------------------------------------------------
 
-  private enqueue(chunk: Chunk): void {
+  private enqueue(chunk: Req): void {
+    const op = chunk.root ?? chunk;
+    if (op.settled) return;
     const qs = this.queues[chunk.queue];
     if (qs === undefined || this.phase === 'frozen') {
       this.parked.push(chunk);
       return;
     }
     if (qs.broken) {
-      this.settle(chunk.op, qs.broken);
+      this.settle(op, qs.broken);
       return;
     }
     if (!this.isPosting()) {
@@ -699,7 +725,7 @@ export class BlkDriver {
     return this.phase === 'running' || this.phase === 'removing';
   }
 
-  private pushPending(qs: QueueState, chunk: Chunk): void {
+  private pushPending(qs: QueueState, chunk: Req): void {
     chunk.next = null;
     if (qs.pendingTail) qs.pendingTail.next = chunk;
     else qs.pendingHead = chunk;
@@ -709,7 +735,7 @@ export class BlkDriver {
   }
 
   private popPending(qs: QueueState): void {
-    const head = qs.pendingHead as Chunk;
+    const head = qs.pendingHead as Req;
     qs.pendingHead = head.next;
     if (qs.pendingHead === null) qs.pendingTail = null;
     head.next = null;
@@ -722,7 +748,8 @@ export class BlkDriver {
     let posted = false;
     while (qs.pendingHead !== null && !qs.broken && this.isPosting()) {
       const chunk = qs.pendingHead;
-      if (chunk.op.settled) {
+      const op = chunk.root ?? chunk;
+      if (op.settled) {
         this.popPending(qs);
         continue;
       }
@@ -730,7 +757,7 @@ export class BlkDriver {
         if (qs.queue.numInFlight === 0 && this.chainsOnRings() === 0) {
           // Nothing in flight anywhere will ever free DMA memory: the request cannot go.
           this.popPending(qs);
-          this.settle(chunk.op, new RequestError('NO_DMA_MEMORY', `${this.describe(chunk.op)}: no DMA memory for ${chunk.length} bytes`));
+          this.settle(op, new RequestError('NO_DMA_MEMORY', `${this.describe(op)}: no DMA memory for ${chunk.length} bytes`));
           continue;
         }
         break;
@@ -751,22 +778,23 @@ export class BlkDriver {
    * Puts `chunk` on the ring as header + data + status. False when there is no room (ring
    * descriptors, a slot, or DMA memory for the bounce buffer): it then waits.
    */
-  private post(qs: QueueState, chunk: Chunk): boolean {
+  private post(qs: QueueState, chunk: Req): boolean {
     const length = chunk.length;
-    const dataDescs = length === 0 ? 0 : Math.ceil(length / this.sizeMaxValue);
+    const sizeMax = this.sizeMaxValue;
+    const dataDescs = length === 0 ? 0 : Math.ceil(length / sizeMax);
     const queue = qs.queue;
     if (qs.freeSlots.length === 0 || !queue.canAdd(dataDescs + CHAIN_OVERHEAD_DESCS)) return false;
-    let bounce: DmaBlock | null = null;
-    if (length > 0) {
-      bounce = this.pool.get(length);
-      if (bounce === null) return false;
-      if (chunk.payload) bounce.bytes.set(chunk.payload);
-      else if (chunk.isWritable) {
-        // GET_ID: a device that writes fewer than 20 bytes leaves NULs, not an older request's data.
-        if (chunk.type === VIRTIO_BLK_T.GET_ID) bounce.bytes.fill(0, 0, length);
-      } else gather(bounce.bytes, chunk.buffers as readonly Uint8Array[], chunk.byteOffset, length);
-    }
     const slot = qs.freeSlots.pop() as Slot;
+    let bounce = slot.bounce;
+    if (length > 0 && (bounce === null || bounce.bytes.length < length)) {
+      const fresh = this.getBounce(length);
+      if (fresh === null) {
+        qs.freeSlots.push(slot);
+        return false;
+      }
+      if (bounce !== null) this.pool.put(bounce);
+      slot.bounce = bounce = fresh;
+    }
     const words = this.headerWords;
     const sector = chunk.sector;
     words[0] = chunk.type;
@@ -775,29 +803,52 @@ export class BlkDriver {
     words[3] = (sector - (sector >>> 0)) / TWO_POW_32;
     slot.header.set(this.headerBytes);
     slot.status[0] = STATUS_UNWRITTEN;
-    const out = slot.out;
-    const inp = slot.inp;
-    out.length = 1;
-    inp.length = 0;
-    if (bounce !== null) {
-      const target = chunk.isWritable ? inp : out;
-      const segs = slot.dataSegs;
-      for (let k = 0, at = 0; at < length; k++, at += this.sizeMaxValue) {
-        let seg = segs[k];
-        if (seg === undefined) segs.push(seg = { addr: 0, len: 0 });
-        seg.addr = bounce.addr + at;
-        seg.len = Math.min(this.sizeMaxValue, length - at);
-        target.push(seg);
+    let out: Segment[];
+    let inp: Segment[];
+    if (bounce === null || length === 0) {
+      out = slot.headerOnly;
+      inp = slot.statusOnly;
+    } else {
+      if (chunk.payload) bounce.bytes.set(chunk.payload);
+      else if (!chunk.isWritable) gather(bounce.bytes, chunk.buffers as readonly Uint8Array[], chunk.byteOffset, length);
+      // GET_ID: a device that writes fewer than 20 bytes leaves NULs, not an older request's data.
+      else if (chunk.type === VIRTIO_BLK_T.GET_ID) bounce.bytes.fill(0, 0, length);
+      if (dataDescs === 1) {
+        slot.dataSeg.addr = bounce.addr;
+        slot.dataSeg.len = length;
+        out = chunk.isWritable ? slot.headerOnly : slot.headerData;
+        inp = chunk.isWritable ? slot.dataStatus : slot.statusOnly;
+      } else {
+        // Longer than size_max: one descriptor per size_max bytes (rare; lists built here).
+        const data: Segment[] = [];
+        for (let at = 0; at < length; at += sizeMax) data.push({ addr: bounce.addr + at, len: Math.min(sizeMax, length - at) });
+        out = chunk.isWritable ? [slot.headerSeg] : [slot.headerSeg, ...data];
+        inp = chunk.isWritable ? [...data, slot.statusSeg] : [slot.statusSeg];
       }
     }
-    inp.push(slot.statusSeg);
     // canAdd said yes and nothing ran in between: add cannot refuse.
     queue.add(out, inp, slot);
     slot.chunk = chunk;
-    slot.bounce = bounce;
-    chunk.op.inFlight++;
+    (chunk.root ?? chunk).inFlight++;
     this.liveChains++;
     return true;
+  }
+
+  /**
+   * A bounce block of at least `length` bytes. When DMA memory runs out, the blocks idle
+   * slots keep for reuse are given back first: cached memory must never starve a request.
+   */
+  private getBounce(length: number): DmaBlock | null {
+    const block = this.pool.get(length);
+    if (block !== null) return block;
+    for (const qs of this.queues) {
+      for (const slot of qs.freeSlots) {
+        if (slot.bounce !== null) this.pool.put(slot.bounce);
+        slot.bounce = null;
+      }
+    }
+    this.pool.drain();
+    return this.pool.get(length);
   }
 
   private scheduleKick(qs: QueueState): void {
@@ -847,24 +898,27 @@ export class BlkDriver {
    * already refuses lengths beyond it, and Linux does not check short ones either.
    */
   private complete(qs: QueueState, slot: Slot): void {
-    const chunk = slot.chunk as Chunk;
+    const chunk = slot.chunk as Req;
     const bounce = slot.bounce;
     slot.chunk = null;
-    slot.bounce = null;
-    qs.freeSlots.push(slot);
-    const op = chunk.op;
+    const op = chunk.root ?? chunk;
+    let error: Error | null = null;
     if (!op.settled) {
       op.inFlight--;
       this.liveChains--;
       const status = slot.status[0];
-      if (status === VIRTIO_BLK_S.OK) {
-        if (chunk.isWritable && bounce !== null) scatter(bounce.bytes, chunk.buffers as readonly Uint8Array[], chunk.byteOffset, chunk.length);
-        if (--op.remaining === 0) this.settle(op, null);
-      } else {
-        this.settle(op, statusToError(status, this.describe(op)));
-      }
+      if (status !== VIRTIO_BLK_S.OK) error = statusToError(status, this.describe(op));
+      else if (chunk.isWritable && bounce !== null) scatter(bounce.bytes, chunk.buffers as readonly Uint8Array[], chunk.byteOffset, chunk.length);
     }
-    if (bounce !== null) this.pool.put(bounce);
+    // Large blocks go back to the pool; small ones stay with the slot for its next request.
+    if (bounce !== null && bounce.bytes.length > SLOT_BOUNCE_KEEP) {
+      slot.bounce = null;
+      this.pool.put(bounce);
+    }
+    qs.freeSlots.push(slot);
+    if (op.settled) return;
+    if (error !== null) this.settle(op, error);
+    else if (--op.remaining === 0) this.settle(op, null);
   }
 
   /**
@@ -876,11 +930,11 @@ export class BlkDriver {
     const err = new QueueBrokenError(`${this.name}: queue ${qs.index} is broken: ${cause.message}`, { cause });
     qs.broken = err;
     this.logger.warn(this.name, `queue ${qs.index} is broken: ${cause.message}`);
-    for (const slot of qs.slots) if (slot.chunk) this.settle(slot.chunk.op, err);
+    for (const slot of qs.slots) if (slot.chunk) this.settle(slot.chunk.root ?? slot.chunk, err);
     while (qs.pendingHead !== null) {
       const chunk = qs.pendingHead;
       this.popPending(qs);
-      this.settle(chunk.op, err);
+      this.settle(chunk.root ?? chunk, err);
     }
   }
 
@@ -896,16 +950,17 @@ export class BlkDriver {
   private expireTimedOut(): void {
     this.timer = null;
     const now = performance.now();
-    const expire = (op: Op): void => {
+    const expire = (chunk: Req): void => {
+      const op = chunk.root ?? chunk;
       if (!op.settled && op.deadline <= now) {
         this.settle(op, new TimeoutError(`${this.describe(op)} timed out after ${this.timeoutMs} ms`));
       }
     };
     for (const qs of this.queues) {
-      for (const slot of qs.slots) if (slot.chunk) expire(slot.chunk.op);
-      for (let c = qs.pendingHead; c !== null; c = c.next) expire(c.op);
+      for (const slot of qs.slots) if (slot.chunk) expire(slot.chunk);
+      for (let c = qs.pendingHead; c !== null; c = c.next) expire(c);
     }
-    for (const c of this.parked) expire(c.op);
+    for (const c of this.parked) expire(c);
     for (const qs of this.queues) this.pump(qs);
     if (this.liveOps > 0) this.armTimer();
   }
@@ -972,7 +1027,7 @@ export class BlkDriver {
       this.phase = 'failed';
       const held = this.parked;
       this.parked = [];
-      for (const chunk of held) this.settle(chunk.op, e as Error);
+      for (const chunk of held) this.settle(chunk.root ?? chunk, e as Error);
       throw e;
     }
     this.phase = 'running';
@@ -981,9 +1036,8 @@ export class BlkDriver {
     this.parked = [];
     const n = this.queues.length;
     for (const chunk of held) {
-      const moved = chunk.queue < n ? chunk : new Chunk(chunk.op, chunk.type, chunk.sector, chunk.buffers,
-        chunk.byteOffset, chunk.length, chunk.payload, chunk.isWritable, chunk.queue % n);
-      this.enqueue(moved);
+      chunk.queue %= n;
+      this.enqueue(chunk);
     }
     if (this.capacitySectors !== previousCapacity) this.emitResize(previousCapacity);
   }
@@ -1006,7 +1060,10 @@ export class BlkDriver {
     if (wasFrozen || this.queues.length === 0) {
       const held = this.parked;
       this.parked = [];
-      for (const chunk of held) this.settle(chunk.op, new RequestError('DISK_REMOVED', `${this.describe(chunk.op)}: the disk was removed while frozen`));
+      for (const chunk of held) {
+        const op = chunk.root ?? chunk;
+        this.settle(op, new RequestError('DISK_REMOVED', `${this.describe(op)}: the disk was removed while frozen`));
+      }
     } else {
       await this.waitFor(() => this.liveOps === 0);
       await this.teardown();
@@ -1029,7 +1086,7 @@ export class BlkDriver {
     for (const qs of queues) {
       qs.queue.detachAll();
       for (const slot of qs.slots) {
-        if (slot.bounce) this.pool.put(slot.bounce);
+        if (slot.bounce !== null) this.pool.put(slot.bounce);
         slot.bounce = null;
         slot.chunk = null;
       }
