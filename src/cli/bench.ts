@@ -11,6 +11,7 @@ import { MemoryBackend } from '../backends/memory-backend.js';
 import { BlkDevice } from '../blk/device.js';
 import { BlkDriver } from '../blk/driver.js';
 import { LoopbackTransport } from '../transport/loopback.js';
+import { openSocketDriver } from './socket-driver.js';
 import { VIRTIO_BLK_SECTOR_SIZE } from '../spec/virtio-blk.js';
 import { CliUsageError, EXIT_FAILURE, formatSizeValue } from './args.js';
 import { bareCopyRate } from './bench-baseline.js';
@@ -73,7 +74,7 @@ export const command = defineCommand({
     if (o.size !== undefined && o.size < o.bs) throw new CliUsageError(`vblk bench: --size ${o.size} is smaller than one --bs ${o.bs} block`);
     const timeoutMs = o.timeout * MS_PER_S;
     const target = o.socket !== undefined
-      ? await openSocket(o.socket)
+      ? await openSocket(o.socket, o.queues, o.iodepth, o.bs, timeoutMs)
       : await openLoopback(o.size ?? DEFAULT_LOOPBACK_SIZE, o.queues, o.iodepth, o.bs, timeoutMs);
     try {
       const driver = target.driver;
@@ -131,9 +132,14 @@ export async function openLoopback(size: number, queues: number, iodepth: number
   return { driver, label: 'loopback', close };
 }
 
-/** The vhost-user frontend transport plugs in here once it exists; the loop is the same. */
-async function openSocket(path: string): Promise<BenchTarget> {
-  throw new Error(`--socket ${path}: the vhost-user frontend transport is not in this build yet; use --loopback`);
+/**
+ * driver → vhost-user frontend → the device at `path` (qemu-storage-daemon, `vblk
+ * serve`, …): the same loop over real sockets and shared memory.
+ */
+async function openSocket(path: string, queues: number, iodepth: number, bs: number, timeoutMs: number): Promise<BenchTarget> {
+  const memorySize = Math.min(MAX_LOOPBACK_MEMORY, nextPowerOfTwo(Math.max(MIN_LOOPBACK_MEMORY, 4 * queues * iodepth * bs)));
+  const { driver, close } = await openSocketDriver(path, { queues, timeoutMs, memorySize });
+  return { driver, label: path, close };
 }
 
 function nextPowerOfTwo(n: number): number {
