@@ -153,20 +153,24 @@ class QueueRunner {
     if (this.draining || this.stopping) return;
     const q = this.queue;
     this.draining = true;
-    outer: for (;;) {
-      q.disableNotifications();
-      for (;;) {
-        const chain = q.pop();
-        if (chain === null) break;
-        if (chain instanceof ChainError) {
-          this.broken(chain);
-          break outer;
+    try {
+      outer: for (;;) {
+        q.disableNotifications();
+        for (;;) {
+          const chain = q.pop();
+          if (chain === null) break;
+          if (chain instanceof ChainError) {
+            this.broken(chain);
+            break outer;
+          }
+          this.start(chain);
         }
-        this.start(chain);
+        if (!q.enableNotifications()) break;
       }
-      if (!q.enableNotifications()) break;
+    } finally {
+      // Guest input never throws; this only keeps a device bug from wedging the queue.
+      this.draining = false;
     }
-    this.draining = false;
     this.publish();
   }
 
