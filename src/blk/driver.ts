@@ -287,6 +287,8 @@ export class BlkDriver {
   private writeZeroesLimits: RangeLimits = { maxSectors: 0, maxSegments: 0 };
   private secureEraseLimits: RangeLimits = { maxSectors: 0, maxSegments: 0 };
   private queues: QueueState[] = [];
+  /** Queues the disk has; kept while frozen, when `queues` is empty. */
+  private queueCount = 0;
   private nextQueue = 0;
   private readonly pool: BouncePool;
   private readonly logger: BlkLogger;
@@ -431,7 +433,7 @@ export class BlkDriver {
 
   /** Queues in use. */
   get numQueues(): number {
-    return this.queues.length;
+    return this.queueCount;
   }
 
   /** Whether feature `bit` was negotiated. */
@@ -641,19 +643,24 @@ export class BlkDriver {
     return null;
   }
 
+  /**
+   * The queue for a new request: the caller's, or the next healthy one round robin. While
+   * frozen there are no queues; the count they had is used, and restore re-checks it.
+   */
   private pickQueue(options: RequestOptions | undefined): number | Error {
-    const n = this.queues.length;
+    const n = this.queueCount;
+    const live = this.queues.length > 0;
     if (options?.queue !== undefined) {
       const q = options.queue;
       if (!Number.isInteger(q) || q < 0 || q >= n) {
         return new RequestError('BAD_QUEUE_INDEX', `${this.name}: queue ${q} does not exist (the disk has ${n})`);
       }
-      return this.queues[q].broken ?? q;
+      return (live && this.queues[q].broken) || q;
     }
     for (let tries = 0; tries < n; tries++) {
       const q = this.nextQueue;
       this.nextQueue = q + 1 === n ? 0 : q + 1;
-      if (!this.queues[q].broken) return q;
+      if (!live || !this.queues[q].broken) return q;
     }
     return this.queues[0].broken as QueueBrokenError;
   }
@@ -1097,7 +1104,6 @@ export class BlkDriver {
       this.transport.dma.release(qs.headerArea);
     }
     this.queues = [];
-    this.nextQueue = 0;
   }
 
   // ---- Bring-up ------------------------------------------------------------------
@@ -1220,6 +1226,8 @@ export class BlkDriver {
     for (let i = 0; i < count; i++) {
       this.queues.push(await this.setupQueue(i, sizes[i], indirectEntries));
     }
+    this.queueCount = count;
+    this.nextQueue = 0;
   }
 
   private async setupQueue(index: number, size: number, indirectEntries: number): Promise<QueueState> {
