@@ -44,7 +44,7 @@ export const BLK_DRIVER_FEATURES: bigint = features(
   VIRTIO_F.VERSION_1, VIRTIO_F.RING_EVENT_IDX, VIRTIO_F.RING_INDIRECT_DESC,
 );
 
-/** Default entries per queue when the transport allows that many (Linux's virtio_blk default). */
+/** Default entries per queue when the transport allows that many (QEMU's default virtio-blk queue size). */
 export const DEFAULT_QUEUE_SIZE = 256;
 /** Default upper bound on the data bytes of one chain; larger requests are split. */
 export const DEFAULT_MAX_REQUEST_BYTES = 1 << 20;
@@ -345,6 +345,8 @@ export class BlkDriver {
       throw e;
     }
     const driver = new BlkDriver(transport, index, options);
+    // Listening before DRIVER_OK loses no change; the listener ignores them until running.
+    transport.onConfigChange(() => driver.configChanged());
     try {
       await driver.bringUp();
     } catch (e) {
@@ -352,7 +354,6 @@ export class BlkDriver {
       driver.phase = 'failed';
       throw e;
     }
-    transport.onConfigChange(() => driver.configChanged());
     driver.phase = 'running';
     driver.configEnabled = true;
     return driver;
@@ -365,7 +366,7 @@ export class BlkDriver {
     return this.capacitySectors;
   }
 
-  /** Capacity in bytes. */
+  /** Capacity in bytes (exact up to 2^53 bytes, 8 PiB). */
   get sizeBytes(): number {
     return this.capacitySectors * VIRTIO_BLK_SECTOR_SIZE;
   }
@@ -469,9 +470,9 @@ export class BlkDriver {
   }
 
   /**
-   * Makes completed writes durable (VIRTIO_BLK_T_FLUSH). Without VIRTIO_BLK_F_FLUSH the
-   * device has no volatile cache to flush — the seed then never enables REQ_FLUSH — so
-   * this resolves at once.
+   * Makes completed writes durable (VIRTIO_BLK_T_FLUSH). Without VIRTIO_BLK_F_FLUSH
+   * negotiated a completed write is already stable (5.2.6.2) — the seed then never enables
+   * REQ_FLUSH — so this resolves at once.
    */
   flush(options?: RequestOptions): Promise<void> {
     if (!this.has(VIRTIO_BLK_F.FLUSH)) return this.refuseIfGone() ?? Promise.resolve();
@@ -1015,9 +1016,23 @@ export class BlkDriver {
 
   private async doFreeze(): Promise<void> {
     await this.waitFor(() => this.liveChains === 0);
-    await this.teardown();
-    await this.transport.reset();
+    try {
+      await this.teardown();
+      await this.transport.reset();
+    } catch (e) {
+      // The transport failed under us: nothing held can be sent any more.
+      this.phase = 'failed';
+      this.failParked(e as Error);
+      throw e;
+    }
     this.phase = 'frozen';
+  }
+
+  /** Fails every request held for restore with `error`. */
+  private failParked(error: Error): void {
+    const held = this.parked;
+    this.parked = [];
+    for (const chunk of held) this.settle(chunk.root ?? chunk, error);
   }
 
   /**
@@ -1032,9 +1047,7 @@ export class BlkDriver {
       await this.bringUp();
     } catch (e) {
       this.phase = 'failed';
-      const held = this.parked;
-      this.parked = [];
-      for (const chunk of held) this.settle(chunk.root ?? chunk, e as Error);
+      this.failParked(e as Error);
       throw e;
     }
     this.phase = 'running';
@@ -1064,22 +1077,21 @@ export class BlkDriver {
     const wasFrozen = this.phase === 'frozen';
     this.phase = 'removing';
     this.configEnabled = false;
-    if (wasFrozen || this.queues.length === 0) {
-      const held = this.parked;
-      this.parked = [];
-      for (const chunk of held) {
-        const op = chunk.root ?? chunk;
-        this.settle(op, new RequestError('DISK_REMOVED', `${this.describe(op)}: the disk was removed while frozen`));
+    try {
+      if (wasFrozen || this.queues.length === 0) {
+        this.failParked(new RequestError('DISK_REMOVED', `${this.name}: the disk was removed while frozen`));
+      } else {
+        await this.waitFor(() => this.liveOps === 0);
+        await this.teardown();
+        await this.transport.reset();
       }
-    } else {
-      await this.waitFor(() => this.liveOps === 0);
-      await this.teardown();
-      await this.transport.reset();
+    } finally {
+      // Even when the transport fails here, the disk is gone and its name free again.
+      this.stopTimer();
+      this.pool.drain();
+      diskIndexes.release(this.index);
+      this.phase = 'removed';
     }
-    this.stopTimer();
-    this.pool.drain();
-    diskIndexes.release(this.index);
-    this.phase = 'removed';
   }
 
   /**
