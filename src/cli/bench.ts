@@ -9,7 +9,7 @@
  */
 import { MemoryBackend } from '../backends/memory-backend.js';
 import { BlkDevice } from '../blk/device.js';
-import { BlkDriver } from '../blk/driver.js';
+import { BlkDriver, type BlkDriverOptions } from '../blk/driver.js';
 import { LoopbackTransport } from '../transport/loopback.js';
 import { openSocketDriver } from './socket-driver.js';
 import { VIRTIO_BLK_SECTOR_SIZE } from '../spec/virtio-blk.js';
@@ -103,14 +103,15 @@ export const command = defineCommand({
  * driver → loopback → BlkDevice → memory backend, the disk written through once so that
  * reads copy real data (an unwritten sparse disk would read as a cheap zero fill).
  */
-export async function openLoopback(size: number, queues: number, iodepth: number, bs: number, timeoutMs: number): Promise<BenchTarget> {
+export async function openLoopback(size: number, queues: number, iodepth: number, bs: number, timeoutMs: number,
+  driverOptions: BlkDriverOptions = {}): Promise<BenchTarget> {
   const backend = new MemoryBackend({ size: size - (size % VIRTIO_BLK_SECTOR_SIZE) });
   const device = new BlkDevice({ backend, numQueues: queues, queueSize: LOOPBACK_QUEUE_SIZE });
   const memorySize = Math.min(MAX_LOOPBACK_MEMORY, nextPowerOfTwo(Math.max(MIN_LOOPBACK_MEMORY, 2 * iodepth * bs)));
   const transport = new LoopbackTransport(device, { memorySize });
   let driver: BlkDriver;
   try {
-    driver = await BlkDriver.probe(transport, { queues, timeoutMs });
+    driver = await BlkDriver.probe(transport, { queues, timeoutMs, ...driverOptions });
   } catch (e) {
     await transport.close();
     throw e;
