@@ -50,6 +50,7 @@ export class QueueBrokenError extends VblkError {
   }
 }
 
+/** Why a request was refused before reaching a ring. */
 export type RequestErrorCode = 'MISALIGNED' | 'OUT_OF_RANGE' | 'DISK_REMOVED' | 'BAD_QUEUE_INDEX' | 'NO_DMA_MEMORY';
 
 /** A request the driver refuses before it reaches a ring (host-facing misuse or state). */
@@ -60,6 +61,7 @@ export class RequestError extends VblkError {
   }
 }
 
+/** Why bringing the device up failed. */
 export type ProbeErrorCode =
   | 'NO_VERSION_1' | 'FEATURES_NOT_ACCEPTED' | 'BAD_CONFIG' | 'QUEUE_SETUP' | 'TRANSPORT' | 'NO_DISK_INDEX';
 

@@ -84,6 +84,7 @@ export interface BlkLogger {
 /** A logger that drops everything: the default, so a library never writes to a console. */
 export const silentLogger: BlkLogger = { notice: () => {}, warn: () => {} };
 
+/** How {@link BlkDriver.probe} sets the disk up; every field is optional. */
 export interface BlkDriverOptions {
   /** Queues to use when VIRTIO_BLK_F_MQ is negotiated, capped by num_queues and the transport. Default 1. */
   queues?: number;
@@ -98,6 +99,7 @@ export interface BlkDriverOptions {
   excludeFeatures?: readonly number[];
   /** Upper bound on the data bytes of one chain; larger requests are split. Default 1 MiB. */
   maxRequestBytes?: number;
+  /** Where notices (the "new size" line) and warnings (a broken queue) go. Default silent. */
   logger?: BlkLogger;
 }
 
@@ -114,6 +116,7 @@ export interface SectorRange {
   readonly sectors: number;
 }
 
+/** The device's write cache: volatile until flushed (writeback), or stable at completion (writethrough). */
 export type CacheMode = 'writeback' | 'writethrough';
 
 /** What a `resize` listener receives. */
@@ -1065,7 +1068,9 @@ export class BlkDriver {
   /**
    * Removes the disk (the seed's `virtblk_remove`): refuses new requests, lets accepted
    * ones complete, resets the device and frees the disk index. A frozen disk's held
-   * requests fail, since there are no queues to send them on.
+   * requests fail, since there are no queues to send them on. Like Linux, this waits for
+   * a device that never answers unless `timeoutMs` is set. Calling it again returns the
+   * same promise.
    */
   remove(): Promise<void> {
     this.removal ??= this.doRemove();

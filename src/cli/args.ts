@@ -30,6 +30,7 @@ interface SpecBase {
 export interface BooleanSpec extends SpecBase {
   readonly kind: 'boolean';
 }
+/** Any text. */
 export interface StringSpec extends SpecBase {
   readonly kind: 'string';
   readonly default?: string;
@@ -59,6 +60,7 @@ export interface ChoiceSpec<C extends string = string> extends SpecBase {
   readonly choices: readonly C[];
   readonly default?: C;
 }
+/** One option's kind, help text and limits. */
 export type OptionSpec = BooleanSpec | StringSpec | IntegerSpec | SizeSpec | NumberSpec | ChoiceSpec;
 /** Options by name, without the leading `--`. */
 export type OptionSpecs = Readonly<Record<string, OptionSpec>>;
@@ -69,8 +71,10 @@ type BaseValue<S> = S extends BooleanSpec ? boolean
   : string;
 /** The parsed value of one option: booleans are always set; others are undefined when absent without a default. */
 export type OptionValue<S> = S extends BooleanSpec ? boolean : S extends { readonly default: unknown } ? BaseValue<S> : BaseValue<S> | undefined;
+/** Parsed values of every option in `S`, by name. */
 export type OptionValues<S extends OptionSpecs> = { -readonly [K in keyof S]: OptionValue<S[K]> };
 
+/** A parsed command line: option values, and the other arguments in order. */
 export interface ParsedArgs<S extends OptionSpecs> {
   readonly options: OptionValues<S>;
   readonly positionals: readonly string[];

@@ -6,9 +6,11 @@
 import type { BlkDriver } from '../blk/driver.js';
 import { VIRTIO_BLK_SECTOR_SIZE } from '../spec/virtio-blk.js';
 
+/** Access patterns, named as fio names them. */
 export const BENCH_PATTERNS = ['randread', 'randwrite', 'read', 'write'] as const;
 export type BenchPattern = (typeof BENCH_PATTERNS)[number];
 
+/** What one benchmark run does. */
 export interface BenchParams {
   readonly rw: BenchPattern;
   /** Bytes per request: a multiple of the disk's logical block size. */
@@ -20,6 +22,7 @@ export interface BenchParams {
   readonly regionBytes: number;
 }
 
+/** What one benchmark run measured. */
 export interface BenchResult {
   /** Requests completed (successfully or not). */
   readonly ios: number;
@@ -35,6 +38,7 @@ export interface BenchResult {
 }
 
 const MS_PER_S = 1000;
+const BYTE_VALUES = 256;
 const US_PER_MS = 1000;
 const INITIAL_SAMPLES = 1 << 16;
 const P50 = 0.5;
@@ -82,7 +86,8 @@ export async function runBench(driver: BlkDriver, p: BenchParams): Promise<Bench
 
   const lane = async (seed: number): Promise<void> => {
     const buffer = new Uint8Array(p.bs);
-    if (!isRead) buffer.fill(seed & 0xff);
+    // Each lane writes its own byte value, so a mixed-up buffer would show in the data.
+    if (!isRead) buffer.fill(seed % BYTE_VALUES);
     const buffers = [buffer];
     for (let now = performance.now(); now < end;) {
       let block: number;

@@ -34,6 +34,7 @@ const MIN_BASELINE_MS = 200;
 const MAX_BASELINE_MS = 2000;
 const MS_PER_S = 1000;
 const LOOPBACK_QUEUE_SIZE = 256;
+const MIB = 2 ** 20;
 
 /** A driver ready to benchmark and how to let it go. */
 export interface BenchTarget {
@@ -181,7 +182,7 @@ function report(io: CliIo, json: boolean, label: string, p: BenchParams, queues:
     })}\n`);
     return;
   }
-  const mib = r.bwBytes / (1 << 20);
+  const mib = r.bwBytes / MIB;
   io.stdout([
     `vblk bench: ${label}, ${p.rw}, bs ${formatSizeValue(p.bs)}, iodepth ${p.iodepth}, queues ${queues}, ` +
       `region ${formatSizeValue(p.regionBytes)}, ${(r.elapsedMs / MS_PER_S).toFixed(2)} s`,

@@ -14,6 +14,7 @@ export interface CliIo {
   stderr(text: string): void;
 }
 
+/** A subcommand: its help text, its options, and what it does. */
 export interface Command<S extends OptionSpecs = OptionSpecs> {
   /** The subcommand, as typed after `vblk`. */
   readonly name: string;
@@ -32,7 +33,7 @@ export interface Command<S extends OptionSpecs = OptionSpecs> {
   run(args: ParsedArgs<S>, io: CliIo): Promise<number | void>;
 }
 
-/** Declares a command, keeping its option types for `run` (use `as const` on nothing: the specs infer). */
+/** Declares a command; the option specs' literal types flow into `run`'s parsed values. */
 export function defineCommand<const S extends OptionSpecs>(command: Command<S>): Command<S> {
   return command;
 }

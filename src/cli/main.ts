@@ -13,6 +13,7 @@ import type { CliIo, Command } from './command.js';
 
 /** The subcommands, in the order `vblk --help` lists them. */
 export const SUBCOMMANDS = ['serve', 'info', 'read', 'write', 'bench', 'resize'] as const;
+/** A subcommand of the CLI contract. */
 export type SubcommandName = (typeof SUBCOMMANDS)[number];
 
 const processIo: CliIo = {
