@@ -254,9 +254,10 @@ export class Harness {
     side.posted.delete(token);
   }
 
-  /** Lets microtasks and I/O callbacks run until `done()` holds (bounded). */
+  /** Lets microtasks and I/O callbacks run until `done()` holds (for at most 10 s). */
   async until(done: () => boolean): Promise<void> {
-    for (let i = 0; i < 1000; i++) {
+    const deadline = Date.now() + 10_000;
+    while (Date.now() < deadline) {
       if (done()) return;
       await new Promise((r) => setImmediate(r));
     }

@@ -14,6 +14,7 @@ import {
  */
 export const MEMORY_CHUNK_SIZE = 64 * 1024;
 
+/** How to build a {@link MemoryBackend}. */
 export interface MemoryBackendOptions {
   /** Disk size in bytes: a positive multiple of 512. */
   readonly size: number;
@@ -21,6 +22,7 @@ export interface MemoryBackendOptions {
   readonly readOnly?: boolean;
 }
 
+/** A sparse in-memory {@link BlockBackend}; every operation completes synchronously. */
 export class MemoryBackend implements BlockBackend {
   size: number;
   readonly readOnly: boolean;

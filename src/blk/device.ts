@@ -36,7 +36,9 @@ export interface BlkRangeLimits {
   readonly maxSegments?: number;
 }
 
+/** How to build a {@link BlkDevice}; everything but the backend has a default. */
 export interface BlkDeviceOptions {
+  /** The storage served; the device's feature bits follow what it can do. */
   readonly backend: BlockBackend;
   /** The GET_ID string: printable ASCII, at most 20 bytes. Default empty. */
   readonly serial?: string;
@@ -83,6 +85,8 @@ export const MAX_RANGE_SEGMENTS = 256;
  */
 const DEFAULT_MAX_RANGE_SECTORS = Math.floor(0x7fff_ffff / VIRTIO_BLK_SECTOR_SIZE);
 const DEFAULT_QUEUE_SIZE = 256;
+/** Logical block sizes on offer: the classic sector and 4 KiB ("advanced format") disks. */
+const BLOCK_SIZES: readonly number[] = [VIRTIO_BLK_SECTOR_SIZE, 4096];
 /** Descriptors of a request that are not data: the header and the status byte. */
 const REQUEST_FRAMING_DESCRIPTORS = 2;
 const U8_MAX = 0xff;
@@ -511,7 +515,7 @@ export class BlkDevice implements VirtioDevice {
     const backend = options.backend;
     this.backend = backend;
     this.blockSize = options.blockSize ?? VIRTIO_BLK_SECTOR_SIZE;
-    if (this.blockSize !== 512 && this.blockSize !== 4096) bad(`block size ${this.blockSize} is not 512 or 4096`);
+    if (!BLOCK_SIZES.includes(this.blockSize)) bad(`block size ${this.blockSize} is not one of ${BLOCK_SIZES.join(', ')}`);
     const sectorsPerBlock = this.blockSize / VIRTIO_BLK_SECTOR_SIZE;
     this.numQueues = options.numQueues ?? 1;
     checkInt('numQueues', this.numQueues, 1, U16_MAX);

@@ -26,6 +26,7 @@ export const REQUEST_PARSE = {
   /** A request whose data flows to the device (OUT, DISCARD, ...) carries device-writable bytes besides the status. */
   WRITABLE_DATA_ON_OUT: 4,
 } as const;
+/** One of the {@link REQUEST_PARSE} outcomes. */
 export type RequestParse = (typeof REQUEST_PARSE)[keyof typeof REQUEST_PARSE];
 
 /** `sector` of a header whose le64 does not fit a safe integer: past any capacity. */

@@ -25,6 +25,7 @@ import * as native from './native.js';
  */
 export type FileIoMode = 'sync' | 'async';
 
+/** How {@link openFileBackend} opens an image. */
 export interface FileBackendOptions {
   /** Open the image O_RDONLY and refuse every write. */
   readonly readOnly?: boolean;
@@ -136,6 +137,7 @@ function zeroes(): Uint8Array {
   return zeroBlock;
 }
 
+/** A raw image file as a {@link BlockBackend}. */
 export class FileBackend implements BlockBackend {
   size: number;
   readonly readOnly: boolean;
