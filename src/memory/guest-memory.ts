@@ -61,7 +61,7 @@ export class GuestMemory {
     return hi >= 0 && addr < this.ends[hi] ? hi : -1;
   }
 
-  /** Whether every byte of [addr, addr + length) lies in guest memory. */
+  /** Whether every byte of [addr, addr + length) lies in guest memory (vacuously true for no bytes). */
   contains(addr: number, length: number): boolean {
     if (!isRange(addr, length)) return false;
     let a = addr;
@@ -73,7 +73,7 @@ export class GuestMemory {
       a += n;
       left -= n;
     }
-    return length > 0 || this.find(addr) >= 0;
+    return true;
   }
 
   /**
