@@ -209,7 +209,12 @@ export class VhostUserServer {
           reason = header.error.message;
           break;
         }
-        const payload = await conn.readExact(header.value.size, 0);
+        // The header's fds are ours until the message is decoded: close them when the
+        // payload never arrives (EOF or a socket error mid-message), not only on null.
+        const payload = await conn.readExact(header.value.size, 0).catch((e: unknown) => {
+          head.fds.forEach((fd) => io.closeFd(fd));
+          throw e;
+        });
         if (payload === null || payload.truncatedFds) {
           head.fds.forEach((fd) => io.closeFd(fd));
           reason = payload === null ? 'frontend closed the connection mid-message' : 'fds attached inside a payload';

@@ -24,6 +24,7 @@ export interface Disconnect {
 }
 
 const DISCONNECT = /^frontend (\d+) disconnected: (.*)$/;
+const CONNECT = /^frontend \d+ connected$/;
 
 export class ServerProcess {
   /** Every log line so far. */
@@ -108,6 +109,11 @@ export class ServerProcess {
       if (m) out.push({ frontend: Number(m[1]), reason: m[2] });
     }
     return out;
+  }
+
+  /** How many frontends the server accepted so far. */
+  connects(): number {
+    return this.lines.filter((l) => CONNECT.test(l)).length;
   }
 
   /** Resolves once `done()` holds, re-checking on each new log line; rejects after `timeoutMs` or on exit. */

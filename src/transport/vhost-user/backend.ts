@@ -421,7 +421,11 @@ export class VhostUserBackendSession implements DeviceHost {
       }
     } catch (e) {
       for (const m of mapped) m.mapping.unmap();
-      fail(`cannot map memory region: ${e instanceof Error ? e.message : String(e)}`);
+      // The old table stays: the rings stopped for the swap go on with it. Not fail():
+      // the finally below closes the fds, and closing them twice could close an fd
+      // opened meanwhile by someone else.
+      for (const i of running) this.maybeStart(i);
+      throw new BackendSessionError('BAD_MEMORY_TABLE', `cannot map memory region: ${e instanceof Error ? e.message : String(e)}`);
     } finally {
       // The mapping keeps the memory; the fds are not needed any more.
       for (const r of table) this.io.closeFd(r.fd);
@@ -437,7 +441,18 @@ export class VhostUserBackendSession implements DeviceHost {
       }
     }
     this.memory = new GuestMemory(parts);
-    for (const i of running) this.maybeStart(i);
+    // Restart the rings that ran, and start those that had everything but memory (a
+    // frontend may set a ring up before its first table). Every ring gets its chance
+    // before the first failure is reported.
+    let failure: unknown = null;
+    for (let i = 0; i < this.vrings.length; i++) {
+      try {
+        this.maybeStart(i);
+      } catch (e) {
+        failure ??= e;
+      }
+    }
+    if (failure !== null) throw failure;
   }
 
   private unmapAll(): void {
