@@ -93,6 +93,17 @@ export class NodeBackendIo implements BackendIo {
     return { chunks: region.windows.map((w) => w.bytes), unmap: () => region.unmap() };
   }
 
+  createSharedMemory(size: number): { fd: number; mapping: RegionMapping } {
+    const fd = native.memfdCreate('vblk-inflight', size, { seal: true });
+    try {
+      const region = MappedRegion.map(fd, size);
+      return { fd, mapping: { chunks: region.windows.map((w) => w.bytes), unmap: () => region.unmap() } };
+    } catch (e) {
+      native.close(fd);
+      throw e;
+    }
+  }
+
   closeFd(fd: number): void {
     const channel = this.channels.get(fd);
     if (channel) {
@@ -247,6 +258,8 @@ export class VhostUserServer {
         if (reply) {
           const msg = encodeBackendReply(reply);
           conn.send(msg.bytes, msg.fds);
+          // send() took its own copies of the fds (GET_INFLIGHT_FD's buffer).
+          msg.fds.forEach((fd) => io.closeFd(fd));
         }
       }
     } catch (e) {

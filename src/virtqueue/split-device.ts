@@ -13,6 +13,7 @@ import {
   VIRTQ_DESC_F, VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_USED_F_NO_NOTIFY, VIRTQ_DESC_SIZE, vringNeedEvent,
 } from '../spec/split-ring.js';
 import { ChainError, type DescriptorChain } from './chain.js';
+import { InflightLog, type InflightRecovery } from './inflight.js';
 import { loadIndex, publishIndex } from './ring-index.js';
 import { QueueSetupError, ringViews, type RingViews, type SplitQueueConfig } from './ring-views.js';
 
@@ -42,6 +43,10 @@ export class SplitDeviceQueue {
   /** used.idx as last published, for the EVENT_IDX "did we cross used_event" test. */
   private publishedUsed: number;
   private brokenBy: ChainError | null = null;
+  /** Inflight log (vhost-user INFLIGHT_SHMFD), heads to resubmit, heads pushed since the last publish. */
+  private inflight: InflightLog | null = null;
+  private resubmit: number[] = [];
+  private readonly batch: number[] = [];
 
   private constructor(private readonly memory: GuestMemory, config: SplitQueueConfig, views: RingViews) {
     this.size = config.size;
@@ -73,6 +78,22 @@ export class SplitDeviceQueue {
     this.lastAvail = index & 0xffff;
   }
 
+  /**
+   * Keeps an inflight log in `bytes` from now on, first recovering what a previous
+   * backend left in it: the chains it had taken but not completed come out of
+   * {@link pop} again, before new ones, and `nextAvail` moves past them.
+   */
+  attachInflight(bytes: Uint8Array): InflightRecovery {
+    const log = new InflightLog(bytes, this.size);
+    const usedU32 = this.v.usedU32;
+    const mask = this.mask;
+    const r = log.recover(loadIndex(this.v.usedU16, IDX), (k) => usedU32[1 + 2 * (k & mask)], this.lastAvail);
+    this.inflight = log;
+    this.resubmit = r.resubmit;
+    this.lastAvail = r.nextAvail;
+    return r;
+  }
+
   /** The fault that broke this queue, or null. */
   get broken(): ChainError | null {
     return this.brokenBy;
@@ -82,7 +103,7 @@ export class SplitDeviceQueue {
   pending(): number {
     if (this.brokenBy) return 0;
     const n = (loadIndex(this.v.availU16, IDX) - this.lastAvail) & 0xffff;
-    return n > this.size ? 0 : n;
+    return (n > this.size ? 0 : n) + this.resubmit.length;
   }
 
   /**
@@ -91,6 +112,10 @@ export class SplitDeviceQueue {
    */
   pop(): DescriptorChain | ChainError | null {
     if (this.brokenBy) return this.brokenBy;
+    if (this.resubmit.length > 0) {
+      const again = this.walk(this.resubmit.shift()!);
+      return again instanceof ChainError ? this.fail(again) : again;
+    }
     const availIdx = loadIndex(this.v.availU16, IDX);
     const pending = (availIdx - this.lastAvail) & 0xffff;
     if (pending === 0) return null;
@@ -104,7 +129,9 @@ export class SplitDeviceQueue {
       return this.fail(new ChainError('HEAD_OUT_OF_RANGE', `chain head ${head} is not below the queue size ${this.size}`, head));
     }
     const chain = this.walk(head);
-    return chain instanceof ChainError ? this.fail(chain) : chain;
+    if (chain instanceof ChainError) return this.fail(chain);
+    this.inflight?.popped(head);
+    return chain;
   }
 
   /** Walks and validates the chain at `head` (2.7.5, 2.7.5.3). */
@@ -226,6 +253,7 @@ export class SplitDeviceQueue {
     this.v.usedU32[1 + 2 * slot] = head;
     this.v.usedU32[2 + 2 * slot] = written;
     this.usedIdx = (this.usedIdx + 1) & 0xffff;
+    if (this.inflight) this.batch.push(head);
   }
 
   /**
@@ -238,6 +266,11 @@ export class SplitDeviceQueue {
     if (old === next) return false;
     publishIndex(this.v.usedU16, IDX, next);
     this.publishedUsed = next;
+    if (this.inflight) {
+      // After the index store: a crash in between is recovered from the used ring.
+      this.inflight.published(this.batch, next);
+      this.batch.length = 0;
+    }
     if (this.eventIdx) return vringNeedEvent(loadIndex(this.v.availU16, this.usedEventAt), next, old);
     return (loadIndex(this.v.availU16, FLAGS) & VIRTQ_AVAIL_F_NO_INTERRUPT) === 0;
   }
@@ -254,7 +287,7 @@ export class SplitDeviceQueue {
   enableNotifications(): boolean {
     if (this.eventIdx) publishIndex(this.v.usedU16, this.availEventAt, this.lastAvail);
     else publishIndex(this.v.usedU16, FLAGS, 0);
-    return !this.brokenBy && loadIndex(this.v.availU16, IDX) !== this.lastAvail;
+    return !this.brokenBy && (this.resubmit.length > 0 || loadIndex(this.v.availU16, IDX) !== this.lastAvail);
   }
 }
 

@@ -15,6 +15,7 @@ import { VHOST_USER_F_PROTOCOL_FEATURES, VHOST_USER_PROTOCOL_F } from '../../spe
 import type { ChainError } from '../../virtqueue/chain.js';
 import type { DeviceHost, VirtioDevice } from '../../virtqueue/device.js';
 import { QueueSetupError } from '../../virtqueue/ring-views.js';
+import { inflightQueueBytes } from '../../virtqueue/inflight.js';
 import { SplitDeviceQueue } from '../../virtqueue/split-device.js';
 import { encodeBackendRequest, getConfigReply } from './codec.js';
 import {
@@ -44,6 +45,8 @@ export interface BackendIo {
    */
   mapRegion(fd: number, size: number, mmapOffset: number): RegionMapping;
   closeFd(fd: number): void;
+  /** Creates `size` bytes of zeroed shared memory: its fd (ours to close) and a mapping. */
+  createSharedMemory(size: number): { fd: number; mapping: RegionMapping };
   /**
    * Throws when `fd` is not an eventfd (a hostile frontend may send a pipe or a file,
    * which would spin a watcher or block a write); makes it non-blocking otherwise.
@@ -81,7 +84,16 @@ export const BACKEND_PROTOCOL_FEATURES = featureSet(
   VHOST_USER_PROTOCOL_F.REPLY_ACK,
   VHOST_USER_PROTOCOL_F.BACKEND_REQ,
   VHOST_USER_PROTOCOL_F.CONFIG,
+  VHOST_USER_PROTOCOL_F.INFLIGHT_SHMFD,
 );
+
+/** The inflight buffer shared with the frontend: one log per queue, `perQueue` bytes apart. */
+interface InflightBuffer {
+  readonly mapping: RegionMapping;
+  readonly numQueues: number;
+  readonly queueSize: number;
+  readonly perQueue: number;
+}
 
 interface Vring {
   num: number;
@@ -112,6 +124,7 @@ export class VhostUserBackendSession implements DeviceHost {
   private acked = 0n;
   private protocol = 0n;
   private backendChannel: number | null = null;
+  private inflight: InflightBuffer | null = null;
   private closed = false;
 
   constructor(
@@ -225,6 +238,11 @@ export class VhostUserBackendSession implements DeviceHost {
         this.replaceFd(this.backendChannel, req.fd);
         this.backendChannel = req.fd;
         return null;
+      case 'GET_INFLIGHT_FD':
+        return this.getInflight(req.numQueues, req.queueSize);
+      case 'SET_INFLIGHT_FD':
+        this.setInflight(req);
+        return null;
       case 'GET_CONFIG':
         return this.getConfig(req);
       case 'SET_CONFIG':
@@ -261,6 +279,56 @@ export class VhostUserBackendSession implements DeviceHost {
   private getConfig(req: FrontendRequestOf<'GET_CONFIG'>): BackendReply {
     this.requireProtocol(VHOST_USER_PROTOCOL_F.CONFIG, 'GET_CONFIG');
     return getConfigReply(req, this.device.readConfig(0, req.offset + req.size));
+  }
+
+  private checkInflightShape(numQueues: number, queueSize: number): number {
+    if (numQueues < 1 || numQueues > this.vrings.length || queueSize < 1 || queueSize > this.device.maxQueueSize ||
+        (queueSize & (queueSize - 1)) !== 0) {
+      throw new BackendSessionError('BAD_RING', `inflight buffer for ${numQueues} queues of ${queueSize} does not fit this device`);
+    }
+    return inflightQueueBytes(queueSize);
+  }
+
+  /** GET_INFLIGHT_FD: a fresh, zeroed inflight buffer, shared with the frontend, which keeps it across our restarts. */
+  private getInflight(numQueues: number, queueSize: number): BackendReply {
+    this.requireProtocol(VHOST_USER_PROTOCOL_F.INFLIGHT_SHMFD, 'GET_INFLIGHT_FD');
+    const perQueue = this.checkInflightShape(numQueues, queueSize);
+    const { fd, mapping } = this.io.createSharedMemory(perQueue * numQueues);
+    this.replaceInflight({ mapping, numQueues, queueSize, perQueue });
+    return { request: 'GET_INFLIGHT_FD', fd, mmapSize: perQueue * numQueues, mmapOffset: 0, numQueues, queueSize };
+  }
+
+  /** SET_INFLIGHT_FD: the buffer to log in, possibly left by a backend that died. */
+  private setInflight(req: FrontendRequestOf<'SET_INFLIGHT_FD'>): void {
+    try {
+      this.requireProtocol(VHOST_USER_PROTOCOL_F.INFLIGHT_SHMFD, 'SET_INFLIGHT_FD');
+      const perQueue = this.checkInflightShape(req.numQueues, req.queueSize);
+      if (req.mmapSize < perQueue * req.numQueues) {
+        throw new BackendSessionError('BAD_RING', `inflight buffer of ${req.mmapSize} bytes is smaller than ${req.numQueues} queues of ${req.queueSize} need`);
+      }
+      const mapping = this.io.mapRegion(req.fd, req.mmapSize, req.mmapOffset);
+      this.replaceInflight({ mapping, numQueues: req.numQueues, queueSize: req.queueSize, perQueue });
+    } catch (e) {
+      if (e instanceof BackendSessionError) throw e;
+      throw new BackendSessionError('BAD_RING', `cannot map the inflight buffer: ${e instanceof Error ? e.message : String(e)}`);
+    } finally {
+      this.io.closeFd(req.fd);
+    }
+  }
+
+  private replaceInflight(next: InflightBuffer | null): void {
+    if (this.vrings.some((v) => v.queue)) throw new BackendSessionError('RING_BUSY', 'the inflight buffer cannot change while rings run');
+    this.inflight?.mapping.unmap();
+    this.inflight = next;
+  }
+
+  /** Queue `index`'s log in the inflight buffer (a buffer may span windows only past 4 GiB: never for a log). */
+  private inflightLogOf(index: number, queueSize: number): Uint8Array | null {
+    const b = this.inflight;
+    if (!b || index >= b.numQueues || queueSize !== b.queueSize) return null;
+    const chunk = b.mapping.chunks[0];
+    const at = index * b.perQueue;
+    return at + b.perQueue <= chunk.length ? chunk.subarray(at, at + b.perQueue) : null;
   }
 
   private vring(index: number, fdToCloseOnError: number | null = null): Vring {
@@ -345,6 +413,12 @@ export class VhostUserBackendSession implements DeviceHost {
     });
     if (queue instanceof QueueSetupError) throw new BackendSessionError('BAD_RING', `ring ${index}: ${queue.message}`);
     queue.nextAvail = v.base;
+    const log = this.inflightLogOf(index, v.num);
+    if (log) {
+      const r = queue.attachInflight(log);
+      if (r.discarded) this.io.log(`ring ${index}: ${r.discarded}`);
+      if (r.resubmit.length) this.io.log(`ring ${index}: resubmitting ${r.resubmit.length} requests a previous backend left in flight`);
+    }
     v.queue = queue;
     this.device.startQueue(index, queue, () => {
       if (v.callFd !== null) this.io.signalEventFd(v.callFd);
@@ -486,6 +560,8 @@ export class VhostUserBackendSession implements DeviceHost {
     for (let i = 0; i < this.vrings.length; i++) await this.stopVring(i);
     await this.device.reset();
     this.unmapAll();
+    this.inflight?.mapping.unmap();
+    this.inflight = null;
     for (const v of this.vrings) {
       for (const fd of [v.callFd, v.errFd]) if (fd !== null) this.io.closeFd(fd);
       v.callFd = null;
