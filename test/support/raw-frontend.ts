@@ -162,6 +162,7 @@ export const REQ = VHOST_USER;
 export class FdFactory {
   private readonly dir: string;
   private n = 0;
+  private hasFifo = false;
   private readonly owned: number[] = [];
 
   constructor() {
@@ -174,10 +175,11 @@ export class FdFactory {
     return fd;
   }
 
-  /** One end of a pipe (a FIFO opened read-write, so opening never blocks). */
+  /** One end of a pipe (a FIFO, made once, opened read-write so opening never blocks). */
   pipe(): number {
-    const path = join(this.dir, `fifo${this.n++}`);
-    execFileSync('mkfifo', [path]);
+    const path = join(this.dir, 'fifo');
+    if (!this.hasFifo) execFileSync('mkfifo', [path]);
+    this.hasFifo = true;
     return this.own(openSync(path, constants.O_RDWR | constants.O_NONBLOCK));
   }
 

@@ -23,8 +23,9 @@ export interface Disconnect {
   readonly reason: string;
 }
 
-const DISCONNECT = /^frontend (\d+) disconnected: (.*)$/;
-const CONNECT = /^frontend \d+ connected$/;
+// `vblk serve` prefixes its lines with "vblk serve: "; the test child does not.
+const DISCONNECT = /^(?:vblk serve: )?frontend (\d+) disconnected: (.*)$/;
+const CONNECT = /^(?:vblk serve: )?frontend \d+ connected$/;
 
 export class ServerProcess {
   /** Every log line so far. */
