@@ -46,7 +46,7 @@ export interface BenchTarget {
 
 export const command = defineCommand({
   name: 'bench',
-  summary: 'Measure block I/O through the vblk driver (IOPS, bandwidth, latency)',
+  summary: 'measure block I/O through the vblk driver (IOPS, bandwidth, latency, ratio to a bare copy loop)',
   usage: '(--socket PATH | --loopback) [options]',
   details: [
     'Keeps --iodepth requests outstanding for --runtime seconds and reports IOPS, bandwidth and',
