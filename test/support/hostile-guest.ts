@@ -20,6 +20,8 @@ export interface GuestOptions {
   readonly memorySize?: number;
   /** Seal the memfd against shrinking (default true). */
   readonly seal?: boolean;
+  /** Use this fd (a file of at least `memorySize` bytes, say) as guest memory instead of a memfd. */
+  readonly memoryFd?: number;
   /** Virtio features to accept (default VERSION_1 and PROTOCOL_FEATURES). */
   readonly features?: bigint;
 }
@@ -38,7 +40,7 @@ export class RunningGuest {
    */
   static async start(socketPath: string, opts: GuestOptions = {}): Promise<RunningGuest> {
     const f = await RawFrontend.connect(socketPath);
-    const mem = new SharedRegion(opts.memorySize ?? 1 << 20, { seal: opts.seal ?? true });
+    const mem = new SharedRegion(opts.memorySize ?? 1 << 20, { seal: opts.seal ?? true, fd: opts.memoryFd });
     const g = new RunningGuest(f, mem);
     try {
       await f.handshake({

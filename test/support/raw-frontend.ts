@@ -237,8 +237,9 @@ export class SharedRegion {
   readonly view: DataView;
   private readonly mapping: MappedRegion;
 
-  constructor(readonly size: number, opts: { seal?: boolean; guestAddress?: number; userAddress?: number } = {}) {
-    this.fd = native.memfdCreate('vblk-guest', size, { seal: opts.seal ?? true });
+  /** `opts.fd` adopts an fd of at least `size` bytes (a file, say) instead of creating a memfd. */
+  constructor(readonly size: number, opts: { seal?: boolean; fd?: number; guestAddress?: number; userAddress?: number } = {}) {
+    this.fd = opts.fd ?? native.memfdCreate('vblk-guest', size, { seal: opts.seal ?? true });
     this.mapping = MappedRegion.map(this.fd, size);
     this.bytes = this.mapping.windows[0].bytes;
     this.view = new DataView(this.bytes.buffer, this.bytes.byteOffset, this.bytes.byteLength);
