@@ -1,0 +1,74 @@
+// `vblk serve` and `vblk resize` refuse bad input with one line on stderr and a non-zero
+// exit: what a user who mistyped something sees.
+import { after, before, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { statSync, truncateSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { runCli, scratchDir, startServe } from './e2e/serve-helpers.js';
+
+let scratch: { dir: string; cleanup(): void };
+before(() => {
+  scratch = scratchDir('vblk-cli-serve-');
+});
+after(() => scratch.cleanup());
+
+async function fails(args: string[], pattern: RegExp): Promise<void> {
+  const r = await runCli(args);
+  assert.notEqual(r.code, 0, `expected a failure from vblk ${args.join(' ')}`);
+  const lines = r.stderr.trimEnd().split('\n');
+  assert.equal(lines.length, 1, `one line, got:\n${r.stderr}`);
+  assert.match(lines[0], pattern);
+}
+
+test('a missing image is refused unless --size creates it', async () => {
+  const sock = join(scratch.dir, 'a.sock');
+  await fails(['serve', join(scratch.dir, 'missing.img'), '--socket', sock], /^vblk serve: .*missing\.img/);
+});
+
+test('an image too small or not a multiple of 512 is refused', async () => {
+  const small = join(scratch.dir, 'small.img');
+  writeFileSync(small, Buffer.alloc(100));
+  await fails(['serve', small, '--socket', join(scratch.dir, 'b.sock')], /^vblk serve: .*small\.img/);
+  const odd = join(scratch.dir, 'odd.img');
+  writeFileSync(odd, Buffer.alloc(1000));
+  await fails(['serve', odd, '--socket', join(scratch.dir, 'c.sock')], /^vblk serve: .*512/);
+});
+
+test('a socket path already served by a live process is refused', async () => {
+  const image = join(scratch.dir, 'busy.img');
+  writeFileSync(image, '');
+  truncateSync(image, 1 << 20);
+  const sock = join(scratch.dir, 'busy.sock');
+  const first = await startServe(image, sock);
+  try {
+    await fails(['serve', image, '--socket', sock], /^vblk serve: .*(in use|EADDRINUSE)/i);
+  } finally {
+    assert.equal(await first.stop(), 0);
+  }
+});
+
+test('bad options say what to fix', async () => {
+  const image = join(scratch.dir, 'opt.img');
+  await fails(['serve', image], /^vblk serve: --socket PATH is required/);
+  await fails(['serve', image, '--socket', 'x', '--queues', 'many'], /^vblk serve: --queues/);
+  await fails(['serve', image, '--socket', 'x', '--queue-size', '100'], /^vblk serve: --queue-size must be a power of two/);
+  await fails(['serve', image, '--socket', 'x', '--block-size', '1024'], /^vblk serve: --block-size/);
+  await fails(['serve', image, '--socket', 'x', '--serial', 'x'.repeat(21)], /^vblk serve: --serial is at most 20 bytes/);
+  await fails(['serve', image, '--socket', 'x', '--bogus'], /^vblk serve: .*--bogus/);
+  await fails(['resize', '--control', join(scratch.dir, 'none.ctl'), '1G'], /^vblk resize: .*control socket/);
+  await fails(['resize', '--control', 'x', 'ten'], /^vblk resize: SIZE/);
+});
+
+test('serve --size creates a sparse image of that size and the socket is mode 0600', async () => {
+  const image = join(scratch.dir, 'new.img');
+  const sock = join(scratch.dir, 'new.sock');
+  const s = await startServe(image, sock, ['--size', '1G']);
+  try {
+    assert.equal(statSync(image).size, 1 << 30);
+    assert.ok(statSync(image).blocks * 512 < 1 << 20, 'sparse');
+    assert.equal(statSync(sock).mode & 0o777, 0o600);
+  } finally {
+    assert.equal(await s.stop(), 0);
+  }
+  assert.match(s.log(), /SIGTERM: stopping/);
+});
