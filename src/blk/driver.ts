@@ -350,6 +350,7 @@ export class BlkDriver {
     const driver = new BlkDriver(transport, index, options);
     // Listening before DRIVER_OK loses no change; the listener ignores them until running.
     transport.onConfigChange(() => driver.configChanged());
+    transport.onDeviceLost((reason) => driver.deviceLost(reason));
     try {
       await driver.bringUp();
     } catch (e) {
@@ -1029,6 +1030,15 @@ export class BlkDriver {
       throw e;
     }
     this.phase = 'frozen';
+  }
+
+  /** The transport lost the device: every request in flight, queued or held fails now, not at its timeout. */
+  private deviceLost(reason: Error): void {
+    this.logger.warn(this.name, `device lost: ${reason.message}`);
+    for (const qs of this.queues) {
+      if (!qs.broken) this.breakQueue(qs, new DriverQueueError('QUEUE_BROKEN', `device lost: ${reason.message}`));
+    }
+    this.failParked(new QueueBrokenError(`${this.name}: device lost: ${reason.message}`, { cause: reason }));
   }
 
   /** Fails every request held for restore with `error`. */

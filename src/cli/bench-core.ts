@@ -3,6 +3,7 @@
  * driver sits on (loopback, a vhost-user frontend), and keeps `iodepth` requests
  * outstanding for the runtime, recording each request's latency.
  */
+import { QueueBrokenError } from '../blk/driver-errors.js';
 import type { BlkDriver } from '../blk/driver.js';
 import { VIRTIO_BLK_SECTOR_SIZE } from '../spec/virtio-blk.js';
 
@@ -103,6 +104,8 @@ export async function runBench(driver: BlkDriver, p: BenchParams): Promise<Bench
       } catch (e) {
         errors++;
         firstError ??= e instanceof Error ? e.message : String(e);
+        // A broken queue or a lost device fails every later request too: stop measuring.
+        if (e instanceof QueueBrokenError) return;
       }
       const done = performance.now();
       samples.add(done - now);
@@ -123,7 +126,7 @@ export async function runBench(driver: BlkDriver, p: BenchParams): Promise<Bench
     errors,
     firstError,
     elapsedMs,
-    iops: samples.count / seconds,
+    iops: ok / seconds,
     bwBytes: (ok * p.bs) / seconds,
     latUs: {
       p50: percentile(sorted, P50) * US_PER_MS,

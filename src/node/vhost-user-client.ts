@@ -11,7 +11,7 @@ import {
 import {
   VhostUserFrontend, type FrontendChannel, type FrontendIo, type FrontendOptions, type Notifier, type SharedMemory,
 } from '../transport/vhost-user/frontend.js';
-import type { BackendReply, FrontendRequest, RequestWithReply } from '../transport/vhost-user/messages.js';
+import type { BackendReply, FrontendRequest, Header, RequestWithReply } from '../transport/vhost-user/messages.js';
 import { EventFd } from './eventfd.js';
 import { MappedRegion } from './mapped-memory.js';
 import * as native from './native.js';
@@ -27,11 +27,77 @@ export interface ConnectOptions extends FrontendOptions {
   replyTimeoutMs?: number;
 }
 
-/** Requests go out one at a time; each reply is read exactly (header, then payload). */
+interface RawReply {
+  readonly header: Header;
+  readonly payload: Uint8Array;
+  readonly fds: number[];
+}
+
+/**
+ * Requests go out one at a time. One read loop owns the socket: each reply is read
+ * exactly (header, then payload) and handed to the request waiting for it. A backend
+ * never speaks unasked on this socket, so end-of-file, a socket error, or a message
+ * nobody waits for means the device is gone.
+ */
 class SocketChannel implements FrontendChannel {
   private tail: Promise<unknown> = Promise.resolve();
+  private waiting: { resolve: (r: RawReply) => void; reject: (e: Error) => void } | null = null;
+  private lost: Error | null = null;
+  private readonly lostListeners: ((reason: Error) => void)[] = [];
+  private closing = false;
 
-  constructor(private readonly conn: UnixConnection, private readonly timeoutMs: number) {}
+  constructor(private readonly conn: UnixConnection, private readonly timeoutMs: number) {
+    void this.readLoop();
+  }
+
+  private async readLoop(): Promise<void> {
+    let reason: Error;
+    try {
+      for (;;) {
+        const head = await this.conn.readExact(VHOST_USER_HEADER_SIZE, VHOST_USER_MAX_FDS);
+        if (head === null) {
+          reason = new VblkError('DISCONNECTED', 'the vhost-user backend closed the connection');
+          break;
+        }
+        const header = decodeHeader(head.data);
+        if (!header.ok) {
+          head.fds.forEach((fd) => native.close(fd));
+          reason = header.error;
+          break;
+        }
+        const payload = await this.conn.readExact(header.value.size, 0);
+        if (payload === null) {
+          head.fds.forEach((fd) => native.close(fd));
+          reason = new VblkError('DISCONNECTED', 'the vhost-user backend closed the connection mid-reply');
+          break;
+        }
+        const w = this.waiting;
+        if (!w) {
+          head.fds.forEach((fd) => native.close(fd));
+          reason = new VblkError('PROTOCOL_ERROR', `the vhost-user backend sent request ${header.value.request} nobody asked for`);
+          break;
+        }
+        this.waiting = null;
+        w.resolve({ header: header.value, payload: payload.data, fds: head.fds });
+      }
+    } catch (e) {
+      reason = e instanceof Error ? e : new Error(String(e));
+    }
+    this.fail(reason);
+  }
+
+  private fail(reason: Error): void {
+    if (this.lost) return;
+    this.lost = reason;
+    this.conn.close();
+    this.waiting?.reject(reason);
+    this.waiting = null;
+    if (!this.closing) for (const l of this.lostListeners.splice(0)) l(reason);
+  }
+
+  onLost(listener: (reason: Error) => void): void {
+    this.lostListeners.push(listener);
+  }
 
   call(req: FrontendRequest): Promise<BackendReply | null> {
     const run = this.tail.then(() => this.exchange(req));
@@ -40,43 +106,34 @@ class SocketChannel implements FrontendChannel {
   }
 
   private async exchange(req: FrontendRequest): Promise<BackendReply | null> {
+    if (this.lost) throw this.lost;
+    const expectsReply = OWN_REPLY.has(req.request as RequestWithReply) || req.needReply;
+    const reply = expectsReply
+      ? new Promise<RawReply>((resolve, reject) => (this.waiting = { resolve, reject }))
+      : null;
     const msg = encodeFrontendRequest(req);
     this.conn.send(msg.bytes, msg.fds);
-    if (!OWN_REPLY.has(req.request as RequestWithReply) && !req.needReply) return null;
-    let timer: NodeJS.Timeout | undefined;
-    const timeout = new Promise<never>((_, reject) => {
-      timer = setTimeout(() => {
-        this.conn.close();
-        reject(new VblkError('TIMEOUT', `no reply to VHOST_USER_${req.request} within ${this.timeoutMs} ms: is this a vhost-user device?`));
-      }, this.timeoutMs);
-    });
+    if (!reply) return null;
+    const timer = setTimeout(() => {
+      this.fail(new VblkError('TIMEOUT', `no reply to VHOST_USER_${req.request} within ${this.timeoutMs} ms: is this a vhost-user device?`));
+    }, this.timeoutMs);
     try {
-      return await Promise.race([this.readReply(req), timeout]);
+      const raw = await reply;
+      const decoded = decodeBackendReply(raw.header, raw.payload, raw.fds, req);
+      if (!decoded.ok) {
+        decoded.fds.forEach((fd) => native.close(fd));
+        this.fail(decoded.error);
+        throw decoded.error;
+      }
+      return decoded.value;
     } finally {
       clearTimeout(timer);
     }
   }
 
-  private async readReply(req: FrontendRequest): Promise<BackendReply> {
-    const head = await this.conn.readExact(VHOST_USER_HEADER_SIZE, VHOST_USER_MAX_FDS);
-    if (head === null) throw new VblkError('DISCONNECTED', `the backend closed the connection instead of answering VHOST_USER_${req.request}`);
-    const header = decodeHeader(head.data);
-    if (!header.ok) {
-      head.fds.forEach((fd) => native.close(fd));
-      throw header.error;
-    }
-    const payload = await this.conn.readExact(header.value.size, 0);
-    if (payload === null) throw new VblkError('DISCONNECTED', 'the backend closed the connection mid-reply');
-    const reply = decodeBackendReply(header.value, payload.data, head.fds, req);
-    if (!reply.ok) {
-      reply.fds.forEach((fd) => native.close(fd));
-      throw reply.error;
-    }
-    return reply.value;
-  }
-
   close(): void {
-    this.conn.close();
+    this.closing = true;
+    this.fail(new VblkError('CLOSED', 'the vhost-user connection was closed'));
   }
 }
 

@@ -38,6 +38,7 @@ export class LoopbackTransport implements DriverTransport, DeviceHost {
   private readonly status: StatusMachine;
   private readonly queues = new Map<number, LiveQueue>();
   private readonly configListeners: (() => void)[] = [];
+  private readonly lostListeners: ((reason: Error) => void)[] = [];
   private configPending = false;
   private closed = false;
   /** Why a queue broke, for tests and logs. */
@@ -174,11 +175,18 @@ export class LoopbackTransport implements DriverTransport, DeviceHost {
     this.configListeners.push(listener);
   }
 
+  onDeviceLost(listener: (reason: Error) => void): void {
+    this.lostListeners.push(listener);
+  }
+
+  /** Resets the device and frees the rings; a driver still holding requests is told the device is gone. */
   async close(): Promise<void> {
     if (this.closed) return;
     await this.device.reset();
     this.freeQueues();
     this.closed = true;
+    const reason = new UsageError('CLOSED', 'the loopback transport was closed');
+    for (const l of this.lostListeners.splice(0)) l(reason);
   }
 
   private assertOpen(): void {

@@ -89,6 +89,11 @@ export interface DriverTransport {
   teardownQueues(): Promise<void>;
   /** Runs `listener` on every configuration change notification. */
   onConfigChange(listener: () => void): void;
+  /**
+   * Runs `listener` once when the device is gone for good (a vhost-user backend hung up,
+   * the transport was closed): nothing in flight will ever complete.
+   */
+  onDeviceLost(listener: (reason: Error) => void): void;
   /** Releases everything; the transport is unusable afterwards. */
   close(): Promise<void>;
 }

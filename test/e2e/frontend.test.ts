@@ -9,7 +9,7 @@ import { closeSync, openSync, readSync, truncateSync, writeFileSync, writeSync, 
 import { join } from 'node:path';
 import { requirePeer } from '../../scripts/guest/guest.js';
 import { BlkDriver, type BlkLogger } from '../../src/blk/driver.js';
-import { ReadOnlyError } from '../../src/blk/driver-errors.js';
+import { QueueBrokenError, ReadOnlyError } from '../../src/blk/driver-errors.js';
 import { connectVhostUser } from '../../src/node/vhost-user-client.js';
 import { VIRTIO_BLK_F } from '../../src/spec/virtio-blk.js';
 import type { DriverTransport } from '../../src/virtqueue/device.js';
@@ -23,7 +23,7 @@ const DISK = 64 * MiB;
 /** A device under test: started on an image, stopped after. */
 interface Peer {
   readonly name: string;
-  start(image: string, socket: string, opts: { numQueues: number; readOnly?: boolean }): Promise<{ stop(): Promise<void> }>;
+  start(image: string, socket: string, opts: { numQueues: number; readOnly?: boolean }): Promise<{ stop(): Promise<void>; kill(): Promise<void> }>;
   /** Grows the disk; returns whether a live connection is notified. */
   resize(size: number): Promise<boolean>;
   /** What a user must do, once no frontend is connected, for new connections to see the new size. */
@@ -101,7 +101,13 @@ for (const kind of ['qemu-storage-daemon', 'vblk serve'] as const) {
                 type: 'vhost-user-blk', id: 'e', 'node-name': 'd', addr: { type: 'unix', path: socket }, writable: true, 'num-queues': opts.numQueues,
               });
             };
-            return qsd;
+            return {
+              stop: () => qsd.stop(),
+              kill: async () => {
+                qsd.proc.kill('SIGKILL');
+                await qsd.stop();
+              },
+            };
           },
           resize: (size) => lastResize(size),
           publishResize: () => lastPublish(),
@@ -118,7 +124,13 @@ for (const kind of ['qemu-storage-daemon', 'vblk serve'] as const) {
               assert.equal(r.code, 0, r.stderr);
               return true;
             };
-            return { stop: async () => void (await s.stop()) };
+            return {
+              stop: async () => void (await s.stop()),
+              kill: async () => {
+                s.proc.kill('SIGKILL');
+                await s.exited;
+              },
+            };
           },
           resize: (size) => lastResize(size),
           publishResize: async () => {},
@@ -303,6 +315,45 @@ for (const kind of ['qemu-storage-daemon', 'vblk serve'] as const) {
         const info = JSON.parse((await runCli(['info', '--socket', socket, '--json'])).stdout.toString()) as { capacity_sectors: number };
         assert.equal(info.capacity_sectors, 96 * MiB / 512);
       });
+    });
+
+    it('a device that dies mid-request fails the requests at once, not at their timeout', async () => {
+      const id = n++;
+      const image = join(scratch.dir, `dies${id}.img`);
+      writeFileSync(image, '');
+      truncateSync(image, DISK);
+      const socket = join(scratch.dir, `dies${id}.sock`);
+      const dev = await peer.start(image, socket, { numQueues: 1 });
+      const transport = await connectVhostUser(socket);
+      const driver = await BlkDriver.probe(transport, { timeoutMs: 60_000 });
+      try {
+        let stop = false;
+        const outcomes: unknown[] = [];
+        const lanes = Array.from({ length: 16 }, async (_, lane) => {
+          const buf = new Uint8Array(4096);
+          for (let i = 0; !stop; i++) {
+            try {
+              await driver.read(((lane * 997 + i * 31) % 4096) * 8, [buf]);
+            } catch (e) {
+              outcomes.push(e);
+              return;
+            }
+          }
+        });
+        await new Promise((r) => setTimeout(r, 300));
+        const killedAt = Date.now();
+        await dev.kill();
+        await Promise.race([Promise.all(lanes), new Promise((r) => setTimeout(r, 10_000))]);
+        stop = true;
+        assert.equal(outcomes.length, 16, 'every lane saw its request fail');
+        assert.ok(Date.now() - killedAt < 10_000);
+        for (const e of outcomes) assert.ok(e instanceof QueueBrokenError, String(e));
+        await assert.rejects(driver.read(0, [new Uint8Array(512)]), (e) => e instanceof QueueBrokenError);
+      } finally {
+        await driver.remove().catch(() => {});
+        await transport.close();
+        await dev.stop();
+      }
     });
 
     it('a socket that is not a vhost-user device gets a one-line error', async () => {

@@ -26,6 +26,8 @@ export interface FrontendChannel {
    * REPLY_ACK when `req.needReply`, else null. Rejects when the connection fails.
    */
   call(req: FrontendRequest): Promise<BackendReply | null>;
+  /** Runs `listener` once when the connection ends for any reason but {@link close}. */
+  onLost(listener: (reason: Error) => void): void;
   close(): void;
 }
 
@@ -96,6 +98,8 @@ export class VhostUserFrontend implements DriverTransport {
   private status = 0;
   private configCache: Uint8Array | null = null;
   private readonly configListeners: (() => void)[] = [];
+  private readonly lostListeners: ((reason: Error) => void)[] = [];
+  private lost: Error | null = null;
   private readonly rings = new Map<number, LiveRing>();
   private backendChannel: { fd: number; close(): void } | null = null;
   private closed = false;
@@ -110,6 +114,7 @@ export class VhostUserFrontend implements DriverTransport {
       throw new UsageError('BAD_OPTION', `configSize must be 1..${VHOST_USER_MAX_CONFIG_SIZE}, got ${this.configSize}`);
     }
     this.channel = io.channel;
+    this.channel.onLost((reason) => this.deviceLost(reason));
     this.shared = io.createSharedMemory(size);
     this.memory = new GuestMemory([{ guestAddress: this.shared.address, bytes: this.shared.bytes }]);
     this.dma = new DmaAllocator(this.shared.address, size);
@@ -290,6 +295,17 @@ export class VhostUserFrontend implements DriverTransport {
     this.configListeners.push(listener);
   }
 
+  onDeviceLost(listener: (reason: Error) => void): void {
+    if (this.lost) listener(this.lost);
+    else this.lostListeners.push(listener);
+  }
+
+  private deviceLost(reason: Error): void {
+    if (this.lost) return;
+    this.lost = reason;
+    for (const l of this.lostListeners.splice(0)) l(reason);
+  }
+
   /** Stops the rings, closes the connection, then unmaps our memory (never before). */
   async close(): Promise<void> {
     if (this.closed) return;
@@ -297,6 +313,7 @@ export class VhostUserFrontend implements DriverTransport {
     this.closed = true;
     this.backendChannel?.close();
     this.channel.close();
+    this.deviceLost(new VblkError('CLOSED', 'the vhost-user frontend was closed'));
     this.shared.release();
   }
 }
