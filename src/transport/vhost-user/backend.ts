@@ -382,7 +382,8 @@ export class VhostUserBackendSession implements DeviceHost {
       // Kicks may come before SET_VRING_ENABLE (NOTES): the watch drains them either way,
       // and enabling rescans the ring, so none is lost.
       v.kickWatch = this.io.watchEventFd(fd, () => {
-        if (v.queue) this.device.queueNotify(index);
+        // A disabled ring is not processed (vhost-user.rst, "Ring states"); enabling rescans it.
+        if (v.queue && v.enabled) this.device.queueNotify(index);
       });
     }
     // Without PROTOCOL_FEATURES a ring starts on its kick (vhost-user.rst, "Starting and stopping rings").
@@ -393,7 +394,9 @@ export class VhostUserBackendSession implements DeviceHost {
   private setEnable(index: number, enable: boolean): void {
     const v = this.vring(index);
     v.enabled = enable;
-    if (enable) this.maybeStart(index);
+    if (!enable) return;
+    if (v.queue) this.device.queueNotify(index);
+    else this.maybeStart(index);
   }
 
   /** Starts ring `index` when it has everything it needs: memory, size, addresses, a kick, enabled. */
