@@ -25,7 +25,7 @@ import { createHash } from 'node:crypto';
 import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { fileURLToPath, pathToFileURL } from 'node:url';
 import { parseArgs } from 'node:util';
 import * as native from '../src/node/native.js';
 import { VHOST_USER, VHOST_USER_F_PROTOCOL_FEATURES, VHOST_USER_PROTOCOL_F } from '../src/spec/vhost-user.js';
@@ -311,7 +311,7 @@ interface Outcome {
 /** Runs one plan over a fresh connection; resolves once the server logged its end. */
 async function runPlan(server: ServerProcess, plan: Plan, fds: FdFactory): Promise<Outcome> {
   const from = server.lines.length;
-  const disconnectsBefore = server.disconnects().length;
+  const disconnectsBefore = server.disconnected;
   const mem = new SharedRegion(MEMORY_BYTES);
   mem.bytes.set(plan.image);
   const kick = native.eventfd();
@@ -371,7 +371,7 @@ async function runPlan(server: ServerProcess, plan: Plan, fds: FdFactory): Promi
     native.close(call);
     mem.release();
   }
-  await server.waitFor('the server to end the connection', () => server.disconnects().length > disconnectsBefore, 5000);
+  await server.waitFor('the server to end the connection', () => server.disconnected > disconnectsBefore, 5000);
   const reason = server.disconnects(from)[0]?.reason ?? '?';
   return { dropped, reason: bucket(reason), lines: server.lines.slice(from) };
 }
@@ -470,10 +470,10 @@ async function main(): Promise<number> {
   let sector = 0;
   const wellBehaved = async (when: string): Promise<boolean> => {
     sector = (sector + 8) % 4096;
-    const before = server.disconnects().length;
+    const before = server.disconnected;
     try {
       await wellBehavedRoundTrip(socketPath, sector);
-      await server.waitFor('the well-behaved frontend to end', () => server.disconnects().length > before);
+      await server.waitFor('the well-behaved frontend to end', () => server.disconnected > before);
       report.wellBehavedChecks++;
       return true;
     } catch (e) {
@@ -525,6 +525,7 @@ async function main(): Promise<number> {
         break;
       }
       if ((i - start + 1) % checkEvery === 0 && !(await wellBehaved(`after iteration ${i}`))) break;
+      if (report.iterations % 1000 === 0) say(`  ${report.iterations} iterations, ${Math.round((Date.now() - began) / 1000)} s`);
     }
     if (report.failures.length === 0) await wellBehaved('at the end');
     if (report.failures.length === 0 && (await server.settleFds(baseline, 2000)) !== baseline) {
@@ -554,4 +555,5 @@ async function main(): Promise<number> {
   }
 }
 
-process.exitCode = await main();
+// Run when executed, not when imported (a test or a replay script may import makePlan).
+if (process.argv[1] !== undefined && import.meta.url === pathToFileURL(resolve(process.argv[1])).href) process.exitCode = await main();

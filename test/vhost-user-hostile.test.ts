@@ -881,7 +881,7 @@ describe('vhost-user: hostile frontends and guests against one server', () => {
     server = await ServerProcess.start(socketPath);
     // Warm up whatever Node opens lazily, then take the fd baseline.
     for (let i = 0; i < 2; i++) await wellBehavedRoundTrip(socketPath);
-    await server.waitFor('warm-up disconnects', () => server.disconnects().length === 2);
+    await server.waitFor('warm-up disconnects', () => server.disconnected === 2);
     await sleep(50);
     baseline = server.fdCount();
   });
@@ -897,7 +897,7 @@ describe('vhost-user: hostile frontends and guests against one server', () => {
     test(c.name, async () => {
       assert.equal(server.exit, null, 'the server died in an earlier case');
       // A case that failed half-way may have left a connection for the server to end.
-      await server.waitFor('earlier connections to end', () => server.connects() === server.disconnects().length);
+      await server.waitFor('earlier connections to end', () => server.connected === server.disconnected);
       const ctx = new Ctx(socketPath, fds, server);
       ctx.from = server.lines.length;
       try {
@@ -1009,10 +1009,27 @@ describe('vhost-user: SIGBUS policy and socket mode', () => {
       await f.handshake();
       assert.equal(await f.acked({ request: 'SET_MEM_TABLE', needReply: true, regions: [{ guestAddress: 0, size: 4096, userAddress: 0, mmapOffset: 0, fd: fds.pipe() }] }), false);
       f.close();
-      await s.waitFor('both frontends to end', () => s.disconnects().length === 2);
+      await s.waitFor('both frontends to end', () => s.disconnected === 2);
       await wellBehavedRoundTrip(path);
     } finally {
       fds.cleanup();
+      assert.deepEqual(await s.stop(), { code: 0, signal: null });
+    }
+  });
+
+  test('a frontend that connects while the previous session still completes its requests is served, not refused', async () => {
+    const path = join(dir, 'slow.sock');
+    const s = await ServerProcess.start(path, ['--slow-io', '300']);
+    try {
+      const g = await RunningGuest.start(path);
+      g.rings[0].blkRequest(VIRTIO_BLK_T.OUT, 0, 4096, new Uint8Array(4096).fill(7));
+      g.kick(0);
+      await sleep(50);
+      g.release();
+      await s.waitFor('the hostile frontend to be gone', () => s.disconnected === 1);
+      await wellBehavedRoundTrip(path, 8);
+      assert.ok(s.lines.every((l) => !/refusing/.test(l)), s.log());
+    } finally {
       assert.deepEqual(await s.stop(), { code: 0, signal: null });
     }
   });

@@ -192,7 +192,7 @@ export class VhostUserServer {
   }
 
   private accept(conn: UnixConnection): void {
-    if (this.active) {
+    if (this.current) {
       this.log('refusing a second frontend: one is connected already');
       conn.close();
       return;
@@ -200,10 +200,14 @@ export class VhostUserServer {
     const n = ++this.connections;
     this.log(`frontend ${n} connected`);
     this.current = conn;
-    this.active = this.serve(conn, n).finally(() => {
-      this.active = null;
-      this.current = null;
+    // The previous frontend may be gone while its session still cleans up (requests in
+    // flight completing, the device resetting): the new one waits for that instead of
+    // being refused, since a frontend reconnects at once (QEMU's reconnect=, a restart).
+    const previous = this.active ?? Promise.resolve();
+    const active: Promise<void> = previous.then(() => this.serve(conn, n)).finally(() => {
+      if (this.active === active) this.active = null;
     });
+    this.active = active;
   }
 
   private async serve(conn: UnixConnection, n: number): Promise<void> {
@@ -267,6 +271,7 @@ export class VhostUserServer {
     } finally {
       this.log(`frontend ${n} disconnected: ${reason}`);
       conn.close();
+      if (this.current === conn) this.current = null;
       await session.close().catch((e: unknown) => this.log(`frontend ${n}: cleanup failed: ${(e as Error).message}`));
     }
   }

@@ -5,8 +5,10 @@
  * an exit, and the parent counts this process's fds in /proc/<pid>/fd.
  *
  *   node dist/test/support/serve-child.js --socket PATH [--size BYTES] [--queues N]
- *        [--queue-size N] [--socket-mode OCTAL] [--allow-unsealed-memory]
+ *        [--queue-size N] [--socket-mode OCTAL] [--allow-unsealed-memory] [--slow-io MS]
  *
+ * `--slow-io MS` delays every read and write by MS milliseconds, so a test can hold
+ * requests in flight while a frontend goes away.
  * Every server log line goes to stderr; "listening on PATH" says it is ready. SIGTERM
  * closes the server and exits 0.
  */
@@ -23,6 +25,7 @@ const { values } = parseArgs({
     'queue-size': { type: 'string', default: '256' },
     'socket-mode': { type: 'string' },
     'allow-unsealed-memory': { type: 'boolean', default: false },
+    'slow-io': { type: 'string', default: '0' },
   },
 });
 if (values.socket === undefined) {
@@ -33,8 +36,24 @@ if (values.socket === undefined) {
 const log = (line: string): void => {
   process.stderr.write(`${line}\n`);
 };
+/** A memory backend whose reads and writes complete `delayMs` later. */
+class SlowMemoryBackend extends MemoryBackend {
+  constructor(size: number, private readonly delayMs: number) {
+    super({ size });
+  }
+
+  override read(offset: number, buffers: readonly Uint8Array[]): Promise<void> {
+    return new Promise((resolve) => setTimeout(resolve, this.delayMs)).then(() => super.read(offset, buffers));
+  }
+
+  override write(offset: number, buffers: readonly Uint8Array[]): Promise<void> {
+    return new Promise((resolve) => setTimeout(resolve, this.delayMs)).then(() => super.write(offset, buffers));
+  }
+}
+
+const slowMs = Number(values['slow-io']);
 const device = new BlkDevice({
-  backend: new MemoryBackend({ size: Number(values.size) }),
+  backend: slowMs > 0 ? new SlowMemoryBackend(Number(values.size), slowMs) : new MemoryBackend({ size: Number(values.size) }),
   numQueues: Number(values.queues),
   queueSize: Number(values['queue-size']),
   serial: 'hostile',

@@ -31,6 +31,9 @@ export class ServerProcess {
   /** Every log line so far. */
   readonly lines: string[] = [];
   private partial = '';
+  /** Counted as lines arrive: long runs (the fuzzer) must not rescan the whole log. */
+  private connectCount = 0;
+  private disconnectCount = 0;
   private exitInfo: ServerExit | null = null;
   private readonly exitWaiters: ((e: ServerExit) => void)[] = [];
   private readonly lineWaiters: (() => void)[] = [];
@@ -41,6 +44,10 @@ export class ServerProcess {
       const parts = text.split('\n');
       this.partial = parts.pop() ?? '';
       this.lines.push(...parts);
+      for (const line of parts) {
+        if (CONNECT.test(line)) this.connectCount++;
+        else if (DISCONNECT.test(line)) this.disconnectCount++;
+      }
       if (parts.length > 0) this.lineWaiters.splice(0).forEach((w) => w());
     };
     proc.stdout?.on('data', onData);
@@ -113,8 +120,13 @@ export class ServerProcess {
   }
 
   /** How many frontends the server accepted so far. */
-  connects(): number {
-    return this.lines.filter((l) => CONNECT.test(l)).length;
+  get connected(): number {
+    return this.connectCount;
+  }
+
+  /** How many connections the server logged as ended so far. */
+  get disconnected(): number {
+    return this.disconnectCount;
   }
 
   /** Resolves once `done()` holds, re-checking on each new log line; rejects after `timeoutMs` or on exit. */
