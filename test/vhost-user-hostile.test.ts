@@ -689,6 +689,129 @@ add({
   },
 });
 
+// Inflight buffers (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD): shapes, areas past the end of
+// their memfd, unsealed or unmappable fds, and logs whose contents a hostile frontend
+// (or a dead backend) wrote.
+const INFLIGHT_PROTOCOL = bit(VHOST_USER_PROTOCOL_F.REPLY_ACK) | bit(VHOST_USER_PROTOCOL_F.CONFIG) | bit(VHOST_USER_PROTOCOL_F.MQ) | bit(VHOST_USER_PROTOCOL_F.INFLIGHT_SHMFD);
+/** One queue's log for a 16-entry ring: 16-byte head and 16 descriptor states, rounded to 64. */
+const INFLIGHT_QUEUE_BYTES = 320;
+for (const [numQueues, queueSize] of [[0, 16], [3, 16], [1, 0], [1, 3], [1, 512], [0xffff, 0xffff]]) {
+  add({
+    name: `inflight: GET_INFLIGHT_FD for ${numQueues} queues of ${queueSize}`, drop: refused('GET_INFLIGHT_FD'),
+    async run(ctx) {
+      const f = await ctx.main();
+      await f.handshake({ protocol: INFLIGHT_PROTOCOL });
+      f.send({ request: 'GET_INFLIGHT_FD', needReply: false, numQueues, queueSize });
+    },
+  });
+}
+add({
+  name: 'inflight: GET_INFLIGHT_FD hands out a memfd sealed against shrinking',
+  async run(ctx) {
+    const f = await ctx.main();
+    await f.handshake({ protocol: INFLIGHT_PROTOCOL });
+    const r = await f.call({ request: 'GET_INFLIGHT_FD', needReply: false, numQueues: 2, queueSize: 16 });
+    assert.equal(r?.fds.length, 1);
+    try {
+      assert.ok((native.getSeals(r.fds[0]) & native.F_SEAL_SHRINK) !== 0);
+      assert.ok(native.fstatSize(r.fds[0]) >= 2 * INFLIGHT_QUEUE_BYTES);
+    } finally {
+      r.fds.forEach((fd) => native.close(fd));
+    }
+  },
+});
+const inflightAreas: [string, (ctx: Ctx) => number, number, number, RegExp][] = [
+  ['an area past the end of its memfd', (ctx) => ctx.fds.memfd(4096, true), 4096, 4096, /reaches past the end/],
+  ['an area far past the end of its memfd', (ctx) => ctx.fds.memfd(4096, true), 2 ** 40, 0, /reaches past the end/],
+  ['an unsealed memfd', (ctx) => ctx.fds.memfd(4096, false), 4096, 0, /not sealed against shrinking/],
+  ['a pipe', (ctx) => ctx.fds.pipe(), 4096, 0, /cannot carry seals/],
+  ['a socket', (ctx) => ctx.track('inflight socket'), 4096, 0, /cannot carry seals/],
+  ['an area too small for its queues', (ctx) => ctx.fds.memfd(4096, true), 100, 0, /smaller than/],
+];
+for (const [what, make, mmapSize, mmapOffset, reason] of inflightAreas) {
+  add({
+    name: `inflight: SET_INFLIGHT_FD with ${what}`, drop: reason,
+    async run(ctx) {
+      const f = await ctx.main();
+      await f.handshake({ protocol: INFLIGHT_PROTOCOL });
+      f.send({ request: 'SET_INFLIGHT_FD', needReply: false, fd: make(ctx), mmapSize, mmapOffset, numQueues: 2, queueSize: 16 });
+    },
+  });
+}
+add({
+  name: 'inflight: SET_INFLIGHT_FD under running rings is NACKed and they keep running',
+  async run(ctx) {
+    const g = await ctx.guest({ inflight: { fd: ctx.fds.memfd(4096, true), mmapSize: 4096, numQueues: 2, queueSize: 16 } });
+    assert.equal(await g.f.acked({ request: 'SET_INFLIGHT_FD', needReply: true, fd: ctx.fds.memfd(4096, true), mmapSize: 4096, mmapOffset: 0, numQueues: 2, queueSize: 16 }), false);
+    const r = g.rings[0].blkRequest(VIRTIO_BLK_T.IN, 0, 4096);
+    g.kick(0);
+    assert.ok(await g.waitUsed(0, 1));
+    assert.equal(g.mem.bytes[r.status], VIRTIO_BLK_S.OK);
+  },
+});
+/** Fills a two-queue inflight log as a hostile frontend would: `write(view, queueBase)` per queue. */
+function hostileLog(ctx: Ctx, write: (v: DataView, q: number) => void): { fd: number; mmapSize: number; numQueues: number; queueSize: number } {
+  const fd = ctx.fds.memfd(4096, true);
+  const r = ctx.region(4096, { fd: native.dup(fd) });
+  for (const q of [0, INFLIGHT_QUEUE_BYTES]) write(r.view, q);
+  return { fd, mmapSize: 4096, numQueues: 2, queueSize: 16 };
+}
+const hostileLogs: [string, (v: DataView, q: number) => void][] = [
+  ['every descriptor in flight, with equal counters', (v, q) => {
+    v.setUint16(q + 8, 1, true);
+    v.setUint16(q + 10, 16, true);
+    for (let i = 0; i < 16; i++) {
+      v.setUint8(q + 16 + 16 * i, 1);
+      v.setBigUint64(q + 16 + 16 * i + 8, 7n, true);
+    }
+  }],
+  ['random states, next fields and counters near 2^64', (v, q) => {
+    v.setUint16(q + 8, 1, true);
+    v.setUint16(q + 10, 16, true);
+    v.setUint16(q + 12, 0xffff, true);
+    v.setUint16(q + 14, 0, true);
+    for (let i = 0; i < 16; i++) {
+      v.setUint8(q + 16 + 16 * i, (i * 37) & 0xff);
+      v.setUint16(q + 16 + 16 * i + 6, (i * 4099) & 0xffff, true);
+      v.setBigUint64(q + 16 + 16 * i + 8, (1n << 64n) - 1n - BigInt(i), true);
+    }
+  }],
+  ['a log a thousand completions behind the ring', (v, q) => {
+    v.setUint16(q + 8, 1, true);
+    v.setUint16(q + 10, 16, true);
+    v.setUint16(q + 14, 64536, true);
+    v.setUint8(q + 16, 1);
+  }],
+  ['a log of another version', (v, q) => {
+    v.setUint16(q + 8, 2, true);
+    v.setUint16(q + 10, 16, true);
+    v.setUint8(q + 16, 1);
+  }],
+  ['a log for another queue size', (v, q) => {
+    v.setUint16(q + 8, 1, true);
+    v.setUint16(q + 10, 0xffff, true);
+    v.setUint8(q + 16, 1);
+  }],
+];
+for (const [what, write] of hostileLogs) {
+  add({
+    name: `inflight: a hostile log (${what}) is never trusted past the ring's checks`,
+    async run(ctx) {
+      const g = await ctx.guest({ inflight: hostileLog(ctx, write) });
+      // Whatever the log said, each ring either serves or is stopped and says why.
+      for (const i of [0, 1]) {
+        g.rings[i].blkRequest(VIRTIO_BLK_T.IN, 0, 512);
+        g.kick(i);
+      }
+      await sleep(20);
+      for (const i of [0, 1]) {
+        const stopped = ctx.log().some((l) => l.startsWith(`ring ${i} stopped`));
+        assert.ok(stopped || g.rings[i].usedIdx !== 0, `ring ${i} neither served nor stopped:\n${ctx.log().join('\n')}`);
+      }
+    },
+  });
+}
+
 // Config space.
 for (const [offset, size] of [[255, 2], [0, 257], [200, 100], [0xffff_ffff, 1], [0x8000_0000, 0x8000_0000]]) {
   add({

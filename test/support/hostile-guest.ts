@@ -24,6 +24,11 @@ export interface GuestOptions {
   readonly memoryFd?: number;
   /** Virtio features to accept (default VERSION_1 and PROTOCOL_FEATURES). */
   readonly features?: bigint;
+  /**
+   * An inflight buffer to hand over with SET_INFLIGHT_FD before the rings start
+   * (negotiating VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD); the guest keeps our fd.
+   */
+  readonly inflight?: { readonly fd: number; readonly mmapSize: number; readonly numQueues: number; readonly queueSize: number };
 }
 
 export class RunningGuest {
@@ -43,10 +48,13 @@ export class RunningGuest {
     const mem = new SharedRegion(opts.memorySize ?? 1 << 20, { seal: opts.seal ?? true, fd: opts.memoryFd });
     const g = new RunningGuest(f, mem);
     try {
+      const inflight = opts.inflight;
       await f.handshake({
         features: opts.features ?? (bit(VIRTIO_F.VERSION_1) | bit(VHOST_USER_F_PROTOCOL_FEATURES)),
-        protocol: bit(VHOST_USER_PROTOCOL_F.REPLY_ACK) | bit(VHOST_USER_PROTOCOL_F.CONFIG) | bit(VHOST_USER_PROTOCOL_F.MQ),
+        protocol: bit(VHOST_USER_PROTOCOL_F.REPLY_ACK) | bit(VHOST_USER_PROTOCOL_F.CONFIG) | bit(VHOST_USER_PROTOCOL_F.MQ) |
+          (inflight ? bit(VHOST_USER_PROTOCOL_F.INFLIGHT_SHMFD) : 0n),
       });
+      if (inflight) await g.must({ request: 'SET_INFLIGHT_FD', needReply: true, mmapOffset: 0, ...inflight });
       await g.must({ request: 'SET_MEM_TABLE', needReply: true, regions: [mem.region] });
       for (let i = 0; i < (opts.rings ?? 2); i++) await g.startRing(i);
     } catch (e) {
