@@ -235,6 +235,9 @@ export class SplitDeviceQueue {
   private indirectTable(addr: number, len: number): DataView | null {
     const view = this.memory.view(addr, len);
     if (view) return new DataView(view.buffer, view.byteOffset, view.byteLength);
+    // Check before allocating: the length is the guest's (up to 4 GiB), and an
+    // allocation that large can throw, or cost gigabytes per hostile chain.
+    if (!this.memory.contains(addr, len)) return null;
     const copy = new Uint8Array(len);
     return this.memory.read(addr, copy) ? new DataView(copy.buffer) : null;
   }
