@@ -80,8 +80,11 @@ export class Rng {
 // ---------------------------------------------------------------------------------------
 // Plans: what one iteration sends
 
-/** fds a message may carry. `kick` and `call` are eventfds the case keeps (it kicks with them); `guest` is its memory. */
-type FdKind = 'eventfd' | 'kick' | 'call' | 'guest' | 'memfd' | 'memfd-unsealed' | 'pipe' | 'socket' | 'file';
+/**
+ * fds a message may carry. `kick` and `call` are eventfds the case keeps (it kicks with
+ * them); `guest` is its memory; `inflight` a sealed memfd holding the plan's inflight log.
+ */
+type FdKind = 'eventfd' | 'kick' | 'call' | 'guest' | 'inflight' | 'memfd' | 'memfd-unsealed' | 'pipe' | 'socket' | 'file';
 const HOSTILE_FDS: readonly FdKind[] = ['eventfd', 'memfd', 'memfd-unsealed', 'pipe', 'socket', 'file', 'guest'];
 
 interface Msg {
@@ -97,6 +100,8 @@ interface Plan {
   cut: { msg: number; bytes: number } | null;
   /** The first bytes of guest memory: the ring and its requests, as the (hostile) guest wrote them. */
   image: Uint8Array;
+  /** What the `inflight` memfd holds: a log as a hostile frontend (or a dead backend) left it. */
+  readonly inflightLog: Uint8Array;
   /** Kick ring 0 after sending. */
   kick: boolean;
   /** Close at once after the last message instead of waiting a little for the server. */
@@ -109,6 +114,8 @@ const RING_SIZE = 16;
 const MEMORY_BYTES = 1 << 20;
 /** The ring and the requests' headers and data sit in these first bytes of guest memory. */
 const IMAGE_BYTES = 128 * 1024;
+/** One queue's inflight log for a ring of RING_SIZE: 16-byte head, 16 bytes per descriptor, rounded to 64. */
+const INFLIGHT_QUEUE_BYTES = 320;
 /** Request types a guest may send, known and not. */
 const REQUEST_TYPES = [VIRTIO_BLK_T.IN, VIRTIO_BLK_T.OUT, VIRTIO_BLK_T.FLUSH, VIRTIO_BLK_T.GET_ID, VIRTIO_BLK_T.DISCARD, VIRTIO_BLK_T.WRITE_ZEROES, 99];
 
@@ -246,6 +253,28 @@ const MUTATIONS: readonly [string, (p: Plan, r: Rng, ring: GuestRing) => void][]
     if (r.chance(0.5)) ring.setAvailIdx(r.chance(0.5) ? r.below(0x10000) : r.below(RING_SIZE + 2));
     else ring.mem.view.setUint16(ring.avail + 4 + 2 * r.below(RING_SIZE), r.chance(0.5) ? r.below(RING_SIZE * 2) : r.below(0x10000), true);
   }],
+  ['inflight buffer', (p, r) => {
+    const at = p.msgs.findIndex((m) => new DataView(m.bytes.buffer, m.bytes.byteOffset).getUint32(0, true) === VHOST_USER.SET_PROTOCOL_FEATURES);
+    if (at < 0 || p.msgs[at].bytes.length !== 20) return;
+    const view = new DataView(p.msgs[at].bytes.buffer, p.msgs[at].bytes.byteOffset);
+    view.setBigUint64(12, view.getBigUint64(12, true) | bit(VHOST_USER_PROTOCOL_F.INFLIGHT_SHMFD), true);
+    // A log that looks right (version 1, this queue size) with states a hostile frontend chose.
+    const log = new DataView(p.inflightLog.buffer);
+    for (const q of [0, INFLIGHT_QUEUE_BYTES]) {
+      log.setUint16(q + 8, r.chance(0.9) ? 1 : r.below(4), true);
+      log.setUint16(q + 10, r.chance(0.9) ? RING_SIZE : r.below(0x10000), true);
+      log.setUint16(q + 14, r.chance(0.5) ? 0 : r.below(0x10000), true);
+      for (let i = 0; i < RING_SIZE; i++) {
+        if (r.chance(0.3)) log.setUint8(q + 16 + 16 * i, 1 + r.below(255));
+        log.setUint16(q + 16 + 16 * i + 6, r.below(0x10000), true);
+        log.setBigUint64(q + 16 + 16 * i + 8, r.pick(INTERESTING), true);
+      }
+    }
+    const inflight = r.chance(0.8)
+      ? encode({ request: 'SET_INFLIGHT_FD', needReply: r.chance(0.5), fd: 0, mmapSize: r.pick([4096, 4096, 640, 100, 8192]), mmapOffset: r.pick([0, 0, 0, 64, 4096]), numQueues: r.pick([2, 2, 1, 3]), queueSize: r.pick([RING_SIZE, RING_SIZE, 8, 0]) }, [r.chance(0.8) ? 'inflight' : r.pick(HOSTILE_FDS)])
+      : encode({ request: 'GET_INFLIGHT_FD', needReply: false, numQueues: r.pick([1, 2, 3]), queueSize: r.pick([RING_SIZE, 256, 3]) });
+    p.msgs.splice(at + 1 + r.below(p.msgs.length - at), 0, inflight);
+  }],
   ['backend channel', (p, r) => {
     const at = p.msgs.findIndex((m) => new DataView(m.bytes.buffer, m.bytes.byteOffset).getUint32(0, true) === VHOST_USER.SET_PROTOCOL_FEATURES);
     if (at < 0 || p.msgs[at].bytes.length !== 20) return;
@@ -268,7 +297,9 @@ export function makePlan(seed: number, i: number): Plan {
   const mem = new SharedRegion(MEMORY_BYTES);
   try {
     const ring = new GuestRing(mem, 0, RING_SIZE);
-    const plan: Plan = { msgs: baseSession(ring, mem, r.chance(0.5)), cut: null, image: mem.bytes, kick: true, hangUp: false, mutations: [] };
+    const plan: Plan = {
+      msgs: baseSession(ring, mem, r.chance(0.5)), cut: null, image: mem.bytes, inflightLog: new Uint8Array(4096), kick: true, hangUp: false, mutations: [],
+    };
     // A well-formed request for the device to find, then whatever the mutations add.
     ring.blkRequest(VIRTIO_BLK_T.IN, 0, 4096);
     // A few iterations stay valid: the baseline the mutations are measured against.
@@ -291,7 +322,7 @@ function planDigest(seed: number, start: number, n: number): string {
   for (let i = start; i < start + n; i++) {
     const p = makePlan(seed, i);
     for (const m of p.msgs) h.update(m.bytes).update(`${m.fds.join(',')}/${m.pieces};`);
-    h.update(p.image).update(JSON.stringify([p.cut, p.kick, p.hangUp]));
+    h.update(p.image).update(p.inflightLog).update(JSON.stringify([p.cut, p.kick, p.hangUp]));
   }
   return h.digest('hex').slice(0, 16);
 }
@@ -344,6 +375,11 @@ async function runPlan(server: ServerProcess, plan: Plan, fds: FdFactory): Promi
           return s.fd;
         }
         case 'file': return fds.file(MEMORY_BYTES);
+        case 'inflight': {
+          const fd = fds.memfd(plan.inflightLog.length, true);
+          native.pwritev(fd, [plan.inflightLog], 0);
+          return fd;
+        }
       }
     };
     for (let i = 0; i < plan.msgs.length && !dropped; i++) {
