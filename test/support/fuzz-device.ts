@@ -38,6 +38,7 @@ import {
 import { VIRTIO_F, hasFeature } from '../../src/spec/virtio.js';
 import type { ChainError, ChainErrorCode } from '../../src/virtqueue/chain.js';
 import type { DeviceHost } from '../../src/virtqueue/device.js';
+import type { SplitQueueConfig } from '../../src/virtqueue/ring-views.js';
 import { SplitDeviceQueue } from '../../src/virtqueue/split-device.js';
 import { BatchAllocator, FuzzMemory, type HostRange } from './fuzz-memory.js';
 import {
@@ -86,6 +87,7 @@ class OracleFailure extends Error {}
 const P_CORRUPT = 0.04;
 const P_FLIPS = 0.02;
 const P_ALIAS = 0.004;
+const P_STOP = 0.03;
 const CORRUPTIONS = [
   'next-out-of-range', 'loop', 'out-of-memory', 'head-out-of-range', 'avail-jump', 'indirect-nested',
   'indirect-with-next', 'indirect-bad-length', 'indirect-not-negotiated', 'readable-after-writable',
@@ -214,6 +216,9 @@ interface QueueState {
   readonly index: number;
   readonly size: number;
   readonly model: QueueModel;
+  readonly config: SplitQueueConfig;
+  /** The used-buffer notification callback the queue was started with. */
+  readonly notify: () => void;
   readonly eventIdx: boolean;
   /** Guest address of the descriptor table. */
   readonly descAddr: number;
@@ -277,6 +282,8 @@ class Setup {
   private shape!: DiskShape;
   private queues: QueueState[] = [];
   private forbidden: HostRange[] = [];
+  /** The stopQueue of the current batch has resolved. */
+  private stopped = false;
 
   constructor(
     private readonly seed: number,
@@ -412,13 +419,14 @@ class Setup {
       if (!(queue instanceof SplitDeviceQueue)) throw new Error(`fuzzer bug: queue setup refused: ${queue.message}`);
       queue.nextAvail = start;
       const state: QueueState = {
-        index: i, size, model, eventIdx, descAddr: config.desc,
+        index: i, size, model, config, eventIdx, descAddr: config.desc,
+        notify: () => {
+          state.notifications++;
+        },
         availIdx: start, usedIdx: start, nextAvail: start, broken: false, notifications: 0,
       };
       this.queues.push(state);
-      this.call('startQueue', () => dev.startQueue(i, queue, () => {
-        state.notifications++;
-      }));
+      this.call('startQueue', () => dev.startQueue(i, queue, state.notify));
     }
   }
 
@@ -459,6 +467,7 @@ class Setup {
 
   /** One batch on queue `q`. Returns false when the epoch must end (the ring state is unknown). */
   private async runBatch(q: QueueState): Promise<boolean> {
+    this.stopped = false;
     let corruption = this.pickCorruption(q);
     const built = this.buildBatch(q, corruption);
     if (built.length === 0) return true;
@@ -489,8 +498,25 @@ class Setup {
     const mustBeDurable = this.apply(q, plan);
     const resetsBefore = this.host.resets.length;
     const notesBefore = q.notifications;
+    const availIdxAt = q.model.availAt + 2;
+    const finalIdx = u16(this.mem.host, availIdxAt);
+    if (outOfOrder && corruption === null && built.length >= 2 && this.rng.chance(0.5)) {
+      // A driver adds requests while earlier ones are in flight: publish the batch in two
+      // parts, releasing some held backend operations in between.
+      put16(this.mem.host, availIdxAt, (finalIdx - this.rng.range(1, built.length - 1)) & 0xffff);
+      this.call('queueNotify', () => this.device.queueNotify(q.index));
+      await this.pump(this.rng.below(4));
+      put16(this.mem.host, availIdxAt, finalIdx);
+    }
     this.call('queueNotify', () => this.device.queueNotify(q.index));
+    // Now and then the transport stops the queue right after the kick (vhost-user
+    // GET_VRING_BASE): it must wait for requests in flight, then report where to resume.
+    const stopping = !plan.broken && this.rng.chance(P_STOP) ? this.device.stopQueue(q.index) : null;
+    stopping?.then(() => {
+      this.stopped = true;
+    }, () => {});
     if (outOfOrder) await this.pump();
+    if (stopping) await this.restartQueue(q, stopping);
 
     const n = plan.steps.length;
     this.report.cases += n + (plan.broken ? 1 : 0);
@@ -527,6 +553,21 @@ class Setup {
     else want = outOfOrder ? 'some' : 1;
     if (want === 'some' ? notes < 1 : notes !== want) this.fail(`expected ${want} used-buffer notifications, got ${notes}`, context);
     return true;
+  }
+
+  /** Waits for a stopping queue, checks its vring base, and starts it again from there. */
+  private async restartQueue(q: QueueState, stopping: Promise<number>): Promise<void> {
+    let base: number;
+    try {
+      base = await stopping;
+    } catch (e) {
+      throw new OracleFailure(`stopQueue rejected: ${describe(e)}`);
+    }
+    if (base !== q.nextAvail) this.fail(`stopQueue returned vring base ${base}, expected ${q.nextAvail}`, () => '');
+    const queue = SplitDeviceQueue.create(this.mem.memory, q.config);
+    if (!(queue instanceof SplitDeviceQueue)) throw new Error(`fuzzer bug: queue setup refused: ${queue.message}`);
+    queue.nextAvail = base;
+    this.call('startQueue', () => this.device.startQueue(q.index, queue, q.notify));
   }
 
   /** A broken queue kicked again: nothing may change but its used flags word. */
@@ -1022,12 +1063,13 @@ class Setup {
     }
   }
 
-  /** Releases held backend operations in random order until the device is idle. */
-  private async pump(): Promise<void> {
+  /** Releases held backend operations in random order until the device is idle (or `limit` of them). */
+  private async pump(limit = Infinity): Promise<void> {
     const held = this.backend.held;
-    for (;;) {
+    for (let n = 0; ; n++) {
       await new Promise<void>((resolve) => setImmediate(resolve));
-      if (held.length === 0) return;
+      if (this.stopped && held.length > 0) this.fail('stopQueue resolved while requests were still in flight', () => '');
+      if (held.length === 0 || n >= limit) return;
       const [op] = held.splice(this.rng.below(held.length), 1);
       op();
     }
