@@ -739,6 +739,15 @@ for (const [what, make, mmapSize, mmapOffset, reason] of inflightAreas) {
   });
 }
 add({
+  name: 'inflight: GET_INFLIGHT_FD under running rings is refused, its new buffer not leaked',
+  drop: /^cannot honour VHOST_USER_GET_INFLIGHT_FD: the inflight buffer cannot change while rings run/,
+  async run(ctx) {
+    const g = await ctx.guest({ inflight: { fd: ctx.fds.memfd(4096, true), mmapSize: 4096, numQueues: 2, queueSize: 16 } });
+    // A GET_ has no ack to fail: the server can only drop the connection.
+    g.f.send({ request: 'GET_INFLIGHT_FD', needReply: true, numQueues: 2, queueSize: 16 });
+  },
+});
+add({
   name: 'inflight: SET_INFLIGHT_FD under running rings is NACKed and they keep running',
   async run(ctx) {
     const g = await ctx.guest({ inflight: { fd: ctx.fds.memfd(4096, true), mmapSize: 4096, numQueues: 2, queueSize: 16 } });
@@ -1053,6 +1062,8 @@ describe('vhost-user: hostile frontends and guests against one server', () => {
         assert.fail(`fd leak: ${open} open, baseline ${was}:\n${server.fdTargets().join('\n')}`);
       }
       assert.ok(ctx.log().every((l) => !/^closing fd \d+/.test(l)), `an fd was closed twice:\n${ctx.log().join('\n')}`);
+      const maps = server.memfdMappings();
+      assert.deepEqual(maps, [], `memory the frontend shared is still mapped:\n${maps.join('\n')}`);
 
       const before = server.disconnects(ctx.from).length;
       sector = (sector + 8) % 2048;

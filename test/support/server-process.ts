@@ -5,7 +5,7 @@
  * "leaked" after every case.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { existsSync, readdirSync, readlinkSync } from 'node:fs';
+import { existsSync, readFileSync, readdirSync, readlinkSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
@@ -94,6 +94,11 @@ export class ServerProcess {
   /** Open fds of the server process. */
   fdCount(): number {
     return readdirSync(`/proc/${this.pid}/fd`).length;
+  }
+
+  /** Mappings of memfds in the server process (guest memory, inflight buffers): leaked ones show here. */
+  memfdMappings(): string[] {
+    return readFileSync(`/proc/${this.pid}/maps`, 'utf8').split('\n').filter((l) => l.includes('/memfd:'));
   }
 
   /** What each open fd is (for a leak report). */

@@ -293,6 +293,7 @@ export class VhostUserBackendSession implements DeviceHost {
   private getInflight(numQueues: number, queueSize: number): BackendReply {
     this.requireProtocol(VHOST_USER_PROTOCOL_F.INFLIGHT_SHMFD, 'GET_INFLIGHT_FD');
     const perQueue = this.checkInflightShape(numQueues, queueSize);
+    this.requireRingsStopped();
     const { fd, mapping } = this.io.createSharedMemory(perQueue * numQueues);
     this.replaceInflight({ mapping, numQueues, queueSize, perQueue });
     return { request: 'GET_INFLIGHT_FD', fd, mmapSize: perQueue * numQueues, mmapOffset: 0, numQueues, queueSize };
@@ -306,6 +307,7 @@ export class VhostUserBackendSession implements DeviceHost {
       if (req.mmapSize < perQueue * req.numQueues) {
         throw new BackendSessionError('BAD_RING', `inflight buffer of ${req.mmapSize} bytes is smaller than ${req.numQueues} queues of ${req.queueSize} need`);
       }
+      this.requireRingsStopped();
       const mapping = this.io.mapRegion(req.fd, req.mmapSize, req.mmapOffset);
       this.replaceInflight({ mapping, numQueues: req.numQueues, queueSize: req.queueSize, perQueue });
     } catch (e) {
@@ -316,8 +318,15 @@ export class VhostUserBackendSession implements DeviceHost {
     }
   }
 
-  private replaceInflight(next: InflightBuffer | null): void {
+  /**
+   * Rings read the inflight buffer when they start: it cannot change under a running one.
+   * Checked before the buffer is created or mapped, so that a refusal leaks neither.
+   */
+  private requireRingsStopped(): void {
     if (this.vrings.some((v) => v.queue)) throw new BackendSessionError('RING_BUSY', 'the inflight buffer cannot change while rings run');
+  }
+
+  private replaceInflight(next: InflightBuffer | null): void {
     this.inflight?.mapping.unmap();
     this.inflight = next;
   }
