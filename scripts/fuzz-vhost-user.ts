@@ -16,7 +16,8 @@
  * The server is `vblk serve IMG --socket S` (the compiled CLI) when it is built, else
  * the test child around VhostUserServer (test/support/serve-child.ts); `--server`
  * chooses. After each iteration it must have logged why the connection ended, still be
- * alive, be back to its baseline of open fds and never have closed an fd twice; every
+ * alive, be back to its baseline of open fds with no shared memory left mapped, and never
+ * have closed an fd twice; every
  * K iterations (and at the end) a well-behaved frontend must write and read back a
  * block. Exit status: 0 when all of that held, 1 on a crash, wedge, leak or double
  * close (the failing iteration is printed for replay), 2 on bad arguments.
@@ -558,6 +559,13 @@ async function main(): Promise<number> {
       const open = await server.settleFds(baseline, 2000);
       if (open !== baseline) {
         report.failures.push(`leak: ${open} fds open after iteration ${i}, baseline ${baseline} (${plan.mutations.join(', ')}):\n  ${server.fdTargets().join('\n  ')}\n${replay}`);
+        break;
+      }
+      // The session unmaps once its requests completed and the device reset: allow for that.
+      await server.waitFor('shared memory to be unmapped', () => server.memfdMappings().length === 0, 2000).catch(() => {});
+      const maps = server.memfdMappings();
+      if (maps.length > 0) {
+        report.failures.push(`leak: shared memory still mapped after iteration ${i} (${plan.mutations.join(', ')}):\n  ${maps.join('\n  ')}\n${replay}`);
         break;
       }
       if ((i - start + 1) % checkEvery === 0 && !(await wellBehaved(`after iteration ${i}`))) break;
