@@ -238,7 +238,7 @@ interface BuiltChain {
   /** Host offset of its available ring entry. */
   readonly slotAt: number;
   /** Guest addresses of its data descriptors in chain order (ring ones, then table entries). */
-  readonly dataDescs: { readonly addr: number; readonly inTable: boolean; readonly write: boolean; readonly len: number }[];
+  readonly dataDescs: { readonly addr: number; readonly write: boolean; readonly len: number }[];
   /** Guest addresses of its ring descriptors that chain with NEXT (the direct part). */
   readonly ringDescs: number[];
   readonly table: { readonly descAddr: number; readonly addr: number; readonly entries: number; readonly used: number[] } | null;
@@ -686,7 +686,7 @@ class Setup {
         const d = data[k];
         const last = k === ringDescs.length - 1;
         putDesc(mem, ringAddr(ringDescs[k]), d.addr, d.len, d.flags | (last ? 0 : VIRTQ_DESC_F.NEXT), last ? rng.below(U16) : ringDescs[k + 1]);
-        dataDescs.push({ addr: ringAddr(ringDescs[k]), inTable: false, write: d.write, len: d.len });
+        dataDescs.push({ addr: ringAddr(ringDescs[k]), write: d.write, len: d.len });
       }
       let table: BuiltChain['table'] = null;
       if (useIndirect) {
@@ -705,7 +705,7 @@ class Setup {
           const d = inTable[k];
           const last = k === inTable.length - 1;
           encodeDesc(bytes, slots[k] * VIRTQ_DESC_SIZE, d.addr, d.len, d.flags | (last ? 0 : VIRTQ_DESC_F.NEXT), last ? rng.below(U16) : slots[k + 1]);
-          dataDescs.push({ addr: tableAddr + slots[k] * VIRTQ_DESC_SIZE, inTable: true, write: d.write, len: d.len });
+          dataDescs.push({ addr: tableAddr + slots[k] * VIRTQ_DESC_SIZE, write: d.write, len: d.len });
         }
         mem.write(tableAddr, bytes);
         const descAddr = ringAddr(ringDescs[direct]);
