@@ -16,11 +16,20 @@
  *   model's reason, and stops it;
  * - used-buffer notifications follow the suppression rules, and the device re-enables
  *   available-buffer notifications after draining;
+ * - when a batch's last change to the disk was followed by a completed FLUSH (or was a
+ *   writethrough write, or a secure erase), the backend's flushed image is the model disk;
+ * - a driver's config-space writes change `writeback` only, as 5.2.5 allows, and the
+ *   cache mode follows 5.2.6.2;
+ * - a queue stopped right after a kick (as vhost-user's GET_VRING_BASE does) resolves only
+ *   once its requests in flight completed, with the next available index as its base,
+ *   and serves on when restarted from there;
  * - at the end of each epoch the backend holds exactly the model disk.
  *
- * A setup is one device (block size, size, read-only, queues, limits, sync or
- * asynchronous backend, all random) served through several epochs (feature sets, ring
- * placements and sizes, starting indices near the u16 wrap), each a run of batches. A
+ * A setup is one device (block size, size, read-only, queues, limits, cache mode, serial,
+ * sync or holding backend, all random) served through several epochs (feature sets, ring
+ * placements and sizes, starting indices near the u16 wrap), each a run of batches; a
+ * holding backend completes requests later and out of order, and the driver may publish
+ * more while some are in flight. A
  * batch whose chains write into memory that a later chain is read from (possible only
  * by corruption) has no single right answer: those get the safety oracles only, and the
  * disk model is re-read from the backend.
@@ -45,7 +54,7 @@ import {
   gather, scatter, serveChain, statusOf, u16, u32, walkChain, type DiskModel, type QueueModel, type Served, type WalkedChain,
 } from './fuzz-model.js';
 import { Rng } from './fuzz-prng.js';
-import { genRequest, type DiskShape } from './fuzz-requests.js';
+import { genRequest } from './fuzz-requests.js';
 
 export interface FuzzOptions {
   /** Seed of the whole run: every setup's seed is drawn from it. */
@@ -274,19 +283,19 @@ class Setup {
   private readonly asyncMode: boolean;
   private readonly diskBytes: Uint8Array;
   private readonly serial: string;
+  private readonly readOnly: boolean;
   /** The `writeback` value the device starts from (its `cache` option). */
   private readonly initialWriteback: number;
   /** 5.2.6.2: writes must be stable when they complete (the model's view of the cache mode). */
   private writethrough = false;
   private disk!: DiskModel;
-  private shape!: DiskShape;
   private queues: QueueState[] = [];
   private forbidden: HostRange[] = [];
   /** The stopQueue of the current batch has resolved. */
   private stopped = false;
 
   constructor(
-    private readonly seed: number,
+    seed: number,
     private readonly mem: FuzzMemory,
     private readonly expected: Uint8Array,
     private readonly report: FuzzReport,
@@ -310,10 +319,11 @@ class Setup {
     for (let n = rng.range(0, VIRTIO_BLK_ID_BYTES); n > 0; n--) serial += String.fromCharCode(rng.range(0x20, 0x7e));
     this.serial = serial;
     this.initialWriteback = rng.chance(0.5) ? 1 : 0;
+    this.readOnly = rng.chance(0.1);
     this.device = new BlkDevice({
       backend: this.backend,
       blockSize,
-      readOnly: rng.chance(0.1),
+      readOnly: this.readOnly,
       numQueues: rng.chance(0.3) ? 2 : 1,
       serial,
       cache: this.initialWriteback === 1 ? 'writeback' : 'writethrough',
@@ -372,21 +382,23 @@ class Setup {
       negotiated: negotiated(bit), maxSectors: cfg(sectors), maxSegments: cfg(segs),
     });
     const spb = dev.blockSize / VIRTIO_BLK_SECTOR_SIZE;
+    // Only whole logical blocks are exposed, in 512-byte sectors (5.2.4).
+    const capacity = Math.floor(this.diskBytes.length / dev.blockSize) * spb;
+    if (dev.capacity !== capacity) this.fail(`the device reports ${dev.capacity} sectors, expected ${capacity}`, () => '');
     // GET_ID answers the serial NUL-padded to 20 bytes (5.2.6).
     const id = new Uint8Array(VIRTIO_BLK_ID_BYTES);
     for (let k = 0; k < this.serial.length; k++) id[k] = this.serial.charCodeAt(k);
     this.disk = {
       bytes: this.diskBytes,
-      capacitySectors: dev.capacity,
+      capacitySectors: capacity,
       sectorsPerBlock: spb,
-      readOnly: dev.readOnly,
+      readOnly: this.readOnly,
       flushOffered: offered(VIRTIO_BLK_F.FLUSH),
       id,
       discard: range(VIRTIO_BLK_F.DISCARD, CFG.max_discard_sectors, CFG.max_discard_seg),
       writeZeroes: range(VIRTIO_BLK_F.WRITE_ZEROES, CFG.max_write_zeroes_sectors, CFG.max_write_zeroes_seg),
       secureErase: range(VIRTIO_BLK_F.SECURE_ERASE, CFG.max_secure_erase_sectors, CFG.max_secure_erase_seg),
     };
-    this.shape = this.disk;
     this.fuzzCacheMode(negotiated(VIRTIO_BLK_F.CONFIG_WCE), negotiated(VIRTIO_BLK_F.FLUSH), offered(VIRTIO_BLK_F.FLUSH));
 
     const eventIdx = negotiated(VIRTIO_F.RING_EVENT_IDX);
@@ -637,7 +649,7 @@ class Setup {
     const chains: BuiltChain[] = [];
     const mask = q.size - 1;
     for (let j = 0; j < want; j++) {
-      const shape = genRequest(rng, this.shape);
+      const shape = genRequest(rng, this.disk);
       const readCuts = rng.chance(0.3) ? [rng.range(1, 15)] : [];
       const writeCuts = rng.chance(0.5) ? [shape.writableLen - 1] : [];
       const data: { addr: number; len: number; flags: number; write: boolean }[] = [];
