@@ -33,8 +33,12 @@ const IMAGE_SECTORS = 8192; // 4 MiB
 const REGION_FIRST = 2048;
 const REGION_SECTORS = 2048;
 const ROUNDS = 60;
-/** Short, so a request the dead device never answers fails the writer quickly. */
-const REQUEST_TIMEOUT_MS = 2000;
+/**
+ * A backstop only: requests to a killed serve fail at once ("device lost"). Short enough
+ * that a request nobody answers cannot stall a round, long enough that a loaded machine
+ * does not fail the verification reads.
+ */
+const REQUEST_TIMEOUT_MS = 5000;
 const CONNECT: ConnectOptions = { memorySize: 16 << 20, replyTimeoutMs: 5000 };
 const DRIVER = { queues: 2, queueSize: 64, maxRequestBytes: 64 << 10, timeoutMs: REQUEST_TIMEOUT_MS };
 const READ_CHUNK = 64 << 10;
@@ -79,16 +83,18 @@ test(`vblk serve killed with SIGKILL at ${ROUNDS} random points loses no acknowl
   const killedAt: Record<string, number> = {};
   let file: Uint8Array = initial;
   let serve: Served | null = null;
+  let conn: Awaited<ReturnType<typeof connect>> | null = null;
   try {
     for (let round = 0; round <= ROUNDS; round++) {
       const socket = join(scratch.dir, `serve-${round}.sock`);
       const writethrough = round % 4 === 3;
       serve = await startServe(image, socket, ['--queues', '2', '--cache', writethrough ? 'writethrough' : 'writeback']);
-      const conn = await connect(socket);
+      conn = await connect(socket);
       // After a crash, a restarted device serves exactly what the image holds.
       await assertDriverReadsFile(conn.driver, file);
       if (round === ROUNDS) {
         await conn.close();
+        conn = null;
         assert.equal(await serve.stop(), 0, serve.log());
         serve = null;
         break;
@@ -118,6 +124,7 @@ test(`vblk serve killed with SIGKILL at ${ROUNDS} random points loses no acknowl
       await writing;
       generation = writer.generation;
       await conn.close();
+      conn = null;
       serve = null;
 
       file = new Uint8Array(readFileSync(image));
@@ -131,6 +138,7 @@ test(`vblk serve killed with SIGKILL at ${ROUNDS} random points loses no acknowl
       assert.deepEqual(result.problems.slice(0, 10), [], `round ${round} (killed on ${how}): ${result.problems.length} bad sectors\n${victim.log()}`);
     }
   } finally {
+    await conn?.close();
     if (serve) await serve.stop();
     scratch.cleanup();
   }
