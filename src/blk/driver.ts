@@ -13,9 +13,11 @@
  * queue and fails its requests instead of corrupting memory or hanging).
  *
  * Data path: caller buffers are bounce-copied through DMA memory (the device reaches only
- * `transport.memory`). Requests larger than one chain may carry are split. A request that
- * finds the ring full waits in a per-queue software FIFO and goes out as completions free
- * room. Chains are added at once; the kick is batched into one microtask per queue.
+ * `transport.memory`), except buffers from `allocBuffer`, which already live there and
+ * go into the chain as they are (zero copy). Requests larger than one chain may carry
+ * are split. A request that finds the ring full waits in a per-queue software FIFO and
+ * goes out as completions free room. Chains are added at once; the kick is batched into
+ * one microtask per queue.
  */
 import { UsageError } from '../errors.js';
 import {
@@ -28,7 +30,7 @@ import { isValidQueueSize } from '../spec/split-ring.js';
 import type { DriverQueueBinding, DriverTransport } from '../virtqueue/device.js';
 import { DriverQueueError, type Segment, type SplitDriverQueue } from '../virtqueue/split-driver.js';
 import { decodeBlkConfig, BlkConfigError, type BlkConfig, type BlkGeometry } from './config.js';
-import { BouncePool, type DmaBlock } from './driver-dma.js';
+import { BouncePool, viewOf, type DmaBlock } from './driver-dma.js';
 import {
   IoError, NotSupportedError, ProbeError, QueueBrokenError, ReadOnlyError, RequestError, TimeoutError, statusToError,
 } from './driver-errors.js';
@@ -148,6 +150,8 @@ class Req {
   /** The request as the caller made it, for messages: its first sector and its bytes. */
   opSector = 0;
   opBytes = 0;
+  /** The caller's buffer when it is a {@link BlkDriver.allocBuffer} buffer: no bounce copy. */
+  zc: ZeroCopyBuffer | null = null;
   constructor(
     /** The request this chain belongs to, or null when this is the root. */
     readonly root: Req | null,
@@ -166,6 +170,15 @@ class Req {
     /** Queue index; restore moves requests of queues that no longer exist. */
     public queue: number,
   ) {}
+}
+
+/** A buffer from {@link BlkDriver.allocBuffer}: where it lives, and the chains on rings that use it. */
+interface ZeroCopyBuffer {
+  readonly addr: number;
+  /** Chains on a ring pointing into this buffer: it cannot be freed while any is. */
+  onRings: number;
+  /** Freed: a request still waiting to be posted with it fails instead of using the memory. */
+  isFreed: boolean;
 }
 
 interface MutableSegment {
@@ -317,6 +330,8 @@ export class BlkDriver {
   /** Header scratch: filled as u32 words, copied into the slot's header as bytes. */
   private readonly headerWords = new Uint32Array(VIRTIO_BLK_REQ_HEADER.size / Uint32Array.BYTES_PER_ELEMENT);
   private readonly headerBytes = new Uint8Array(this.headerWords.buffer);
+  /** Buffers handed out by {@link allocBuffer}, by their view (the only key a caller can present). */
+  private readonly zeroCopy = new WeakMap<Uint8Array, ZeroCopyBuffer>();
 
   private constructor(
     private readonly transport: DriverTransport,
@@ -462,6 +477,46 @@ export class BlkDriver {
 
   // ---- Requests ----------------------------------------------------------------------
 
+  /**
+   * A buffer of `length` bytes in DMA memory, memory the device reaches directly. A
+   * {@link read} or {@link write} whose buffer list is exactly this buffer (the same
+   * view, alone) puts its address in the chain and skips the bounce copy: the device
+   * reads from it or writes into it in place. Any other list, including a subarray of
+   * it, is copied as usual. The buffer lives until {@link freeBuffer}; its contents
+   * are undefined while a request using it is in flight. Throws {@link RequestError}
+   * `NO_DMA_MEMORY` when the transport's DMA memory has no room, {@link UsageError}
+   * for a bad length or a disk that is gone.
+   */
+  allocBuffer(length: number): Uint8Array {
+    if (!Number.isSafeInteger(length) || length < 1) {
+      throw new UsageError('BAD_LENGTH', `${this.name}: a DMA buffer needs a positive integer length, got ${length}`);
+    }
+    if (this.phase === 'removed' || this.phase === 'failed') {
+      throw new UsageError('BAD_STATE', `${this.name}: cannot allocate a DMA buffer on a disk that is ${this.phase}`);
+    }
+    const dma = this.transport.dma;
+    const addr = dma.alloc(length);
+    if (addr < 0) throw new RequestError('NO_DMA_MEMORY', `${this.name}: no DMA memory for a buffer of ${length} bytes`);
+    const bytes = viewOf(this.transport.memory, dma, addr, length);
+    this.zeroCopy.set(bytes, { addr, onRings: 0, isFreed: false });
+    return bytes;
+  }
+
+  /**
+   * Returns a buffer from {@link allocBuffer}. Throws {@link UsageError} `BUFFER_BUSY`
+   * while a request using it is on a ring (the device may still touch it; a timed-out
+   * request counts until the device returns it or the disk is removed), and
+   * `NOT_A_DMA_BUFFER` for anything else. A request still waiting for room fails.
+   */
+  freeBuffer(buffer: Uint8Array): void {
+    const zc = this.zeroCopy.get(buffer);
+    if (zc === undefined) throw new UsageError('NOT_A_DMA_BUFFER', `${this.name}: freeBuffer takes a buffer from allocBuffer (and each only once)`);
+    if (zc.onRings > 0) throw new UsageError('BUFFER_BUSY', `${this.name}: the DMA buffer is in use by ${zc.onRings} request(s) on a ring`);
+    zc.isFreed = true;
+    this.zeroCopy.delete(buffer);
+    this.transport.dma.release(zc.addr);
+  }
+
   /** Reads from `sector` into `buffers` (their total length is the request's length). */
   read(sector: number, buffers: readonly Uint8Array[], options?: RequestOptions): Promise<void> {
     return this.readWrite(VIRTIO_BLK_T.IN, sector, buffers, options);
@@ -565,12 +620,16 @@ export class BlkDriver {
     if (typeof queue !== 'number') return Promise.reject(queue);
     const max = this.maxChainBytes;
     const isIn = type === VIRTIO_BLK_T.IN;
+    const zc = buffers.length === 1 ? this.zeroCopy.get(buffers[0]) ?? null : null;
     const root = new Req(null, type, sector, buffers, 0, Math.min(max, total), null, isIn, queue);
+    root.zc = zc;
     const promise = this.track(root, sector, total);
     root.remaining = Math.ceil(total / max);
     this.enqueue(root);
     for (let off = max; off < total; off += max) {
-      this.enqueue(new Req(root, type, sector + off / VIRTIO_BLK_SECTOR_SIZE, buffers, off, Math.min(max, total - off), null, isIn, queue));
+      const chunk = new Req(root, type, sector + off / VIRTIO_BLK_SECTOR_SIZE, buffers, off, Math.min(max, total - off), null, isIn, queue);
+      chunk.zc = zc;
+      this.enqueue(chunk);
     }
     return promise;
   }
@@ -791,21 +850,39 @@ export class BlkDriver {
    * descriptors, a slot, or DMA memory for the bounce buffer): it then waits.
    */
   private post(qs: QueueState, chunk: Req): boolean {
+    const zc = chunk.zc;
+    if (zc !== null && zc.isFreed) {
+      // The caller freed the buffer before the request reached a ring: never use that memory.
+      const op = chunk.root ?? chunk;
+      this.settle(op, new UsageError('BUFFER_FREED', `${this.describe(op)}: its DMA buffer was freed before the request was sent`));
+      return true;
+    }
     const length = chunk.length;
     const sizeMax = this.sizeMaxValue;
     const dataDescs = length === 0 ? 0 : Math.ceil(length / sizeMax);
     const queue = qs.queue;
     if (qs.freeSlots.length === 0 || !queue.canAdd(dataDescs + CHAIN_OVERHEAD_DESCS)) return false;
     const slot = qs.freeSlots.pop() as Slot;
-    let bounce = slot.bounce;
-    if (length > 0 && (bounce === null || bounce.bytes.length < length)) {
-      const fresh = this.getBounce(length);
-      if (fresh === null) {
-        qs.freeSlots.push(slot);
-        return false;
+    // Guest address of the data: the caller's DMA buffer itself, or a bounce block.
+    let dataAddr = -1;
+    if (zc !== null) {
+      dataAddr = zc.addr + chunk.byteOffset;
+    } else if (length > 0) {
+      let bounce = slot.bounce;
+      if (bounce === null || bounce.bytes.length < length) {
+        const fresh = this.getBounce(length);
+        if (fresh === null) {
+          qs.freeSlots.push(slot);
+          return false;
+        }
+        if (bounce !== null) this.pool.put(bounce);
+        slot.bounce = bounce = fresh;
       }
-      if (bounce !== null) this.pool.put(bounce);
-      slot.bounce = bounce = fresh;
+      if (chunk.payload) bounce.bytes.set(chunk.payload);
+      else if (!chunk.isWritable) gather(bounce.bytes, chunk.buffers as readonly Uint8Array[], chunk.byteOffset, length);
+      // GET_ID: a device that writes fewer than 20 bytes leaves NULs, not an older request's data.
+      else if (chunk.type === VIRTIO_BLK_T.GET_ID) bounce.bytes.fill(0, 0, length);
+      dataAddr = bounce.addr;
     }
     const words = this.headerWords;
     const sector = chunk.sector;
@@ -817,34 +894,30 @@ export class BlkDriver {
     slot.status[0] = STATUS_UNWRITTEN;
     let out: Segment[];
     let inp: Segment[];
-    if (bounce === null || length === 0) {
+    if (length === 0) {
       out = slot.headerOnly;
       inp = slot.statusOnly;
+    } else if (dataDescs === 1) {
+      slot.dataSeg.addr = dataAddr;
+      slot.dataSeg.len = length;
+      out = chunk.isWritable ? slot.headerOnly : slot.headerData;
+      inp = chunk.isWritable ? slot.dataStatus : slot.statusOnly;
     } else {
-      if (chunk.payload) bounce.bytes.set(chunk.payload);
-      else if (!chunk.isWritable) gather(bounce.bytes, chunk.buffers as readonly Uint8Array[], chunk.byteOffset, length);
-      // GET_ID: a device that writes fewer than 20 bytes leaves NULs, not an older request's data.
-      else if (chunk.type === VIRTIO_BLK_T.GET_ID) bounce.bytes.fill(0, 0, length);
-      if (dataDescs === 1) {
-        slot.dataSeg.addr = bounce.addr;
-        slot.dataSeg.len = length;
-        out = chunk.isWritable ? slot.headerOnly : slot.headerData;
-        inp = chunk.isWritable ? slot.dataStatus : slot.statusOnly;
-      } else {
-        // Longer than size_max: one descriptor per size_max bytes (rare; lists built here).
-        const data: Segment[] = [];
-        for (let at = 0; at < length; at += sizeMax) data.push({ addr: bounce.addr + at, len: Math.min(sizeMax, length - at) });
-        out = chunk.isWritable ? [slot.headerSeg] : [slot.headerSeg, ...data];
-        inp = chunk.isWritable ? [...data, slot.statusSeg] : [slot.statusSeg];
-      }
+      // Longer than size_max: one descriptor per size_max bytes (rare; lists built here).
+      const data: Segment[] = [];
+      for (let at = 0; at < length; at += sizeMax) data.push({ addr: dataAddr + at, len: Math.min(sizeMax, length - at) });
+      out = chunk.isWritable ? [slot.headerSeg] : [slot.headerSeg, ...data];
+      inp = chunk.isWritable ? [...data, slot.statusSeg] : [slot.statusSeg];
     }
     // canAdd said yes and nothing ran in between: add cannot refuse.
     queue.add(out, inp, slot);
     slot.chunk = chunk;
+    if (zc !== null) zc.onRings++;
     (chunk.root ?? chunk).inFlight++;
     this.liveChains++;
     return true;
   }
+
 
   /**
    * A bounce block of at least `length` bytes. When DMA memory runs out, the blocks idle
@@ -914,13 +987,18 @@ export class BlkDriver {
     const bounce = slot.bounce;
     slot.chunk = null;
     const op = chunk.root ?? chunk;
+    const zc = chunk.zc;
+    if (zc !== null) zc.onRings--;
     let error: Error | null = null;
     if (!op.settled) {
       op.inFlight--;
       this.liveChains--;
       const status = slot.status[0];
       if (status !== VIRTIO_BLK_S.OK) error = statusToError(status, this.describe(op));
-      else if (chunk.isWritable && bounce !== null) scatter(bounce.bytes, chunk.buffers as readonly Uint8Array[], chunk.byteOffset, chunk.length);
+      // The slot may keep a bounce block from an earlier request: a zero-copy chunk never used it.
+      else if (chunk.isWritable && zc === null && bounce !== null) {
+        scatter(bounce.bytes, chunk.buffers as readonly Uint8Array[], chunk.byteOffset, chunk.length);
+      }
     }
     // Large blocks go back to the pool; small ones stay with the slot for its next request.
     if (bounce !== null && bounce.bytes.length > SLOT_BOUNCE_KEEP) {
@@ -1122,6 +1200,8 @@ export class BlkDriver {
       for (const slot of qs.slots) {
         if (slot.bounce !== null) this.pool.put(slot.bounce);
         slot.bounce = null;
+        // The device no longer uses the rings: a zero-copy buffer may be freed now.
+        if (slot.chunk?.zc) slot.chunk.zc.onRings--;
         slot.chunk = null;
       }
       while (qs.pendingHead !== null) {

@@ -21,6 +21,11 @@ export interface BenchParams {
   readonly runtimeMs: number;
   /** Requests go to [0, regionBytes) of the disk; a multiple of `bs`. */
   readonly regionBytes: number;
+  /**
+   * Use ordinary buffers, which the driver bounce-copies through DMA memory, instead of
+   * {@link BlkDriver.allocBuffer} buffers the device reads and writes in place. Default false.
+   */
+  readonly bounce?: boolean;
 }
 
 /** What one benchmark run measured. */
@@ -36,6 +41,8 @@ export interface BenchResult {
   readonly bwBytes: number;
   /** Latency percentiles in microseconds. */
   readonly latUs: { readonly p50: number; readonly p99: number; readonly mean: number; readonly max: number };
+  /** CPU time (user + system, every thread) this process spent during the run, in microseconds. */
+  readonly cpuUs: number;
 }
 
 const MS_PER_S = 1000;
@@ -82,14 +89,19 @@ export async function runBench(driver: BlkDriver, p: BenchParams): Promise<Bench
   let errors = 0;
   let ok = 0;
   let firstError: string | null = null;
+  // Buffers first: allocating them is not part of the run.
+  const buffers: Uint8Array[][] = [];
+  for (let i = 0; i < p.iodepth; i++) {
+    const buffer = p.bounce ? new Uint8Array(p.bs) : driver.allocBuffer(p.bs);
+    // Each lane writes its own byte value, so a mixed-up buffer would show in the data.
+    if (!isRead) buffer.fill((i + 1) % BYTE_VALUES);
+    buffers.push([buffer]);
+  }
+  const cpuStart = process.cpuUsage();
   const start = performance.now();
   const end = start + p.runtimeMs;
 
-  const lane = async (seed: number): Promise<void> => {
-    const buffer = new Uint8Array(p.bs);
-    // Each lane writes its own byte value, so a mixed-up buffer would show in the data.
-    if (!isRead) buffer.fill(seed % BYTE_VALUES);
-    const buffers = [buffer];
+  const lane = async (buffers: readonly Uint8Array[]): Promise<void> => {
     for (let now = performance.now(); now < end;) {
       let block: number;
       if (isRandom) block = Math.floor(Math.random() * blocks);
@@ -114,9 +126,19 @@ export async function runBench(driver: BlkDriver, p: BenchParams): Promise<Bench
   };
 
   const lanes: Promise<void>[] = [];
-  for (let i = 0; i < p.iodepth; i++) lanes.push(lane(i + 1));
+  for (let i = 0; i < p.iodepth; i++) lanes.push(lane(buffers[i]));
   await Promise.all(lanes);
   const elapsedMs = performance.now() - start;
+  const cpu = process.cpuUsage(cpuStart);
+  if (!p.bounce) {
+    for (const [buffer] of buffers) {
+      try {
+        driver.freeBuffer(buffer);
+      } catch {
+        // Still on a broken ring: the buffer goes with the transport's memory.
+      }
+    }
+  }
   const sorted = samples.sorted();
   let sum = 0;
   for (let i = 0; i < sorted.length; i++) sum += sorted[i];
@@ -134,5 +156,6 @@ export async function runBench(driver: BlkDriver, p: BenchParams): Promise<Bench
       mean: sorted.length ? (sum / sorted.length) * US_PER_MS : 0,
       max: sorted.length ? sorted[sorted.length - 1] * US_PER_MS : 0,
     },
+    cpuUs: cpu.user + cpu.system,
   };
 }

@@ -12,6 +12,15 @@ export interface MemoryRegion {
   readonly bytes: Uint8Array;
 }
 
+/**
+ * 32- and 16-bit views of a whole region, from its first byte: how descriptor tables
+ * (little-endian, naturally aligned fields) are read without a DataView or a copy.
+ */
+export interface RegionWords {
+  readonly u32: Uint32Array;
+  readonly u16: Uint16Array;
+}
+
 export type MemoryErrorCode = 'BAD_REGION' | 'OVERLAPPING_REGIONS';
 
 export class MemoryError extends VblkError {
@@ -22,11 +31,28 @@ export class MemoryError extends VblkError {
 }
 
 const MAX_ADDRESS = Number.MAX_SAFE_INTEGER;
+/**
+ * log2 of the views kept per region by {@link GuestMemory.gather}: a queue of 256
+ * requests posts about three buffers each, so 4096 slots hold a busy disk's working set.
+ */
+const VIEW_CACHE_BITS = 12;
+/** 2^32 / the golden ratio, the multiplier of Fibonacci hashing. */
+const FIB_HASH = 0x9e37_79b1;
+
+/** Direct-mapped: slot k holds the view at `offsets[k]` (-1: empty). */
+interface ViewCache {
+  readonly offsets: Float64Array;
+  readonly views: Uint8Array[];
+}
 
 export class GuestMemory {
   readonly regions: readonly MemoryRegion[];
   private readonly starts: number[];
   private readonly ends: number[];
+  /** Per region: its word views once asked for; null when its bytes are not 4-byte aligned. */
+  private readonly words: (RegionWords | null | undefined)[];
+  /** Per region: views handed out by {@link gather}, by offset (see {@link cachedView}). */
+  private readonly viewCaches: (ViewCache | undefined)[] = [];
 
   /** Throws {@link MemoryError} when a region is empty, out of range or overlaps another. */
   constructor(regions: readonly MemoryRegion[]) {
@@ -46,6 +72,7 @@ export class GuestMemory {
     this.regions = sorted;
     this.starts = sorted.map((r) => r.guestAddress);
     this.ends = sorted.map((r) => r.guestAddress + r.bytes.length);
+    this.words = sorted.map(() => undefined);
   }
 
   /** Index of the region holding `addr`, or -1. */
@@ -77,6 +104,37 @@ export class GuestMemory {
   }
 
   /**
+   * Index in {@link regions} of the region holding all of [addr, addr + length), or -1
+   * (outside memory, or across a region edge). What {@link view} checks, without a view.
+   */
+  regionIndex(addr: number, length: number): number {
+    if (!isRange(addr, length)) return -1;
+    const i = this.find(addr);
+    return i >= 0 && length <= this.ends[i] - addr ? i : -1;
+  }
+
+  /**
+   * Word views of region `index` (made once), or null when the region's bytes do not
+   * start 4-byte aligned in their buffer. Word k of `u32` is bytes [4k, 4k + 4) of the
+   * region; a trailing partial word is not covered.
+   */
+  regionWords(index: number): RegionWords | null {
+    const cached = this.words[index];
+    if (cached !== undefined) return cached;
+    const b = this.regions[index].bytes;
+    let w: RegionWords | null = null;
+    // A detached buffer (an unmapped region) has byteLength 0 and refuses new views.
+    if (b.byteOffset % 4 === 0 && b.buffer.byteLength > 0) {
+      w = {
+        u32: new Uint32Array(b.buffer, b.byteOffset, Math.floor(b.length / 4)),
+        u16: new Uint16Array(b.buffer, b.byteOffset, Math.floor(b.length / 2)),
+      };
+    }
+    this.words[index] = w;
+    return w;
+  }
+
+  /**
    * A view of [addr, addr + length) when the range lies within one region, else null.
    * A zero-length range must still start inside a region.
    */
@@ -95,6 +153,14 @@ export class GuestMemory {
    */
   gather(addr: number, length: number, out: Uint8Array[]): boolean {
     if (!isRange(addr, length)) return false;
+    if (length > 0) {
+      // The common case, one region: a view from the cache (drivers reuse their buffers).
+      const i = this.find(addr);
+      if (i >= 0 && length <= this.ends[i] - addr) {
+        out.push(this.cachedView(i, addr - this.starts[i], length));
+        return true;
+      }
+    }
     const mark = out.length;
     let a = addr;
     let left = length;
@@ -111,6 +177,32 @@ export class GuestMemory {
       left -= n;
     }
     return true;
+  }
+
+  /**
+   * The view of `length` bytes at `offset` in region `i`. Drivers post the same buffers
+   * over and over (request headers, status bytes, bounce and DMA buffers), so views are
+   * kept in a small direct-mapped cache per region, keyed by offset: a hit costs a hash
+   * and a compare instead of a new typed array (and the garbage it becomes). A guest
+   * cycling through addresses only evicts entries.
+   */
+  private cachedView(i: number, offset: number, length: number): Uint8Array {
+    const cache = this.viewCaches[i] ?? this.newViewCache(i);
+    // Fibonacci hashing of the 16-byte granule: neighbouring headers and buffers spread out.
+    const slot = Math.imul(Math.floor(offset / 16) >>> 0, FIB_HASH) >>> (32 - VIEW_CACHE_BITS);
+    const v = cache.views[slot];
+    if (cache.offsets[slot] === offset && v.length === length) return v;
+    const fresh = this.regions[i].bytes.subarray(offset, offset + length);
+    cache.offsets[slot] = offset;
+    cache.views[slot] = fresh;
+    return fresh;
+  }
+
+  private newViewCache(i: number): ViewCache {
+    const empty = this.regions[i].bytes.subarray(0, 0);
+    const cache: ViewCache = { offsets: new Float64Array(1 << VIEW_CACHE_BITS).fill(-1), views: new Array<Uint8Array>(1 << VIEW_CACHE_BITS).fill(empty) };
+    this.viewCaches[i] = cache;
+    return cache;
   }
 
   /** Copies guest memory at `addr` into `dest`. False when the range is not all guest memory. */

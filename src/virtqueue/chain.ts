@@ -17,6 +17,17 @@ export interface DescriptorChain {
 }
 
 /**
+ * A chain object a device keeps and hands back to `SplitDeviceQueue.pop`, which refills
+ * it: its lists are emptied and reused, so popping allocates no chain per request. The
+ * previous chain it held must be finished with (its views are dropped).
+ */
+export interface ReusableChain extends DescriptorChain {
+  head: number;
+  readableBytes: number;
+  writableBytes: number;
+}
+
+/**
  * Why a chain or a ring was refused. Every one of these is fatal to the queue: the ring
  * itself cannot be trusted any more (STYLE.md, principle 8), so the device stops the
  * queue and reports NEEDS_RESET.

@@ -148,3 +148,72 @@ test('queue setup refuses bad sizes and rings outside memory', () => {
   assert.equal((bad({ desc: r.config.desc + 8 }) as QueueSetupError).code, 'RING_MISALIGNED');
   assert.equal((bad({ used: r.config.used + 2 }) as QueueSetupError).code, 'RING_MISALIGNED');
 });
+
+/** Writes a read chain (16-byte header, 512 data bytes, status) as an indirect table at `table`. */
+function indirectRead(r: RawRing, table: number): void {
+  r.fill(r.dataBase + 0x1000, 16, 9);
+  r.desc(0, r.dataBase + 0x1000, 16, NEXT, 1, table);
+  r.desc(1, r.dataBase + 0x2000, 512, WRITE | NEXT, 2, table);
+  r.desc(2, r.dataBase + 0x3000, 1, WRITE, 0, table);
+  r.desc(0, table, 48, INDIRECT);
+  r.publish(0);
+}
+
+test('an indirect table at a misaligned address is read as well as an aligned one', () => {
+  for (const misalign of [0, 1, 2, 4, 8, 15]) {
+    const r = new RawRing(4, { indirect: true });
+    indirectRead(r, r.dataBase + 0x4000 + misalign);
+    const c = queue(r).pop();
+    assert.ok(c && !(c instanceof ChainError), `misaligned by ${misalign}`);
+    assert.equal(c.readableBytes, 16);
+    assert.equal(c.writableBytes, 513);
+    assert.deepEqual([...c.readable[0]], new Array(16).fill(9));
+    assert.deepEqual(c.writable.map((v) => v.length), [512, 1]);
+  }
+});
+
+test('an indirect table spanning two regions is read from both', () => {
+  const r = new RawRing(4, { indirect: true });
+  const end = r.regionEnd;
+  const second = new Uint8Array(4096);
+  const mem2 = new (r.memory.constructor as typeof import('../memory/guest-memory.js').GuestMemory)([
+    ...r.memory.regions, { guestAddress: end, bytes: second },
+  ]);
+  // The table's first 32 bytes end the first region; its last entry opens the second.
+  const table = end - 32;
+  r.desc(0, r.dataBase + 0x1000, 16, NEXT, 1, table);
+  r.desc(1, r.dataBase + 0x2000, 512, WRITE | NEXT, 2, table);
+  const last = new DataView(second.buffer);
+  last.setUint32(0, r.dataBase + 0x3000, true);
+  last.setUint32(8, 1, true);
+  last.setUint16(12, WRITE, true);
+  r.desc(0, table, 48, INDIRECT);
+  r.publish(0);
+  const q = SplitDeviceQueue.create(mem2, r.config);
+  assert.ok(q instanceof SplitDeviceQueue);
+  const c = q.pop();
+  assert.ok(c && !(c instanceof ChainError));
+  assert.equal(c.writableBytes, 513);
+});
+
+test('pop into a chain object refills it, emptying its lists first', () => {
+  const r = new RawRing(4);
+  r.desc(0, r.dataBase, 16, NEXT, 1);
+  r.desc(1, r.dataBase + 64, 1, WRITE);
+  r.publish(0);
+  r.desc(2, r.dataBase + 128, 8, WRITE);
+  r.publish(2);
+  const q = queue(r);
+  const into = { head: -1, readable: [new Uint8Array(3)], writable: [new Uint8Array(5)], readableBytes: 7, writableBytes: 7 };
+  assert.equal(q.pop(into), into);
+  assert.equal(into.head, 0);
+  assert.deepEqual(into.readable.map((v) => v.length), [16]);
+  assert.deepEqual(into.writable.map((v) => v.length), [1]);
+  assert.deepEqual([into.readableBytes, into.writableBytes], [16, 1]);
+  assert.equal(q.pop(into), into);
+  assert.equal(into.head, 2);
+  assert.deepEqual(into.readable, []);
+  assert.deepEqual(into.writable.map((v) => v.length), [8]);
+  assert.deepEqual([into.readableBytes, into.writableBytes], [0, 8]);
+  assert.equal(q.pop(into), null);
+});

@@ -12,7 +12,7 @@ import type { GuestMemory } from '../memory/guest-memory.js';
 import {
   VIRTQ_DESC_F, VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_USED_F_NO_NOTIFY, VIRTQ_DESC_SIZE, vringNeedEvent,
 } from '../spec/split-ring.js';
-import { ChainError, type DescriptorChain } from './chain.js';
+import { ChainError, type DescriptorChain, type ReusableChain } from './chain.js';
 import { InflightLog, type InflightRecovery } from './inflight.js';
 import { loadIndex, publishIndex } from './ring-index.js';
 import { QueueSetupError, ringViews, type RingViews, type SplitQueueConfig } from './ring-views.js';
@@ -108,12 +108,14 @@ export class SplitDeviceQueue {
 
   /**
    * The next available chain, null when there is none, or the {@link ChainError} that
-   * broke the queue (now or earlier).
+   * broke the queue (now or earlier). With `into`, the chain is that object, its lists
+   * emptied and refilled (a device that pools its requests allocates nothing here);
+   * without it, a new one.
    */
-  pop(): DescriptorChain | ChainError | null {
+  pop(into?: ReusableChain): DescriptorChain | ChainError | null {
     if (this.brokenBy) return this.brokenBy;
     if (this.resubmit.length > 0) {
-      const again = this.walk(this.resubmit.shift()!);
+      const again = this.walk(this.resubmit.shift()!, into ?? newChain());
       return again instanceof ChainError ? this.fail(again) : again;
     }
     const availIdx = loadIndex(this.v.availU16, IDX);
@@ -128,17 +130,21 @@ export class SplitDeviceQueue {
     if (head >= this.size) {
       return this.fail(new ChainError('HEAD_OUT_OF_RANGE', `chain head ${head} is not below the queue size ${this.size}`, head));
     }
-    const chain = this.walk(head);
+    const chain = this.walk(head, into ?? newChain());
     if (chain instanceof ChainError) return this.fail(chain);
     this.inflight?.popped(head);
     return chain;
   }
 
-  /** Walks and validates the chain at `head` (2.7.5, 2.7.5.3). */
-  private walk(head: number): DescriptorChain | ChainError {
+  /** Walks and validates the chain at `head` (2.7.5, 2.7.5.3) into `chain`. */
+  private walk(head: number, chain: ReusableChain): DescriptorChain | ChainError {
     const { descU32, descU16 } = this.v;
-    const readable: Uint8Array[] = [];
-    const writable: Uint8Array[] = [];
+    const readable = chain.readable;
+    const writable = chain.writable;
+    // pop(), not `length = 0`: V8 runs the length setter in its runtime, pop() inline.
+    while (readable.length > 0) readable.pop();
+    while (writable.length > 0) writable.pop();
+    chain.head = head;
     let readableBytes = 0;
     let writableBytes = 0;
     let i = head;
@@ -160,9 +166,10 @@ export class SplitDeviceQueue {
         if (flags & VIRTQ_DESC_F.NEXT) {
           return new ChainError('INDIRECT_WITH_NEXT', `descriptor ${i} sets both INDIRECT and NEXT`, head);
         }
-        const r = this.walkIndirect(head, addr, len, readable, writable, readableBytes, writableBytes);
-        if (r instanceof ChainError) return r;
-        return { head, readable, writable, readableBytes: r[0], writableBytes: r[1] };
+        chain.readableBytes = readableBytes;
+        chain.writableBytes = writableBytes;
+        const e = this.walkIndirect(head, addr, len, chain);
+        return e ?? chain;
       }
       const target = flags & VIRTQ_DESC_F.WRITE ? writable : readable;
       if (!(flags & VIRTQ_DESC_F.WRITE) && writableBytes > 0) {
@@ -182,31 +189,56 @@ export class SplitDeviceQueue {
       }
       i = next;
     }
-    return { head, readable, writable, readableBytes, writableBytes };
+    chain.readableBytes = readableBytes;
+    chain.writableBytes = writableBytes;
+    return chain;
   }
 
-  /** Walks an indirect table (2.7.5.3); returns the updated [readable, writable] byte counts. */
-  private walkIndirect(
-    head: number, tableAddr: number, tableLen: number,
-    readable: Uint8Array[], writable: Uint8Array[], readableBytes: number, writableBytes: number,
-  ): [number, number] | ChainError {
+  /**
+   * Walks an indirect table (2.7.5.3), adding to `chain`'s lists and byte counts; null
+   * when it is valid. The table is read through word views of guest memory in place
+   * when it lies in one region at a 4-byte aligned offset (drivers align tables to 16
+   * bytes), else through an aligned copy: no DataView, and no allocation per chain.
+   */
+  private walkIndirect(head: number, tableAddr: number, tableLen: number, chain: ReusableChain): ChainError | null {
     if (tableLen === 0 || tableLen % VIRTQ_DESC_SIZE !== 0) {
       return new ChainError('INDIRECT_BAD_LENGTH', `indirect table of chain ${head} is ${tableLen} bytes, not a non-zero multiple of 16`, head);
     }
-    const table = this.indirectTable(tableAddr, tableLen);
-    if (table === null) return outOfBounds(head, head, tableAddr, tableLen);
+    const memory = this.memory;
+    const region = memory.regionIndex(tableAddr, tableLen);
+    const words = region >= 0 ? memory.regionWords(region) : null;
+    const offset = region >= 0 ? tableAddr - memory.regions[region].guestAddress : 0;
+    let u32: Uint32Array;
+    let u16: Uint16Array;
+    /** u32 index of the table's first word. */
+    let base: number;
+    if (words !== null && offset % 4 === 0) {
+      u32 = words.u32;
+      u16 = words.u16;
+      base = offset / 4;
+    } else {
+      const copy = this.copyTable(tableAddr, tableLen);
+      if (copy === null) return outOfBounds(head, head, tableAddr, tableLen);
+      u32 = new Uint32Array(copy.buffer, copy.byteOffset, tableLen / 4);
+      u16 = new Uint16Array(copy.buffer, copy.byteOffset, tableLen / 2);
+      base = 0;
+    }
+    const { readable, writable } = chain;
+    let readableBytes = chain.readableBytes;
+    let writableBytes = chain.writableBytes;
     const entries = tableLen / VIRTQ_DESC_SIZE;
     let i = 0;
     for (let steps = 0; ; steps++) {
       if (steps >= entries) {
         return new ChainError('CHAIN_LOOP', `indirect table of chain ${head} loops`, head);
       }
-      const at = i * VIRTQ_DESC_SIZE;
-      const hi = table.getUint32(at + 4, true);
-      const addr = table.getUint32(at, true) + hi * 0x1_0000_0000;
-      const len = table.getUint32(at + 8, true);
-      const flags = table.getUint16(at + 12, true);
-      const next = table.getUint16(at + 14, true);
+      // Descriptor i: u32 words w … w + 3 (addr lo, addr hi, len, flags | next << 16).
+      const w = base + i * 4;
+      const hi = u32[w + 1];
+      const addr = u32[w] + hi * 0x1_0000_0000;
+      const len = u32[w + 2];
+      const flags = u16[2 * w + 6];
+      const next = u16[2 * w + 7];
       // 2.7.5.3.1: "MUST NOT set the VIRTQ_DESC_F_INDIRECT flag within an indirect descriptor".
       if (flags & VIRTQ_DESC_F.INDIRECT) {
         return new ChainError('INDIRECT_NESTED', `indirect table of chain ${head} holds another indirect descriptor`, head);
@@ -215,7 +247,7 @@ export class SplitDeviceQueue {
       if (!isWrite && writableBytes > 0) {
         return new ChainError('READABLE_AFTER_WRITABLE', `indirect descriptor ${i} of chain ${head} is device-readable but follows a device-writable one`, head);
       }
-      if (hi >= 0x20_0000 || !this.memory.gather(addr, len, isWrite ? writable : readable)) {
+      if (hi >= 0x20_0000 || !memory.gather(addr, len, isWrite ? writable : readable)) {
         return outOfBounds(head, i, addr, len);
       }
       if (isWrite) writableBytes += len;
@@ -223,7 +255,11 @@ export class SplitDeviceQueue {
       if (readableBytes + writableBytes > MAX_CHAIN_BYTES) {
         return new ChainError('CHAIN_TOO_LARGE', `chain at head ${head} describes more than ${MAX_CHAIN_BYTES} bytes`, head);
       }
-      if (!(flags & VIRTQ_DESC_F.NEXT)) return [readableBytes, writableBytes];
+      if (!(flags & VIRTQ_DESC_F.NEXT)) {
+        chain.readableBytes = readableBytes;
+        chain.writableBytes = writableBytes;
+        return null;
+      }
       if (next >= entries) {
         return new ChainError('NEXT_OUT_OF_RANGE', `indirect descriptor ${i} of chain ${head} points to ${next}, past the table's ${entries} entries`, head);
       }
@@ -231,15 +267,16 @@ export class SplitDeviceQueue {
     }
   }
 
-  /** The indirect table as a DataView (copied when it spans regions), or null if outside memory. */
-  private indirectTable(addr: number, len: number): DataView | null {
-    const view = this.memory.view(addr, len);
-    if (view) return new DataView(view.buffer, view.byteOffset, view.byteLength);
+  /**
+   * A copy of an indirect table that spans regions or sits misaligned in host memory
+   * (rare: only a hostile or odd driver does that), or null if it is outside memory.
+   */
+  private copyTable(addr: number, len: number): Uint8Array | null {
     // Check before allocating: the length is the guest's (up to 4 GiB), and an
     // allocation that large can throw, or cost gigabytes per hostile chain.
     if (!this.memory.contains(addr, len)) return null;
     const copy = new Uint8Array(len);
-    return this.memory.read(addr, copy) ? new DataView(copy.buffer) : null;
+    return this.memory.read(addr, copy) ? copy : null;
   }
 
   private fail(e: ChainError): ChainError {
@@ -296,4 +333,9 @@ export class SplitDeviceQueue {
 
 function outOfBounds(head: number, index: number, addr: number, len: number): ChainError {
   return new ChainError('OUT_OF_BOUNDS', `descriptor ${index} of chain ${head} (0x${addr.toString(16)}, ${len} bytes) is not in guest memory`, head);
+}
+
+/** A fresh chain for callers of {@link SplitDeviceQueue.pop} that do not bring one. */
+function newChain(): ReusableChain {
+  return { head: 0, readable: [], writable: [], readableBytes: 0, writableBytes: 0 };
 }

@@ -166,10 +166,15 @@ export class SplitDriverQueue<T> {
     const { descU32, descU16 } = this.v;
     if (count > 1 && this.indirectTables && count <= this.indirectEntries) {
       const { u32: t32, u16: t16 } = this.indirectTables[head];
-      for (let k = 0; k < count; k++) {
-        const s = k < out.length ? out[k] : inp[k - out.length];
-        const last = k === count - 1;
-        writeDesc(t32, t16, k, s.addr, s.len, (k >= out.length ? VIRTQ_DESC_F.WRITE : 0) | (last ? 0 : VIRTQ_DESC_F.NEXT), last ? 0 : k + 1);
+      // Entry k links to k + 1; the last one ends the chain.
+      const nOut = out.length;
+      for (let k = 0; k < nOut; k++) {
+        const s = out[k];
+        writeDesc(t32, t16, k, s.addr, s.len, k === count - 1 ? 0 : VIRTQ_DESC_F.NEXT, k === count - 1 ? 0 : k + 1);
+      }
+      for (let k = nOut; k < count; k++) {
+        const s = inp[k - nOut];
+        writeDesc(t32, t16, k, s.addr, s.len, k === count - 1 ? VIRTQ_DESC_F.WRITE : VIRTQ_DESC_F.WRITE | VIRTQ_DESC_F.NEXT, k === count - 1 ? 0 : k + 1);
       }
       this.freeHead = this.nextFree[head];
       writeDesc(descU32, descU16, head, this.indirectBase + head * this.indirectEntries * VIRTQ_DESC_SIZE,
@@ -296,8 +301,11 @@ export class SplitDriverQueue<T> {
 }
 
 function writeDesc(u32: Uint32Array, u16: Uint16Array, i: number, addr: number, len: number, flags: number, next: number): void {
-  u32[i * 4] = addr % 0x1_0000_0000;
-  u32[i * 4 + 1] = Math.floor(addr / 0x1_0000_0000);
+  // addr is a safe integer: `>>> 0` keeps its low 32 bits, and the subtraction leaves an
+  // exact multiple of 2^32 to divide.
+  const lo = addr >>> 0;
+  u32[i * 4] = lo;
+  u32[i * 4 + 1] = (addr - lo) / 0x1_0000_0000;
   u32[i * 4 + 2] = len;
   u16[i * 8 + 6] = flags;
   u16[i * 8 + 7] = next;
