@@ -6,6 +6,7 @@
  * payload; never ahead.
  */
 import { chmodSync } from 'node:fs';
+import { isMainThread } from 'node:worker_threads';
 import { VblkError } from '../errors.js';
 import { VHOST_USER_HEADER_SIZE, VHOST_USER_MAX_FDS } from '../spec/vhost-user.js';
 import { decodeFrontendRequest, decodeHeader, encodeBackendReply } from '../transport/vhost-user/codec.js';
@@ -180,8 +181,19 @@ export class VhostUserServer {
    */
   static listen(options: VhostUserServerOptions): VhostUserServer {
     let self: VhostUserServer | null = null;
-    const server = UnixSocketServer.listen(options.socketPath, (conn) => self?.accept(conn), { removeStale: true });
-    chmodSync(options.socketPath, options.socketMode ?? 0o600);
+    const mode = options.socketMode ?? 0o600;
+    // bind() creates the socket file as 0777 & ~umask, and a peer that connects before the
+    // chmod is queued and served whatever the mode says afterwards: narrow the umask
+    // around bind so the file is never more open than `mode`. (Workers cannot set the
+    // umask; there the chmod alone applies.)
+    const umask = isMainThread ? process.umask(0o777 & ~mode) : null;
+    let server: UnixSocketServer;
+    try {
+      server = UnixSocketServer.listen(options.socketPath, (conn) => self?.accept(conn), { removeStale: true });
+    } finally {
+      if (umask !== null) process.umask(umask);
+    }
+    chmodSync(options.socketPath, mode);
     self = new VhostUserServer(options, server);
     return self;
   }
