@@ -10,7 +10,9 @@
  * `--slow-io MS` delays every read and write by MS milliseconds, so a test can hold
  * requests in flight while a frontend goes away.
  * Every server log line goes to stderr; "listening on PATH" says it is ready. SIGTERM
- * closes the server and exits 0.
+ * closes the server and exits 0. With `--exit-with-parent` it also exits when its stdin
+ * (a pipe from the parent) ends, so a test runner killed by a timeout leaves no server
+ * behind.
  */
 import { parseArgs } from 'node:util';
 import { MemoryBackend } from '../../src/backends/memory-backend.js';
@@ -26,6 +28,7 @@ const { values } = parseArgs({
     'socket-mode': { type: 'string' },
     'allow-unsealed-memory': { type: 'boolean', default: false },
     'slow-io': { type: 'string', default: '0' },
+    'exit-with-parent': { type: 'boolean', default: false },
   },
 });
 if (values.socket === undefined) {
@@ -66,6 +69,10 @@ const server = VhostUserServer.listen({
   ...(values['socket-mode'] !== undefined ? { socketMode: parseInt(values['socket-mode'], 8) } : {}),
 });
 log(`listening on ${values.socket}`);
+if (values['exit-with-parent']) {
+  process.stdin.on('end', () => process.exit(0));
+  process.stdin.resume();
+}
 process.on('SIGTERM', () => {
   server.close().then(() => process.exit(0), (e: unknown) => {
     log(`close failed: ${(e as Error).message}`);

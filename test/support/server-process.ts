@@ -63,8 +63,9 @@ export class ServerProcess {
    * Starts `command` (default: the serve child with `args`) and resolves once the socket
    * exists. `args` go after the command.
    */
-  static async start(socketPath: string, args: readonly string[] = [], command: readonly string[] = [SERVE_CHILD, '--socket', socketPath]): Promise<ServerProcess> {
-    const proc = spawn(process.execPath, [...command, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+  static async start(socketPath: string, args: readonly string[] = [], command: readonly string[] = [SERVE_CHILD, '--socket', socketPath, '--exit-with-parent']): Promise<ServerProcess> {
+    // stdin is a pipe that ends when we die: the serve child (--exit-with-parent) follows us.
+    const proc = spawn(process.execPath, [...command, ...args], { stdio: ['pipe', 'pipe', 'pipe'] });
     const server = new ServerProcess(proc, socketPath);
     const deadline = Date.now() + 20_000;
     while (!existsSync(socketPath)) {
