@@ -24,13 +24,17 @@ export const command = defineCommand({
     socket: { kind: 'string', valueName: 'PATH', description: 'unix socket to listen on (required)' },
     'read-only': { kind: 'boolean', description: 'open the image read-only and offer a read-only disk' },
     serial: { kind: 'string', valueName: 'STR', description: 'disk serial (GET_ID), at most 20 bytes', default: 'vblk' },
-    queues: { kind: 'integer', valueName: 'N', min: 1, max: 64, default: 1, description: 'number of request queues' },
+    queues: { kind: 'integer', valueName: 'N', min: 1, max: 64, default: 16, description: 'request queues offered (the frontend uses as many as it wants: QEMU one per vCPU unless num-queues says)' },
     'queue-size': { kind: 'integer', valueName: 'N', min: 2, max: 32768, default: 256, description: 'largest queue size (a power of two)' },
     'block-size': { kind: 'choice', choices: ['512', '4096'], default: '512', description: 'logical block size in bytes' },
     size: { kind: 'size', valueName: 'SIZE', description: 'create the image, or grow it, to SIZE bytes (K/M/G/T suffixes)' },
     control: { kind: 'string', valueName: 'PATH', description: 'control socket for `vblk resize`' },
     'socket-mode': { kind: 'string', valueName: 'MODE', default: '600', description: 'file mode of the socket, in octal' },
     cache: { kind: 'choice', choices: ['writeback', 'writethrough'], default: 'writeback', description: 'initial cache mode the guest sees (it may change it)' },
+    'allow-unsealed-memory': {
+      kind: 'boolean',
+      description: 'map guest memory not sealed against shrinking (memory-backend-file); dangerous: a frontend that shrinks it kills vblk with SIGBUS',
+    },
   },
   async run({ options, positionals }, io) {
     if (positionals.length !== 1) throw new CliUsageError(`vblk serve: expected one IMAGE, got ${positionals.length}`);
@@ -54,7 +58,10 @@ export const command = defineCommand({
     });
     let server: VhostUserServer;
     try {
-      server = VhostUserServer.listen({ socketPath: options.socket, device, socketMode: parseInt(options['socket-mode'], 8), log });
+      server = VhostUserServer.listen({
+        socketPath: options.socket, device, socketMode: parseInt(options['socket-mode'], 8), log,
+        allowUnsealedMemory: options['allow-unsealed-memory'],
+      });
     } catch (e) {
       await backend.close();
       throw e;
