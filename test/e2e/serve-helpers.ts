@@ -1,7 +1,7 @@
 // Starting `vblk serve` as a user would — the compiled CLI in a child process — for the
 // end-to-end tests, with its log captured and its exit awaited.
 import { spawn, type ChildProcess } from 'node:child_process';
-import { existsSync, mkdtempSync, rmSync } from 'node:fs';
+import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -52,11 +52,12 @@ export async function startServe(image: string, socket: string, extra: string[] 
       waiters.push({ pattern, resolve: (l) => { clearTimeout(t); res(l); } });
     });
   };
+  // The log line, not the socket file: a stale socket from a killed run may already be there.
   const started = Date.now();
-  while (!existsSync(socket)) {
+  while (!/serving .* on /.test(log)) {
     if (proc.exitCode !== null) throw new Error(`vblk serve exited with ${proc.exitCode}:\n${log}`);
-    if (Date.now() - started > 20_000) throw new Error(`vblk serve did not create ${socket}:\n${log}`);
-    await new Promise((r) => setTimeout(r, 50));
+    if (Date.now() - started > 20_000) throw new Error(`vblk serve did not start listening on ${socket}:\n${log}`);
+    await new Promise((r) => setTimeout(r, 20));
   }
   return {
     proc, socket, log: () => log, waitForLog, exited,
