@@ -34,7 +34,8 @@ const scenario = fc.record({
     fc.record({ kind: fc.constant('device' as const), complete: fc.integer({ min: 0, max: 8 }), pick: fc.nat() }),
     fc.record({ kind: fc.constant('driver' as const) }),
     fc.record({ kind: fc.constant('deviceSleep' as const) }),
-    fc.record({ kind: fc.constant('driverSleep' as const) }),
+    // `delay`: the driver coalesces used-buffer notifications (EVENT_IDX used_event ahead).
+    fc.record({ kind: fc.constant('driverSleep' as const), delay: fc.integer({ min: 0, max: 8 }) }),
   ), { maxLength: 60 }),
 });
 
@@ -146,8 +147,8 @@ test('every buffer comes back exactly once with the right length and bytes; no n
       }
       tryAdd();
     };
-    const driverSleep = (): void => {
-      if (driverAwake && !driver.enableInterrupts()) driverAwake = false;
+    const driverSleep = (delay = 0): void => {
+      if (driverAwake && !driver.enableInterrupts(delay)) driverAwake = false;
     };
 
     for (const step of sc.steps) {
@@ -166,7 +167,7 @@ test('every buffer comes back exactly once with the right length and bytes; no n
       } else if (step.kind === 'deviceSleep') {
         deviceSleep();
       } else {
-        driverSleep();
+        driverSleep(step.delay);
       }
     }
     // Quiesce: both sides act only on notifications; stranded buffers mean a lost one.

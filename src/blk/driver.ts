@@ -76,6 +76,14 @@ const TWO_POW_32 = 0x1_0000_0000;
 const SLOT_BOUNCE_KEEP = 64 << 10;
 /** Timeout sweeps per timeout period: a request fails between 1 and 1.25 timeouts late. */
 const TIMEOUT_SWEEPS = 4;
+/**
+ * Used-buffer notification coalescing (EVENT_IDX): with at least this many chains in
+ * flight, the device is asked to notify once 1/COALESCE_SHARE of them are used.
+ */
+const COALESCE_MIN_IN_FLIGHT = 8;
+const COALESCE_SHARE = 4;
+/** While notifications are coalesced, used buffers are reaped at least this often (ms). */
+const LATE_REAP_MS = 1;
 
 /** Where the driver's notices go (the seed's dev_notice / dev_warn). */
 export interface BlkLogger {
@@ -230,6 +238,8 @@ class QueueState {
   /** The used-buffer notification handler and the batched kick, bound once (no per-request closures). */
   reap: () => void = () => {};
   kick: () => void = () => {};
+  /** While notifications are delayed: a reap in case the device leaves the rest unfinished. */
+  lateReap: ReturnType<typeof setTimeout> | null = null;
   constructor(
     readonly index: number,
     readonly binding: DriverQueueBinding<Slot>,
@@ -968,7 +978,18 @@ export class BlkDriver {
         }
         this.complete(qs, used.token);
       }
-      if (!queue.enableInterrupts()) break;
+      // Many chains in flight: ask for the next notification only once a quarter of them
+      // are used, so a device that completes them one by one wakes us a few times per
+      // batch rather than once per request (a wakeup costs two syscalls, epoll and the
+      // eventfd read). The device stays busy with the other three quarters meanwhile.
+      const inFlight = queue.numInFlight;
+      const delay = inFlight >= COALESCE_MIN_IN_FLIGHT ? Math.floor(inFlight / COALESCE_SHARE) - 1 : 0;
+      if (!queue.enableInterrupts(delay)) {
+        // A device that finishes fewer than that for a while (a straggler, a slow disk)
+        // must not hold back the ones it did finish for longer than a moment.
+        if (delay > 0) this.armLateReap(qs);
+        break;
+      }
     }
     if (this.pendingTotal > 0) {
       // Completions here may also have freed DMA memory another queue waits for.
@@ -976,6 +997,21 @@ export class BlkDriver {
       if (this.pendingTotal > 0) for (const other of this.queues) if (other !== qs) this.pump(other);
     }
     if (this.waiters.length > 0) this.checkWaiters();
+  }
+
+  /** Reaps `qs` again after {@link LATE_REAP_MS}, re-arming the queue's one timer. */
+  private armLateReap(qs: QueueState): void {
+    const t = qs.lateReap as { refresh?: () => unknown } | null;
+    // Node's timers re-arm in place (no allocation per reap); elsewhere a new one.
+    if (t !== null && typeof t.refresh === 'function') {
+      t.refresh();
+      return;
+    }
+    if (qs.lateReap !== null) clearTimeout(qs.lateReap);
+    const timer = setTimeout(qs.reap, LATE_REAP_MS);
+    // It only hurries completions along: never the reason the process stays alive.
+    (timer as { unref?: () => unknown }).unref?.();
+    qs.lateReap = timer;
   }
 
   /**
@@ -1193,7 +1229,11 @@ export class BlkDriver {
    */
   private async teardown(): Promise<void> {
     const queues = this.queues;
-    for (const qs of queues) qs.isLive = false;
+    for (const qs of queues) {
+      qs.isLive = false;
+      if (qs.lateReap !== null) clearTimeout(qs.lateReap);
+      qs.lateReap = null;
+    }
     await this.transport.teardownQueues();
     for (const qs of queues) {
       qs.queue.detachAll();

@@ -274,9 +274,16 @@ export class SplitDriverQueue<T> {
   /**
    * Asks for a notification at the next used buffer, then re-checks: true when used
    * buffers arrived meanwhile and the caller must reap again instead of sleeping.
+   *
+   * With EVENT_IDX, `delay` > 0 asks instead to be notified only once `delay + 1` more
+   * buffers are used (Linux's `virtqueue_enable_cb_delayed`, 2.7.10.2): fewer
+   * notifications when many chains are in flight. `delay` must be below the chains in
+   * flight, or the notification may never come; the re-check still sees every buffer
+   * already used. Without EVENT_IDX the flag can only say "now", and `delay` is ignored.
    */
-  enableInterrupts(): boolean {
-    if (this.eventIdx) publishIndex(this.v.availU16, this.usedEventAt, this.lastUsed);
+  enableInterrupts(delay = 0): boolean {
+    // used_event is a wrapping u16 like the indices it is compared with (vringNeedEvent).
+    if (this.eventIdx) publishIndex(this.v.availU16, this.usedEventAt, (this.lastUsed + Math.min(delay, Math.max(0, this.inFlight - 1))) & 0xffff);
     else publishIndex(this.v.availU16, FLAGS, 0);
     return this.hasUsed();
   }
