@@ -1,43 +1,468 @@
 /**
- * `npm run bench`: DESIGN.md's performance measure 1 — loopback, memory backend, 4 KiB
- * random reads, iodepth 32 — as IOPS and as a ratio to a bare loop copying the same
- * blocks, for each ring configuration the driver can negotiate. One JSON line per row,
- * then a table. `BENCH_RUNTIME` (seconds, default 5) sets each row's runtime.
+ * `npm run bench`: the performance suite of DESIGN.md ("Performance: what we measure").
+ * Every comparison is measured in the same run as what it is compared with.
+ *
+ * - loopback: driver → loopback → BlkDevice → memory backend, 4 KiB random reads at
+ *   iodepth 32, as IOPS and as a ratio to a bare loop copying the same blocks (measured
+ *   right before and right after each row, averaged).
+ * - peers: `vblk serve` against qemu-storage-daemon (default `aio=threads`, and
+ *   `aio=io_uring`) on the same raw image in the page cache, each driven by `vblk bench
+ *   --socket` (our driver): IOPS, latency, and CPU time per I/O of the backend process
+ *   (utime + stime from /proc/PID/stat over the run) and of the driver process.
+ * - fio: `vblk bench --socket` against qemu-storage-daemon (io_uring) next to host `fio
+ *   --ioengine=io_uring` on the same file and pattern.
+ * - scaling: `vblk serve` at iodepth 1…128, 1 and 2 queues, on the data image and on a
+ *   sparse 1 TiB image, with the server's resident memory (VmRSS).
+ *
+ * Prints the tables and a target summary, and writes the same figures as JSON (default
+ * bench/results.json). Rows last 2 s by default, the whole suite a few minutes; see
+ * {@link USAGE} (`npm run bench -- --help`) for longer runs and smaller ones.
  */
-import { VIRTIO_F } from '../src/spec/virtio.js';
+import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { cpus, release, tmpdir } from 'node:os';
+import { dirname, join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { bareCopyRate } from '../src/cli/bench-baseline.js';
 import { runBench, type BenchParams } from '../src/cli/bench-core.js';
 import { openLoopback } from '../src/cli/bench.js';
+import { formatSizeValue, parseCommandLine, parseSizeValue } from '../src/cli/args.js';
+import { VIRTIO_F } from '../src/spec/virtio.js';
+import {
+  hasProgram, makeDataImage, makeSparseImage, PEER_KINDS, processCpuUs, processMemory, runClient, runFio, startPeer, syncImage,
+  type ClientResult, type Pattern, type Peer, type PeerKind,
+} from './peers.js';
 
 const MS_PER_S = 1000;
-const runtimeS = Number(process.env.BENCH_RUNTIME ?? 5);
-const CONFIGS: [string, number[]][] = [
-  ['default (EVENT_IDX + INDIRECT)', []],
-  ['no INDIRECT', [VIRTIO_F.RING_INDIRECT_DESC]],
-  ['no EVENT_IDX, no INDIRECT', [VIRTIO_F.RING_EVENT_IDX, VIRTIO_F.RING_INDIRECT_DESC]],
-];
-const SIZE = 64 << 20;
-const BS = 4096;
-const IODEPTH = 32;
+const MIB = 2 ** 20;
+const KIB = 1024;
+const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '../..');
+export const SECTIONS = ['loopback', 'peers', 'fio', 'scaling'] as const;
+type Section = (typeof SECTIONS)[number];
 
-const rows: string[] = [];
-for (const [label, excludeFeatures] of CONFIGS) {
-  const target = await openLoopback(SIZE, 1, IODEPTH, BS, 0, { excludeFeatures });
-  try {
-    const params: BenchParams = { rw: 'randread', bs: BS, iodepth: IODEPTH, runtimeMs: runtimeS * MS_PER_S, regionBytes: SIZE };
-    // Warm the JIT on both paths before timing either.
-    await runBench(target.driver, { ...params, runtimeMs: MS_PER_S / 2 });
-    const baseline = bareCopyRate({ rw: 'randread', bs: BS, regionBytes: SIZE, durationMs: MS_PER_S });
-    const r = await runBench(target.driver, params);
-    const ratio = r.iops / baseline;
-    console.log(JSON.stringify({
-      measure: 'loopback-4k-randread-qd32', config: label, iops: Math.round(r.iops), baseline_iops: Math.round(baseline),
-      ratio: Number(ratio.toFixed(3)), lat_us: { p50: Number(r.latUs.p50.toFixed(1)), p99: Number(r.latUs.p99.toFixed(1)) }, errors: r.errors,
-    }));
-    rows.push(`${label.padEnd(32)} ${String(Math.round(r.iops)).padStart(9)} ${String(Math.round(baseline)).padStart(11)} ${ratio.toFixed(3).padStart(7)}`);
-  } finally {
-    await target.close();
-  }
+// ---- options ---------------------------------------------------------------------
+
+const SPECS = {
+  runtime: { kind: 'number', valueName: 'S', description: 'seconds per row' },
+  only: { kind: 'string', valueName: 'LIST', description: 'sections: loopback,peers,fio,scaling' },
+  out: { kind: 'string', valueName: 'PATH', description: 'JSON output' },
+  dir: { kind: 'string', valueName: 'DIR', description: 'scratch directory' },
+  'image-size': { kind: 'size', description: 'data image size' },
+  'sparse-size': { kind: 'size', description: 'sparse image size' },
+  iodepths: { kind: 'string', valueName: 'LIST', description: 'scaling iodepths' },
+  queues: { kind: 'string', valueName: 'LIST', description: 'queue counts' },
+} as const;
+
+interface Options {
+  readonly runtimeS: number;
+  readonly sections: readonly Section[];
+  readonly out: string;
+  readonly dir: string | null;
+  readonly imageSize: number;
+  readonly sparseSize: number;
+  readonly iodepths: readonly number[];
+  readonly queues: readonly number[];
 }
-console.log(`\n${'ring features'.padEnd(32)} ${'iops'.padStart(9)} ${'bare copy'.padStart(11)} ${'ratio'.padStart(7)}`);
-for (const row of rows) console.log(row);
+
+function positiveList(what: string, text: string): number[] {
+  const list = text.split(',').map((s) => Number(s.trim()));
+  if (list.length === 0 || list.some((n) => !Number.isInteger(n) || n < 1)) throw new Error(`bench: ${what} must be a list of positive integers, got '${text}'`);
+  return list;
+}
+
+function sizeOf(what: string, text: string | undefined, fallback: number): number {
+  if (text === undefined) return fallback;
+  const n = parseSizeValue(text);
+  if (n === null) throw new Error(`bench: ${what} must be a size, got '${text}'`);
+  return n;
+}
+
+function parseOptions(argv: readonly string[], env: NodeJS.ProcessEnv): Options {
+  const { options: o } = parseCommandLine('bench', SPECS, argv);
+  const only = o.only ?? env.BENCH_ONLY;
+  const sections = only === undefined ? [...SECTIONS] : only.split(',').map((s) => s.trim());
+  for (const s of sections) if (!(SECTIONS as readonly string[]).includes(s)) throw new Error(`bench: unknown section '${s}' (${SECTIONS.join(', ')})`);
+  const runtimeS = o.runtime ?? Number(env.BENCH_RUNTIME ?? 2);
+  if (!(runtimeS > 0)) throw new Error(`bench: the runtime must be a positive number of seconds, got ${runtimeS}`);
+  return {
+    runtimeS,
+    sections: sections as Section[],
+    out: resolve(o.out ?? env.BENCH_OUT ?? join(ROOT, 'bench', 'results.json')),
+    dir: o.dir ?? env.BENCH_DIR ?? null,
+    imageSize: o['image-size'] ?? sizeOf('BENCH_IMAGE_SIZE', env.BENCH_IMAGE_SIZE, 1 << 30),
+    sparseSize: o['sparse-size'] ?? sizeOf('BENCH_SPARSE_SIZE', env.BENCH_SPARSE_SIZE, 2 ** 40),
+    iodepths: positiveList('--iodepths', o.iodepths ?? '1,4,16,64,128'),
+    queues: positiveList('--queues', o.queues ?? '1,2'),
+  };
+}
+
+// ---- rows ------------------------------------------------------------------------
+
+interface LoopbackRow {
+  readonly config: string;
+  readonly zero_copy: boolean;
+  readonly iops: number;
+  readonly baseline_iops: number;
+  readonly ratio: number;
+  readonly lat_us: { readonly p50: number; readonly p99: number };
+  readonly cpu_us_per_io: number;
+}
+
+interface PeerRow {
+  readonly backend: PeerKind;
+  readonly rw: Pattern['rw'];
+  readonly bs: number;
+  readonly iodepth: number;
+  readonly queues: number;
+  readonly iops: number;
+  readonly lat_us: { readonly p50: number; readonly p99: number };
+  /** CPU time of the backend process per I/O (every thread, user + system). */
+  readonly backend_cpu_us_per_io: number;
+  /** CPU time of `vblk bench` (our driver) per I/O, and its share of one core. */
+  readonly driver_cpu_us_per_io: number;
+  readonly driver_cpu_share: number;
+  readonly backend_rss_bytes: number;
+}
+
+interface FioRow {
+  readonly client: string;
+  readonly rw: Pattern['rw'];
+  readonly bs: number;
+  readonly iodepth: number;
+  readonly iops: number;
+  readonly lat_us: { readonly p50: number; readonly p99: number };
+  readonly client_cpu_us_per_io: number;
+  readonly backend_cpu_us_per_io: number | null;
+}
+
+interface ScalingRow extends PeerRow {
+  readonly image: string;
+  readonly image_bytes: number;
+  readonly backend_hwm_bytes: number;
+}
+
+interface Target {
+  readonly name: string;
+  readonly value: number | null;
+  readonly limit: string;
+  readonly met: boolean | null;
+}
+
+const round = (n: number, d = 2): number => Math.round(n * 10 ** d) / 10 ** d;
+const lat = (r: { lat_us: { p50: number; p99: number } }): { p50: number; p99: number } => ({ p50: round(r.lat_us.p50, 1), p99: round(r.lat_us.p99, 1) });
+
+// ---- loopback --------------------------------------------------------------------
+
+const LOOPBACK_CONFIGS: readonly { config: string; exclude: number[]; bounce: boolean }[] = [
+  { config: 'EVENT_IDX + INDIRECT', exclude: [], bounce: false },
+  { config: 'EVENT_IDX + INDIRECT', exclude: [], bounce: true },
+  { config: 'EVENT_IDX', exclude: [VIRTIO_F.RING_INDIRECT_DESC], bounce: false },
+  { config: 'neither', exclude: [VIRTIO_F.RING_EVENT_IDX, VIRTIO_F.RING_INDIRECT_DESC], bounce: false },
+];
+const LOOPBACK_SIZE = 64 << 20;
+const BS = 4096;
+const QD = 32;
+/** Seconds of 4 KiB random reads a backend serves before its first measured row. */
+const WARMUP_S = 0.5;
+
+async function loopbackSection(o: Options): Promise<LoopbackRow[]> {
+  const rows: LoopbackRow[] = [];
+  const runtimeMs = o.runtimeS * MS_PER_S;
+  const baselineMs = Math.max(200, runtimeMs / 4);
+  for (const c of LOOPBACK_CONFIGS) {
+    const target = await openLoopback(LOOPBACK_SIZE, 1, QD, BS, 0, { excludeFeatures: c.exclude });
+    try {
+      const params: BenchParams = { rw: 'randread', bs: BS, iodepth: QD, runtimeMs, regionBytes: LOOPBACK_SIZE, bounce: c.bounce };
+      // Warm the JIT on both paths before timing either.
+      await runBench(target.driver, { ...params, runtimeMs: Math.min(500, runtimeMs) });
+      const copy = { rw: 'randread', bs: BS, regionBytes: LOOPBACK_SIZE, durationMs: baselineMs } as const;
+      const before = bareCopyRate(copy);
+      const r = await runBench(target.driver, params);
+      const after = bareCopyRate(copy);
+      const baseline = (before + after) / 2;
+      rows.push({
+        config: c.config, zero_copy: !c.bounce, iops: Math.round(r.iops), baseline_iops: Math.round(baseline),
+        ratio: round(r.iops / baseline, 3), lat_us: lat({ lat_us: r.latUs }), cpu_us_per_io: round(r.ios ? r.cpuUs / r.ios : 0),
+      });
+      log(`loopback ${c.config}${c.bounce ? ', bounce' : ''}: ${Math.round(r.iops)} IOPS, ratio ${round(r.iops / baseline, 3)}`);
+    } finally {
+      await target.close();
+    }
+  }
+  return rows;
+}
+
+// ---- peers -----------------------------------------------------------------------
+
+const PEER_PATTERNS: readonly Pattern[] = [
+  { rw: 'randread', bs: 4 * KIB, iodepth: 1 },
+  { rw: 'randread', bs: 4 * KIB, iodepth: 32 },
+  { rw: 'read', bs: 128 * KIB, iodepth: 32 },
+  { rw: 'randwrite', bs: 4 * KIB, iodepth: 1 },
+  { rw: 'randwrite', bs: 4 * KIB, iodepth: 32 },
+];
+
+/**
+ * Starts a backend and runs it briefly before anything is measured: a fresh `vblk serve`
+ * has not been JIT-compiled yet, and every backend gets the same treatment.
+ */
+async function startWarmPeer(kind: PeerKind, image: string, dir: string, queues: number, runtimeS: number): Promise<Peer> {
+  const peer = await startPeer(kind, image, dir, queues);
+  try {
+    await runClient(peer.socket, { rw: 'randread', bs: BS, iodepth: QD }, queues, Math.min(WARMUP_S, runtimeS));
+  } catch (e) {
+    await peer.stop().catch(() => {});
+    throw e;
+  }
+  return peer;
+}
+
+/** One `vblk bench --socket` run against `peer`, with the backend's CPU time over it. */
+async function measure(peer: Peer, p: Pattern, queues: number, runtimeS: number): Promise<PeerRow & { backend_hwm_bytes: number }> {
+  const cpu0 = processCpuUs(peer.pid);
+  const r: ClientResult = await runClient(peer.socket, p, queues, runtimeS);
+  const cpu1 = processCpuUs(peer.pid);
+  const mem = processMemory(peer.pid);
+  return {
+    backend: peer.kind, rw: p.rw, bs: p.bs, iodepth: p.iodepth, queues: r.queues,
+    iops: Math.round(r.iops), lat_us: lat(r),
+    backend_cpu_us_per_io: round(r.ios ? (cpu1 - cpu0) / r.ios : 0),
+    driver_cpu_us_per_io: r.cpu_us_per_io,
+    driver_cpu_share: round((r.cpu_us_per_io * r.ios) / (r.runtime_s * 1e6)),
+    backend_rss_bytes: mem.rss, backend_hwm_bytes: mem.hwm,
+  };
+}
+
+async function peersSection(o: Options, image: string, dir: string): Promise<PeerRow[]> {
+  const rows: PeerRow[] = [];
+  for (const queues of o.queues) {
+    for (const kind of PEER_KINDS) {
+      const peer = await startWarmPeer(kind, image, dir, queues, o.runtimeS);
+      try {
+        for (const p of PEER_PATTERNS) {
+          const { backend_hwm_bytes: _, ...row } = await measure(peer, p, queues, o.runtimeS);
+          rows.push(row);
+          log(`peers ${kind} q${queues} ${patternName(p)}: ${row.iops} IOPS, backend ${row.backend_cpu_us_per_io} us/IO`);
+        }
+      } finally {
+        await peer.stop();
+      }
+      syncImage(image);
+    }
+  }
+  return rows;
+}
+
+// ---- fio ---------------------------------------------------------------------------
+
+const FIO_PATTERNS: readonly Pattern[] = [
+  { rw: 'randread', bs: 4 * KIB, iodepth: 1 },
+  { rw: 'randread', bs: 4 * KIB, iodepth: 32 },
+  { rw: 'read', bs: 128 * KIB, iodepth: 32 },
+];
+
+async function fioSection(o: Options, image: string, dir: string): Promise<FioRow[]> {
+  const rows: FioRow[] = [];
+  const peer = await startWarmPeer('qsd-io_uring', image, dir, 1, o.runtimeS);
+  try {
+    for (const p of FIO_PATTERNS) {
+      const r = await measure(peer, p, 1, o.runtimeS);
+      rows.push({
+        client: 'vblk bench → qsd-io_uring', rw: p.rw, bs: p.bs, iodepth: p.iodepth, iops: r.iops, lat_us: r.lat_us,
+        client_cpu_us_per_io: r.driver_cpu_us_per_io, backend_cpu_us_per_io: r.backend_cpu_us_per_io,
+      });
+      const f = await runFio(image, p, o.runtimeS);
+      rows.push({
+        client: 'host fio io_uring', rw: p.rw, bs: p.bs, iodepth: p.iodepth, iops: Math.round(f.iops), lat_us: lat(f),
+        client_cpu_us_per_io: round(f.cpu_us_per_io), backend_cpu_us_per_io: null,
+      });
+      log(`fio ${patternName(p)}: vblk bench ${r.iops} IOPS, fio ${Math.round(f.iops)} IOPS`);
+    }
+  } finally {
+    await peer.stop();
+  }
+  return rows;
+}
+
+// ---- scaling ---------------------------------------------------------------------
+
+async function scalingSection(o: Options, images: readonly { name: string; path: string; bytes: number }[], dir: string): Promise<ScalingRow[]> {
+  const rows: ScalingRow[] = [];
+  for (const img of images) {
+    for (const queues of o.queues) {
+      const peer = await startWarmPeer('vblk-serve', img.path, dir, queues, o.runtimeS);
+      try {
+        for (const iodepth of o.iodepths) {
+          const r = await measure(peer, { rw: 'randread', bs: BS, iodepth }, queues, o.runtimeS);
+          rows.push({ ...r, image: img.name, image_bytes: img.bytes });
+          log(`scaling ${img.name} q${queues} qd${iodepth}: ${r.iops} IOPS, RSS ${(r.backend_rss_bytes / MIB).toFixed(1)} MiB`);
+        }
+      } finally {
+        await peer.stop();
+      }
+    }
+  }
+  return rows;
+}
+
+// ---- targets and tables ------------------------------------------------------------
+
+function targets(loopback: LoopbackRow[], peers: PeerRow[], scaling: ScalingRow[]): Target[] {
+  const out: Target[] = [];
+  const check = (name: string, value: number | null, limit: string, isMet: (v: number) => boolean): void => {
+    out.push({ name, value: value === null ? null : round(value, 3), limit, met: value === null ? null : isMet(value) });
+  };
+  const lb = loopback.find((r) => r.config === 'EVENT_IDX + INDIRECT' && r.zero_copy);
+  check('loopback 4k randread qd32: IOPS / bare copy', lb?.ratio ?? null, '>= 0.5', (v) => v >= 0.5);
+  const row = (kind: PeerKind): PeerRow | undefined => peers.find((r) => r.backend === kind && r.rw === 'randread' && r.bs === BS && r.iodepth === QD && r.queues === 1);
+  const serve = row('vblk-serve');
+  const uring = row('qsd-io_uring');
+  check('vblk serve / qsd aio=io_uring IOPS, 4k randread qd32', serve && uring ? serve.iops / uring.iops : null, '>= 1.0', (v) => v >= 1);
+  check('vblk serve / qsd aio=io_uring CPU per I/O', serve && uring ? serve.backend_cpu_us_per_io / uring.backend_cpu_us_per_io : null, '<= 1.5', (v) => v <= 1.5);
+  check('driver CPU per I/O (us) against qsd aio=io_uring, 4k randread qd32', uring?.driver_cpu_us_per_io ?? null, '<= 3', (v) => v <= 3);
+  const sparse = scaling.filter((r) => r.image === 'sparse');
+  const rss = sparse.length ? Math.max(...sparse.map((r) => r.backend_rss_bytes)) / MIB : null;
+  check(`vblk serve VmRSS (MiB) on the sparse ${formatSizeValue(sparse[0]?.image_bytes ?? 0)} image`, rss, '< 150', (v) => v < 150);
+  return out;
+}
+
+function patternName(p: { rw: string; bs: number; iodepth: number }): string {
+  return `${p.rw} ${formatSizeValue(p.bs)} qd${p.iodepth}`;
+}
+
+function table(header: string[], rows: (string | number)[][]): string {
+  const cells = [header, ...rows.map((r) => r.map(String))];
+  const widths = header.map((_, i) => Math.max(...cells.map((r) => r[i].length)));
+  const line = (r: string[]): string => `| ${r.map((c, i) => (i === 0 ? c.padEnd(widths[i]) : c.padStart(widths[i]))).join(' | ')} |`;
+  return [line(header), `|${widths.map((w, i) => (i === 0 ? `:${'-'.repeat(w + 1)}` : `${'-'.repeat(w + 1)}:`)).join('|')}|`, ...cells.slice(1).map(line)].join('\n');
+}
+
+function report(r: Results): string {
+  const parts: string[] = [];
+  if (r.loopback.length) {
+    parts.push('Loopback, memory backend, 4 KiB random read, iodepth 32 (bare copy measured before and after each row)\n' + table(
+      ['ring features', 'buffers', 'IOPS', 'bare copy/s', 'ratio', 'p50 us', 'p99 us', 'CPU us/IO'],
+      r.loopback.map((x) => [x.config, x.zero_copy ? 'zero copy' : 'bounce', x.iops, x.baseline_iops, x.ratio.toFixed(3), x.lat_us.p50, x.lat_us.p99, x.cpu_us_per_io]),
+    ));
+  }
+  if (r.peers.length) {
+    const uring = (x: PeerRow): PeerRow | undefined => r.peers.find((y) => y.backend === 'qsd-io_uring' && y.rw === x.rw && y.bs === x.bs && y.iodepth === x.iodepth && y.queues === x.queues);
+    parts.push('vblk serve vs qemu-storage-daemon (same image, page cache), driven by vblk bench --socket\n' + table(
+      ['queues, pattern', 'backend', 'IOPS', 'p50 us', 'p99 us', 'backend CPU us/IO', 'driver CPU us/IO', 'driver core', 'IOPS / io_uring', 'CPU / io_uring'],
+      r.peers.map((x) => {
+        const u = uring(x);
+        return [`q${x.queues} ${patternName(x)}`, x.backend, x.iops, x.lat_us.p50, x.lat_us.p99, x.backend_cpu_us_per_io, x.driver_cpu_us_per_io,
+          `${Math.round(x.driver_cpu_share * 100)}%`, u ? (x.iops / u.iops).toFixed(2) : '', u ? (x.backend_cpu_us_per_io / u.backend_cpu_us_per_io).toFixed(2) : ''];
+      }),
+    ));
+  }
+  if (r.fio.length) {
+    parts.push('vblk bench --socket → qemu-storage-daemon (aio=io_uring) vs host fio --ioengine=io_uring, same file\n' + table(
+      ['pattern', 'client', 'IOPS', 'p50 us', 'p99 us', 'client CPU us/IO', 'backend CPU us/IO'],
+      r.fio.map((x) => [patternName(x), x.client, x.iops, x.lat_us.p50, x.lat_us.p99, x.client_cpu_us_per_io, x.backend_cpu_us_per_io ?? '']),
+    ));
+  }
+  if (r.scaling.length) {
+    parts.push('Scaling: vblk serve, 4 KiB random read\n' + table(
+      ['image', 'queues', 'iodepth', 'IOPS', 'p50 us', 'p99 us', 'serve CPU us/IO', 'driver CPU us/IO', 'serve RSS MiB', 'peak MiB'],
+      r.scaling.map((x) => [`${x.image} ${formatSizeValue(x.image_bytes)}`, x.queues, x.iodepth, x.iops, x.lat_us.p50, x.lat_us.p99,
+        x.backend_cpu_us_per_io, x.driver_cpu_us_per_io, (x.backend_rss_bytes / MIB).toFixed(1), (x.backend_hwm_bytes / MIB).toFixed(1)]),
+    ));
+  }
+  if (r.targets.length) {
+    parts.push('Targets\n' + table(['target', 'measured', 'wanted', 'met'], r.targets.map((t) => [t.name, t.value ?? 'n/a', t.limit, t.met === null ? 'n/a' : t.met ? 'yes' : 'NO'])));
+  }
+  if (r.skipped.length) parts.push(`Skipped: ${r.skipped.join('; ')}`);
+  return parts.join('\n\n');
+}
+
+// ---- main --------------------------------------------------------------------------
+
+interface Results {
+  readonly meta: Record<string, unknown>;
+  loopback: LoopbackRow[];
+  peers: PeerRow[];
+  fio: FioRow[];
+  scaling: ScalingRow[];
+  targets: Target[];
+  skipped: string[];
+}
+
+function log(line: string): void {
+  process.stderr.write(`bench: ${line}\n`);
+}
+
+const USAGE = `usage: npm run bench [-- options]   (each option also an environment variable)
+  --runtime S        BENCH_RUNTIME      seconds per row (default 2)
+  --only LIST        BENCH_ONLY         sections, comma-separated: ${SECTIONS.join(',')}
+  --out PATH         BENCH_OUT          JSON results (default bench/results.json)
+  --dir DIR          BENCH_DIR          scratch directory for images and sockets (default: a temporary one)
+  --image-size SIZE  BENCH_IMAGE_SIZE   data image (default 1G)
+  --sparse-size SIZE BENCH_SPARSE_SIZE  sparse image of the scaling rows (default 1T)
+  --iodepths LIST                       scaling iodepths (default 1,4,16,64,128)
+  --queues LIST                         queue counts (default 1,2)
+`;
+
+export async function main(argv: readonly string[], env: NodeJS.ProcessEnv): Promise<Results | null> {
+  if (argv.some((a) => a === '--help' || a === '-h')) {
+    process.stdout.write(USAGE);
+    return null;
+  }
+  const o = parseOptions(argv, env);
+  const started = Date.now();
+  const results: Results = {
+    meta: {
+      command: ['npm run bench', ...(argv.length ? ['--', ...argv] : [])].join(' '),
+      date: new Date(started).toISOString(), runtime_s_per_row: o.runtimeS, node: process.version, kernel: release(),
+      cpus: cpus().length, cpu_model: cpus()[0]?.model ?? 'unknown', image_bytes: o.imageSize, sparse_image_bytes: o.sparseSize,
+    },
+    loopback: [], peers: [], fio: [], scaling: [], targets: [], skipped: [],
+  };
+  const wants = (s: Section): boolean => o.sections.includes(s);
+  if (wants('loopback')) results.loopback = await loopbackSection(o);
+
+  const needsPeers = wants('peers') || wants('fio') || wants('scaling');
+  const missing = ['qemu-storage-daemon', 'fio'].filter((p) => !hasProgram(p));
+  if (needsPeers) {
+    const own = o.dir === null;
+    const dir = own ? mkdtempSync(join(tmpdir(), 'vblk-bench-')) : (mkdirSync(o.dir as string, { recursive: true }), o.dir as string);
+    const image = join(dir, 'data.raw');
+    try {
+      log(`writing a ${formatSizeValue(o.imageSize)} image in ${dir}`);
+      makeDataImage(image, o.imageSize);
+      if (wants('peers')) {
+        if (missing.includes('qemu-storage-daemon')) results.skipped.push('peers: qemu-storage-daemon is not installed');
+        else results.peers = await peersSection(o, image, dir);
+      }
+      if (wants('fio')) {
+        if (missing.length) results.skipped.push(`fio: ${missing.join(' and ')} not installed`);
+        else results.fio = await fioSection(o, image, dir);
+      }
+      if (wants('scaling')) {
+        const sparse = join(dir, 'sparse.raw');
+        makeSparseImage(sparse, o.sparseSize);
+        results.scaling = await scalingSection(o, [
+          { name: 'data', path: image, bytes: o.imageSize },
+          { name: 'sparse', path: sparse, bytes: o.sparseSize },
+        ], dir);
+      }
+    } finally {
+      if (own) rmSync(dir, { recursive: true, force: true });
+      else rmSync(image, { force: true });
+    }
+  }
+  results.targets = targets(results.loopback, results.peers, results.scaling);
+  (results.meta as { total_s?: number }).total_s = round((Date.now() - started) / MS_PER_S, 1);
+  mkdirSync(dirname(o.out), { recursive: true });
+  writeFileSync(o.out, `${JSON.stringify(results, null, 1)}\n`);
+  process.stdout.write(`${report(results)}\n\n${results.meta.command} (${o.runtimeS} s per row, ${(results.meta as { total_s: number }).total_s} s in all); JSON: ${o.out}\n`);
+  return results;
+}
+
+if (process.argv[1] && resolve(process.argv[1]) === fileURLToPath(import.meta.url)) {
+  main(process.argv.slice(2), process.env).catch((e: unknown) => {
+    // Option errors come named after the CLI's parser ("vblk bench: --runtime must be …").
+    const message = (e instanceof Error ? e.message : String(e)).replace(/^(vblk )?bench: /, '').replace('vblk bench --help', 'npm run bench -- --help');
+    process.stderr.write(`bench: ${message}\n`);
+    process.exitCode = 1;
+  });
+}

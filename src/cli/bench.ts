@@ -72,6 +72,7 @@ export const command = defineCommand({
     },
     timeout: { kind: 'number', valueName: 'SECONDS', allowZero: true, default: DEFAULT_TIMEOUT_S, description: 'fail a request after this long (0: never)' },
     bounce: { kind: 'boolean', description: 'use ordinary buffers, copied through bounce buffers (default: DMA buffers, zero copy)' },
+    'no-baseline': { kind: 'boolean', description: 'skip the bare copy loop (baseline_iops and ratio are then 0)' },
     json: { kind: 'boolean', description: 'print one JSON object on one line' },
   },
   async run({ options: o, positionals }, io) {
@@ -94,7 +95,7 @@ export const command = defineCommand({
       const params: BenchParams = { rw: o.rw, bs: o.bs, iodepth: o.iodepth, runtimeMs: o.runtime * MS_PER_S, regionBytes, bounce: o.bounce };
       const baselineMs = Math.min(MAX_BASELINE_MS, Math.max(MIN_BASELINE_MS, params.runtimeMs / BASELINE_SHARE));
       const baselineRegion = Math.min(regionBytes, MAX_BASELINE_REGION - (MAX_BASELINE_REGION % o.bs));
-      const baseline = bareCopyRate({ rw: o.rw, bs: o.bs, regionBytes: baselineRegion, durationMs: baselineMs });
+      const baseline = o['no-baseline'] ? 0 : bareCopyRate({ rw: o.rw, bs: o.bs, regionBytes: baselineRegion, durationMs: baselineMs });
       const result = await runBench(driver, params);
       report(io, o.json, target.label, params, driver.numQueues, result, baseline);
       if (result.errors > 0) {
@@ -200,7 +201,7 @@ function report(io: CliIo, json: boolean, label: string, p: BenchParams, queues:
     `  latency    p50 ${r.latUs.p50.toFixed(1)} us, p99 ${r.latUs.p99.toFixed(1)} us, mean ${r.latUs.mean.toFixed(1)} us, max ${r.latUs.max.toFixed(1)} us`,
     `  errors     ${r.errors}`,
     `  cpu        ${r.ios > 0 ? (r.cpuUs / r.ios).toFixed(2) : '0'} us per I/O in this process (${p.bounce ? 'bounce buffers' : 'zero copy'})`,
-    `  bare copy  ${Math.round(baseline)} blocks/s (ratio ${ratio.toFixed(RATIO_DECIMALS)})`,
+    baseline > 0 ? `  bare copy  ${Math.round(baseline)} blocks/s (ratio ${ratio.toFixed(RATIO_DECIMALS)})` : '  bare copy  skipped',
     '',
   ].join('\n'));
 }

@@ -1,0 +1,45 @@
+// The whole benchmark suite against real peers (vblk serve, qemu-storage-daemon, fio),
+// shrunk to tiny images and runtimes: it runs, and its JSON is well formed. No figure is
+// asserted: benchmarks are never judged by wall-clock in tests.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { requirePeer } from '../../scripts/guest/guest.js';
+
+const RUN = fileURLToPath(new URL('../../bench/run.js', import.meta.url));
+
+test('npm run bench: every section runs against real peers and writes well-formed JSON',
+  { skip: requirePeer('qemu-storage-daemon', 'fio'), timeout: 180_000 }, () => {
+    const dir = mkdtempSync(join(tmpdir(), 'vblk-bench-smoke-'));
+    try {
+      const out = join(dir, 'results.json');
+      const r = spawnSync(process.execPath, [
+        RUN, '--runtime', '0.2', '--image-size', '32M', '--sparse-size', '1G', '--iodepths', '1,8', '--queues', '1',
+        '--out', out, '--dir', join(dir, 'scratch'),
+      ], { encoding: 'utf8', timeout: 170_000 });
+      assert.equal(r.status, 0, r.stderr);
+      const results = JSON.parse(readFileSync(out, 'utf8'));
+      assert.deepEqual(results.skipped, []);
+      assert.equal(results.loopback.length, 4);
+      // 3 backends × 5 patterns, one queue count.
+      assert.equal(results.peers.length, 15);
+      assert.deepEqual(new Set(results.peers.map((x: { backend: string }) => x.backend)), new Set(['vblk-serve', 'qsd', 'qsd-io_uring']));
+      for (const row of results.peers) {
+        assert.ok(row.iops > 0 && row.backend_cpu_us_per_io > 0 && row.driver_cpu_us_per_io > 0 && row.backend_rss_bytes > 0, JSON.stringify(row));
+      }
+      assert.equal(results.fio.length, 6);
+      for (const row of results.fio) assert.ok(row.iops > 0 && row.client_cpu_us_per_io > 0, JSON.stringify(row));
+      // 2 images × 1 queue count × 2 iodepths.
+      assert.equal(results.scaling.length, 4);
+      assert.deepEqual(results.scaling.map((x: { image: string; iodepth: number }) => `${x.image} ${x.iodepth}`), ['data 1', 'data 8', 'sparse 1', 'sparse 8']);
+      assert.equal(results.targets.length, 5);
+      for (const t of results.targets) assert.equal(typeof t.met, 'boolean', JSON.stringify(t));
+      assert.match(r.stdout, /^Targets$/m);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
