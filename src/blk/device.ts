@@ -145,6 +145,11 @@ class QueueRunner {
     this.publishScheduled = false;
     if (!this.draining) this.publish();
   };
+  private resumeScheduled = false;
+  private readonly resumeTask = (): void => {
+    this.resumeScheduled = false;
+    this.drain();
+  };
 
   constructor(
     readonly engine: Engine,
@@ -159,10 +164,20 @@ class QueueRunner {
     if (this.draining || this.stopping) return;
     const q = this.queue;
     this.draining = true;
+    // A guest that keeps making buffers available must not hold the one JavaScript thread
+    // (every queue and connection) for ever: after a ring's worth, yield and come back.
+    let budget = q.size;
     try {
       outer: for (;;) {
         q.disableNotifications();
         for (;;) {
+          if (budget-- === 0) {
+            if (!this.resumeScheduled) {
+              this.resumeScheduled = true;
+              setTimeout(this.resumeTask, 0);
+            }
+            break outer;
+          }
           const job = this.free.pop() ?? new Job(this);
           const chain = q.pop(job.chain);
           if (chain === null || chain instanceof ChainError) {
