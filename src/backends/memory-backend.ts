@@ -14,6 +14,65 @@ import {
  */
 export const MEMORY_CHUNK_SIZE = 64 * 1024;
 
+/** Chunks per page of the chunk table: 64 MiB of disk. */
+const CHUNKS_PER_PAGE = 1024;
+
+/**
+ * Which chunks exist, by index: pages of {@link CHUNKS_PER_PAGE} slots in a map, with
+ * the page used last at hand. Random I/O within 64 MiB costs an array load per access,
+ * not a map lookup; a 1 TiB disk still holds only the pages something was written to.
+ */
+class ChunkTable {
+  /** Chunks that exist. */
+  count = 0;
+  private readonly pages = new Map<number, (Uint8Array | undefined)[]>();
+  private lastIndex = -1;
+  private last: (Uint8Array | undefined)[] | undefined = undefined;
+
+  get(index: number): Uint8Array | undefined {
+    const p = Math.floor(index / CHUNKS_PER_PAGE);
+    const page = p === this.lastIndex ? this.last : this.page(p, false);
+    return page === undefined ? undefined : page[index - p * CHUNKS_PER_PAGE];
+  }
+
+  set(index: number, chunk: Uint8Array): void {
+    const p = Math.floor(index / CHUNKS_PER_PAGE);
+    const page = this.page(p, true) as (Uint8Array | undefined)[];
+    const at = index - p * CHUNKS_PER_PAGE;
+    if (page[at] === undefined) this.count++;
+    page[at] = chunk;
+  }
+
+  delete(index: number): void {
+    const p = Math.floor(index / CHUNKS_PER_PAGE);
+    const page = this.page(p, false);
+    const at = index - p * CHUNKS_PER_PAGE;
+    if (page === undefined || page[at] === undefined) return;
+    page[at] = undefined;
+    this.count--;
+  }
+
+  clear(): void {
+    this.pages.clear();
+    this.lastIndex = -1;
+    this.last = undefined;
+    this.count = 0;
+  }
+
+  private page(p: number, create: boolean): (Uint8Array | undefined)[] | undefined {
+    let page = this.pages.get(p);
+    if (page === undefined && create) {
+      page = new Array<Uint8Array | undefined>(CHUNKS_PER_PAGE).fill(undefined);
+      this.pages.set(p, page);
+    }
+    if (page !== undefined) {
+      this.lastIndex = p;
+      this.last = page;
+    }
+    return page;
+  }
+}
+
 /** How to build a {@link MemoryBackend}. */
 export interface MemoryBackendOptions {
   /** Disk size in bytes: a positive multiple of 512. */
@@ -34,7 +93,7 @@ export class MemoryBackend implements BlockBackend {
   readonly canFlush = true;
   readonly canDiscard = true;
   readonly canWriteZeroes = true;
-  private readonly chunks = new Map<number, Uint8Array>();
+  private readonly chunks = new ChunkTable();
   private closed = false;
 
   /** Throws {@link BackendError} `BAD_SIZE` unless the size is a positive multiple of 512. */
@@ -46,7 +105,7 @@ export class MemoryBackend implements BlockBackend {
 
   /** Bytes of memory held by written chunks (what the disk costs). */
   get allocatedBytes(): number {
-    return this.chunks.size * MEMORY_CHUNK_SIZE;
+    return this.chunks.count * MEMORY_CHUNK_SIZE;
   }
 
   read(offset: number, buffers: readonly Uint8Array[]): void {
