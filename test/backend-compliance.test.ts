@@ -10,7 +10,7 @@ import { join } from 'node:path';
 import fc from 'fast-check';
 import type { BlockBackend } from '../src/backends/backend.js';
 import { MEMORY_CHUNK_SIZE, MemoryBackend } from '../src/backends/memory-backend.js';
-import { openFileBackend } from '../src/node/file-backend.js';
+import { openFileBackend, type FileIoMode } from '../src/node/file-backend.js';
 
 interface Made {
   readonly backend: BlockBackend;
@@ -24,7 +24,7 @@ interface Factory {
   make(size: number): Made;
 }
 
-function fileFactory(io: 'sync' | 'async'): Factory {
+function fileFactory(io: FileIoMode): Factory {
   return {
     name: `file backend (${io})`,
     make(size) {
@@ -81,7 +81,7 @@ async function fails(op: () => unknown, code?: string): Promise<boolean> {
   }
 }
 
-for (const factory of [memoryFactory, fileFactory('sync'), fileFactory('async')]) {
+for (const factory of [memoryFactory, fileFactory('sync'), fileFactory('async'), fileFactory('auto')]) {
   describe(factory.name, () => {
     const withBackend = (body: (m: Made) => Promise<void>) => async () => {
       const m = factory.make(SIZE);

@@ -12,7 +12,7 @@ import { framed, pattern, segments, setup } from './blk-device-harness.js';
 const MiB = 1 << 20;
 const T = VIRTIO_BLK_T;
 
-for (const io of ['sync', 'async'] as FileIoMode[]) {
+for (const io of ['sync', 'async', 'auto'] as FileIoMode[]) {
   test(`a device over an image file serves every request type (${io} I/O)`, async () => {
     const dir = mkdtempSync(join(tmpdir(), 'vblk-devfile-'));
     const path = join(dir, 'disk.img');

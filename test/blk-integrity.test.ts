@@ -98,7 +98,7 @@ interface BackendKind {
 
 const BACKENDS: BackendKind[] = [
   { name: 'memory', open: () => ({ backend: new MemoryBackend({ size: DISK_BYTES }), cleanup: () => {} }) },
-  ...(['sync', 'async'] as const).map((io): BackendKind => ({
+  ...(['sync', 'async', 'auto'] as const).map((io): BackendKind => ({
     name: `file (${io})`,
     open: () => {
       const dir = mkdtempSync(join(tmpdir(), 'vblk-integrity-'));

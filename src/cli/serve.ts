@@ -31,6 +31,10 @@ export const command = defineCommand({
     control: { kind: 'string', valueName: 'PATH', description: 'control socket for `vblk resize`' },
     'socket-mode': { kind: 'string', valueName: 'MODE', default: '600', description: 'file mode of the socket, in octal' },
     cache: { kind: 'choice', choices: ['writeback', 'writethrough'], default: 'writeback', description: 'initial cache mode the guest sees (it may change it)' },
+    io: {
+      kind: 'choice', choices: ['auto', 'sync', 'async'], default: 'auto',
+      description: 'image I/O: auto serves page-cache hits at once and the rest on the thread pool; sync blocks on the disk; async always uses the thread pool',
+    },
     'allow-unsealed-memory': {
       kind: 'boolean',
       description: 'map guest memory not sealed against shrinking (memory-backend-file); dangerous: a frontend that shrinks it kills vblk with SIGBUS',
@@ -45,7 +49,7 @@ export const command = defineCommand({
     if (Buffer.byteLength(options.serial) > 20) throw new CliUsageError('vblk serve: --serial is at most 20 bytes');
     const log = (line: string): void => io.stderr(`vblk serve: ${line}\n`);
 
-    const backend = openFileBackend(positionals[0], { readOnly: options['read-only'], size: options.size });
+    const backend = openFileBackend(positionals[0], { readOnly: options['read-only'], size: options.size, io: options.io });
     const device = new BlkDevice({
       backend,
       serial: options.serial,

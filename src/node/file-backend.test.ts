@@ -24,7 +24,7 @@ function pattern(length: number, seed: number): Uint8Array {
   return b;
 }
 
-for (const io of ['sync', 'async'] as FileIoMode[]) {
+for (const io of ['sync', 'async', 'auto'] as FileIoMode[]) {
   test(`discard punches a hole: st_blocks shrinks, the size stays (${io})`, async () => {
     const t = tempDir();
     try {
@@ -247,6 +247,48 @@ test('a closed backend refuses calls and closing twice is harmless', () => {
     b.close();
     b.close();
     assert.throws(() => b.read(0, [new Uint8Array(512)]), { code: 'CLOSED' });
+  } finally {
+    t.done();
+  }
+});
+
+test('auto: a read the page cache holds completes on the spot; one reaching past it finishes on the thread pool, bytes right', async () => {
+  const t = tempDir();
+  try {
+    const path = join(t.dir, 'img');
+    const b = openFileBackend(path, { size: 4 * MiB, io: 'auto' });
+    // Just written, so cached: no promise (what `sync` costs).
+    const data = pattern(64 * 1024, 5);
+    assert.equal(b.write(0, [data]), undefined);
+    const back = new Uint8Array(64 * 1024);
+    assert.equal(b.read(0, [back]), undefined);
+    assert.deepEqual(back, data);
+    // Cached data, then a hole never read: whatever the page cache lacks is read later,
+    // split across the caller's buffers at the right byte.
+    const a = new Uint8Array(40 * 1024).fill(9);
+    const c = new Uint8Array(2 * MiB).fill(9);
+    await b.read(32 * 1024, [a, c]);
+    assert.deepEqual(a.subarray(0, 32 * 1024), data.subarray(32 * 1024));
+    assert.ok(a.subarray(32 * 1024).every((x) => x === 0));
+    assert.ok(c.every((x) => x === 0));
+    await b.close();
+  } finally {
+    t.done();
+  }
+});
+
+test('auto: past a file truncated behind our back, reads give zeroes', async () => {
+  const t = tempDir();
+  try {
+    const path = join(t.dir, 'img');
+    const b = openFileBackend(path, { size: 1 * MiB, io: 'auto' });
+    await b.write(0, [pattern(MiB, 6)]);
+    truncateSync(path, 4096);
+    const back = new Uint8Array(8192).fill(7);
+    await b.read(0, [back]);
+    assert.deepEqual(back.subarray(0, 4096), pattern(MiB, 6).subarray(0, 4096));
+    assert.ok(back.subarray(4096).every((x) => x === 0));
+    await b.close();
   } finally {
     t.done();
   }

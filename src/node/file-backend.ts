@@ -15,15 +15,21 @@ import {
 } from '../backends/backend.js';
 import { VblkError } from '../errors.js';
 import { VIRTIO_BLK_SECTOR_SIZE } from '../spec/virtio-blk.js';
+import { sliceBuffers } from '../virtqueue/chain.js';
 import * as native from './native.js';
 
 /**
  * How reads and writes run. `sync`: on the event loop, blocking it for the duration of
  * each call — fastest when the image sits in the page cache, which is the common case.
  * `async`: on the libuv thread pool, so a slow disk never stalls the other queues.
- * Flushes always run on the thread pool: an fdatasync can take milliseconds.
+ * `auto`: a read is first tried on the event loop without waiting for the disk
+ * (preadv2 with RWF_NOWAIT); what the page cache did not hold goes to the thread pool.
+ * Page-cache hits cost what `sync` costs, and a miss never stalls the loop. Everything
+ * else runs as in `sync` (writes land in the page cache). Where the filesystem has no
+ * RWF_NOWAIT, reads fall back to `sync`. Flushes always run on the thread pool: an
+ * fdatasync can take milliseconds.
  */
-export type FileIoMode = 'sync' | 'async';
+export type FileIoMode = 'sync' | 'async' | 'auto';
 
 /** How {@link openFileBackend} opens an image. */
 export interface FileBackendOptions {
@@ -151,6 +157,8 @@ export class FileBackend implements BlockBackend {
   /** Whether the filesystem still seems to take these fallocate modes (cleared at the first refusal). */
   private punchHoles = true;
   private zeroRanges = true;
+  /** `auto` mode: the filesystem takes RWF_NOWAIT reads (cleared at the first refusal). */
+  private canTryRead = true;
 
   /** Serves the open file `fd` of `size` bytes; takes ownership of `fd`. Use {@link openFileBackend}. */
   constructor(fd: number, size: number, options: { readonly readOnly: boolean; readonly io: FileIoMode }) {
@@ -164,6 +172,16 @@ export class FileBackend implements BlockBackend {
     const total = totalLength(buffers);
     this.check(offset, total, false);
     if (this.io === 'async') return this.readAsync(offset, buffers);
+    if (this.io === 'auto' && this.canTryRead && buffers.length <= native.MAX_SEGMENTS) {
+      const n = this.tryRead(offset, buffers);
+      if (n === total) return;
+      if (n >= 0) {
+        // Not all of it cached (or the file ends early): the rest on the thread pool,
+        // which also reads the end of file as zeroes.
+        return n === 0 ? this.readAsync(offset, buffers) : this.readAsync(offset + n, sliceBuffers(buffers, n, total - n) ?? []);
+      }
+      // The filesystem cannot try: read as `sync` from now on.
+    }
     if (buffers.length <= native.MAX_SEGMENTS) {
       const n = native.preadv(this.fd, buffers, offset);
       // preadv returns short only at end of file: past it, an image (sparse, or
@@ -178,6 +196,22 @@ export class FileBackend implements BlockBackend {
       if (n < want) zeroFrom(batch, n);
       pos += want;
     }
+  }
+
+  /**
+   * One RWF_NOWAIT read: the bytes the page cache held (0 when none, or at end of file),
+   * or -1 when the filesystem cannot do it, which turns trying off for good.
+   */
+  private tryRead(offset: number, buffers: readonly Uint8Array[]): number {
+    let n: number;
+    try {
+      n = native.tryPreadv(this.fd, buffers, offset);
+    } catch (e) {
+      if (!isUnsupported(e)) throw e;
+      this.canTryRead = false;
+      return -1;
+    }
+    return n < 0 ? 0 : n;
   }
 
   private async readAsync(offset: number, buffers: readonly Uint8Array[]): Promise<void> {
