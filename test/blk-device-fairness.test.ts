@@ -1,6 +1,7 @@
 // A guest that makes buffers available as fast as the device serves them must not hold
 // the JavaScript thread: the device yields after a ring's worth of requests per kick and
-// comes back on a timer, so other queues, connections and timers get their turn.
+// comes back at the next turn of the event loop, so other queues, connections and timers
+// get their turn.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { BlkDevice } from '../src/blk/device.js';

@@ -28,6 +28,29 @@ test('32 synchronous reads in one kick complete in one batch: one publish, one n
   for (const t of tokens) assert.equal(h.result(0, t).status, OK);
 });
 
+test('with EVENT_IDX, a long synchronous drain publishes as it goes and notifies as used_event asks', async () => {
+  // A driver on another CPU can take the first completions while the rest are served.
+  const seen: boolean[] = [];
+  const driverSide: { h: Harness | null } = { h: null };
+  const inner = new MemoryBackend({ size: MiB });
+  const backend = Object.assign(Object.create(inner) as MemoryBackend, {
+    read(offset: number, buffers: readonly Uint8Array[]): void {
+      inner.read(offset, buffers);
+      seen.push((driverSide.h as Harness).sides[0].driver.hasUsed());
+    },
+  });
+  const { h } = setup({ backend });
+  driverSide.h = h;
+  const tokens = Array.from({ length: 32 }, (_, i) => h.post(0, framed(T.IN, i * 8, { inLen: 4096 })));
+  // Notify once the tenth completion is used (used_event 9).
+  h.sides[0].driver.enableInterrupts(9);
+  h.kick(0);
+  assert.equal(seen[0], false);
+  assert.equal(seen[31], true, 'completions were visible to the driver before the drain ended');
+  assert.equal(h.sides[0].notifications, 1, 'one notification, once the tenth was published');
+  assert.deepEqual(h.reap(0).sort((a, b) => a - b), tokens);
+});
+
 test('asynchronous completions come back out of order, as the backend finishes them', async () => {
   const backend = new RecordingBackend();
   backend.inner.write(0, [pattern(3 * 4096, 7)]);
