@@ -139,8 +139,9 @@ test('allocBuffer refuses bad lengths, more than DMA memory holds, and a removed
 });
 
 test('coalesced notifications: requests a device finished are reaped while it holds the rest', async () => {
-  // 16 in flight: the driver asks to be notified after 4 completions; the device does 2
-  // and holds 14. Those 2 must still resolve promptly (the late reap), not at the next batch.
+  // 15 in flight after the first: the driver asks to be notified after 7 more
+  // completions; the device does 2 and holds the rest. Those 2 must still resolve
+  // promptly (the late reap), not at the next batch.
   const device = new ScriptedDevice({ features: features(VIRTIO_F.VERSION_1, VIRTIO_F.RING_EVENT_IDX), answer: () => 'hold' });
   const r = await scriptedRig(device);
   try {
