@@ -1354,10 +1354,10 @@ export class BlkDriver {
     }
     const isIndirect = this.has(VIRTIO_F.RING_INDIRECT_DESC);
     // Header + seg_max data + status per chain; an indirect table of that many spares the ring.
-    const indirectEntries = isIndirect ? Math.min(this.segMaxValue + CHAIN_OVERHEAD_DESCS, MAX_INDIRECT_ENTRIES) : 0;
+    const maxIndirect = isIndirect ? Math.min(this.segMaxValue + CHAIN_OVERHEAD_DESCS, MAX_INDIRECT_ENTRIES) : 0;
     const smallest = Math.min(...sizes);
     // A chain longer than an indirect table goes direct, so it must fit the ring.
-    const descLimit = isIndirect ? Math.max(indirectEntries, smallest) : smallest;
+    const descLimit = isIndirect ? Math.max(maxIndirect, smallest) : smallest;
     const dataDescs = Math.min(this.segMaxValue, descLimit - CHAIN_OVERHEAD_DESCS);
     if (dataDescs < 1) {
       throw new ProbeError('QUEUE_SETUP', `${this.name}: a queue of ${smallest} entries cannot hold a header, data and status`);
@@ -1368,6 +1368,12 @@ export class BlkDriver {
     if (this.maxChainBytes === 0) {
       throw new ProbeError('BAD_CONFIG', `${this.name}: seg_max ${this.segMaxValue} × size_max ${this.sizeMaxValue} cannot carry one ${this.blockSize}-byte block`);
     }
+    // Every chain carries one contiguous buffer (a bounce block or a DMA buffer) cut into
+    // size_max pieces, so tables need no more entries than that: usually 3. Tables sized
+    // for seg_max (128 entries, 2 KiB apart) would make the few lines in use alias in the
+    // CPU caches and cost half a megabyte of DMA memory per queue.
+    const indirectEntries = isIndirect
+      ? Math.min(maxIndirect, Math.ceil(this.maxChainBytes / this.sizeMaxValue) + CHAIN_OVERHEAD_DESCS) : 0;
     const c = this.cfg;
     this.discardLimits = this.rangeLimits(c.maxDiscardSectors, c.maxDiscardSeg);
     this.writeZeroesLimits = this.rangeLimits(c.maxWriteZeroesSectors, c.maxWriteZeroesSeg);
