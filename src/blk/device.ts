@@ -190,13 +190,16 @@ class QueueRunner {
       outer: for (;;) {
         q.disableNotifications();
         for (;;) {
-          if (budget-- === 0) {
-            if (!this.resumeScheduled) {
+          if (budget === 0) {
+            // A ring's worth this turn: re-arm notifications as when sleeping, and come
+            // back on the next turn if the ring still has work.
+            if (q.enableNotifications() && !this.resumeScheduled) {
               this.resumeScheduled = true;
               nextTurn(this.resumeTask);
             }
             break outer;
           }
+          budget--;
           const job = this.free.pop() ?? new Job(this);
           const chain = q.pop(job.chain);
           if (chain === null || chain instanceof ChainError) {
