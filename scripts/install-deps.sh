@@ -35,16 +35,20 @@ if [ ${#missing[@]} -eq 0 ] && [ -z "$need_lists" ]; then
 	exit 0
 fi
 
+# As root, apt directly; otherwise through sudo when there is one.
+as_root=()
 if [ "$(id -u)" -ne 0 ]; then
-	echo "install-deps: must run as root to install: ${missing[*]:-(none)}${need_lists:+; and to run apt-get update}" >&2
-	exit 1
+	if ! command -v sudo >/dev/null 2>&1; then
+		echo "install-deps: run as root (or install sudo) to install: ${missing[*]:-(none)}${need_lists:+; and to run apt-get update}" >&2
+		exit 1
+	fi
+	as_root=(sudo)
 fi
 
-export DEBIAN_FRONTEND=noninteractive
 echo "install-deps: apt-get update"
-apt-get update
+"${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update
 if [ ${#missing[@]} -gt 0 ]; then
 	echo "install-deps: apt-get install ${missing[*]}"
-	apt-get install -y --no-install-recommends "${missing[@]}"
+	"${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}"
 fi
 echo "install-deps: done"
