@@ -21,13 +21,14 @@
  */
 import { UsageError } from '../errors.js';
 import {
-  VIRTIO_BLK_CONFIG, VIRTIO_BLK_CONFIG_SIZE, VIRTIO_BLK_DWZ_SEGMENT, VIRTIO_BLK_F, VIRTIO_BLK_ID_BYTES,
+  VIRTIO_BLK_CONFIG, VIRTIO_BLK_CONFIG_SIZE, VIRTIO_BLK_DWZ_SEGMENT, VIRTIO_BLK_F, VIRTIO_BLK_F_NAMES, VIRTIO_BLK_ID_BYTES,
   VIRTIO_BLK_REQ_HEADER, VIRTIO_BLK_S, VIRTIO_BLK_SECTOR_SIZE, VIRTIO_BLK_T, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 } from '../spec/virtio-blk.js';
 import { VIRTIO_CONFIG_S, VIRTIO_F, features, hasFeature } from '../spec/virtio.js';
 import { setU64 } from '../spec/u64.js';
 import { isValidQueueSize } from '../spec/split-ring.js';
 import type { DriverQueueBinding, DriverTransport } from '../virtqueue/device.js';
+import { copyFromBuffers, copyToBuffers } from '../virtqueue/chain.js';
 import { DriverQueueError, type Segment, type SplitDriverQueue } from '../virtqueue/split-driver.js';
 import { decodeBlkConfig, BlkConfigError, type BlkConfig, type BlkGeometry } from './config.js';
 import { BouncePool, viewOf, type DmaBlock } from './driver-dma.js';
@@ -665,7 +666,7 @@ export class BlkDriver {
     const what = TYPE_NAMES[type];
     if (this.readOnly) return this.refuseReadOnly(what, ranges.length > 0 ? ranges[0].sector : 0);
     if (!this.has(feature)) {
-      return Promise.reject(new NotSupportedError(`${this.name}: ${what} is not supported by the device (VIRTIO_BLK_F_${nameOfFeature(feature)} not negotiated)`));
+      return Promise.reject(new NotSupportedError(`${this.name}: ${what} is not supported by the device (${VIRTIO_BLK_F_NAMES[feature] ?? `feature bit ${feature}`} not negotiated)`));
     }
     // Each range is cut into segments of at most maxSectors, then grouped maxSegments per request.
     const segments: number[] = [];
@@ -891,7 +892,7 @@ export class BlkDriver {
         slot.bounce = bounce = fresh;
       }
       if (chunk.payload) bounce.bytes.set(chunk.payload);
-      else if (!chunk.isWritable) gather(bounce.bytes, chunk.buffers as readonly Uint8Array[], chunk.byteOffset, length);
+      else if (!chunk.isWritable) copyFromBuffers(chunk.buffers as readonly Uint8Array[], chunk.byteOffset, bounce.bytes, length);
       // GET_ID: a device that writes fewer than 20 bytes leaves NULs, not an older request's data.
       else if (chunk.type === VIRTIO_BLK_T.GET_ID) bounce.bytes.fill(0, 0, length);
       dataAddr = bounce.addr;
@@ -1035,7 +1036,7 @@ export class BlkDriver {
       if (status !== VIRTIO_BLK_S.OK) error = statusToError(status, this.describe(op));
       // The slot may keep a bounce block from an earlier request: a zero-copy chunk never used it.
       else if (chunk.isWritable && zc === null && bounce !== null) {
-        scatter(bounce.bytes, chunk.buffers as readonly Uint8Array[], chunk.byteOffset, chunk.length);
+        copyToBuffers(chunk.buffers as readonly Uint8Array[], chunk.byteOffset, bounce.bytes, chunk.length);
       }
     }
     // Large blocks go back to the pool; small ones stay with the slot for its next request.
@@ -1461,43 +1462,6 @@ export class BlkDriver {
   }
 }
 
-/** Copies bytes [offset, offset + length) of the concatenated `buffers` into `dest`. */
-function gather(dest: Uint8Array, buffers: readonly Uint8Array[], offset: number, length: number): void {
-  let skip = offset;
-  let at = 0;
-  for (let i = 0; i < buffers.length && at < length; i++) {
-    const b = buffers[i];
-    if (skip >= b.length) {
-      skip -= b.length;
-      continue;
-    }
-    const n = Math.min(b.length - skip, length - at);
-    dest.set(skip === 0 && n === b.length ? b : b.subarray(skip, skip + n), at);
-    skip = 0;
-    at += n;
-  }
-}
-
-/** Copies the first `length` bytes of `src` into bytes [offset, offset + length) of the concatenated `buffers`. */
-function scatter(src: Uint8Array, buffers: readonly Uint8Array[], offset: number, length: number): void {
-  let skip = offset;
-  let at = 0;
-  for (let i = 0; i < buffers.length && at < length; i++) {
-    const b = buffers[i];
-    if (skip >= b.length) {
-      skip -= b.length;
-      continue;
-    }
-    const n = Math.min(b.length - skip, length - at);
-    b.set(at === 0 && n === src.length ? src : src.subarray(at, at + n), skip);
-    skip = 0;
-    at += n;
-  }
-}
-
-function nameOfFeature(bit: number): string {
-  return Object.entries(VIRTIO_BLK_F).find(([, b]) => b === bit)?.[0] ?? String(bit);
-}
 
 function isPowerOfTwo(n: number): boolean {
   return Number.isSafeInteger(n) && n > 0 && 2 ** Math.round(Math.log2(n)) === n;

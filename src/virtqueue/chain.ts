@@ -80,38 +80,44 @@ export function sliceBuffers(buffers: readonly Uint8Array[], start: number, leng
   return left === 0 ? out : null;
 }
 
-/** Copies the first `dest.length` bytes of a buffer list from `start` into `dest`; false if too short. */
-export function copyFromBuffers(buffers: readonly Uint8Array[], start: number, dest: Uint8Array): boolean {
+/**
+ * Copies `length` bytes (default `dest.length`) of a buffer list, from byte `start`, into
+ * the front of `dest`; false if the list is too short. Whole buffers go without a view.
+ */
+export function copyFromBuffers(buffers: readonly Uint8Array[], start: number, dest: Uint8Array, length = dest.length): boolean {
   let skip = start;
   let at = 0;
-  for (let i = 0; i < buffers.length && at < dest.length; i++) {
+  for (let i = 0; i < buffers.length && at < length; i++) {
     const b = buffers[i];
     if (skip >= b.length) {
       skip -= b.length;
       continue;
     }
-    const n = Math.min(b.length - skip, dest.length - at);
-    dest.set(b.subarray(skip, skip + n), at);
+    const n = Math.min(b.length - skip, length - at);
+    dest.set(skip === 0 && n === b.length ? b : b.subarray(skip, skip + n), at);
     skip = 0;
     at += n;
   }
-  return at === dest.length;
+  return at === length;
 }
 
-/** Copies `src` into a buffer list from byte `start`; false if the list is too short. */
-export function copyToBuffers(buffers: readonly Uint8Array[], start: number, src: Uint8Array): boolean {
+/**
+ * Copies the first `length` bytes (default all) of `src` into a buffer list from byte
+ * `start`; false if the list is too short. A whole `src` goes without a view.
+ */
+export function copyToBuffers(buffers: readonly Uint8Array[], start: number, src: Uint8Array, length = src.length): boolean {
   let skip = start;
   let at = 0;
-  for (let i = 0; i < buffers.length && at < src.length; i++) {
+  for (let i = 0; i < buffers.length && at < length; i++) {
     const b = buffers[i];
     if (skip >= b.length) {
       skip -= b.length;
       continue;
     }
-    const n = Math.min(b.length - skip, src.length - at);
-    b.set(src.subarray(at, at + n), skip);
+    const n = Math.min(b.length - skip, length - at);
+    b.set(at === 0 && n === src.length ? src : src.subarray(at, at + n), skip);
     skip = 0;
     at += n;
   }
-  return at === src.length;
+  return at === length;
 }
