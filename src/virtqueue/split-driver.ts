@@ -164,8 +164,12 @@ export class SplitDriverQueue<T> {
     for (const s of inp) writableBytes += s.len;
     const head = this.freeHead;
     const { descU32, descU16 } = this.v;
-    if (count > 1 && this.indirectTables && count <= this.indirectEntries) {
-      const { u32: t32, u16: t16 } = this.indirectTables[head];
+    // Direct while the ring has room: the device then reads the chain where it reads the
+    // ring, with no table to locate and check. Tables are for when the ring runs short,
+    // where they let one descriptor carry a whole chain.
+    const tables = this.indirectTables;
+    if (count > this.freeCount && tables !== null) {
+      const { u32: t32, u16: t16 } = tables[head];
       // Entry k links to k + 1; the last one ends the chain.
       const nOut = out.length;
       for (let k = 0; k < nOut; k++) {
