@@ -134,6 +134,23 @@ test('a timed-out request fails with TimeoutError; its DMA memory is not reused 
   }
 });
 
+test('a request submitted while the timeout sweep is already running still gets its whole timeout', async () => {
+  const device = new ScriptedDevice({ answer: () => 'hold' });
+  const r = await scriptedRig(device, { timeoutMs: 40 });
+  try {
+    const first = r.driver.read(0, [new Uint8Array(512)]);
+    await new Promise((resolve) => setTimeout(resolve, 25));
+    const started = performance.now();
+    const second = r.driver.read(8, [new Uint8Array(512)]);
+    await assert.rejects(first, TimeoutError);
+    await assert.rejects(second, TimeoutError);
+    const waited = performance.now() - started;
+    assert.ok(waited >= 39 && waited < 500, `the second request timed out after ${waited} ms`);
+  } finally {
+    await r.close();
+  }
+});
+
 test('without a timeout a held request just waits (Linux semantics)', async () => {
   const device = new ScriptedDevice({ answer: () => 'hold' });
   const r = await scriptedRig(device);

@@ -104,7 +104,8 @@ export async function runBench(driver: BlkDriver, p: BenchParams): Promise<Bench
   const end = start + p.runtimeMs;
 
   // Each lane keeps one request outstanding: a completion issues the next request
-  // (callbacks bound once per lane; no async function to resume per request). The
+  // (the driver's callback API, with the callback bound once per lane: no promise and
+  // no async function to resume per request). The
   // clock is read for every SAMPLE_EVERY-th request of a lane, which is timed from
   // submission to completion; the others pay no clock. Sampling does not depend on
   // latency, so the percentiles stand; ending is checked at the sampled completions.
@@ -120,7 +121,8 @@ export async function runBench(driver: BlkDriver, p: BenchParams): Promise<Bench
       }
       const sector = block * sectorsPerIo;
       sentAt = ++count % SAMPLE_EVERY === 0 ? performance.now() : -1;
-      (isRead ? driver.read(sector, laneBuffers) : driver.write(sector, laneBuffers)).then(succeeded, failed);
+      if (isRead) driver.submitRead(sector, laneBuffers, completed);
+      else driver.submitWrite(sector, laneBuffers, completed);
     };
     const next = (): void => {
       if (sentAt >= 0) {
@@ -130,13 +132,13 @@ export async function runBench(driver: BlkDriver, p: BenchParams): Promise<Bench
       }
       issue();
     };
-    const succeeded = (): void => {
-      ok++;
-      next();
-    };
-    const failed = (e: unknown): void => {
+    const completed = (e: Error | null): void => {
+      if (e === null) {
+        ok++;
+        return next();
+      }
       errors++;
-      firstError ??= e instanceof Error ? e.message : String(e);
+      firstError ??= e.message;
       // A broken queue or a lost device fails every later request too: stop measuring.
       if (e instanceof QueueBrokenError) return finished();
       next();
