@@ -1061,12 +1061,12 @@ export class BlkDriver {
     const queue = qs.queue;
     for (;;) {
       queue.disableInterrupts();
-      for (let used = queue.getUsed(); used !== null; used = queue.getUsed()) {
-        if (used instanceof DriverQueueError) {
-          this.breakQueue(qs, used);
+      for (let slot = queue.takeUsed(); slot !== null; slot = queue.takeUsed()) {
+        if (slot instanceof DriverQueueError) {
+          this.breakQueue(qs, slot);
           return;
         }
-        this.complete(qs, used.token);
+        this.complete(qs, slot);
       }
       // Many chains in flight: ask for the next notification only once half of them are
       // used, so a device that completes them one by one wakes us a few times per batch

@@ -38,6 +38,11 @@ export class SplitDeviceQueue {
   private readonly usedEventAt: number;
   private readonly availEventAt: number;
   private lastAvail = 0;
+  /**
+   * avail.idx as last loaded: while lastAvail is behind it, the entries in between are
+   * known published and the next pop need not load the index again.
+   */
+  private availSeen = 0;
   /** Next used index to publish (our shadow of used.idx). */
   private usedIdx: number;
   /** used.idx as last published, for the EVENT_IDX "did we cross used_event" test. */
@@ -76,6 +81,7 @@ export class SplitDeviceQueue {
   /** Sets where processing starts (SET_VRING_BASE); only while the queue is idle. */
   set nextAvail(index: number) {
     this.lastAvail = index & 0xffff;
+    this.availSeen = this.lastAvail;
   }
 
   /**
@@ -91,6 +97,7 @@ export class SplitDeviceQueue {
     this.inflight = log;
     this.resubmit = r.resubmit;
     this.lastAvail = r.nextAvail;
+    this.availSeen = r.nextAvail;
     return r;
   }
 
@@ -118,7 +125,11 @@ export class SplitDeviceQueue {
       const again = this.walk(this.resubmit.shift()!, into ?? newChain());
       return again instanceof ChainError ? this.fail(again) : again;
     }
-    const availIdx = loadIndex(this.v.availU16, IDX);
+    let availIdx = this.availSeen;
+    if (availIdx === this.lastAvail) {
+      availIdx = loadIndex(this.v.availU16, IDX);
+      this.availSeen = availIdx;
+    }
     const pending = (availIdx - this.lastAvail) & 0xffff;
     if (pending === 0) return null;
     if (pending > this.size) {

@@ -80,8 +80,12 @@ export class SplitDriverQueue<T> {
   private availIdx = 0;
   private kickedAvail = 0;
   private lastUsed = 0;
+  /** used.idx as last loaded: entries up to it are known published (see takeUsed). */
+  private usedSeen = 0;
   private inFlight = 0;
   private brokenBy: DriverQueueError<T> | null = null;
+  /** Bytes the device wrote into the chain {@link takeUsed} returned last. */
+  usedLen = 0;
 
   private constructor(config: SplitQueueConfig, views: RingViews, indirect: IndirectArea | null, tables: IndirectTable[] | null) {
     this.size = config.size;
@@ -230,8 +234,23 @@ export class SplitDriverQueue<T> {
    * the device broke the rules — after which the queue is broken for good.
    */
   getUsed(): UsedBuffer<T> | DriverQueueError<T> | null {
+    const token = this.takeUsed();
+    if (token === null) return null;
+    if (token instanceof DriverQueueError) return token as DriverQueueError<T>;
+    return { token: token as T, len: this.usedLen };
+  }
+
+  /**
+   * {@link getUsed} without an object per buffer, for hot loops: the token, whose used
+   * length is then in {@link usedLen}. (Hence tokens are never null or a DriverQueueError.)
+   */
+  takeUsed(): T | DriverQueueError<T> | null {
     if (this.brokenBy) return this.brokenBy;
-    const usedIdx = loadIndex(this.v.usedU16, IDX);
+    let usedIdx = this.usedSeen;
+    if (usedIdx === this.lastUsed) {
+      usedIdx = loadIndex(this.v.usedU16, IDX);
+      this.usedSeen = usedIdx;
+    }
     const pending = (usedIdx - this.lastUsed) & 0xffff;
     if (pending === 0) return null;
     if (pending > this.inFlight) {
@@ -250,7 +269,8 @@ export class SplitDriverQueue<T> {
       return this.fail(new DriverQueueError('USED_LENGTH_TOO_LARGE',
         `device wrote ${len} bytes into chain ${id}, which has ${this.postedWritable[id]} writable bytes`, token));
     }
-    return { token, len };
+    this.usedLen = len;
+    return token;
   }
 
   private fail(e: DriverQueueError<T>): DriverQueueError<T> {
