@@ -39,9 +39,10 @@ const VIEW_CACHE_BITS = 12;
 /** 2^32 / the golden ratio, the multiplier of Fibonacci hashing. */
 const FIB_HASH = 0x9e37_79b1;
 
-/** Direct-mapped: slot k holds the view at `offsets[k]` (-1: empty). */
+/** Direct-mapped: slot k holds the view of `lengths[k]` bytes at `offsets[k]` (-1: empty). */
 interface ViewCache {
   readonly offsets: Float64Array;
+  readonly lengths: Float64Array;
   readonly views: Uint8Array[];
 }
 
@@ -190,17 +191,21 @@ export class GuestMemory {
     const cache = this.viewCaches[i] ?? this.newViewCache(i);
     // Fibonacci hashing of the 16-byte granule: neighbouring headers and buffers spread out.
     const slot = Math.imul(Math.floor(offset / 16) >>> 0, FIB_HASH) >>> (32 - VIEW_CACHE_BITS);
-    const v = cache.views[slot];
-    if (cache.offsets[slot] === offset && v.length === length) return v;
+    if (cache.offsets[slot] === offset && cache.lengths[slot] === length) return cache.views[slot];
     const fresh = this.regions[i].bytes.subarray(offset, offset + length);
     cache.offsets[slot] = offset;
+    cache.lengths[slot] = length;
     cache.views[slot] = fresh;
     return fresh;
   }
 
   private newViewCache(i: number): ViewCache {
     const empty = this.regions[i].bytes.subarray(0, 0);
-    const cache: ViewCache = { offsets: new Float64Array(1 << VIEW_CACHE_BITS).fill(-1), views: new Array<Uint8Array>(1 << VIEW_CACHE_BITS).fill(empty) };
+    const cache: ViewCache = {
+      offsets: new Float64Array(1 << VIEW_CACHE_BITS).fill(-1),
+      lengths: new Float64Array(1 << VIEW_CACHE_BITS),
+      views: new Array<Uint8Array>(1 << VIEW_CACHE_BITS).fill(empty),
+    };
     this.viewCaches[i] = cache;
     return cache;
   }
