@@ -9,17 +9,21 @@ import {
 } from './backend.js';
 
 /**
- * Bytes per chunk: large enough that a map entry per chunk is cheap against the data
- * it holds, small enough that a 4 KiB write to a fresh area allocates little.
+ * Bytes per chunk: large enough that a table entry per chunk is cheap against the data
+ * it holds and that each chunk gets pages of its own from the allocator (glibc serves
+ * 128 KiB and up with mmap; smaller chunks share heap pages at odd offsets), small
+ * enough that a 4 KiB write to a fresh area allocates little. Measured here, 4 KiB
+ * copies out of 64 MiB of chunks at random: 1.70 M/s with 64 KiB chunks, 1.95 M/s with
+ * 256 KiB, 2.0 M/s with 1 MiB.
  */
-export const MEMORY_CHUNK_SIZE = 64 * 1024;
+export const MEMORY_CHUNK_SIZE = 256 * 1024;
 
-/** Chunks per page of the chunk table: 64 MiB of disk. */
+/** Chunks per page of the chunk table: 256 MiB of disk. */
 const CHUNKS_PER_PAGE = 1024;
 
 /**
  * Which chunks exist, by index: pages of {@link CHUNKS_PER_PAGE} slots in a map, with
- * the page used last at hand. Random I/O within 64 MiB costs an array load per access,
+ * the page used last at hand. Random I/O within 256 MiB costs an array load per access,
  * not a map lookup; a 1 TiB disk still holds only the pages something was written to.
  */
 class ChunkTable {
