@@ -989,8 +989,9 @@ export class BlkDriver {
     const sector = chunk.sector;
     words[0] = chunk.type;
     words[1] = 0;
-    words[2] = sector >>> 0;
-    words[3] = (sector - (sector >>> 0)) / TWO_POW_32;
+    const low = sector >>> 0;
+    words[2] = low;
+    words[3] = sector === low ? 0 : (sector - low) / TWO_POW_32;
     slot.status[0] = STATUS_UNWRITTEN;
     let out: Segment[];
     let inp: Segment[];

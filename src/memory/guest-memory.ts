@@ -54,6 +54,8 @@ export class GuestMemory {
   private readonly words: (RegionWords | null | undefined)[];
   /** Per region: views handed out by {@link gather}, by offset (see {@link cachedView}). */
   private readonly viewCaches: (ViewCache | undefined)[] = [];
+  /** The region {@link gather} found last, tried first next time. */
+  private hot = 0;
 
   /** Throws {@link MemoryError} when a region is empty, out of range or overlaps another. */
   constructor(regions: readonly MemoryRegion[]) {
@@ -155,8 +157,13 @@ export class GuestMemory {
   gather(addr: number, length: number, out: Uint8Array[]): boolean {
     if (!isRange(addr, length)) return false;
     if (length > 0) {
-      // The common case, one region: a view from the cache (drivers reuse their buffers).
-      const i = this.find(addr);
+      // The common case, one region — most often the one of the last call: a view from
+      // the cache (drivers reuse their buffers).
+      let i = this.hot;
+      if (addr < this.starts[i] || length > this.ends[i] - addr) {
+        i = this.find(addr);
+        if (i >= 0) this.hot = i;
+      }
       if (i >= 0 && length <= this.ends[i] - addr) {
         out.push(this.cachedView(i, addr - this.starts[i], length));
         return true;

@@ -333,10 +333,10 @@ export class SplitDriverQueue<T> {
 
 function writeDesc(u32: Uint32Array, u16: Uint16Array, i: number, addr: number, len: number, flags: number, next: number): void {
   // addr is a safe integer: `>>> 0` keeps its low 32 bits, and the subtraction leaves an
-  // exact multiple of 2^32 to divide.
+  // exact multiple of 2^32 to divide (a division only addresses above 4 GiB pay for).
   const lo = addr >>> 0;
   u32[i * 4] = lo;
-  u32[i * 4 + 1] = (addr - lo) / 0x1_0000_0000;
+  u32[i * 4 + 1] = addr === lo ? 0 : (addr - lo) / 0x1_0000_0000;
   u32[i * 4 + 2] = len;
   u16[i * 8 + 6] = flags;
   u16[i * 8 + 7] = next;
