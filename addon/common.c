@@ -102,13 +102,13 @@ bool vblk_args(napi_env env, napi_callback_info info, const char *fn, size_t min
 }
 
 static bool get_number(napi_env env, napi_value v, const char *fn, const char *name, double *out) {
-  napi_valuetype t;
-  VBLK_NAPI_B(env, napi_typeof(env, v, &t));
-  if (t != napi_number) {
+  // One call on the hot paths: the getter itself says when v is not a number.
+  napi_status status = napi_get_value_double(env, v, out);
+  if (status == napi_number_expected) {
     vblk_throw_type(env, "%s: %s must be a number", fn, name);
     return false;
   }
-  VBLK_NAPI_B(env, napi_get_value_double(env, v, out));
+  VBLK_NAPI_B(env, status);
   return true;
 }
 
@@ -166,25 +166,40 @@ bool vblk_arg_string(napi_env env, napi_value v, const char *fn, const char *nam
   return true;
 }
 
-bool vblk_arg_bytes(napi_env env, napi_value v, const char *fn, const char *name, uint8_t **data, size_t *len,
-                    bool *detached) {
-  bool is_ta = false;
-  VBLK_NAPI_B(env, napi_is_typedarray(env, v, &is_ta));
+vblk_view_result vblk_view(napi_env env, napi_value v, uint8_t **data, size_t *len, bool *detached) {
   napi_typedarray_type type = napi_int8_array;
   void *p = NULL;
   size_t n = 0;
   napi_value ab = NULL;
-  if (is_ta) VBLK_NAPI_B(env, napi_get_typedarray_info(env, v, &type, &n, &p, &ab, NULL));
-  if (!is_ta || type != napi_uint8_array) {
-    vblk_throw_type(env, "%s: %s must be a Uint8Array", fn, name);
-    return false;
+  // The getter refuses anything but a typed array itself (napi_invalid_arg), which
+  // spares a napi_is_typedarray call per buffer on the I/O paths.
+  napi_status status = napi_get_typedarray_info(env, v, &type, &n, &p, &ab, NULL);
+  if (status == napi_invalid_arg) return VBLK_VIEW_NOT_BYTES;
+  if (status != napi_ok) {
+    vblk_napi_failed(env, "napi_get_typedarray_info");
+    return VBLK_VIEW_FAILED;
   }
-  // An empty view has no data pointer either: only the ArrayBuffer tells the two apart.
+  if (type != napi_uint8_array) return VBLK_VIEW_NOT_BYTES;
+  // A detached view reads as empty, with no data pointer: only the ArrayBuffer tells
+  // it from a view that is empty by construction, so only empty views ask.
   bool is_detached = false;
-  VBLK_NAPI_B(env, napi_is_detached_arraybuffer(env, ab, &is_detached));
-  if (detached != NULL) *detached = is_detached;
+  if (n == 0 && napi_is_detached_arraybuffer(env, ab, &is_detached) != napi_ok) {
+    vblk_napi_failed(env, "napi_is_detached_arraybuffer");
+    return VBLK_VIEW_FAILED;
+  }
+  *detached = is_detached;
   *data = p;
-  *len = is_detached ? 0 : n;
+  *len = n;
+  return VBLK_VIEW_OK;
+}
+
+bool vblk_arg_bytes(napi_env env, napi_value v, const char *fn, const char *name, uint8_t **data, size_t *len,
+                    bool *detached) {
+  bool is_detached = false;
+  vblk_view_result r = vblk_view(env, v, data, len, &is_detached);
+  if (r == VBLK_VIEW_NOT_BYTES) vblk_throw_type(env, "%s: %s must be a Uint8Array", fn, name);
+  if (r != VBLK_VIEW_OK) return false;
+  if (detached != NULL) *detached = is_detached;
   return true;
 }
 

@@ -72,6 +72,11 @@ bool vblk_arg_bool(napi_env env, napi_value v, const char *fn, const char *name,
 // does not fit in cap - 1 bytes.
 bool vblk_arg_string(napi_env env, napi_value v, const char *fn, const char *name, char *buf, size_t cap,
                      size_t *len);
+typedef enum { VBLK_VIEW_OK, VBLK_VIEW_NOT_BYTES, VBLK_VIEW_FAILED } vblk_view_result;
+// The bytes of a Uint8Array (Buffer included), without throwing when v is something
+// else (VBLK_VIEW_NOT_BYTES: the caller names it in its message); VBLK_VIEW_FAILED
+// leaves an exception pending. A detached view reads as empty, with *detached set.
+vblk_view_result vblk_view(napi_env env, napi_value v, uint8_t **data, size_t *len, bool *detached);
 // A Uint8Array (Buffer included). A detached one reads as empty; *detached (if not
 // NULL) tells whether it is.
 bool vblk_arg_bytes(napi_env env, napi_value v, const char *fn, const char *name, uint8_t **data, size_t *len,

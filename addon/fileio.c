@@ -96,15 +96,18 @@ static bool collect_buffers(napi_env env, napi_value arr, const char *fn, uint32
   *niov = 0;
   for (uint32_t i = 0; i < count; i++) {
     napi_value el;
-    char name[24];
-    uint8_t *data;
-    size_t len;
-    bool detached;
-    snprintf(name, sizeof name, "buffers[%u]", i);
+    uint8_t *data = NULL;
+    size_t len = 0;
+    bool detached = false;
     VBLK_NAPI_B(env, napi_get_element(env, arr, i, &el));
-    if (!vblk_arg_bytes(env, el, fn, name, &data, &len, &detached)) return false;
+    vblk_view_result r = vblk_view(env, el, &data, &len, &detached);
+    if (r == VBLK_VIEW_FAILED) return false;
+    if (r == VBLK_VIEW_NOT_BYTES) {
+      vblk_throw_type(env, "%s: buffers[%u] must be a Uint8Array", fn, i);
+      return false;
+    }
     if (detached) {
-      vblk_throw_code(env, "ERR_VBLK_DETACHED", "%s: %s is detached (its memory was unmapped)", fn, name);
+      vblk_throw_code(env, "ERR_VBLK_DETACHED", "%s: buffers[%u] is detached (its memory was unmapped)", fn, i);
       return false;
     }
     total += len; // at most 65536 segments of at most 2^32 bytes: no overflow
