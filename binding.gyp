@@ -9,7 +9,8 @@
         "addon/memory.c",
         "addon/eventfd.c",
         "addon/watch.c",
-        "addon/fileio.c"
+        "addon/fileio.c",
+        "addon/mapfile.c"
       ],
       "cflags": ["-std=gnu11", "-Wall", "-Wextra", "-Werror=implicit-function-declaration", "-fstack-protector-strong", "-D_FORTIFY_SOURCE=2", "-O2"],
       "defines": ["NAPI_VERSION=8"]

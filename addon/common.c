@@ -1,5 +1,7 @@
 #include "common.h"
 
+#include <sys/uio.h>
+
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -191,6 +193,39 @@ vblk_view_result vblk_view(napi_env env, napi_value v, uint8_t **data, size_t *l
   *data = p;
   *len = n;
   return VBLK_VIEW_OK;
+}
+
+bool vblk_collect_views(napi_env env, napi_value buffers, const char *fn, uint32_t count, struct iovec *iov,
+                        size_t *niov, uint64_t *total) {
+  *niov = 0;
+  *total = 0;
+  for (uint32_t i = 0; i < count; i++) {
+    napi_value el;
+    uint8_t *data = NULL;
+    size_t len = 0;
+    bool detached = false;
+    VBLK_NAPI_B(env, napi_get_element(env, buffers, i, &el));
+    vblk_view_result r = vblk_view(env, el, &data, &len, &detached);
+    if (r == VBLK_VIEW_FAILED) return false;
+    if (r == VBLK_VIEW_NOT_BYTES) {
+      vblk_throw_type(env, "%s: buffers[%u] must be a Uint8Array", fn, i);
+      return false;
+    }
+    if (detached) {
+      vblk_throw_code(env, "ERR_VBLK_DETACHED", "%s: buffers[%u] is detached (its memory was unmapped)", fn, i);
+      return false;
+    }
+    *total += len; // at most 65536 segments of at most 2^32 bytes: no overflow
+    if (*total > VBLK_MAX_SAFE_INTEGER) {
+      vblk_throw_range(env, "%s: the buffers add up to more than 2^53 - 1 bytes", fn);
+      return false;
+    }
+    if (len == 0) continue;
+    iov[*niov].iov_base = data;
+    iov[*niov].iov_len = len;
+    (*niov)++;
+  }
+  return true;
 }
 
 bool vblk_arg_bytes(napi_env env, napi_value v, const char *fn, const char *name, uint8_t **data, size_t *len,

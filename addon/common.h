@@ -19,6 +19,12 @@
 // Most argument counts any addon function takes.
 #define VBLK_MAX_ARGS 5
 
+// Buffers one vectored call takes: far more than any descriptor chain the device
+// accepts; bounds the allocation.
+#define VBLK_MAX_SEGMENTS 65536
+// Segments kept on the stack by the synchronous calls before falling back to malloc.
+#define VBLK_STACK_SEGMENTS 64
+
 // Calls a Node-API function; on failure makes sure an exception is pending and
 // returns NULL from the calling function.
 #define VBLK_NAPI(env, call)                                                   \
@@ -77,6 +83,12 @@ typedef enum { VBLK_VIEW_OK, VBLK_VIEW_NOT_BYTES, VBLK_VIEW_FAILED } vblk_view_r
 // else (VBLK_VIEW_NOT_BYTES: the caller names it in its message); VBLK_VIEW_FAILED
 // leaves an exception pending. A detached view reads as empty, with *detached set.
 vblk_view_result vblk_view(napi_env env, napi_value v, uint8_t **data, size_t *len, bool *detached);
+// Turns `buffers` (an array of `count` Uint8Arrays) into iovecs, skipping empty ones;
+// *total is their byte count. Throws (returns false) for anything but a Uint8Array
+// and for a detached one. iov must have room for `count` entries.
+struct iovec;
+bool vblk_collect_views(napi_env env, napi_value buffers, const char *fn, uint32_t count, struct iovec *iov,
+                        size_t *niov, uint64_t *total);
 // A Uint8Array (Buffer included). A detached one reads as empty; *detached (if not
 // NULL) tells whether it is.
 bool vblk_arg_bytes(napi_env env, napi_value v, const char *fn, const char *name, uint8_t **data, size_t *len,
@@ -103,6 +115,7 @@ bool vblk_register_memory(napi_env env, napi_value exports);
 bool vblk_register_eventfd(napi_env env, napi_value exports);
 bool vblk_register_watch(napi_env env, napi_value exports);
 bool vblk_register_fileio(napi_env env, napi_value exports);
+bool vblk_register_mapfile(napi_env env, napi_value exports);
 
 // Mapping registry (memory.c), used by the asynchronous file I/O to refuse unmapping a
 // region that a thread-pool request still reads or writes.

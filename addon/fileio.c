@@ -16,10 +16,6 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
-// Far more than any descriptor chain the device accepts; bounds the allocation.
-#define VBLK_MAX_SEGMENTS 65536
-// Segments kept on the stack by the synchronous calls before falling back to malloc.
-#define VBLK_STACK_SEGMENTS 64
 
 #define VBLK_FALLOC_MODES (FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE)
 
@@ -92,38 +88,19 @@ static int fallocate_retry(int fd, int mode, uint64_t offset, uint64_t length) {
 // request_free, also on failure). iov must have room for the array's length.
 static bool collect_buffers(napi_env env, napi_value arr, const char *fn, uint32_t count, struct iovec *iov,
                             size_t *niov, io_request *req) {
-  uint64_t total = 0;
-  *niov = 0;
+  uint64_t total;
+  if (!vblk_collect_views(env, arr, fn, count, iov, niov, &total)) return false;
+  if (req == NULL) return true;
   for (uint32_t i = 0; i < count; i++) {
     napi_value el;
     uint8_t *data = NULL;
     size_t len = 0;
     bool detached = false;
     VBLK_NAPI_B(env, napi_get_element(env, arr, i, &el));
-    vblk_view_result r = vblk_view(env, el, &data, &len, &detached);
-    if (r == VBLK_VIEW_FAILED) return false;
-    if (r == VBLK_VIEW_NOT_BYTES) {
-      vblk_throw_type(env, "%s: buffers[%u] must be a Uint8Array", fn, i);
-      return false;
-    }
-    if (detached) {
-      vblk_throw_code(env, "ERR_VBLK_DETACHED", "%s: buffers[%u] is detached (its memory was unmapped)", fn, i);
-      return false;
-    }
-    total += len; // at most 65536 segments of at most 2^32 bytes: no overflow
-    if (total > VBLK_MAX_SAFE_INTEGER) {
-      vblk_throw_range(env, "%s: the buffers add up to more than 2^53 - 1 bytes", fn);
-      return false;
-    }
-    if (req != NULL) {
-      VBLK_NAPI_B(env, napi_create_reference(env, el, 1, &req->refs[req->nrefs]));
-      req->pins[req->nrefs] = vblk_mapping_pin(data, len);
-      req->nrefs++;
-    }
-    if (len == 0) continue;
-    iov[*niov].iov_base = data;
-    iov[*niov].iov_len = len;
-    (*niov)++;
+    if (vblk_view(env, el, &data, &len, &detached) != VBLK_VIEW_OK) return false;
+    VBLK_NAPI_B(env, napi_create_reference(env, el, 1, &req->refs[req->nrefs]));
+    req->pins[req->nrefs] = vblk_mapping_pin(data, len);
+    req->nrefs++;
   }
   return true;
 }

@@ -7,7 +7,7 @@
 static napi_value init(napi_env env, napi_value exports) {
   if (!vblk_register_socket(env, exports) || !vblk_register_memory(env, exports) ||
       !vblk_register_eventfd(env, exports) || !vblk_register_watch(env, exports) ||
-      !vblk_register_fileio(env, exports))
+      !vblk_register_fileio(env, exports) || !vblk_register_mapfile(env, exports))
     return NULL;
   return exports;
 }

@@ -94,7 +94,7 @@ export function syncImage(path: string): void {
 }
 
 /** The vhost-user backends compared. */
-export const PEER_KINDS = ['vblk-serve', 'qsd', 'qsd-io_uring'] as const;
+export const PEER_KINDS = ['vblk-serve', 'vblk-serve-mmap', 'qsd', 'qsd-io_uring'] as const;
 export type PeerKind = (typeof PEER_KINDS)[number];
 
 /** A vhost-user backend process serving one image. */
@@ -108,13 +108,14 @@ export interface Peer {
 /**
  * Starts `kind` on `image` with `queues` queues, listening in `dir`. qemu-storage-daemon
  * runs in its default configuration (`aio=threads`) or with `aio=io_uring`, its best one
- * here; `vblk serve` as a user starts it.
+ * here; `vblk serve` in its default one (`--io auto`) or with `--io mmap`, its best one
+ * for an image in the page cache.
  */
 export async function startPeer(kind: PeerKind, image: string, dir: string, queues: number): Promise<Peer> {
   const socket = join(dir, `${kind}.sock`);
   rmSync(socket, { force: true });
-  if (kind === 'vblk-serve') {
-    const s = await startServe(image, socket, ['--queues', String(queues)]);
+  if (kind === 'vblk-serve' || kind === 'vblk-serve-mmap') {
+    const s = await startServe(image, socket, ['--queues', String(queues), ...(kind === 'vblk-serve-mmap' ? ['--io', 'mmap'] : [])]);
     await s.waitForLog(/serving /);
     return {
       kind, pid: s.proc.pid as number, socket,

@@ -322,10 +322,12 @@ function targets(loopback: LoopbackRow[], peers: PeerRow[], scaling: ScalingRow[
   const lb = loopback.find((r) => r.config === 'EVENT_IDX + INDIRECT' && r.zero_copy);
   check('loopback 4k randread qd32: IOPS / bare copy', lb?.ratio ?? null, '>= 0.5', (v) => v >= 0.5);
   const row = (kind: PeerKind): PeerRow | undefined => peers.find((r) => r.backend === kind && r.rw === 'randread' && r.bs === BS && r.iodepth === QD && r.queues === 1);
-  const serve = row('vblk-serve');
   const uring = row('qsd-io_uring');
-  check('vblk serve / qsd aio=io_uring IOPS, 4k randread qd32', serve && uring ? serve.iops / uring.iops : null, '>= 1.0', (v) => v >= 1);
-  check('vblk serve / qsd aio=io_uring CPU per I/O', serve && uring ? serve.backend_cpu_us_per_io / uring.backend_cpu_us_per_io : null, '<= 1.5', (v) => v <= 1.5);
+  for (const [kind, label] of [['vblk-serve', 'vblk serve'], ['vblk-serve-mmap', 'vblk serve --io mmap']] as const) {
+    const serve = row(kind);
+    check(`${label} / qsd aio=io_uring IOPS, 4k randread qd32`, serve && uring ? serve.iops / uring.iops : null, '>= 1.0', (v) => v >= 1);
+    check(`${label} / qsd aio=io_uring CPU per I/O`, serve && uring ? serve.backend_cpu_us_per_io / uring.backend_cpu_us_per_io : null, '<= 1.5', (v) => v <= 1.5);
+  }
   check('driver CPU per I/O (us) against qsd aio=io_uring, 4k randread qd32', uring?.driver_cpu_us_per_io ?? null, '<= 3', (v) => v <= 3);
   const sparse = scaling.filter((r) => r.image === 'sparse');
   const rss = sparse.length ? Math.max(...sparse.map((r) => r.backend_rss_bytes)) / MIB : null;

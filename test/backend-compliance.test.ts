@@ -81,7 +81,7 @@ async function fails(op: () => unknown, code?: string): Promise<boolean> {
   }
 }
 
-for (const factory of [memoryFactory, fileFactory('sync'), fileFactory('async'), fileFactory('auto')]) {
+for (const factory of [memoryFactory, fileFactory('sync'), fileFactory('async'), fileFactory('auto'), fileFactory('mmap')]) {
   describe(factory.name, () => {
     const withBackend = (body: (m: Made) => Promise<void>) => async () => {
       const m = factory.make(SIZE);

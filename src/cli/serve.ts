@@ -32,8 +32,8 @@ export const command = defineCommand({
     'socket-mode': { kind: 'string', valueName: 'MODE', default: '600', description: 'file mode of the socket, in octal' },
     cache: { kind: 'choice', choices: ['writeback', 'writethrough'], default: 'writeback', description: 'initial cache mode the guest sees (it may change it)' },
     io: {
-      kind: 'choice', choices: ['auto', 'sync', 'async'], default: 'auto',
-      description: 'image I/O: auto serves page-cache hits at once and the rest on the thread pool; sync blocks on the disk; async always uses the thread pool',
+      kind: 'choice', choices: ['auto', 'sync', 'async', 'mmap'], default: 'auto',
+      description: 'image I/O: auto serves page-cache hits at once and the rest on the thread pool; sync blocks on the disk; async always uses the thread pool; mmap reads through a mapping of the image (fastest when it is in the page cache, blocks on the disk otherwise)',
     },
     'allow-unsealed-memory': {
       kind: 'boolean',

@@ -24,7 +24,7 @@ function pattern(length: number, seed: number): Uint8Array {
   return b;
 }
 
-for (const io of ['sync', 'async', 'auto'] as FileIoMode[]) {
+for (const io of ['sync', 'async', 'auto', 'mmap'] as FileIoMode[]) {
   test(`discard punches a hole: st_blocks shrinks, the size stays (${io})`, async () => {
     const t = tempDir();
     try {
@@ -101,7 +101,8 @@ for (const io of ['sync', 'async', 'auto'] as FileIoMode[]) {
     }
   });
 
-  test(`a read past the end of a file shorter than the image gives zeroes (${io})`, async () => {
+  // mmap: see 'mmap: a file truncated behind our back fails the reads past its end'.
+  test(`a read past the end of a file shorter than the image gives zeroes (${io})`, { skip: io === 'mmap' && 'a mapping past the file end cannot be read' }, async () => {
     const t = tempDir();
     try {
       const path = join(t.dir, 'img');
@@ -288,6 +289,56 @@ test('auto: past a file truncated behind our back, reads give zeroes', async () 
     await b.read(0, [back]);
     assert.deepEqual(back.subarray(0, 4096), pattern(MiB, 6).subarray(0, 4096));
     assert.ok(back.subarray(4096).every((x) => x === 0));
+    await b.close();
+  } finally {
+    t.done();
+  }
+});
+
+test('mmap: reads see every write, across chunks and buffer boundaries, and after a resize', async () => {
+  const t = tempDir();
+  try {
+    const path = join(t.dir, 'img');
+    const b = openFileBackend(path, { size: 2 * MiB, io: 'mmap' });
+    const data = pattern(MiB, 11);
+    assert.equal(b.write(4096, [data.subarray(0, 1000), data.subarray(1000)]), undefined);
+    const x = new Uint8Array(333);
+    const y = new Uint8Array(MiB + 4096 - 333);
+    assert.equal(b.read(0, [x, y]), undefined, 'a mapped read completes on the spot');
+    const whole = new Uint8Array(MiB + 4096);
+    whole.set(x);
+    whole.set(y, 333);
+    assert.ok(whole.subarray(0, 4096).every((v) => v === 0), 'the hole before reads as zeroes');
+    assert.deepEqual(whole.subarray(4096), data);
+    // Written behind the mapping's back, through the file: the same page cache.
+    writeFileSync(path, pattern(4096, 12), { flag: 'r+' });
+    const first = new Uint8Array(4096);
+    b.read(0, [first]);
+    assert.deepEqual(first, pattern(4096, 12));
+    b.resize(4 * MiB);
+    await b.write(3 * MiB, [pattern(8192, 13)]);
+    const tail = new Uint8Array(8192);
+    b.read(3 * MiB, [tail]);
+    assert.deepEqual(tail, pattern(8192, 13));
+    await b.close();
+    assert.throws(() => b.read(0, [first]), { code: 'CLOSED' });
+  } finally {
+    t.done();
+  }
+});
+
+test('mmap: a file truncated behind our back fails the reads past its end with EIO, and the process lives on', async () => {
+  const t = tempDir();
+  try {
+    const path = join(t.dir, 'img');
+    const b = openFileBackend(path, { size: MiB, io: 'mmap' });
+    await b.write(0, [pattern(MiB, 14)]);
+    truncateSync(path, 8192);
+    // Without the addon's guard this read would kill the process with SIGBUS.
+    assert.throws(() => b.read(0, [new Uint8Array(64 * 1024)]), (e: Error & { code?: string }) => e.code === 'EIO' && /65536 bytes at byte 0/.test(e.message));
+    const head = new Uint8Array(8192);
+    b.read(0, [head]);
+    assert.deepEqual(head, pattern(MiB, 14).subarray(0, 8192));
     await b.close();
   } finally {
     t.done();

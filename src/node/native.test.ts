@@ -1,5 +1,9 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { setFlagsFromString } from 'node:v8';
 import { runInNewContext } from 'node:vm';
 import * as native from './native.js';
@@ -139,4 +143,28 @@ test('the finalizer of an explicitly unmapped buffer does not unmap a second tim
   assert.equal(native.mappingCount(), before + 1);
   new Uint8Array(fresh.buffer)[0] = 7; // would fault if unmapped
   assert.equal(native.munmap(fresh.buffer), true);
+});
+
+test('the SIGBUS guard of mappedRead leaves every other SIGBUS deadly, as before it was installed', () => {
+  // In a child: a guarded read past a truncated file's end fails with EIO, then a plain
+  // access to a truncated mapping (an ArrayBuffer from mmap) must still kill the process.
+  const script = `
+    import * as native from ${JSON.stringify(new URL('./native.js', import.meta.url).href)};
+    import { openSync, ftruncateSync } from 'node:fs';
+    const fd = openSync(process.argv[1], 'w+');
+    ftruncateSync(fd, 65536);
+    const map = native.mapFile(fd, 65536);
+    const plain = native.mmap(fd, 65536, 0, false);
+    ftruncateSync(fd, 4096);
+    try { native.mappedRead(map, 0, [new Uint8Array(65536)]); } catch (e) { console.log('guarded', e.code); }
+    console.log('plain', new Uint8Array(plain.buffer)[32768]);
+  `;
+  const dir = mkdtempSync(join(tmpdir(), 'vblk-sigbus-'));
+  try {
+    const child = spawnSync(process.execPath, ['--input-type=module', '-e', script, join(dir, 'f')], { encoding: 'utf8', timeout: 30_000 });
+    assert.equal(child.stdout.trim(), 'guarded EIO');
+    assert.equal(child.signal, 'SIGBUS', `the child ended with ${child.signal ?? child.status}: ${child.stderr}`);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
 });

@@ -60,6 +60,10 @@ export interface Mapping {
   readonly address: bigint;
 }
 
+declare const fileMapBrand: unique symbol;
+/** Opaque handle of a read-only file mapping made by {@link mapFile}. */
+export type FileMap = { readonly [fileMapBrand]: true };
+
 declare const watchHandleBrand: unique symbol;
 /** Opaque handle of an fd watcher made by {@link watch}. */
 export type WatchHandle = { readonly [watchHandleBrand]: true };
@@ -100,6 +104,9 @@ interface Binding {
   fdatasyncAsync(fd: number): Promise<void>;
   fallocate(fd: number, mode: number, offset: number, length: number): void;
   fallocateAsync(fd: number, mode: number, offset: number, length: number): Promise<void>;
+  mapFile(fd: number, length: number): FileMap;
+  mappedRead(map: FileMap, position: number, buffers: readonly Uint8Array[]): number;
+  unmapFile(map: FileMap): void;
   readonly SEND_MAX_FDS: number;
   readonly RECV_MAX_FDS: number;
   readonly PAGE_SIZE: number;
@@ -338,6 +345,25 @@ export const preadvAsync: (fd: number, buffers: readonly Uint8Array[], position:
 /** {@link pwritev} on the libuv thread pool (buffers kept alive and pinned as for {@link preadvAsync}). */
 export const pwritevAsync: (fd: number, buffers: readonly Uint8Array[], position: number) => Promise<number> =
   binding.pwritevAsync;
+
+/**
+ * Maps the first `length` bytes of the file `fd` read-only and shared (MAP_NORESERVE:
+ * a sparse terabyte costs address space only). Unmapped by {@link unmapFile}, or when
+ * the handle is garbage collected.
+ */
+export const mapFile: (fd: number, length: number) => FileMap = binding.mapFile;
+
+/**
+ * Copies from the mapping at `position` into `buffers` in order; returns the bytes
+ * copied, fewer than asked only at the end of the mapping. No syscall: a page in the
+ * page cache costs a memcpy; one that is not blocks for the disk. A page that cannot be
+ * read (an I/O error, the file truncated under the mapping) throws `EIO` instead of
+ * killing the process with SIGBUS. Throws `ERR_VBLK_UNMAPPED` after {@link unmapFile}.
+ */
+export const mappedRead: (map: FileMap, position: number, buffers: readonly Uint8Array[]) => number = binding.mappedRead;
+
+/** Unmaps now (idempotent); later {@link mappedRead}s throw. */
+export const unmapFile: (map: FileMap) => void = binding.unmapFile;
 
 /** Flushes the file's data (and the metadata needed to read it back) to stable storage. */
 export const fdatasync: (fd: number) => void = binding.fdatasync;
