@@ -74,7 +74,7 @@ function watchQueues(transport: DriverTransport): { transport: DriverTransport; 
   return { transport: watched, availIndexes: () => queues.map((q) => q.nextAvail) };
 }
 
-for (const kind of ['qemu-storage-daemon', 'vblk serve'] as const) {
+for (const kind of ['qemu-storage-daemon', 'vblk serve', 'vblk serve --io mmap'] as const) {
   describe(`the vblk driver against ${kind}`, { skip }, () => {
     let scratch: { dir: string; cleanup(): void };
     let n = 0;
@@ -118,6 +118,7 @@ for (const kind of ['qemu-storage-daemon', 'vblk serve'] as const) {
             const control = `${socket}.ctl`;
             const args = ['--queues', String(opts.numQueues), '--control', control];
             if (opts.readOnly) args.push('--read-only');
+            if (kind === 'vblk serve --io mmap') args.push('--io', 'mmap');
             const s = await startServe(image, socket, args);
             lastResize = async (size) => {
               const r = await runCli(['resize', '--control', control, String(size)]);
