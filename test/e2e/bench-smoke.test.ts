@@ -25,9 +25,9 @@ test('npm run bench: every section runs against real peers and writes well-forme
       const results = JSON.parse(readFileSync(out, 'utf8'));
       assert.deepEqual(results.skipped, []);
       assert.equal(results.loopback.length, 4);
-      // 3 backends × 5 patterns, one queue count.
-      assert.equal(results.peers.length, 15);
-      assert.deepEqual(new Set(results.peers.map((x: { backend: string }) => x.backend)), new Set(['vblk-serve', 'qsd', 'qsd-io_uring']));
+      // 4 backends × 5 patterns, one queue count.
+      assert.equal(results.peers.length, 20);
+      assert.deepEqual(new Set(results.peers.map((x: { backend: string }) => x.backend)), new Set(['vblk-serve', 'vblk-serve-mmap', 'qsd', 'qsd-io_uring']));
       for (const row of results.peers) {
         assert.ok(row.iops > 0 && row.backend_cpu_us_per_io > 0 && row.driver_cpu_us_per_io > 0 && row.backend_rss_bytes > 0, JSON.stringify(row));
       }
@@ -36,7 +36,8 @@ test('npm run bench: every section runs against real peers and writes well-forme
       // 2 images × 1 queue count × 2 iodepths.
       assert.equal(results.scaling.length, 4);
       assert.deepEqual(results.scaling.map((x: { image: string; iodepth: number }) => `${x.image} ${x.iodepth}`), ['data 1', 'data 8', 'sparse 1', 'sparse 8']);
-      assert.equal(results.targets.length, 5);
+      // IOPS and CPU for serve and for serve --io mmap, loopback, driver CPU, RSS.
+      assert.equal(results.targets.length, 7);
       for (const t of results.targets) assert.equal(typeof t.met, 'boolean', JSON.stringify(t));
       assert.match(r.stdout, /^Targets$/m);
     } finally {
