@@ -196,7 +196,7 @@ vblk_view_result vblk_view(napi_env env, napi_value v, uint8_t **data, size_t *l
 }
 
 bool vblk_collect_views(napi_env env, napi_value buffers, const char *fn, uint32_t count, struct iovec *iov,
-                        size_t *niov, uint64_t *total) {
+                        size_t *niov, uint64_t *total, vblk_view_visitor visit, void *ctx) {
   *niov = 0;
   *total = 0;
   for (uint32_t i = 0; i < count; i++) {
@@ -215,6 +215,7 @@ bool vblk_collect_views(napi_env env, napi_value buffers, const char *fn, uint32
       vblk_throw_code(env, "ERR_VBLK_DETACHED", "%s: buffers[%u] is detached (its memory was unmapped)", fn, i);
       return false;
     }
+    if (visit != NULL && !visit(env, el, data, len, ctx)) return false;
     *total += len; // at most 65536 segments of at most 2^32 bytes: no overflow
     if (*total > VBLK_MAX_SAFE_INTEGER) {
       vblk_throw_range(env, "%s: the buffers add up to more than 2^53 - 1 bytes", fn);

@@ -85,10 +85,13 @@ typedef enum { VBLK_VIEW_OK, VBLK_VIEW_NOT_BYTES, VBLK_VIEW_FAILED } vblk_view_r
 vblk_view_result vblk_view(napi_env env, napi_value v, uint8_t **data, size_t *len, bool *detached);
 // Turns `buffers` (an array of `count` Uint8Arrays) into iovecs, skipping empty ones;
 // *total is their byte count. Throws (returns false) for anything but a Uint8Array
-// and for a detached one. iov must have room for `count` entries.
+// and for a detached one. iov must have room for `count` entries. `visit`, when not
+// NULL, is called with each view (empty ones too) and may refuse it by returning false
+// with an exception pending.
 struct iovec;
+typedef bool (*vblk_view_visitor)(napi_env env, napi_value view, uint8_t *data, size_t len, void *ctx);
 bool vblk_collect_views(napi_env env, napi_value buffers, const char *fn, uint32_t count, struct iovec *iov,
-                        size_t *niov, uint64_t *total);
+                        size_t *niov, uint64_t *total, vblk_view_visitor visit, void *ctx);
 // A Uint8Array (Buffer included). A detached one reads as empty; *detached (if not
 // NULL) tells whether it is.
 bool vblk_arg_bytes(napi_env env, napi_value v, const char *fn, const char *name, uint8_t **data, size_t *len,

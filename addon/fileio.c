@@ -83,26 +83,22 @@ static int fallocate_retry(int fd, int mode, uint64_t offset, uint64_t length) {
   return 0;
 }
 
+// Keeps a view an asynchronous request uses alive, and pins the mapping it lies in.
+static bool hold_view(napi_env env, napi_value view, uint8_t *data, size_t len, void *ctx) {
+  io_request *req = ctx;
+  VBLK_NAPI_B(env, napi_create_reference(env, view, 1, &req->refs[req->nrefs]));
+  req->pins[req->nrefs] = vblk_mapping_pin(data, len);
+  req->nrefs++;
+  return true;
+}
+
 // Turns buffers (an array of Uint8Array) into iovecs, skipping empty ones. With req,
 // also references every view and pins the mappings they lie in (released by
 // request_free, also on failure). iov must have room for the array's length.
 static bool collect_buffers(napi_env env, napi_value arr, const char *fn, uint32_t count, struct iovec *iov,
                             size_t *niov, io_request *req) {
   uint64_t total;
-  if (!vblk_collect_views(env, arr, fn, count, iov, niov, &total)) return false;
-  if (req == NULL) return true;
-  for (uint32_t i = 0; i < count; i++) {
-    napi_value el;
-    uint8_t *data = NULL;
-    size_t len = 0;
-    bool detached = false;
-    VBLK_NAPI_B(env, napi_get_element(env, arr, i, &el));
-    if (vblk_view(env, el, &data, &len, &detached) != VBLK_VIEW_OK) return false;
-    VBLK_NAPI_B(env, napi_create_reference(env, el, 1, &req->refs[req->nrefs]));
-    req->pins[req->nrefs] = vblk_mapping_pin(data, len);
-    req->nrefs++;
-  }
-  return true;
+  return vblk_collect_views(env, arr, fn, count, iov, niov, &total, req == NULL ? NULL : hold_view, req);
 }
 
 static bool arg_buffers(napi_env env, napi_value v, const char *fn, uint32_t *count) {

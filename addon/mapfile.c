@@ -175,7 +175,7 @@ static napi_value js_mapped_read(napi_env env, napi_callback_info info) {
   size_t niov;
   uint64_t total;
   napi_value result = NULL;
-  if (vblk_collect_views(env, argv[2], fn, count, iov, &niov, &total)) {
+  if (vblk_collect_views(env, argv[2], fn, count, iov, &niov, &total, NULL, NULL)) {
     uint64_t avail = position >= m->length ? 0 : m->length - position;
     size_t want = (size_t)(total < avail ? total : avail);
     size_t copied = 0;
