@@ -5,14 +5,9 @@
  * first); writes check their value, since a DataView silently wraps out-of-range numbers.
  */
 import { UsageError } from '../../errors.js';
+import { getU64, setU64 } from '../../spec/u64.js';
 import type { WireField } from '../../spec/vhost-user.js';
 
-/**
- * Largest high half of a u64 whose value is at most 2^53-1 (Number.MAX_SAFE_INTEGER):
- * (2^21-1)·2^32 + (2^32-1) = 2^53-1.
- */
-const SAFE_HIGH_MAX = 0x1f_ffff;
-const TWO_POW_32 = 0x1_0000_0000;
 const U64_LIMIT = 1n << 64n;
 
 /** A view over the whole of `bytes`. */
@@ -40,9 +35,8 @@ export function getU64Bits(view: DataView, base: number, field: WireField<8>): b
  * 2^53-1 and a JS number would round it. Read as two u32 halves, so no BigInt.
  */
 export function getSafeU64(view: DataView, base: number, field: WireField<8>): number | undefined {
-  const lo = view.getUint32(base + field.offset, true);
-  const hi = view.getUint32(base + field.offset + 4, true);
-  return hi > SAFE_HIGH_MAX ? undefined : hi * TWO_POW_32 + lo;
+  const value = getU64(view, base + field.offset);
+  return value < 0 ? undefined : value;
 }
 
 /** Whether a u64 field is zero (REPLY_ACK: 0 is success, anything else failure). */
@@ -80,7 +74,5 @@ export function setU64Bits(view: DataView, base: number, field: WireField<8>, va
 /** Writes a number that must be a safe integer as a u64, as two u32 halves. */
 export function setSafeU64(view: DataView, base: number, field: WireField<8>, value: number, what: string): void {
   checkUint(what, value, Number.MAX_SAFE_INTEGER);
-  // value < 2^53, so `% 2^32` and the division are exact.
-  view.setUint32(base + field.offset, value % TWO_POW_32, true);
-  view.setUint32(base + field.offset + 4, Math.floor(value / TWO_POW_32), true);
+  setU64(view, base + field.offset, value);
 }
