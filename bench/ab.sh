@@ -1,0 +1,20 @@
+#!/bin/bash
+# Compares the loopback data path of git REF (A) with the working tree (B): builds both,
+# then runs dist/bench/ab.js on them. Usage: bash bench/ab.sh REF [ab.js options]
+set -euo pipefail
+ref=${1:?usage: bash bench/ab.sh REF [--rounds N] [--backend memory|null]}
+shift
+root=$(cd "$(dirname "$0")/.." && pwd)
+work=$(mktemp -d)
+trap 'git -C "$root" worktree remove --force "$work/src" >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
+git -C "$root" worktree add -q "$work/src" "$ref"
+ln -s "$root/node_modules" "$work/src/node_modules"
+# Both trees need the package root (package.json, the built addon) above their dist/.
+for side in a b; do
+  mkdir -p "$work/$side"
+  cp "$root/package.json" "$work/$side/"
+  ln -s "$root/build" "$work/$side/build"
+done
+(cd "$work/src" && npx tsc -p . --outDir "$work/a/dist")
+(cd "$root" && npx tsc -p . --outDir "$work/b/dist")
+node "$work/b/dist/bench/ab.js" "$work/a/dist" "$work/b/dist" "$@"
