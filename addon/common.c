@@ -1,10 +1,11 @@
 #include "common.h"
 
-#include <sys/uio.h>
 
+#include <errno.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <uv.h>
 
@@ -227,6 +228,30 @@ bool vblk_collect_views(napi_env env, napi_value buffers, const char *fn, uint32
     (*niov)++;
   }
   return true;
+}
+
+bool vblk_iovecs_arg(napi_env env, napi_value buffers, const char *fn, vblk_iovecs *out) {
+  uint32_t count;
+  if (!vblk_arg_array(env, buffers, fn, "buffers", &count)) return false;
+  if (count > VBLK_MAX_SEGMENTS) {
+    vblk_throw_range(env, "%s: at most %d buffers, got %u", fn, VBLK_MAX_SEGMENTS, count);
+    return false;
+  }
+  out->iov = count <= VBLK_STACK_SEGMENTS ? out->stack : malloc(sizeof *out->iov * count);
+  if (out->iov == NULL) {
+    vblk_throw_errno(env, fn, NULL, ENOMEM);
+    return false;
+  }
+  if (!vblk_collect_views(env, buffers, fn, count, out->iov, &out->niov, &out->total, NULL, NULL)) {
+    vblk_iovecs_free(out);
+    return false;
+  }
+  return true;
+}
+
+void vblk_iovecs_free(vblk_iovecs *v) {
+  if (v->iov != v->stack) free(v->iov);
+  v->iov = v->stack;
 }
 
 bool vblk_arg_bytes(napi_env env, napi_value v, const char *fn, const char *name, uint8_t **data, size_t *len,

@@ -12,6 +12,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/uio.h>
 
 // Largest integer a JS number carries exactly (2^53 - 1).
 #define VBLK_MAX_SAFE_INTEGER 9007199254740991ULL
@@ -88,10 +89,21 @@ vblk_view_result vblk_view(napi_env env, napi_value v, uint8_t **data, size_t *l
 // and for a detached one. iov must have room for `count` entries. `visit`, when not
 // NULL, is called with each view (empty ones too) and may refuse it by returning false
 // with an exception pending.
-struct iovec;
 typedef bool (*vblk_view_visitor)(napi_env env, napi_value view, uint8_t *data, size_t len, void *ctx);
 bool vblk_collect_views(napi_env env, napi_value buffers, const char *fn, uint32_t count, struct iovec *iov,
                         size_t *niov, uint64_t *total, vblk_view_visitor visit, void *ctx);
+// The buffers argument of a synchronous vectored call as iovecs: on the stack for the
+// usual few, allocated beyond. vblk_iovecs_arg checks the array (at most
+// VBLK_MAX_SEGMENTS Uint8Arrays, none detached) and throws (returns false) otherwise;
+// every successful call is paired with vblk_iovecs_free.
+typedef struct {
+  struct iovec *iov; // `stack`, or malloc'd
+  size_t niov;
+  uint64_t total;
+  struct iovec stack[VBLK_STACK_SEGMENTS];
+} vblk_iovecs;
+bool vblk_iovecs_arg(napi_env env, napi_value buffers, const char *fn, vblk_iovecs *out);
+void vblk_iovecs_free(vblk_iovecs *v);
 // A Uint8Array (Buffer included). A detached one reads as empty; *detached (if not
 // NULL) tells whether it is.
 bool vblk_arg_bytes(napi_env env, napi_value v, const char *fn, const char *name, uint8_t **data, size_t *len,

@@ -92,13 +92,12 @@ static bool hold_view(napi_env env, napi_value view, uint8_t *data, size_t len, 
   return true;
 }
 
-// Turns buffers (an array of Uint8Array) into iovecs, skipping empty ones. With req,
-// also references every view and pins the mappings they lie in (released by
-// request_free, also on failure). iov must have room for the array's length.
-static bool collect_buffers(napi_env env, napi_value arr, const char *fn, uint32_t count, struct iovec *iov,
-                            size_t *niov, io_request *req) {
+// Turns buffers (an array of Uint8Array) into the request's iovecs, skipping empty ones,
+// and references every view and pins the mappings they lie in (released by
+// request_free, also on failure). req->iov must have room for the array's length.
+static bool collect_buffers(napi_env env, napi_value arr, const char *fn, uint32_t count, io_request *req) {
   uint64_t total;
-  return vblk_collect_views(env, arr, fn, count, iov, niov, &total, req == NULL ? NULL : hold_view, req);
+  return vblk_collect_views(env, arr, fn, count, req->iov, &req->niov, &total, hold_view, req);
 }
 
 static bool arg_buffers(napi_env env, napi_value v, const char *fn, uint32_t *count) {
@@ -124,24 +123,16 @@ static napi_value sync_rw(napi_env env, napi_callback_info info, bool write) {
   const char *fn = write ? "pwritev" : "preadv";
   napi_value argv[VBLK_MAX_ARGS];
   int fd;
-  uint32_t count;
   uint64_t position;
+  vblk_iovecs v;
   if (!vblk_args(env, info, fn, 3, argv) || !vblk_arg_fd(env, argv[0], fn, "fd", &fd) ||
-      !arg_buffers(env, argv[1], fn, &count) ||
-      !vblk_arg_uint(env, argv[2], fn, "position", 0, VBLK_MAX_SAFE_INTEGER, &position))
+      !vblk_arg_uint(env, argv[2], fn, "position", 0, VBLK_MAX_SAFE_INTEGER, &position) ||
+      !vblk_iovecs_arg(env, argv[1], fn, &v))
     return NULL;
-  struct iovec stack_iov[VBLK_STACK_SEGMENTS];
-  struct iovec *iov = count <= VBLK_STACK_SEGMENTS ? stack_iov : malloc(sizeof *iov * count);
-  if (iov == NULL) return vblk_throw_errno(env, fn, NULL, ENOMEM);
-  size_t niov;
-  napi_value result = NULL;
-  if (collect_buffers(env, argv[1], fn, count, iov, &niov, NULL)) {
-    uint64_t done;
-    int err = rw_all(write, fd, iov, niov, position, &done);
-    result = err != 0 ? fd_detail_error(env, fn, fd, err, true) : vblk_number(env, (double)done);
-  }
-  if (iov != stack_iov) free(iov);
-  return result;
+  uint64_t done;
+  int err = rw_all(write, fd, v.iov, v.niov, position, &done);
+  vblk_iovecs_free(&v);
+  return err != 0 ? fd_detail_error(env, fn, fd, err, true) : vblk_number(env, (double)done);
 }
 
 static napi_value js_preadv(napi_env env, napi_callback_info info) { return sync_rw(env, info, false); }
@@ -155,31 +146,21 @@ static napi_value js_try_preadv(napi_env env, napi_callback_info info) {
   const char *fn = "tryPreadv";
   napi_value argv[VBLK_MAX_ARGS];
   int fd;
-  uint32_t count;
   uint64_t position;
+  vblk_iovecs v;
   if (!vblk_args(env, info, fn, 3, argv) || !vblk_arg_fd(env, argv[0], fn, "fd", &fd) ||
-      !arg_buffers(env, argv[1], fn, &count) ||
-      !vblk_arg_uint(env, argv[2], fn, "position", 0, VBLK_MAX_SAFE_INTEGER, &position))
+      !vblk_arg_uint(env, argv[2], fn, "position", 0, VBLK_MAX_SAFE_INTEGER, &position) ||
+      !vblk_iovecs_arg(env, argv[1], fn, &v))
     return NULL;
-  struct iovec stack_iov[VBLK_STACK_SEGMENTS];
-  struct iovec *iov = count <= VBLK_STACK_SEGMENTS ? stack_iov : malloc(sizeof *iov * count);
-  if (iov == NULL) return vblk_throw_errno(env, fn, NULL, ENOMEM);
-  size_t niov;
-  napi_value result = NULL;
-  if (collect_buffers(env, argv[1], fn, count, iov, &niov, NULL)) {
-    ssize_t n;
-    do {
-      n = niov == 0 ? 0 : preadv2(fd, iov, niov > IOV_MAX ? IOV_MAX : (int)niov, (off_t)position, RWF_NOWAIT);
-    } while (n < 0 && errno == EINTR);
-    if (n >= 0)
-      result = vblk_number(env, (double)n);
-    else if (errno == EAGAIN || errno == EWOULDBLOCK)
-      result = vblk_number(env, -1);
-    else
-      result = fd_detail_error(env, "preadv2", fd, errno, true);
-  }
-  if (iov != stack_iov) free(iov);
-  return result;
+  ssize_t n;
+  do {
+    n = v.niov == 0 ? 0 : preadv2(fd, v.iov, v.niov > IOV_MAX ? IOV_MAX : (int)v.niov, (off_t)position, RWF_NOWAIT);
+  } while (n < 0 && errno == EINTR);
+  int err = errno;
+  vblk_iovecs_free(&v);
+  if (n >= 0) return vblk_number(env, (double)n);
+  if (err == EAGAIN || err == EWOULDBLOCK) return vblk_number(env, -1);
+  return fd_detail_error(env, "preadv2", fd, err, true);
 }
 
 static napi_value js_fdatasync(napi_env env, napi_callback_info info) {
@@ -303,7 +284,7 @@ static napi_value async_rw(napi_env env, napi_callback_info info, bool write) {
   req->kind = write ? OP_WRITE : OP_READ;
   req->fd = fd;
   req->position = position;
-  if (!collect_buffers(env, argv[1], fn, count, req->iov, &req->niov, req)) {
+  if (!collect_buffers(env, argv[1], fn, count, req)) {
     request_free(env, req);
     return NULL;
   }

@@ -162,34 +162,21 @@ static napi_value js_mapped_read(napi_env env, napi_callback_info info) {
   napi_value argv[VBLK_MAX_ARGS];
   struct file_map *m;
   uint64_t position;
-  uint32_t count;
+  vblk_iovecs v;
   if (!vblk_args(env, info, fn, 3, argv) || !arg_file_map(env, argv[0], fn, &m) ||
-      !vblk_arg_uint(env, argv[1], fn, "position", 0, VBLK_MAX_SAFE_INTEGER, &position) ||
-      !vblk_arg_array(env, argv[2], fn, "buffers", &count))
+      !vblk_arg_uint(env, argv[1], fn, "position", 0, VBLK_MAX_SAFE_INTEGER, &position))
     return NULL;
   if (m->length == 0) return vblk_throw_code(env, "ERR_VBLK_UNMAPPED", "%s: the file is no longer mapped", fn);
-  if (count > VBLK_MAX_SEGMENTS) return vblk_throw_range(env, "%s: at most %d buffers, got %u", fn, VBLK_MAX_SEGMENTS, count);
-  struct iovec stack_iov[VBLK_STACK_SEGMENTS];
-  struct iovec *iov = count <= VBLK_STACK_SEGMENTS ? stack_iov : malloc(sizeof *iov * count);
-  if (iov == NULL) return vblk_throw_errno(env, fn, NULL, ENOMEM);
-  size_t niov;
-  uint64_t total;
-  napi_value result = NULL;
-  if (vblk_collect_views(env, argv[2], fn, count, iov, &niov, &total, NULL, NULL)) {
-    uint64_t avail = position >= m->length ? 0 : m->length - position;
-    size_t want = (size_t)(total < avail ? total : avail);
-    size_t copied = 0;
-    int err = want == 0 ? 0 : guarded_copy(m->base + position, want, iov, niov, &copied);
-    if (err == 0) {
-      result = vblk_number(env, (double)copied);
-    } else {
-      char detail[80];
-      snprintf(detail, sizeof detail, "of %zu bytes at byte %llu", want, (unsigned long long)position);
-      vblk_throw_errno(env, "read of a mapped file", detail, err);
-    }
-  }
-  if (iov != stack_iov) free(iov);
-  return result;
+  if (!vblk_iovecs_arg(env, argv[2], fn, &v)) return NULL;
+  uint64_t avail = position >= m->length ? 0 : m->length - position;
+  size_t want = (size_t)(v.total < avail ? v.total : avail);
+  size_t copied = 0;
+  int err = want == 0 ? 0 : guarded_copy(m->base + position, want, v.iov, v.niov, &copied);
+  vblk_iovecs_free(&v);
+  if (err == 0) return vblk_number(env, (double)copied);
+  char detail[80];
+  snprintf(detail, sizeof detail, "of %zu bytes at byte %llu", want, (unsigned long long)position);
+  return vblk_throw_errno(env, "read of a mapped file", detail, err);
 }
 
 // unmapFile(map): releases the mapping now (later reads throw); idempotent.
