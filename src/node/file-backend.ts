@@ -200,7 +200,8 @@ export class FileBackend implements BlockBackend {
     this.check(offset, total, false);
     if (this.map !== null) {
       // The mapping covers the whole image and check() kept the read inside it.
-      native.mappedRead(this.map, offset, buffers);
+      let pos = offset;
+      for (const batch of batches(buffers)) pos += native.mappedRead(this.map, pos, batch);
       return;
     }
     if (this.io === 'async') return this.readAsync(offset, buffers);
