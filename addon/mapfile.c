@@ -9,6 +9,7 @@
 #include "common.h"
 
 #include <errno.h>
+#include <pthread.h>
 #include <setjmp.h>
 #include <signal.h>
 #include <stdio.h>
@@ -33,7 +34,10 @@ static GUARD_TLS const uint8_t *volatile guard_lo;
 static GUARD_TLS const uint8_t *volatile guard_hi;
 
 static struct sigaction previous_bus;
-static bool handler_installed;
+// Installed once per process (worker threads share it), so that the handler never
+// chains to itself.
+static pthread_once_t handler_once = PTHREAD_ONCE_INIT;
+static int handler_error;
 
 static void on_sigbus(int sig, siginfo_t *info, void *context) {
   const uint8_t *addr = info->si_addr;
@@ -59,8 +63,7 @@ static void on_sigbus(int sig, siginfo_t *info, void *context) {
   sigaction(SIGBUS, &dfl, NULL);
 }
 
-static bool install_handler(napi_env env) {
-  if (handler_installed) return true;
+static void install_handler_once(void) {
   struct sigaction sa;
   memset(&sa, 0, sizeof sa);
   sa.sa_sigaction = on_sigbus;
@@ -68,12 +71,14 @@ static bool install_handler(napi_env env) {
   // saved signal mask, and setting the guard needs no sigprocmask syscall per copy.
   sa.sa_flags = SA_SIGINFO | SA_NODEFER;
   sigemptyset(&sa.sa_mask);
-  if (sigaction(SIGBUS, &sa, &previous_bus) < 0) {
-    vblk_throw_errno(env, "sigaction", "SIGBUS", errno);
-    return false;
-  }
-  handler_installed = true;
-  return true;
+  if (sigaction(SIGBUS, &sa, &previous_bus) < 0) handler_error = errno;
+}
+
+static bool install_handler(napi_env env) {
+  pthread_once(&handler_once, install_handler_once);
+  if (handler_error == 0) return true;
+  vblk_throw_errno(env, "sigaction", "SIGBUS", handler_error);
+  return false;
 }
 
 // Copies `total` bytes from `src` into the iovecs; EIO when a page of the source could
