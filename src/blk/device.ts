@@ -27,6 +27,7 @@ import { ChainError, copyToBuffers, type ReusableChain } from '../virtqueue/chai
 import type { DeviceHost, VirtioDevice } from '../virtqueue/device.js';
 import type { SplitDeviceQueue } from '../virtqueue/split-device.js';
 import { encodeBlkConfig, type BlkGeometry, type BlkTopology } from './config.js';
+import { isAligned } from './align.js';
 import { BlkRequest, parseRequest, parseSegments, REQUEST_PARSE, type DwzSegment, type RequestParse } from './request.js';
 
 /** Limits of one kind of discard / write-zeroes / secure-erase request. */
@@ -441,7 +442,7 @@ class Engine {
    */
   private checkIo(job: Job): boolean {
     const sector = job.sector;
-    return job.dataBytes % this.blockSize === 0 && sector >= 0 && sector % this.sectorsPerBlock === 0 &&
+    return sector >= 0 && isAligned(job.dataBytes, this.blockSize) && isAligned(sector, this.sectorsPerBlock) &&
       sector <= this.capacitySectors && job.dataBytes / VIRTIO_BLK_SECTOR_SIZE <= this.capacitySectors - sector;
   }
 
@@ -465,7 +466,7 @@ class Engine {
     for (const s of segments) {
       if ((s.flags & ~VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP) !== 0) unsupported = true;
       if (!unmapAllowed && (s.flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP) !== 0) unsupported = true;
-      if (s.sector < 0 || s.sector % this.sectorsPerBlock !== 0 || s.numSectors % this.sectorsPerBlock !== 0 ||
+      if (s.sector < 0 || !isAligned(s.sector, this.sectorsPerBlock) || !isAligned(s.numSectors, this.sectorsPerBlock) ||
           s.numSectors > limits.maxSectors || s.sector > this.capacitySectors ||
           s.numSectors > this.capacitySectors - s.sector) {
         invalid = true;

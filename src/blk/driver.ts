@@ -30,6 +30,7 @@ import { isValidQueueSize } from '../spec/split-ring.js';
 import type { DriverQueueBinding, DriverTransport } from '../virtqueue/device.js';
 import { copyFromBuffers, copyToBuffers } from '../virtqueue/chain.js';
 import { DriverQueueError, type Segment, type SplitDriverQueue } from '../virtqueue/split-driver.js';
+import { isAligned } from './align.js';
 import { decodeBlkConfig, BlkConfigError, type BlkConfig, type BlkGeometry } from './config.js';
 import { BouncePool, viewOf, type DmaBlock } from './driver-dma.js';
 import {
@@ -787,7 +788,7 @@ export class BlkDriver {
     if (!Number.isSafeInteger(sector) || sector < 0 || !Number.isSafeInteger(bytes)) {
       return new RequestError('OUT_OF_RANGE', `${this.name}: ${what} at sector ${sector}: not a valid sector or length`);
     }
-    if (sector % this.sectorsPerBlock !== 0 || bytes % this.blockSize !== 0) {
+    if (!isAligned(sector, this.sectorsPerBlock) || !isAligned(bytes, this.blockSize)) {
       return new RequestError('MISALIGNED',
         `${this.name}: ${what} of ${bytes} bytes at sector ${sector} is not aligned to the ${this.blockSize}-byte logical block`);
     }
