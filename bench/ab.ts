@@ -1,7 +1,10 @@
 /**
  * A/B of the loopback data path: CPU per request of two builds, measured in interleaved
- * rounds in one process so that the machine's drift hits both alike (on a shared VM the
- * same build moves 10–20% between runs; an A/B of medians sees a few percent).
+ * rounds so that the machine's drift hits both alike (on a shared VM the same build
+ * moves 10–20% between runs). Each round runs A and B back to back, each in a fresh
+ * process (two builds in one process bias each other: an A/A test there read 5%); the
+ * verdict is the median of the rounds' B/A ratios, which a slow phase of the machine
+ * spanning a whole round does not move.
  *
  *   node dist/bench/ab.js DIST_A DIST_B [--rounds N] [--backend memory|null]
  *
@@ -9,15 +12,16 @@
  * git ref into one). `memory`: the benchmark's memory backend (copies included); `null`:
  * a backend that moves no data, so the stack's own cost stands alone.
  */
+import { execFileSync } from 'node:child_process';
 import { resolve } from 'node:path';
-import { pathToFileURL } from 'node:url';
+import { fileURLToPath, pathToFileURL } from 'node:url';
 import type { BlkDriver } from '../src/blk/driver.js';
 
 const IODEPTH = 32;
 const BS = 4096;
 const DISK = 64 << 20;
-const WARMUP_REQUESTS = 100_000;
-const MEASURED_REQUESTS = 600_000;
+const WARMUP_REQUESTS = 400_000;
+const MEASURED_REQUESTS = 300_000;
 const SECTOR = 512;
 
 interface Build {
@@ -85,9 +89,21 @@ async function cpuPerRequest(build: Build, nullBackend: boolean): Promise<number
 
 const median = (xs: number[]): number => [...xs].sort((a, b) => a - b)[xs.length >> 1];
 
+/** One measurement in a fresh process: CPU µs per request of the build at `dist`. */
+function measureInChild(dist: string, nullBackend: boolean): number {
+  const out = execFileSync(process.execPath, [fileURLToPath(import.meta.url), '--measure', dist, nullBackend ? 'null' : 'memory'],
+    { encoding: 'utf8' });
+  return Number(out.trim());
+}
+
 async function main(argv: string[]): Promise<void> {
+  if (argv[0] === '--measure') {
+    const us = await cpuPerRequest(await load(argv[1]), argv[2] === 'null');
+    process.stdout.write(`${us}\n`);
+    return;
+  }
   const [a, b, ...rest] = argv;
-  let rounds = 7;
+  let rounds = 15;
   let nullBackend = false;
   for (let i = 0; i < rest.length; i += 2) {
     if (rest[i] === '--rounds') rounds = Number(rest[i + 1]);
@@ -97,16 +113,24 @@ async function main(argv: string[]): Promise<void> {
   if (a === undefined || b === undefined || !Number.isInteger(rounds) || rounds < 1) {
     throw new Error('usage: node dist/bench/ab.js DIST_A DIST_B [--rounds N] [--backend memory|null]');
   }
-  const [buildA, buildB] = [await load(a), await load(b)];
   const ra: number[] = [];
   const rb: number[] = [];
+  const ratios: number[] = [];
   for (let r = 0; r < rounds; r++) {
-    ra.push(await cpuPerRequest(buildA, nullBackend));
-    rb.push(await cpuPerRequest(buildB, nullBackend));
+    // Alternate which goes first, so neither always runs on a warmer machine.
+    const first = r % 2 === 0;
+    const x = measureInChild(first ? a : b, nullBackend);
+    const y = measureInChild(first ? b : a, nullBackend);
+    const [ta, tb] = first ? [x, y] : [y, x];
+    ra.push(ta);
+    rb.push(tb);
+    ratios.push(tb / ta);
   }
-  const [ma, mb] = [median(ra), median(rb)];
+  const sorted = [...ratios].sort((p, q) => p - q);
+  const quartile = (k: number): string => sorted[Math.floor((k * (sorted.length - 1)) / 4)].toFixed(3);
   process.stdout.write(`loopback 4K randread qd32, ${nullBackend ? 'null' : 'memory'} backend, CPU us per request ` +
-    `(median of ${rounds}): A ${ma.toFixed(3)}  B ${mb.toFixed(3)}  B/A ${(mb / ma).toFixed(3)}\n`);
+    `(${rounds} rounds): A ${median(ra).toFixed(3)}  B ${median(rb).toFixed(3)}  ` +
+    `B/A median ${median(ratios).toFixed(3)} (quartiles ${quartile(1)}–${quartile(3)})\n`);
 }
 
 main(process.argv.slice(2)).catch((e: unknown) => {
