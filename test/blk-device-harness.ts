@@ -67,18 +67,7 @@ export function cut(bytes: Uint8Array, at: number[]): Uint8Array[] {
   return pieces;
 }
 
-/** A buffer of `length` bytes whose content depends on `seed`. */
-export function pattern(length: number, seed: number): Uint8Array {
-  const b = new Uint8Array(length);
-  let x = (seed * 2654435761) >>> 0 || 1;
-  for (let i = 0; i < length; i++) {
-    x ^= x << 13;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    b[i] = x & 0xff;
-  }
-  return b;
-}
+export { pattern } from './support/pattern.js';
 
 /** What came back for one request. */
 export interface Completion {

@@ -55,18 +55,7 @@ export async function rig(options: RigOptions = {}): Promise<Rig & { readonly ba
   };
 }
 
-/** A buffer of `length` bytes whose content depends on `seed`. */
-export function pattern(length: number, seed: number): Uint8Array {
-  const b = new Uint8Array(length);
-  let x = (seed * 2654435761) >>> 0 || 1;
-  for (let i = 0; i < length; i++) {
-    x ^= x << 13;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    b[i] = x & 0xff;
-  }
-  return b;
-}
+export { pattern } from './support/pattern.js';
 
 /** What a {@link ScriptedDevice} does with one request. */
 export type ScriptedAnswer =

@@ -200,6 +200,10 @@ export class FileBackend implements BlockBackend {
     this.check(offset, total, false);
     if (this.map !== null) {
       // The mapping covers the whole image and check() kept the read inside it.
+      if (buffers.length <= native.MAX_SEGMENTS) {
+        native.mappedRead(this.map, offset, buffers);
+        return;
+      }
       let pos = offset;
       for (const batch of batches(buffers)) pos += native.mappedRead(this.map, pos, batch);
       return;
