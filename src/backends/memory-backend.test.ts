@@ -35,3 +35,41 @@ test('sizes that are not a positive multiple of 512 are refused', () => {
     assert.throws(() => new MemoryBackend({ size }), { code: 'BAD_SIZE' });
   }
 });
+
+test('a chunk given back and handed out again reads as zeroes where it is not written', () => {
+  const b = new MemoryBackend({ size: SIZE });
+  b.write(0, [new Uint8Array(MEMORY_CHUNK_SIZE).fill(0xee)]);
+  b.discard(0, MEMORY_CHUNK_SIZE);
+  // The next chunk to exist reuses that memory: only the 512 bytes written may show.
+  b.write(MEMORY_CHUNK_SIZE + 4096, [new Uint8Array(512).fill(7)]);
+  const out = new Uint8Array(MEMORY_CHUNK_SIZE);
+  b.read(MEMORY_CHUNK_SIZE, [out]);
+  const expected = new Uint8Array(MEMORY_CHUNK_SIZE);
+  expected.fill(7, 4096, 4096 + 512);
+  assert.deepEqual(out, expected);
+  assert.equal(b.allocatedBytes, MEMORY_CHUNK_SIZE);
+});
+
+test('chunks from many slabs keep their own data through discards and rewrites', () => {
+  // 100 chunks span several slabs (4, 4, 8, 16, 32, 64 chunks); every other one is
+  // discarded and written again with new data, reusing the returned chunks.
+  const chunks = 100;
+  const b = new MemoryBackend({ size: chunks * MEMORY_CHUNK_SIZE });
+  const fill = (i: number, round: number): Uint8Array => new Uint8Array(MEMORY_CHUNK_SIZE).fill((i * 7 + round) & 0xff);
+  for (let i = 0; i < chunks; i++) b.write(i * MEMORY_CHUNK_SIZE, [fill(i, 0)]);
+  for (let i = 0; i < chunks; i += 2) b.discard(i * MEMORY_CHUNK_SIZE, MEMORY_CHUNK_SIZE);
+  assert.equal(b.allocatedBytes, (chunks / 2) * MEMORY_CHUNK_SIZE);
+  for (let i = 0; i < chunks; i += 2) b.write(i * MEMORY_CHUNK_SIZE, [fill(i, 1)]);
+  const out = new Uint8Array(MEMORY_CHUNK_SIZE);
+  for (let i = 0; i < chunks; i++) {
+    b.read(i * MEMORY_CHUNK_SIZE, [out]);
+    assert.deepEqual(out, fill(i, i % 2 === 0 ? 1 : 0), `chunk ${i}`);
+  }
+  // Everything discarded, then written again from scratch.
+  b.discard(0, chunks * MEMORY_CHUNK_SIZE);
+  assert.equal(b.allocatedBytes, 0);
+  b.write(3 * MEMORY_CHUNK_SIZE, [new Uint8Array(4096).fill(9)]);
+  b.read(3 * MEMORY_CHUNK_SIZE, [out]);
+  const expected = new Uint8Array(MEMORY_CHUNK_SIZE).fill(9, 0, 4096);
+  assert.deepEqual(out, expected);
+});

@@ -8,6 +8,7 @@
 import { UsageError } from '../errors.js';
 import { DmaAllocator } from '../memory/dma-allocator.js';
 import { GuestMemory } from '../memory/guest-memory.js';
+import { pageAlignedBytes } from '../memory/page-aligned.js';
 import { VIRTIO_CONFIG_S, VIRTIO_F, hasFeature } from '../spec/virtio.js';
 import { contiguousRingLayout, VIRTQ_DESC_SIZE } from '../spec/split-ring.js';
 import type { ChainError } from '../virtqueue/chain.js';
@@ -47,7 +48,9 @@ export class LoopbackTransport implements DriverTransport, DeviceHost {
   constructor(readonly device: VirtioDevice, options: LoopbackOptions = {}) {
     const size = options.memorySize ?? 64 * 1024 * 1024;
     const base = options.guestAddress ?? 0x10_0000;
-    this.memory = new GuestMemory([{ guestAddress: base, bytes: new Uint8Array(size) }]);
+    // Page-aligned like a VM's memory: DMA buffers then start on host pages too, and a
+    // device copies a block to or from them a page at a time (page-aligned.ts).
+    this.memory = new GuestMemory([{ guestAddress: base, bytes: pageAlignedBytes(size) }]);
     this.dma = new DmaAllocator(base, size);
     this.status = new StatusMachine(device.deviceFeatures);
     device.attach(this);
