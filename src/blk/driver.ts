@@ -714,7 +714,8 @@ export class BlkDriver {
     const total = root.opBytes;
     const max = this.maxChainBytes;
     this.track(root, root.sector, total);
-    root.remaining = Math.ceil(total / max);
+    // Most requests are one chain (`remaining` starts at 1): no division for them.
+    if (total > max) root.remaining = Math.ceil(total / max);
     this.enqueue(root);
     for (let off = max; off < total; off += max) {
       const chunk = new Req(root, root.type, root.sector + off / VIRTIO_BLK_SECTOR_SIZE, root.buffers, off, Math.min(max, total - off),
@@ -961,7 +962,7 @@ export class BlkDriver {
     }
     const length = chunk.length;
     const sizeMax = this.sizeMaxValue;
-    const dataDescs = length === 0 ? 0 : Math.ceil(length / sizeMax);
+    const dataDescs = length === 0 ? 0 : length <= sizeMax ? 1 : Math.ceil(length / sizeMax);
     const queue = qs.queue;
     if (qs.freeSlots.length === 0 || !queue.canAdd(dataDescs + CHAIN_OVERHEAD_DESCS)) return false;
     const slot = qs.freeSlots.pop() as Slot;
