@@ -217,3 +217,26 @@ test('pop into a chain object refills it, emptying its lists first', () => {
   assert.deepEqual([into.readableBytes, into.writableBytes], [0, 8]);
   assert.equal(q.pop(into), null);
 });
+
+test('a descriptor posted again with the same range gives the same view; a changed one is looked up and checked afresh', () => {
+  const r = new RawRing(4);
+  const q = queue(r);
+  const post = (addr: number, len: number): ReturnType<SplitDeviceQueue['pop']> => {
+    r.desc(0, addr, len, WRITE);
+    r.publish(0);
+    return q.pop();
+  };
+  const a = post(r.dataBase, 512);
+  const b = post(r.dataBase, 512);
+  assert.ok(a && !(a instanceof ChainError) && b && !(b instanceof ChainError));
+  assert.equal(b.writable[0], a.writable[0], 'the same view object');
+  const c = post(r.dataBase + 512, 512);
+  assert.ok(c && !(c instanceof ChainError));
+  r.fill(r.dataBase + 512, 512, 9);
+  assert.ok(c.writable[0].every((x) => x === 9), 'the view of the new range');
+  assert.equal(c.writable[0].length, 512);
+  // The same index, now outside guest memory: refused, whatever it held before.
+  const d = post(r.dataBase + 512, 0x7fff_ffff);
+  assert.ok(d instanceof ChainError);
+  assert.equal(d.code, 'OUT_OF_BOUNDS');
+});
