@@ -662,8 +662,7 @@ export class BlkDriver {
   private submitted(prepared: Req | Error | null, done: Completion): void {
     if (typeof done !== 'function') throw new UsageError('BAD_CALLBACK', `${this.name}: a submitted request needs a completion function`);
     if (prepared === null || prepared instanceof Error) {
-      const error = prepared;
-      queueMicrotask(() => done(error));
+      callBackSoon(done, prepared);
       return;
     }
     prepared.done = done;
@@ -856,7 +855,7 @@ export class BlkDriver {
       else op.resolve();
     } else {
       op.done = null;
-      if (this.launching) queueMicrotask(() => done(error));
+      if (this.launching) callBackSoon(done, error);
       else callBack(done, error);
     }
     if (this.waiters.length > 0) this.checkWaiters();
@@ -1594,4 +1593,14 @@ function callBack(done: Completion, error: Error | null): void {
       throw e;
     });
   }
+}
+
+/**
+ * Calls a completion from a microtask. A function of its own because a closure in a hot
+ * function costs every call of it: V8 allocates the captured variables' context on
+ * entry, whether the closure is made or not (settle and submitted allocated 88 bytes per
+ * request that way, measured with the sampling heap profiler).
+ */
+function callBackSoon(done: Completion, error: Error | null): void {
+  queueMicrotask(() => done(error));
 }
