@@ -37,11 +37,12 @@ interface Slab {
  * Where chunks come from: page-aligned slabs (see page-aligned.ts: a 4 KiB block copied
  * out of a page-aligned chunk into a page-aligned guest buffer touches one page on each
  * side instead of two). Each new slab is as large as all live ones together, up to
- * 1 GiB, so a small disk stays small and a large one needs few slabs (each costs 10 GiB
- * of address space). A chunk given back is reused before a new one is cut. A slab whose
- * chunks all came back is dropped, so discarding everything returns the memory — except
- * one, kept as a spare so that a disk written and discarded in turns does not allocate
- * a slab each time. Returned chunks of a slab still in use keep their memory.
+ * 1 GiB, so a small disk stays small and a large one needs few slabs (V8 reserves
+ * 10 GiB of address space for each). A chunk given back is reused before a new one is
+ * cut. A slab whose chunks all came back is dropped, so discarding everything returns
+ * the memory — except one, kept as a spare so that a disk written and discarded in turns
+ * does not allocate a slab each time. Returned chunks of a slab still in use keep their
+ * memory.
  */
 class ChunkPool {
   /** Slabs with chunks to hand out (returned or fresh), the one to use next last. */
