@@ -134,6 +134,47 @@ test('a timed-out request fails with TimeoutError; its DMA memory is not reused 
   }
 });
 
+test('a late answer to a timed-out request completes nothing else, though completed requests are reused', async () => {
+  let hold = true;
+  const device = new ScriptedDevice({ answer: (q) => (hold ? 'hold' : { status: VIRTIO_BLK_S.OK, fill: q.sector & 0xff }) });
+  const r = await scriptedRig(device, { timeoutMs: 40 });
+  try {
+    const calls: (Error | null)[] = [];
+    const late = new Uint8Array(512);
+    await new Promise<void>((resolve) => r.driver.submitRead(0, [late], (e) => {
+      calls.push(e);
+      resolve();
+    }));
+    assert.equal(calls.length, 1);
+    assert.ok(calls[0] instanceof TimeoutError);
+    hold = false;
+    // Many requests one after another, each answered at once, alternating the driver's
+    // own buffers and ordinary ones: their request objects are reused among them.
+    const dma = r.driver.allocBuffer(512);
+    const counts = new Map<number, number>();
+    for (let sector = 1; sector <= 40; sector++) {
+      const buffer = sector % 2 === 0 ? dma : new Uint8Array(512);
+      const e = await new Promise<Error | null>((resolve) => r.driver.submitRead(sector, [buffer], (err) => {
+        counts.set(sector, (counts.get(sector) ?? 0) + 1);
+        resolve(err);
+      }));
+      assert.equal(e, null);
+      assert.ok(buffer.every((b) => b === sector), `sector ${sector} read its own data`);
+      if (sector === 20) {
+        // The device answers the timed-out request now, in the middle of the others.
+        device.releaseHeld({ status: VIRTIO_BLK_S.IOERR, fill: 0x99 });
+      }
+    }
+    await new Promise((resolve) => setTimeout(resolve, 5));
+    assert.equal(calls.length, 1, 'the timed-out request was not called back again');
+    assert.ok(late.every((b) => b === 0), "its caller's buffer stayed untouched");
+    assert.deepEqual([...counts.values()], new Array(40).fill(1), 'every later request called back exactly once');
+    r.driver.freeBuffer(dma);
+  } finally {
+    await r.close();
+  }
+});
+
 test('a request submitted while the timeout sweep is already running still gets its whole timeout', async () => {
   const device = new ScriptedDevice({ answer: () => 'hold' });
   const r = await scriptedRig(device, { timeoutMs: 40 });

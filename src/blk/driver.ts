@@ -150,48 +150,82 @@ export interface ResizeEvent {
 type Phase = 'probing' | 'running' | 'freezing' | 'frozen' | 'removing' | 'removed' | 'failed';
 
 /**
- * One chain's worth of a caller request. A request that fits one chain is one Req — a
- * single allocation per request on the hot path; a larger one is split into several,
- * and the first of them, the root, also carries the request's promise and bookkeeping.
+ * One chain's worth of a caller request. A request that fits one chain is one Req — an
+ * object the driver reuses once the request has completed (see {@link BlkDriver.complete}),
+ * so the hot path allocates nothing per request; a larger one is split into several, and
+ * the first of them, the root, also carries the request's promise and bookkeeping.
  */
 class Req {
+  /** The request this chain belongs to, or null when this is the root. */
+  root!: Req | null;
+  type!: number;
+  sector!: number;
+  /** Caller buffers the data comes from or goes to, or null. */
+  buffers!: readonly Uint8Array[] | null;
+  /** Offset of this chain's data in the concatenation of `buffers`. */
+  byteOffset!: number;
+  /** Bytes of data (or of `payload`); 0 for a flush. */
+  length!: number;
+  /** Device-readable bytes the driver built (discard/write-zeroes segments), or null. */
+  payload!: Uint8Array | null;
+  /** Data is device-writable (IN, GET_ID) rather than device-readable. */
+  isWritable!: boolean;
+  /** Queue index; restore moves requests of queues that no longer exist. */
+  queue!: number;
   /** Link in a queue's software FIFO. */
-  next: Req | null = null;
+  next!: Req | null;
   // The request's state, kept on the root: its callback, or its promise's functions.
-  done: Completion | null = null;
+  done!: Completion | null;
   resolve!: () => void;
   reject!: (e: Error) => void;
-  settled = false;
+  settled!: boolean;
   /** Chains of the request not yet completed. */
-  remaining = 1;
+  remaining!: number;
   /** Chains of the request on a ring while it is unsettled (counted in `liveChains`). */
-  inFlight = 0;
+  inFlight!: number;
   /** The timeout sweep during which it was submitted (see expireTimedOut). */
-  sweep = 0;
+  sweep!: number;
   /** The request as the caller made it, for messages: its first sector and its bytes. */
-  opSector = 0;
-  opBytes = 0;
+  opSector!: number;
+  opBytes!: number;
   /** The caller's buffer when it is a {@link BlkDriver.allocBuffer} buffer: no bounce copy. */
-  zc: ZeroCopyBuffer | null = null;
-  constructor(
-    /** The request this chain belongs to, or null when this is the root. */
-    readonly root: Req | null,
-    readonly type: number,
-    readonly sector: number,
-    /** Caller buffers the data comes from or goes to, or null. */
-    readonly buffers: readonly Uint8Array[] | null,
-    /** Offset of this chain's data in the concatenation of `buffers`. */
-    readonly byteOffset: number,
-    /** Bytes of data (or of `payload`); 0 for a flush. */
-    readonly length: number,
-    /** Device-readable bytes the driver built (discard/write-zeroes segments), or null. */
-    readonly payload: Uint8Array | null,
-    /** Data is device-writable (IN, GET_ID) rather than device-readable. */
-    readonly isWritable: boolean,
-    /** Queue index; restore moves requests of queues that no longer exist. */
-    public queue: number,
-  ) {}
+  zc!: ZeroCopyBuffer | null;
+
+  /** Sets every field, as for a new request: a reused Req keeps nothing of its last one. */
+  init(root: Req | null, type: number, sector: number, buffers: readonly Uint8Array[] | null, byteOffset: number,
+    length: number, payload: Uint8Array | null, isWritable: boolean, queue: number): this {
+    this.root = root;
+    this.type = type;
+    this.sector = sector;
+    this.buffers = buffers;
+    this.byteOffset = byteOffset;
+    this.length = length;
+    this.payload = payload;
+    this.isWritable = isWritable;
+    this.queue = queue;
+    this.next = null;
+    this.done = null;
+    this.resolve = settledAlready;
+    this.reject = settledAlready;
+    this.settled = false;
+    this.remaining = 1;
+    this.inFlight = 0;
+    this.sweep = 0;
+    this.opSector = 0;
+    this.opBytes = 0;
+    this.zc = null;
+    return this;
+  }
 }
+
+/** A Req's promise functions until it has a promise (and after it is reused). */
+function settledAlready(): void {}
+
+/**
+ * Completed one-chain requests kept for reuse: more than a busy disk has in flight, so
+ * the hot path finds one, and few enough to cost nothing when idle.
+ */
+const SPARE_REQS = 1024;
 
 /** A buffer from {@link BlkDriver.allocBuffer}: where it lives, and the chains on rings that use it. */
 interface ZeroCopyBuffer {
@@ -357,6 +391,8 @@ export class BlkDriver {
   private freezing: Promise<void> | null = null;
   /** Buffers handed out by {@link allocBuffer}, by their view (the only key a caller can present). */
   private readonly zeroCopy = new WeakMap<Uint8Array, ZeroCopyBuffer>();
+  /** Completed one-chain requests, reused by the next reads and writes (at most SPARE_REQS). */
+  private readonly spareReqs: Req[] = [];
 
   private constructor(
     private readonly transport: DriverTransport,
@@ -702,7 +738,8 @@ export class BlkDriver {
     if (total === 0) return null;
     const queue = this.pickQueue(options);
     if (typeof queue !== 'number') return queue;
-    const root = new Req(null, type, sector, buffers, 0, Math.min(this.maxChainBytes, total), null, type === VIRTIO_BLK_T.IN, queue);
+    const root = (this.spareReqs.pop() ?? new Req()).init(null, type, sector, buffers, 0, Math.min(this.maxChainBytes, total), null,
+      type === VIRTIO_BLK_T.IN, queue);
     root.zc = buffers.length === 1 ? this.zeroCopy.get(buffers[0]) ?? null : null;
     root.opBytes = total;
     return root;
@@ -717,7 +754,7 @@ export class BlkDriver {
     if (total > max) root.remaining = Math.ceil(total / max);
     this.enqueue(root);
     for (let off = max; off < total; off += max) {
-      const chunk = new Req(root, root.type, root.sector + off / VIRTIO_BLK_SECTOR_SIZE, root.buffers, off, Math.min(max, total - off),
+      const chunk = new Req().init(root, root.type, root.sector + off / VIRTIO_BLK_SECTOR_SIZE, root.buffers, off, Math.min(max, total - off),
         null, root.isWritable, root.queue);
       chunk.zc = root.zc;
       this.enqueue(chunk);
@@ -730,7 +767,7 @@ export class BlkDriver {
     if (gone) return gone;
     const queue = this.pickQueue(options);
     if (typeof queue !== 'number') return Promise.reject(queue);
-    const root = new Req(null, type, 0, buffers, 0, length, null, isWritable, queue);
+    const root = new Req().init(null, type, 0, buffers, 0, length, null, isWritable, queue);
     const promise = this.promiseOf(root);
     this.track(root, 0, length);
     this.enqueue(root);
@@ -773,7 +810,7 @@ export class BlkDriver {
       }
       payloads.push(payload);
     }
-    const chain = (root: Req | null, payload: Uint8Array): Req => new Req(root, type, 0, null, 0, payload.length, payload, false, queue);
+    const chain = (root: Req | null, payload: Uint8Array): Req => new Req().init(root, type, 0, null, 0, payload.length, payload, false, queue);
     const root = chain(null, payloads[0]);
     const promise = this.promiseOf(root);
     this.track(root, ranges[0].sector, total);
@@ -1136,7 +1173,12 @@ export class BlkDriver {
     qs.freeSlots.push(slot);
     if (op.settled) return;
     if (error !== null) this.settle(op, error);
-    else if (--op.remaining === 0) this.settle(op, null);
+    else if (--op.remaining === 0) {
+      this.settle(op, null);
+      // A one-chain request is referenced by nothing any more: its slot, the FIFOs and
+      // the timeout sweep only hold requests in flight, and callers never see a Req.
+      if (chunk === op && this.spareReqs.length < SPARE_REQS) this.spareReqs.push(op);
+    }
   }
 
   /**
