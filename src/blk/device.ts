@@ -29,6 +29,7 @@ import type { SplitDeviceQueue } from '../virtqueue/split-device.js';
 import { encodeBlkConfig, type BlkGeometry, type BlkTopology } from './config.js';
 import { isAligned } from './align.js';
 import { BlkRequest, parseRequest, parseSegments, REQUEST_PARSE, type DwzSegment, type RequestParse } from './request.js';
+import { soon } from '../soon.js';
 
 /** Limits of one kind of discard / write-zeroes / secure-erase request. */
 export interface BlkRangeLimits {
@@ -294,7 +295,7 @@ class QueueRunner {
     }
     if (!this.publishScheduled) {
       this.publishScheduled = true;
-      queueMicrotask(this.publishTask);
+      soon(this.publishTask);
     }
   }
 

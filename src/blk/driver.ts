@@ -39,6 +39,7 @@ import {
 import { diskGeometry } from './geometry.js';
 import { DiskIndexError, diskIndexes, diskName } from './naming.js';
 import { STRING_UNITS, stringGetSize } from './size-string.js';
+import { soon } from '../soon.js';
 
 /** Features this driver can use; the device's offer is intersected with these (3.1.1 step 4). */
 export const BLK_DRIVER_FEATURES: bigint = features(
@@ -1078,7 +1079,7 @@ export class BlkDriver {
   private scheduleKick(qs: QueueState): void {
     if (qs.kickScheduled) return;
     qs.kickScheduled = true;
-    queueMicrotask(qs.kick);
+    soon(qs.kick);
   }
 
   /** Publishes the chains added since the last kick and notifies the device if it wants. */

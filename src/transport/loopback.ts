@@ -17,6 +17,7 @@ import { SplitDeviceQueue } from '../virtqueue/split-device.js';
 import { SplitDriverQueue } from '../virtqueue/split-driver.js';
 import { QueueSetupError } from '../virtqueue/ring-views.js';
 import { StatusMachine } from '../virtqueue/status.js';
+import { soon } from '../soon.js';
 
 export interface LoopbackOptions {
   /** Bytes of guest memory (a power of two). Default 64 MiB. */
@@ -59,7 +60,7 @@ export class LoopbackTransport implements DriverTransport, DeviceHost {
   configChanged(): void {
     if (this.configPending) return;
     this.configPending = true;
-    queueMicrotask(() => {
+    soon(() => {
       this.configPending = false;
       for (const l of this.configListeners) l();
     });
@@ -143,7 +144,7 @@ export class LoopbackTransport implements DriverTransport, DeviceHost {
     this.device.startQueue(index, deviceQueue, () => {
       if (live.usedPending) return;
       live.usedPending = true;
-      queueMicrotask(() => {
+      soon(() => {
         live.usedPending = false;
         if (this.queues.get(index) === live) live.onUsed();
       });
@@ -153,7 +154,7 @@ export class LoopbackTransport implements DriverTransport, DeviceHost {
       notify: () => {
         if (live.kickPending) return;
         live.kickPending = true;
-        queueMicrotask(() => {
+        soon(() => {
           live.kickPending = false;
           if (this.queues.get(index) === live) this.device.queueNotify(index);
         });
