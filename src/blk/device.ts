@@ -193,45 +193,23 @@ class QueueRunner {
     // (every queue and connection) for ever: after a ring's worth, yield and come back.
     let budget = q.size;
     try {
-      outer: for (;;) {
+      for (;;) {
         q.disableNotifications();
-        for (;;) {
-          if (budget === 0) {
-            // A ring's worth this turn: re-arm notifications as when sleeping, and come
-            // back on the next turn if the ring still has work.
-            if (q.enableNotifications() && !this.resumeScheduled) {
-              this.resumeScheduled = true;
-              nextTurn(this.resumeTask);
-            }
-            break outer;
+        const fault = this.take(budget);
+        budget -= this.taken.length;
+        this.startTaken();
+        if (fault !== null) {
+          this.broken(fault);
+          break;
+        }
+        if (budget === 0) {
+          // A ring's worth this turn: re-arm notifications as when sleeping, and come
+          // back on the next turn if the ring still has work.
+          if (q.enableNotifications() && !this.resumeScheduled) {
+            this.resumeScheduled = true;
+            nextTurn(this.resumeTask);
           }
-          // Take (walk and parse) what the ring holds before starting any of it: the
-          // backend's copies then run back to back instead of each between descriptor
-          // walks that push its data out of the caches.
-          const taken = this.taken;
-          let fault: ChainError | null = null;
-          let empty = false;
-          while (budget > 0) {
-            const job = this.free.pop() ?? new Job(this);
-            const chain = q.pop(job.chain);
-            if (chain === null || chain instanceof ChainError) {
-              this.free.push(job);
-              if (chain === null) empty = true;
-              else fault = chain;
-              break;
-            }
-            budget--;
-            this.inFlight++;
-            job.parsed = parseRequest(chain, job);
-            taken.push(job);
-          }
-          for (let i = 0; i < taken.length; i++) this.start(taken[i]);
-          while (taken.length > 0) taken.pop();
-          if (fault !== null) {
-            this.broken(fault);
-            break outer;
-          }
-          if (empty) break;
+          break;
         }
         if (!q.enableNotifications()) break;
       }
@@ -241,6 +219,36 @@ class QueueRunner {
       while (this.taken.length > 0) this.taken.pop();
     }
     this.publish();
+  }
+
+  /**
+   * Takes (pops and parses) up to `budget` available requests into `taken`, before any
+   * of them starts: the backend's copies then run back to back instead of each between
+   * descriptor walks that push its data out of the caches. Returns the fault that broke
+   * the ring, else null (the ring ran empty or the budget out).
+   */
+  private take(budget: number): ChainError | null {
+    const q = this.queue;
+    const taken = this.taken;
+    while (taken.length < budget) {
+      const job = this.free.pop() ?? new Job(this);
+      const chain = q.pop(job.chain);
+      if (chain === null || chain instanceof ChainError) {
+        this.free.push(job);
+        return chain;
+      }
+      this.inFlight++;
+      job.parsed = parseRequest(chain, job);
+      taken.push(job);
+    }
+    return null;
+  }
+
+  /** Starts every taken request, in ring order. */
+  private startTaken(): void {
+    const taken = this.taken;
+    for (let i = 0; i < taken.length; i++) this.start(taken[i]);
+    while (taken.length > 0) taken.pop();
   }
 
   private start(job: Job): void {
