@@ -23,7 +23,7 @@ test('npm run bench --only loopback prints the table and writes the same rows as
       assert.ok(row.iops > 0 && row.baseline_iops > 0 && row.ratio > 0, JSON.stringify(row));
       assert.ok(row.lat_us.p99 >= row.lat_us.p50 && row.cpu_us_per_io > 0, JSON.stringify(row));
     }
-    assert.deepEqual([results.peers, results.fio, results.scaling], [[], [], []]);
+    assert.deepEqual([results.peers, results.versus, results.fio, results.scaling], [[], [], [], []]);
     const loopbackTarget = results.targets.find((t: { name: string }) => t.name.startsWith('loopback'));
     assert.equal(loopbackTarget.value, results.loopback[0].ratio);
     assert.match(r.stdout, /\| EVENT_IDX \+ INDIRECT \| zero copy \|/);
@@ -36,5 +36,5 @@ test('npm run bench --only loopback prints the table and writes the same rows as
 test('bad options are refused with one line', () => {
   const r = spawnSync(process.execPath, [RUN, '--only', 'nothing'], { encoding: 'utf8', timeout: 30_000 });
   assert.equal(r.status, 1);
-  assert.equal(r.stderr, "bench: unknown section 'nothing' (loopback, peers, fio, scaling)\n");
+  assert.equal(r.stderr, "bench: unknown section 'nothing' (loopback, peers, versus, fio, scaling)\n");
 });

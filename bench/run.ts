@@ -9,6 +9,10 @@
  *   `aio=io_uring`) on the same raw image in the page cache, each driven by `vblk bench
  *   --socket` (our driver): IOPS, latency, and CPU time per I/O of the backend process
  *   (utime + stime from /proc/PID/stat over the run) and of the driver process.
+ * - versus: the serve targets' pattern (4 KiB random read, iodepth 32, one queue) with
+ *   `vblk serve`, `vblk serve --io mmap` and qemu-storage-daemon `aio=io_uring` running
+ *   side by side and driven in turn, round after round: the median of the per-round
+ *   ratios is what the targets use.
  * - fio: `vblk bench --socket` against qemu-storage-daemon (io_uring) next to host `fio
  *   --ioengine=io_uring` on the same file and pattern.
  * - scaling: `vblk serve` at iodepth 1…128, 1 and 2 queues, on the data image and on a
@@ -36,20 +40,24 @@ const MS_PER_S = 1000;
 const MIB = 2 ** 20;
 const KIB = 1024;
 const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '../..');
-export const SECTIONS = ['loopback', 'peers', 'fio', 'scaling'] as const;
+export const SECTIONS = ['loopback', 'peers', 'versus', 'fio', 'scaling'] as const;
 type Section = (typeof SECTIONS)[number];
 
 // ---- options ---------------------------------------------------------------------
 
+/** Rounds of the versus section. */
+const DEFAULT_ROUNDS = 7;
+
 const SPECS = {
   runtime: { kind: 'number', valueName: 'S', description: 'seconds per row' },
-  only: { kind: 'string', valueName: 'LIST', description: 'sections: loopback,peers,fio,scaling' },
+  only: { kind: 'string', valueName: 'LIST', description: 'sections: loopback,peers,versus,fio,scaling' },
   out: { kind: 'string', valueName: 'PATH', description: 'JSON output' },
   dir: { kind: 'string', valueName: 'DIR', description: 'scratch directory' },
   'image-size': { kind: 'size', description: 'data image size' },
   'sparse-size': { kind: 'size', description: 'sparse image size' },
   iodepths: { kind: 'string', valueName: 'LIST', description: 'scaling iodepths' },
   queues: { kind: 'string', valueName: 'LIST', description: 'queue counts' },
+  rounds: { kind: 'number', valueName: 'N', description: 'rounds of the versus section' },
 } as const;
 
 interface Options {
@@ -61,6 +69,7 @@ interface Options {
   readonly sparseSize: number;
   readonly iodepths: readonly number[];
   readonly queues: readonly number[];
+  readonly rounds: number;
 }
 
 function positiveList(what: string, text: string): number[] {
@@ -83,6 +92,8 @@ function parseOptions(argv: readonly string[], env: NodeJS.ProcessEnv): Options 
   for (const s of sections) if (!(SECTIONS as readonly string[]).includes(s)) throw new Error(`bench: unknown section '${s}' (${SECTIONS.join(', ')})`);
   const runtimeS = o.runtime ?? Number(env.BENCH_RUNTIME ?? 2);
   if (!(runtimeS > 0)) throw new Error(`bench: the runtime must be a positive number of seconds, got ${runtimeS}`);
+  const rounds = o.rounds ?? Number(env.BENCH_ROUNDS ?? DEFAULT_ROUNDS);
+  if (!Number.isInteger(rounds) || rounds < 1) throw new Error(`bench: the rounds must be a positive integer, got ${rounds}`);
   return {
     runtimeS,
     sections: sections as Section[],
@@ -92,6 +103,7 @@ function parseOptions(argv: readonly string[], env: NodeJS.ProcessEnv): Options 
     sparseSize: o['sparse-size'] ?? sizeOf('BENCH_SPARSE_SIZE', env.BENCH_SPARSE_SIZE, 2 ** 40),
     iodepths: positiveList('--iodepths', o.iodepths ?? '1,4,16,64,128'),
     queues: positiveList('--queues', o.queues ?? '1,2'),
+    rounds,
   };
 }
 
@@ -121,6 +133,28 @@ interface PeerRow {
   readonly driver_cpu_us_per_io: number;
   readonly driver_cpu_share: number;
   readonly backend_rss_bytes: number;
+}
+
+/** One backend's run in one round of the versus section. */
+interface VersusRow {
+  readonly round: number;
+  readonly backend: PeerKind;
+  readonly iops: number;
+  readonly backend_cpu_us_per_io: number;
+  readonly driver_cpu_us_per_io: number;
+}
+
+/** A backend against qemu-storage-daemon `aio=io_uring` over the rounds: per-round ratios. */
+interface VersusSummary {
+  readonly backend: PeerKind;
+  readonly iops_ratio: Spread;
+  readonly cpu_ratio: Spread;
+}
+
+interface Spread {
+  readonly median: number;
+  readonly min: number;
+  readonly max: number;
 }
 
 interface FioRow {
@@ -260,6 +294,65 @@ async function peersSection(o: Options, image: string, dir: string): Promise<Pee
   return rows;
 }
 
+// ---- versus ------------------------------------------------------------------------
+
+/**
+ * The serve targets' comparison, 4 KiB random read at iodepth 32 on one queue, measured
+ * so that the machine's drift cannot decide it: the three backends run side by side
+ * (idle ones sleep), and each round drives each of them in turn, in an order that
+ * rotates. Each round gives a ratio to `aio=io_uring` measured within seconds of it; the
+ * median over the rounds is the figure. (Here a shared VM's speed moves by up to 30%
+ * over a minute: rows measured a minute apart, as in the peers section, can read 0.86 or
+ * 1.25 for the same two builds.)
+ */
+const VERSUS_KINDS: readonly PeerKind[] = ['vblk-serve', 'vblk-serve-mmap', 'qsd-io_uring'];
+const VERSUS_BASE: PeerKind = 'qsd-io_uring';
+
+async function versusSection(o: Options, image: string, dir: string): Promise<VersusRow[]> {
+  const peers: Peer[] = [];
+  const rows: VersusRow[] = [];
+  try {
+    for (const kind of VERSUS_KINDS) peers.push(await startWarmPeer(kind, image, dir, 1, o.runtimeS));
+    for (let round = 0; round < o.rounds; round++) {
+      for (let k = 0; k < peers.length; k++) {
+        const peer = peers[(round + k) % peers.length];
+        const r = await measure(peer, { rw: 'randread', bs: BS, iodepth: QD }, 1, o.runtimeS);
+        rows.push({ round, backend: peer.kind, iops: r.iops, backend_cpu_us_per_io: r.backend_cpu_us_per_io, driver_cpu_us_per_io: r.driver_cpu_us_per_io });
+        log(`versus round ${round + 1}/${o.rounds} ${peer.kind}: ${r.iops} IOPS, backend ${r.backend_cpu_us_per_io} us/IO`);
+      }
+    }
+  } finally {
+    for (const peer of peers) await peer.stop();
+  }
+  return rows;
+}
+
+function spread(values: readonly number[]): Spread {
+  const sorted = [...values].sort((a, b) => a - b);
+  const mid = sorted.length >> 1;
+  const median = sorted.length % 2 ? sorted[mid] : (sorted[mid - 1] + sorted[mid]) / 2;
+  return { median: round(median, 3), min: round(sorted[0], 3), max: round(sorted[sorted.length - 1], 3) };
+}
+
+/** Per-round ratios of every backend to {@link VERSUS_BASE}. */
+function summarizeVersus(rows: readonly VersusRow[]): VersusSummary[] {
+  const out: VersusSummary[] = [];
+  for (const kind of VERSUS_KINDS) {
+    if (kind === VERSUS_BASE) continue;
+    const iops: number[] = [];
+    const cpu: number[] = [];
+    for (const r of rows) {
+      if (r.backend !== kind) continue;
+      const base = rows.find((b) => b.round === r.round && b.backend === VERSUS_BASE);
+      if (base === undefined || base.iops === 0 || base.backend_cpu_us_per_io === 0) continue;
+      iops.push(r.iops / base.iops);
+      cpu.push(r.backend_cpu_us_per_io / base.backend_cpu_us_per_io);
+    }
+    if (iops.length > 0) out.push({ backend: kind, iops_ratio: spread(iops), cpu_ratio: spread(cpu) });
+  }
+  return out;
+}
+
 // ---- fio ---------------------------------------------------------------------------
 
 const FIO_PATTERNS: readonly Pattern[] = [
@@ -314,7 +407,7 @@ async function scalingSection(o: Options, images: readonly { name: string; path:
 
 // ---- targets and tables ------------------------------------------------------------
 
-function targets(loopback: LoopbackRow[], peers: PeerRow[], scaling: ScalingRow[]): Target[] {
+function targets(loopback: LoopbackRow[], peers: PeerRow[], versus: VersusSummary[], scaling: ScalingRow[]): Target[] {
   const out: Target[] = [];
   const check = (name: string, value: number | null, limit: string, isMet: (v: number) => boolean): void => {
     out.push({ name, value: value === null ? null : round(value, 3), limit, met: value === null ? null : isMet(value) });
@@ -324,9 +417,14 @@ function targets(loopback: LoopbackRow[], peers: PeerRow[], scaling: ScalingRow[
   const row = (kind: PeerKind): PeerRow | undefined => peers.find((r) => r.backend === kind && r.rw === 'randread' && r.bs === BS && r.iodepth === QD && r.queues === 1);
   const uring = row('qsd-io_uring');
   for (const [kind, label] of [['vblk-serve', 'vblk serve'], ['vblk-serve-mmap', 'vblk serve --io mmap']] as const) {
+    // The versus section's medians when it ran (see versusSection), else the peers rows.
+    const duel = versus.find((v) => v.backend === kind);
     const serve = row(kind);
-    check(`${label} / qsd aio=io_uring IOPS, 4k randread qd32`, serve && uring ? serve.iops / uring.iops : null, '>= 1.0', (v) => v >= 1);
-    check(`${label} / qsd aio=io_uring CPU per I/O`, serve && uring ? serve.backend_cpu_us_per_io / uring.backend_cpu_us_per_io : null, '<= 1.5', (v) => v <= 1.5);
+    const iops = duel ? duel.iops_ratio.median : serve && uring ? serve.iops / uring.iops : null;
+    const cpu = duel ? duel.cpu_ratio.median : serve && uring ? serve.backend_cpu_us_per_io / uring.backend_cpu_us_per_io : null;
+    const how = duel ? ' (median of rounds)' : '';
+    check(`${label} / qsd aio=io_uring IOPS, 4k randread qd32${how}`, iops, '>= 1.0', (v) => v >= 1);
+    check(`${label} / qsd aio=io_uring CPU per I/O${how}`, cpu, '<= 1.5', (v) => v <= 1.5);
   }
   check('driver CPU per I/O (us) against qsd aio=io_uring, 4k randread qd32', uring?.driver_cpu_us_per_io ?? null, '<= 3', (v) => v <= 3);
   const sparse = scaling.filter((r) => r.image === 'sparse');
@@ -365,6 +463,15 @@ function report(r: Results): string {
       }),
     ));
   }
+  if (r.versus.length) {
+    const spreadText = (x: Spread): string => `${x.median.toFixed(2)} (${x.min.toFixed(2)}–${x.max.toFixed(2)})`;
+    parts.push(`Versus: 4 KiB random read, iodepth 32, 1 queue, backends side by side, ${r.versus_rounds} rounds in rotating order\n` + table(
+      ['backend', 'IOPS / io_uring, median (range)', 'CPU / io_uring, median (range)', 'IOPS per round'],
+      r.versus_summary.map((x) => [x.backend, spreadText(x.iops_ratio), spreadText(x.cpu_ratio),
+        r.versus.filter((y) => y.backend === x.backend).map((y) => y.iops).join(' ')]).concat(
+        [[VERSUS_BASE, '1', '1', r.versus.filter((y) => y.backend === VERSUS_BASE).map((y) => y.iops).join(' ')]]),
+    ));
+  }
   if (r.fio.length) {
     parts.push('vblk bench --socket → qemu-storage-daemon (aio=io_uring) vs host fio --ioengine=io_uring, same file\n' + table(
       ['pattern', 'client', 'IOPS', 'p50 us', 'p99 us', 'client CPU us/IO', 'backend CPU us/IO'],
@@ -391,6 +498,9 @@ interface Results {
   readonly meta: Record<string, unknown>;
   loopback: LoopbackRow[];
   peers: PeerRow[];
+  versus: VersusRow[];
+  versus_rounds: number;
+  versus_summary: VersusSummary[];
   fio: FioRow[];
   scaling: ScalingRow[];
   targets: Target[];
@@ -410,6 +520,7 @@ const USAGE = `usage: npm run bench [-- options]   (each option also an environm
   --sparse-size SIZE BENCH_SPARSE_SIZE  sparse image of the scaling rows (default 1T)
   --iodepths LIST                       scaling iodepths (default 1,4,16,64,128)
   --queues LIST                         queue counts (default 1,2)
+  --rounds N         BENCH_ROUNDS       rounds of the versus section (default ${DEFAULT_ROUNDS})
 `;
 
 export async function main(argv: readonly string[], env: NodeJS.ProcessEnv): Promise<Results | null> {
@@ -425,12 +536,12 @@ export async function main(argv: readonly string[], env: NodeJS.ProcessEnv): Pro
       date: new Date(started).toISOString(), runtime_s_per_row: o.runtimeS, node: process.version, kernel: release(),
       cpus: cpus().length, cpu_model: cpus()[0]?.model ?? 'unknown', image_bytes: o.imageSize, sparse_image_bytes: o.sparseSize,
     },
-    loopback: [], peers: [], fio: [], scaling: [], targets: [], skipped: [],
+    loopback: [], peers: [], versus: [], versus_rounds: o.rounds, versus_summary: [], fio: [], scaling: [], targets: [], skipped: [],
   };
   const wants = (s: Section): boolean => o.sections.includes(s);
   if (wants('loopback')) results.loopback = await loopbackSection(o);
 
-  const needsPeers = wants('peers') || wants('fio') || wants('scaling');
+  const needsPeers = wants('peers') || wants('versus') || wants('fio') || wants('scaling');
   const missing = ['qemu-storage-daemon', 'fio'].filter((p) => !hasProgram(p));
   if (needsPeers) {
     const own = o.dir === null;
@@ -442,6 +553,13 @@ export async function main(argv: readonly string[], env: NodeJS.ProcessEnv): Pro
       if (wants('peers')) {
         if (missing.includes('qemu-storage-daemon')) results.skipped.push('peers: qemu-storage-daemon is not installed');
         else results.peers = await peersSection(o, image, dir);
+      }
+      if (wants('versus')) {
+        if (missing.includes('qemu-storage-daemon')) results.skipped.push('versus: qemu-storage-daemon is not installed');
+        else {
+          results.versus = await versusSection(o, image, dir);
+          results.versus_summary = summarizeVersus(results.versus);
+        }
       }
       if (wants('fio')) {
         if (missing.length) results.skipped.push(`fio: ${missing.join(' and ')} not installed`);
@@ -460,7 +578,7 @@ export async function main(argv: readonly string[], env: NodeJS.ProcessEnv): Pro
       else rmSync(image, { force: true });
     }
   }
-  results.targets = targets(results.loopback, results.peers, results.scaling);
+  results.targets = targets(results.loopback, results.peers, results.versus_summary, results.scaling);
   (results.meta as { total_s?: number }).total_s = round((Date.now() - started) / MS_PER_S, 1);
   mkdirSync(dirname(o.out), { recursive: true });
   writeFileSync(o.out, `${JSON.stringify(results, null, 1)}\n`);

@@ -18,7 +18,7 @@ test('npm run bench: every section runs against real peers and writes well-forme
     try {
       const out = join(dir, 'results.json');
       const r = spawnSync(process.execPath, [
-        RUN, '--runtime', '0.2', '--image-size', '32M', '--sparse-size', '1G', '--iodepths', '1,8', '--queues', '1',
+        RUN, '--runtime', '0.2', '--image-size', '32M', '--sparse-size', '1G', '--iodepths', '1,8', '--queues', '1', '--rounds', '2',
         '--out', out, '--dir', join(dir, 'scratch'),
       ], { encoding: 'utf8', timeout: 170_000 });
       assert.equal(r.status, 0, r.stderr);
@@ -31,6 +31,17 @@ test('npm run bench: every section runs against real peers and writes well-forme
       for (const row of results.peers) {
         assert.ok(row.iops > 0 && row.backend_cpu_us_per_io > 0 && row.driver_cpu_us_per_io > 0 && row.backend_rss_bytes > 0, JSON.stringify(row));
       }
+      // 2 rounds × 3 backends, each round in a different order; ratios to io_uring per backend.
+      assert.equal(results.versus.length, 6);
+      assert.deepEqual(results.versus.map((x: { backend: string }) => x.backend),
+        ['vblk-serve', 'vblk-serve-mmap', 'qsd-io_uring', 'vblk-serve-mmap', 'qsd-io_uring', 'vblk-serve']);
+      for (const row of results.versus) assert.ok(row.iops > 0 && row.backend_cpu_us_per_io > 0, JSON.stringify(row));
+      assert.deepEqual(results.versus_summary.map((x: { backend: string }) => x.backend), ['vblk-serve', 'vblk-serve-mmap']);
+      for (const x of results.versus_summary) {
+        assert.ok(x.iops_ratio.min > 0 && x.iops_ratio.min <= x.iops_ratio.median && x.iops_ratio.median <= x.iops_ratio.max, JSON.stringify(x));
+      }
+      const serveTarget = results.targets.find((t: { name: string }) => t.name.startsWith('vblk serve / qsd aio=io_uring IOPS'));
+      assert.equal(serveTarget.value, results.versus_summary[0].iops_ratio.median);
       assert.equal(results.fio.length, 6);
       for (const row of results.fio) assert.ok(row.iops > 0 && row.client_cpu_us_per_io > 0, JSON.stringify(row));
       // 2 images × 1 queue count × 2 iodepths.
