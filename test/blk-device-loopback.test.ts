@@ -83,6 +83,11 @@ test('write then read over the loopback transport, with notifications both ways'
   await t.close();
 });
 
+test("the loopback's memory is its own: exclusive, so its rings go without atomics", () => {
+  const t = new LoopbackTransport(new BlkDevice({ backend: new RecordingBackend(1 << 20) }), { memorySize: 1 << 20 });
+  assert.equal(t.memory.exclusive, true);
+});
+
 test('the cache mode toggled through the transport takes effect', async () => {
   const backend = new RecordingBackend();
   const device = new BlkDevice({ backend });

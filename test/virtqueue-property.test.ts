@@ -20,13 +20,30 @@ interface Posted {
   expectedLen: number;
 }
 
-const chainShape = fc.record({
-  outLens: fc.array(fc.integer({ min: 1, max: 300 }), { maxLength: 3 }),
-  inLens: fc.array(fc.integer({ min: 1, max: 300 }), { maxLength: 3 }),
-}).filter((s) => s.outLens.length + s.inLens.length > 0);
+interface Shape {
+  readonly outLens: number[];
+  readonly inLens: number[];
+  /** Posted with addFramed (head, optional data either way, tail) rather than add. */
+  readonly framed: boolean;
+}
+
+const length = fc.integer({ min: 1, max: 300 });
+const chainShape: fc.Arbitrary<Shape> = fc.oneof(
+  fc.record({
+    outLens: fc.array(length, { maxLength: 3 }),
+    inLens: fc.array(length, { maxLength: 3 }),
+  }).filter((s) => s.outLens.length + s.inLens.length > 0).map((s) => ({ ...s, framed: false })),
+  fc.record({ head: length, data: fc.integer({ min: 0, max: 300 }), dataWritable: fc.boolean(), tail: length }).map((f) => ({
+    outLens: f.data > 0 && !f.dataWritable ? [f.head, f.data] : [f.head],
+    inLens: f.data > 0 && f.dataWritable ? [f.data, f.tail] : [f.tail],
+    framed: true,
+  })),
+);
 
 const scenario = fc.record({
   sizeLog2: fc.integer({ min: 0, max: 6 }),
+  // Exclusive memory: ring indices are read and published without atomics (ring-index.ts).
+  exclusive: fc.boolean(),
   eventIdx: fc.boolean(),
   indirect: fc.boolean(),
   steps: fc.array(fc.oneof(
@@ -43,7 +60,7 @@ test('every buffer comes back exactly once with the right length and bytes; no n
   fc.assert(fc.property(scenario, (sc) => {
     const size = 2 ** sc.sizeLog2;
     const base = 0x10_0000;
-    const memory = new GuestMemory([{ guestAddress: base, bytes: new Uint8Array(1 << 20) }]);
+    const memory = new GuestMemory([{ guestAddress: base, bytes: new Uint8Array(1 << 20) }], { exclusive: sc.exclusive });
     const dma = new DmaAllocator(base, 1 << 20);
     const layout = contiguousRingLayout(size);
     const ring = dma.alloc(layout.total);
@@ -63,7 +80,7 @@ test('every buffer comes back exactly once with the right length and bytes; no n
     // side's, which is where a lost wake-up would hide.
     let deviceAwake = false;
     let driverAwake = false;
-    const waiting: { shape: { outLens: number[]; inLens: number[] } }[] = [];
+    const waiting: { shape: Shape }[] = [];
     const inDevice: { chain: DescriptorChain; }[] = [];
     const returned = new Map<number, number>();
     const posted: Posted[] = [];
@@ -84,7 +101,14 @@ test('every buffer comes back exactly once with the right length and bytes; no n
         const p: Posted = {
           id, out: shape.outLens.map((l) => seg(l, id & 0xff)), inp: shape.inLens.map((l) => seg(l, 0)), expectedLen: -1,
         };
-        assert.equal(driver.add(p.out, p.inp, p), true);
+        if (shape.framed) {
+          const data = p.out.length === 2 ? p.out[1] : p.inp.length === 2 ? p.inp[0] : null;
+          const tail = p.inp[p.inp.length - 1];
+          assert.equal(driver.addFramed(p.out[0].addr, p.out[0].len, data?.addr ?? 0, data?.len ?? 0, p.inp.length === 2,
+            tail.addr, tail.len, p), true);
+        } else {
+          assert.equal(driver.add(p.out, p.inp, p), true);
+        }
         posted.push(p);
         added = true;
       }

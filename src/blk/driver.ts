@@ -237,40 +237,27 @@ interface ZeroCopyBuffer {
   isFreed: boolean;
 }
 
-interface MutableSegment {
-  addr: number;
-  len: number;
-}
-
 /**
- * One chain's resources: header and status byte in DMA memory, a bounce block kept
- * across requests, and the segment lists of the common chain shapes, built once.
+ * One chain's resources: its header and status byte in the queue's header area, and a
+ * bounce block kept across requests.
  */
 class Slot {
   chunk: Req | null = null;
   /** The bounce block in use, or kept from an earlier request for reuse. */
   bounce: DmaBlock | null = null;
-  readonly headerSeg: Segment;
-  readonly statusSeg: Segment;
-  /** The data segment of a chain with one data descriptor. */
-  readonly dataSeg: MutableSegment = { addr: 0, len: 0 };
-  /** out/in lists: no data; device-readable data; device-writable data. */
-  readonly headerOnly: Segment[];
-  readonly statusOnly: Segment[];
-  readonly headerData: Segment[];
-  readonly dataStatus: Segment[];
+  /** The header's first u32 word in {@link QueueState.headerWords}. */
+  readonly headerWord: number;
+  /** The status byte's index in {@link QueueState.headerBytes}. */
+  readonly statusAt: number;
+  readonly statusAddr: number;
   constructor(
-    /** The request header as little-endian u32 words (type, reserved, sector low, sector high). */
-    readonly header: Uint32Array,
-    readonly status: Uint8Array,
-    headerAddr: number,
+    index: number,
+    /** Guest address of the request header. */
+    readonly headerAddr: number,
   ) {
-    this.headerSeg = { addr: headerAddr, len: VIRTIO_BLK_REQ_HEADER.size };
-    this.statusSeg = { addr: headerAddr + STATUS_OFFSET, len: 1 };
-    this.headerOnly = [this.headerSeg];
-    this.statusOnly = [this.statusSeg];
-    this.headerData = [this.headerSeg, this.dataSeg];
-    this.dataStatus = [this.dataSeg, this.statusSeg];
+    this.headerWord = (index * SLOT_STRIDE) / Uint32Array.BYTES_PER_ELEMENT;
+    this.statusAt = index * SLOT_STRIDE + STATUS_OFFSET;
+    this.statusAddr = headerAddr + STATUS_OFFSET;
   }
 }
 
@@ -294,6 +281,13 @@ class QueueState {
     readonly binding: DriverQueueBinding<Slot>,
     readonly slots: Slot[],
     readonly headerArea: number,
+    /**
+     * The header area as u32 words (headers are written as words: no byte copy per
+     * request) and as bytes (status). One view each for all slots: a request touches
+     * no view object of its own.
+     */
+    readonly headerWords: Uint32Array,
+    readonly headerBytes: Uint8Array,
   ) {
     for (let i = slots.length - 1; i >= 0; i--) this.freeSlots.push(slots[i]);
   }
@@ -1024,33 +1018,26 @@ export class BlkDriver {
       else if (chunk.type === VIRTIO_BLK_T.GET_ID) bounce.bytes.fill(0, 0, length);
       dataAddr = bounce.addr;
     }
-    const words = slot.header;
+    const words = qs.headerWords;
+    const w = slot.headerWord;
     const sector = chunk.sector;
-    words[0] = chunk.type;
-    words[1] = 0;
+    words[w] = chunk.type;
+    words[w + 1] = 0;
     const low = sector >>> 0;
-    words[2] = low;
-    words[3] = sector === low ? 0 : (sector - low) / TWO_POW_32;
-    slot.status[0] = STATUS_UNWRITTEN;
-    let out: Segment[];
-    let inp: Segment[];
-    if (length === 0) {
-      out = slot.headerOnly;
-      inp = slot.statusOnly;
-    } else if (dataDescs === 1) {
-      slot.dataSeg.addr = dataAddr;
-      slot.dataSeg.len = length;
-      out = chunk.isWritable ? slot.headerOnly : slot.headerData;
-      inp = chunk.isWritable ? slot.dataStatus : slot.statusOnly;
+    words[w + 2] = low;
+    words[w + 3] = sector === low ? 0 : (sector - low) / TWO_POW_32;
+    qs.headerBytes[slot.statusAt] = STATUS_UNWRITTEN;
+    // canAdd said yes and nothing ran in between: neither add can refuse.
+    if (dataDescs <= 1) {
+      queue.addFramed(slot.headerAddr, VIRTIO_BLK_REQ_HEADER.size, dataAddr, length, chunk.isWritable, slot.statusAddr, 1, slot);
     } else {
       // Longer than size_max: one descriptor per size_max bytes (rare; lists built here).
+      const header: Segment = { addr: slot.headerAddr, len: VIRTIO_BLK_REQ_HEADER.size };
+      const status: Segment = { addr: slot.statusAddr, len: 1 };
       const data: Segment[] = [];
       for (let at = 0; at < length; at += sizeMax) data.push({ addr: dataAddr + at, len: Math.min(sizeMax, length - at) });
-      out = chunk.isWritable ? [slot.headerSeg] : [slot.headerSeg, ...data];
-      inp = chunk.isWritable ? [...data, slot.statusSeg] : [slot.statusSeg];
+      queue.add(chunk.isWritable ? [header] : [header, ...data], chunk.isWritable ? [...data, status] : [status], slot);
     }
-    // canAdd said yes and nothing ran in between: add cannot refuse.
-    queue.add(out, inp, slot);
     slot.chunk = chunk;
     if (zc !== null) zc.onRings++;
     (chunk.root ?? chunk).inFlight++;
@@ -1159,7 +1146,7 @@ export class BlkDriver {
     if (!op.settled) {
       op.inFlight--;
       this.liveChains--;
-      const status = slot.status[0];
+      const status = qs.headerBytes[slot.statusAt];
       if (status !== VIRTIO_BLK_S.OK) error = statusToError(status, this.describe(op));
       // The slot may keep a bounce block from an earlier request: a zero-copy chunk never used it.
       else if (chunk.isWritable && zc === null && bounce !== null) {
@@ -1539,12 +1526,9 @@ export class BlkDriver {
       throw new ProbeError('QUEUE_SETUP', `${this.name}: setting up queue ${index} failed: ${(e as Error).message}`, { cause: e });
     }
     const slots: Slot[] = [];
-    for (let i = 0; i < size; i++) {
-      const at = i * SLOT_STRIDE;
-      slots.push(new Slot(new Uint32Array(area.buffer, area.byteOffset + at, VIRTIO_BLK_REQ_HEADER.size / Uint32Array.BYTES_PER_ELEMENT),
-        area.subarray(at + STATUS_OFFSET, at + STATUS_OFFSET + 1), headerArea + at));
-    }
-    const state = new QueueState(index, binding, slots, headerArea);
+    for (let i = 0; i < size; i++) slots.push(new Slot(i, headerArea + i * SLOT_STRIDE));
+    const state = new QueueState(index, binding, slots, headerArea,
+      new Uint32Array(area.buffer, area.byteOffset, bytes / Uint32Array.BYTES_PER_ELEMENT), area);
     state.reap = () => this.reapQueue(state);
     state.kick = () => this.kickQueue(state);
     holder.state = state;

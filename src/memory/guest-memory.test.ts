@@ -12,6 +12,12 @@ function twoRegions(): GuestMemory {
   ]);
 }
 
+test('memory counts as shared with a peer (ring indices ordered) unless declared exclusive', () => {
+  const bytes = new Uint8Array(0x1000);
+  assert.equal(new GuestMemory([{ guestAddress: 0x1000, bytes }]).exclusive, false);
+  assert.equal(new GuestMemory([{ guestAddress: 0x1000, bytes }], { exclusive: true }).exclusive, true);
+});
+
 test('view returns a range inside one region and null otherwise', () => {
   const m = twoRegions();
   assert.deepEqual(m.view(0x1ff0, 16), new Uint8Array(16).fill(1));

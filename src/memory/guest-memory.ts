@@ -46,8 +46,22 @@ interface ViewCache {
   readonly views: Uint8Array[];
 }
 
+/** How a {@link GuestMemory} is used. */
+export interface GuestMemoryOptions {
+  /**
+   * Nothing but the current thread reads or writes this memory while queues run over it
+   * (a loopback's own memory, which no other thread or process can map): ring indices
+   * are then read and published without atomics and fences (ring-index.ts). Default
+   * false, right for memory shared with a peer process (vhost-user) or another thread
+   * (a SharedArrayBuffer).
+   */
+  readonly exclusive?: boolean;
+}
+
 export class GuestMemory {
   readonly regions: readonly MemoryRegion[];
+  /** See {@link GuestMemoryOptions.exclusive}. */
+  readonly exclusive: boolean;
   private readonly starts: number[];
   private readonly ends: number[];
   /** Per region: its word views once asked for; null when its bytes are not 4-byte aligned. */
@@ -58,7 +72,8 @@ export class GuestMemory {
   private hot = 0;
 
   /** Throws {@link MemoryError} when a region is empty, out of range or overlaps another. */
-  constructor(regions: readonly MemoryRegion[]) {
+  constructor(regions: readonly MemoryRegion[], options: GuestMemoryOptions = {}) {
+    this.exclusive = options.exclusive ?? false;
     const sorted = [...regions].sort((a, b) => a.guestAddress - b.guestAddress);
     for (const r of sorted) {
       if (!Number.isSafeInteger(r.guestAddress) || r.guestAddress < 0 || r.bytes.length === 0 ||

@@ -50,8 +50,10 @@ export class LoopbackTransport implements DriverTransport, DeviceHost {
     const size = options.memorySize ?? 64 * 1024 * 1024;
     const base = options.guestAddress ?? 0x10_0000;
     // Page-aligned like a VM's memory: DMA buffers then start on host pages too, and a
-    // device copies a block to or from them a page at a time (page-aligned.ts).
-    this.memory = new GuestMemory([{ guestAddress: base, bytes: pageAlignedBytes(size) }]);
+    // device copies a block to or from them a page at a time (page-aligned.ts). It is
+    // not a SharedArrayBuffer: no other thread can touch it, so the rings over it need
+    // no atomic accesses (ring-index.ts).
+    this.memory = new GuestMemory([{ guestAddress: base, bytes: pageAlignedBytes(size) }], { exclusive: true });
     this.dma = new DmaAllocator(base, size);
     this.status = new StatusMachine(device.deviceFeatures);
     device.attach(this);

@@ -12,18 +12,27 @@
  *   event index" (2.7.7.2: the check must see memory after the publish) needs no extra
  *   barrier, and every ring entry written before it is visible before the index.
  *
+ * All of that is for another thread or process working the same rings at the same time.
+ * Memory nothing else can touch while we run (a loopback's own: `GuestMemory`'s
+ * `exclusive`) is accessed plainly instead (`ordered` false): one thread sees its own
+ * accesses in program order, and the fences are not free — each waits for every store
+ * before it to land, a 4 KiB copy's included. Without them the loopback spends 4% less
+ * CPU per request, 9% less with a backend that copies nothing (fresh processes,
+ * interleaved rounds, as bench/ab.ts measures).
+ *
  * Ring memory is little-endian and so are typed arrays on every platform Node runs on
  * that has this addon; {@link assertLittleEndian} refuses the rest loudly.
  */
 
 /** Reads a ring index or flag word. */
-export function loadIndex(view: Uint16Array, at: number): number {
-  return Atomics.load(view, at);
+export function loadIndex(view: Uint16Array, at: number, ordered: boolean): number {
+  return ordered ? Atomics.load(view, at) : view[at];
 }
 
-/** Publishes a ring index or event index; also a full fence (see module comment). */
-export function publishIndex(view: Uint16Array, at: number, value: number): void {
-  Atomics.store(view, at, value & 0xffff);
+/** Publishes a ring index or event index; when `ordered`, also a full fence (see module comment). */
+export function publishIndex(view: Uint16Array, at: number, value: number, ordered: boolean): void {
+  if (ordered) Atomics.store(view, at, value & 0xffff);
+  else view[at] = value;
 }
 
 export function assertLittleEndian(): void {

@@ -38,6 +38,8 @@ export interface RingViews {
   readonly availU16: Uint16Array;
   readonly usedU16: Uint16Array;
   readonly usedU32: Uint32Array;
+  /** Whether ring indices need atomic accesses: false for exclusive memory (ring-index.ts). */
+  readonly ordered: boolean;
 }
 
 /** Views over the rings, or why they cannot be had. Never throws on guest-supplied addresses. */
@@ -59,6 +61,7 @@ export function ringViews(memory: GuestMemory, c: SplitQueueConfig): RingViews |
     availU16: new Uint16Array(avail.buffer, avail.byteOffset, avail.length / 2),
     usedU16: new Uint16Array(used.buffer, used.byteOffset, used.length / 2),
     usedU32: new Uint32Array(used.buffer, used.byteOffset, (used.length - 2) / 4),
+    ordered: !memory.exclusive,
   };
 }
 

@@ -33,6 +33,8 @@ export class SplitDeviceQueue {
   readonly eventIdx: boolean;
   readonly indirect: boolean;
   private readonly v: RingViews;
+  /** Ring indices need atomic accesses (ring-index.ts). */
+  private readonly ordered: boolean;
   private readonly mask: number;
   /** Offset (u16 words) of used_event in the avail ring and avail_event in the used ring. */
   private readonly usedEventAt: number;
@@ -71,6 +73,7 @@ export class SplitDeviceQueue {
     this.eventIdx = config.eventIdx;
     this.indirect = config.indirect;
     this.v = views;
+    this.ordered = views.ordered;
     this.seenAddr = new Float64Array(config.size).fill(-1);
     this.seenLen = new Float64Array(config.size);
     this.seenView = new Array<Uint8Array | null>(config.size).fill(null);
@@ -78,7 +81,7 @@ export class SplitDeviceQueue {
     this.availEventAt = RING + 4 * config.size;
     // A queue may start on rings that are already in use (vhost-user reconnect, or a
     // restart after GET_VRING_BASE): continue from the used index the driver sees.
-    this.usedIdx = loadIndex(views.usedU16, IDX);
+    this.usedIdx = loadIndex(views.usedU16, IDX, this.ordered);
     this.publishedUsed = this.usedIdx;
   }
 
@@ -108,7 +111,7 @@ export class SplitDeviceQueue {
     const log = new InflightLog(bytes, this.size);
     const usedU32 = this.v.usedU32;
     const mask = this.mask;
-    const r = log.recover(loadIndex(this.v.usedU16, IDX), (k) => usedU32[1 + 2 * (k & mask)], this.lastAvail);
+    const r = log.recover(loadIndex(this.v.usedU16, IDX, this.ordered), (k) => usedU32[1 + 2 * (k & mask)], this.lastAvail);
     this.inflight = log;
     this.resubmit = r.resubmit;
     this.lastAvail = r.nextAvail;
@@ -124,7 +127,7 @@ export class SplitDeviceQueue {
   /** Available entries not yet popped (0 when the queue is broken). */
   pending(): number {
     if (this.brokenBy) return 0;
-    const n = (loadIndex(this.v.availU16, IDX) - this.lastAvail) & 0xffff;
+    const n = (loadIndex(this.v.availU16, IDX, this.ordered) - this.lastAvail) & 0xffff;
     return (n > this.size ? 0 : n) + this.resubmit.length;
   }
 
@@ -142,7 +145,7 @@ export class SplitDeviceQueue {
     }
     let availIdx = this.availSeen;
     if (availIdx === this.lastAvail) {
-      availIdx = loadIndex(this.v.availU16, IDX);
+      availIdx = loadIndex(this.v.availU16, IDX, this.ordered);
       this.availSeen = availIdx;
     }
     const pending = (availIdx - this.lastAvail) & 0xffff;
@@ -338,20 +341,20 @@ export class SplitDeviceQueue {
     const old = this.publishedUsed;
     const next = this.usedIdx;
     if (old === next) return false;
-    publishIndex(this.v.usedU16, IDX, next);
+    publishIndex(this.v.usedU16, IDX, next, this.ordered);
     this.publishedUsed = next;
     if (this.inflight) {
       // After the index store: a crash in between is recovered from the used ring.
       this.inflight.published(this.batch, next);
       this.batch.length = 0;
     }
-    if (this.eventIdx) return vringNeedEvent(loadIndex(this.v.availU16, this.usedEventAt), next, old);
-    return (loadIndex(this.v.availU16, FLAGS) & VIRTQ_AVAIL_F_NO_INTERRUPT) === 0;
+    if (this.eventIdx) return vringNeedEvent(loadIndex(this.v.availU16, this.usedEventAt, this.ordered), next, old);
+    return (loadIndex(this.v.availU16, FLAGS, this.ordered) & VIRTQ_AVAIL_F_NO_INTERRUPT) === 0;
   }
 
   /** Asks the driver not to notify us: we are about to drain the ring anyway. */
   disableNotifications(): void {
-    if (!this.eventIdx) publishIndex(this.v.usedU16, FLAGS, VIRTQ_USED_F_NO_NOTIFY);
+    if (!this.eventIdx) publishIndex(this.v.usedU16, FLAGS, VIRTQ_USED_F_NO_NOTIFY, this.ordered);
   }
 
   /**
@@ -359,9 +362,9 @@ export class SplitDeviceQueue {
    * when buffers arrived meanwhile, so the caller must drain again instead of sleeping.
    */
   enableNotifications(): boolean {
-    if (this.eventIdx) publishIndex(this.v.usedU16, this.availEventAt, this.lastAvail);
-    else publishIndex(this.v.usedU16, FLAGS, 0);
-    return !this.brokenBy && (this.resubmit.length > 0 || loadIndex(this.v.availU16, IDX) !== this.lastAvail);
+    if (this.eventIdx) publishIndex(this.v.usedU16, this.availEventAt, this.lastAvail, this.ordered);
+    else publishIndex(this.v.usedU16, FLAGS, 0, this.ordered);
+    return !this.brokenBy && (this.resubmit.length > 0 || loadIndex(this.v.availU16, IDX, this.ordered) !== this.lastAvail);
   }
 }
 

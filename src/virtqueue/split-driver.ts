@@ -62,6 +62,8 @@ export class SplitDriverQueue<T> {
   readonly size: number;
   readonly eventIdx: boolean;
   private readonly v: RingViews;
+  /** Ring indices need atomic accesses (ring-index.ts). */
+  private readonly ordered: boolean;
   private readonly mask: number;
   private readonly usedEventAt: number;
   private readonly availEventAt: number;
@@ -92,6 +94,7 @@ export class SplitDriverQueue<T> {
     this.mask = config.size - 1;
     this.eventIdx = config.eventIdx;
     this.v = views;
+    this.ordered = views.ordered;
     this.usedEventAt = RING + config.size;
     this.availEventAt = RING + 4 * config.size;
     this.freeCount = config.size;
@@ -200,6 +203,12 @@ export class SplitDriverQueue<T> {
       this.freeHead = this.nextFree[i];
       this.chainDescs[head] = count;
     }
+    this.bookChain(head, token, writableBytes);
+    return true;
+  }
+
+  /** Books the chain at `head` (its descriptors written) as in flight and puts it in the avail ring. */
+  private bookChain(head: number, token: T, writableBytes: number): void {
     this.freeCount -= this.chainDescs[head];
     this.tokens[head] = token;
     this.postedWritable[head] = writableBytes;
@@ -207,6 +216,44 @@ export class SplitDriverQueue<T> {
     // The ring slot is written before the index that publishes it (ring-index.ts).
     this.v.availU16[RING + (this.availIdx & this.mask)] = head;
     this.availIdx = (this.availIdx + 1) & 0xffff;
+  }
+
+  /**
+   * {@link add} for the commonest shape, without segment lists to build and read: a
+   * device-readable head (a request header), a data buffer when `dataLen` > 0 (either
+   * way), a device-writable tail (a status). The same rules and result as add().
+   */
+  addFramed(headAddr: number, headLen: number, dataAddr: number, dataLen: number, dataWritable: boolean,
+    tailAddr: number, tailLen: number, token: T): boolean {
+    const count = dataLen > 0 ? 3 : 2;
+    if (!this.canAdd(count)) return false;
+    const head = this.freeHead;
+    const tables = this.indirectTables;
+    const dataFlags = dataWritable ? VIRTQ_DESC_F.WRITE | VIRTQ_DESC_F.NEXT : VIRTQ_DESC_F.NEXT;
+    // Direct while the ring has room, as in add().
+    if (count > this.freeCount && tables !== null) {
+      const { u32, u16 } = tables[head];
+      writeDesc(u32, u16, 0, headAddr, headLen, VIRTQ_DESC_F.NEXT, 1);
+      if (count === 3) writeDesc(u32, u16, 1, dataAddr, dataLen, dataFlags, 2);
+      writeDesc(u32, u16, count - 1, tailAddr, tailLen, VIRTQ_DESC_F.WRITE, 0);
+      this.freeHead = this.nextFree[head];
+      writeDesc(this.v.descU32, this.v.descU16, head, this.indirectBase + head * this.indirectEntries * VIRTQ_DESC_SIZE,
+        count * VIRTQ_DESC_SIZE, VIRTQ_DESC_F.INDIRECT, 0);
+      this.chainDescs[head] = 1;
+    } else {
+      const { descU32, descU16 } = this.v;
+      let last = this.nextFree[head];
+      writeDesc(descU32, descU16, head, headAddr, headLen, VIRTQ_DESC_F.NEXT, last);
+      if (count === 3) {
+        const data = last;
+        last = this.nextFree[data];
+        writeDesc(descU32, descU16, data, dataAddr, dataLen, dataFlags, last);
+      }
+      writeDesc(descU32, descU16, last, tailAddr, tailLen, VIRTQ_DESC_F.WRITE, 0);
+      this.freeHead = this.nextFree[last];
+      this.chainDescs[head] = count;
+    }
+    this.bookChain(head, token, dataWritable ? dataLen + tailLen : tailLen);
     return true;
   }
 
@@ -217,16 +264,16 @@ export class SplitDriverQueue<T> {
   kickPrepare(): boolean {
     const old = this.kickedAvail;
     const next = this.availIdx;
-    publishIndex(this.v.availU16, IDX, next);
+    publishIndex(this.v.availU16, IDX, next, this.ordered);
     this.kickedAvail = next;
     if (old === next) return false;
-    if (this.eventIdx) return vringNeedEvent(loadIndex(this.v.usedU16, this.availEventAt), next, old);
-    return (loadIndex(this.v.usedU16, FLAGS) & VIRTQ_USED_F_NO_NOTIFY) === 0;
+    if (this.eventIdx) return vringNeedEvent(loadIndex(this.v.usedU16, this.availEventAt, this.ordered), next, old);
+    return (loadIndex(this.v.usedU16, FLAGS, this.ordered) & VIRTQ_USED_F_NO_NOTIFY) === 0;
   }
 
   /** Whether the device has used buffers we have not reaped. */
   hasUsed(): boolean {
-    return !this.brokenBy && loadIndex(this.v.usedU16, IDX) !== this.lastUsed;
+    return !this.brokenBy && loadIndex(this.v.usedU16, IDX, this.ordered) !== this.lastUsed;
   }
 
   /**
@@ -248,7 +295,7 @@ export class SplitDriverQueue<T> {
     if (this.brokenBy) return this.brokenBy;
     let usedIdx = this.usedSeen;
     if (usedIdx === this.lastUsed) {
-      usedIdx = loadIndex(this.v.usedU16, IDX);
+      usedIdx = loadIndex(this.v.usedU16, IDX, this.ordered);
       this.usedSeen = usedIdx;
     }
     const pending = (usedIdx - this.lastUsed) & 0xffff;
@@ -292,7 +339,7 @@ export class SplitDriverQueue<T> {
 
   /** Asks the device not to notify us of used buffers (we are polling or draining). */
   disableInterrupts(): void {
-    if (!this.eventIdx) publishIndex(this.v.availU16, FLAGS, VIRTQ_AVAIL_F_NO_INTERRUPT);
+    if (!this.eventIdx) publishIndex(this.v.availU16, FLAGS, VIRTQ_AVAIL_F_NO_INTERRUPT, this.ordered);
   }
 
   /**
@@ -307,8 +354,8 @@ export class SplitDriverQueue<T> {
    */
   enableInterrupts(delay = 0): boolean {
     // used_event is a wrapping u16 like the indices it is compared with (vringNeedEvent).
-    if (this.eventIdx) publishIndex(this.v.availU16, this.usedEventAt, (this.lastUsed + Math.min(delay, Math.max(0, this.inFlight - 1))) & 0xffff);
-    else publishIndex(this.v.availU16, FLAGS, 0);
+    if (this.eventIdx) publishIndex(this.v.availU16, this.usedEventAt, (this.lastUsed + Math.min(delay, Math.max(0, this.inFlight - 1))) & 0xffff, this.ordered);
+    else publishIndex(this.v.availU16, FLAGS, 0, this.ordered);
     return this.hasUsed();
   }
 
