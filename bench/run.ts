@@ -3,8 +3,8 @@
  * Every comparison is measured in the same run as what it is compared with.
  *
  * - loopback: driver → loopback → BlkDevice → memory backend, 4 KiB random reads at
- *   iodepth 32, as IOPS and as a ratio to a bare loop copying the same blocks (measured
- *   right before and right after each row, averaged).
+ *   iodepth 32, as IOPS and as a ratio to a bare loop copying the same blocks: rounds
+ *   of the two in turn, the median of the rounds' ratios (see loopbackSection).
  * - peers: `vblk serve` against qemu-storage-daemon (default `aio=threads`, and
  *   `aio=io_uring`) on the same raw image in the page cache, each driven by `vblk bench
  *   --socket` (our driver): IOPS, latency, and CPU time per I/O of the backend process
@@ -45,7 +45,7 @@ type Section = (typeof SECTIONS)[number];
 
 // ---- options ---------------------------------------------------------------------
 
-/** Rounds of the versus section. */
+/** Rounds of the loopback and versus sections. */
 const DEFAULT_ROUNDS = 7;
 
 const SPECS = {
@@ -57,7 +57,7 @@ const SPECS = {
   'sparse-size': { kind: 'size', description: 'sparse image size' },
   iodepths: { kind: 'string', valueName: 'LIST', description: 'scaling iodepths' },
   queues: { kind: 'string', valueName: 'LIST', description: 'queue counts' },
-  rounds: { kind: 'number', valueName: 'N', description: 'rounds of the versus section' },
+  rounds: { kind: 'number', valueName: 'N', description: 'rounds of the loopback and versus sections' },
 } as const;
 
 interface Options {
@@ -198,34 +198,50 @@ const QD = 32;
 /** Seconds of 4 KiB random reads a backend serves before its first measured row. */
 const WARMUP_S = 0.5;
 
+/**
+ * Each row: rounds of the bare copy loop and the loopback in turn, starting and ending
+ * with the bare loop, so that every loopback run has a bare-loop run on either side of
+ * it within a second or two. The row's ratio is the median of the rounds' ratios (each
+ * round's IOPS over the mean of its two neighbours' copy rates): the machine's drift
+ * moves both sides of a round alike, and a round caught in a slow moment does not move
+ * the median.
+ */
 async function loopbackSection(o: Options): Promise<LoopbackRow[]> {
   const rows: LoopbackRow[] = [];
-  const runtimeMs = o.runtimeS * MS_PER_S;
-  const baselineMs = Math.max(200, runtimeMs / 4);
+  const runMs = (o.runtimeS * MS_PER_S) / 2;
+  const baselineMs = Math.max(100, (o.runtimeS * MS_PER_S) / 8);
+  const copy = { rw: 'randread', bs: BS, regionBytes: LOOPBACK_SIZE, durationMs: baselineMs } as const;
   // The first row would otherwise run on code the JIT has not finished optimising.
   const warm = await openLoopback(LOOPBACK_SIZE, 1, QD, BS, 0);
   try {
     await runBench(warm.driver, { rw: 'randread', bs: BS, iodepth: QD, runtimeMs: Math.min(WARMUP_S * 2, o.runtimeS) * MS_PER_S, regionBytes: LOOPBACK_SIZE });
-    bareCopyRate({ rw: 'randread', bs: BS, regionBytes: LOOPBACK_SIZE, durationMs: baselineMs });
+    bareCopyRate(copy);
   } finally {
     await warm.close();
   }
   for (const c of LOOPBACK_CONFIGS) {
     const target = await openLoopback(LOOPBACK_SIZE, 1, QD, BS, 0, { excludeFeatures: c.exclude });
     try {
-      const params: BenchParams = { rw: 'randread', bs: BS, iodepth: QD, runtimeMs, regionBytes: LOOPBACK_SIZE, bounce: c.bounce };
+      const params: BenchParams = { rw: 'randread', bs: BS, iodepth: QD, runtimeMs: runMs, regionBytes: LOOPBACK_SIZE, bounce: c.bounce };
       // Warm the JIT on both paths before timing either.
-      await runBench(target.driver, { ...params, runtimeMs: Math.min(500, runtimeMs) });
-      const copy = { rw: 'randread', bs: BS, regionBytes: LOOPBACK_SIZE, durationMs: baselineMs } as const;
-      const before = bareCopyRate(copy);
-      const r = await runBench(target.driver, params);
-      const after = bareCopyRate(copy);
-      const baseline = (before + after) / 2;
+      await runBench(target.driver, { ...params, runtimeMs: Math.min(500, runMs) });
+      const bare = [bareCopyRate(copy)];
+      const runs = [];
+      for (let round = 0; round < o.rounds; round++) {
+        runs.push(await runBench(target.driver, params));
+        bare.push(bareCopyRate(copy));
+      }
+      const baselines = runs.map((_, k) => (bare[k] + bare[k + 1]) / 2);
+      const ratio = spread(runs.map((r, k) => r.iops / baselines[k])).median;
+      const ios = runs.reduce((n, r) => n + r.ios, 0);
+      const cpuUs = runs.reduce((n, r) => n + r.cpuUs, 0);
       rows.push({
-        config: c.config, zero_copy: !c.bounce, iops: Math.round(r.iops), baseline_iops: Math.round(baseline),
-        ratio: round(r.iops / baseline, 3), lat_us: lat({ lat_us: r.latUs }), cpu_us_per_io: round(r.ios ? r.cpuUs / r.ios : 0),
+        config: c.config, zero_copy: !c.bounce, iops: Math.round(spread(runs.map((r) => r.iops)).median),
+        baseline_iops: Math.round(spread(baselines).median), ratio,
+        lat_us: lat({ lat_us: { p50: spread(runs.map((r) => r.latUs.p50)).median, p99: spread(runs.map((r) => r.latUs.p99)).median } }),
+        cpu_us_per_io: round(ios ? cpuUs / ios : 0),
       });
-      log(`loopback ${c.config}${c.bounce ? ', bounce' : ''}: ${Math.round(r.iops)} IOPS, ratio ${round(r.iops / baseline, 3)}`);
+      log(`loopback ${c.config}${c.bounce ? ', bounce' : ''}: ${rows[rows.length - 1].iops} IOPS, ratio ${ratio} (median of ${o.rounds} rounds)`);
     } finally {
       await target.close();
     }
@@ -447,7 +463,7 @@ function table(header: string[], rows: (string | number)[][]): string {
 function report(r: Results): string {
   const parts: string[] = [];
   if (r.loopback.length) {
-    parts.push('Loopback, memory backend, 4 KiB random read, iodepth 32 (bare copy measured before and after each row)\n' + table(
+    parts.push(`Loopback, memory backend, 4 KiB random read, iodepth 32: medians of ${r.rounds} rounds, each run between two of the bare copy loop\n` + table(
       ['ring features', 'buffers', 'IOPS', 'bare copy/s', 'ratio', 'p50 us', 'p99 us', 'CPU us/IO'],
       r.loopback.map((x) => [x.config, x.zero_copy ? 'zero copy' : 'bounce', x.iops, x.baseline_iops, x.ratio.toFixed(3), x.lat_us.p50, x.lat_us.p99, x.cpu_us_per_io]),
     ));
@@ -465,7 +481,7 @@ function report(r: Results): string {
   }
   if (r.versus.length) {
     const spreadText = (x: Spread): string => `${x.median.toFixed(2)} (${x.min.toFixed(2)}–${x.max.toFixed(2)})`;
-    parts.push(`Versus: 4 KiB random read, iodepth 32, 1 queue, backends side by side, ${r.versus_rounds} rounds in rotating order\n` + table(
+    parts.push(`Versus: 4 KiB random read, iodepth 32, 1 queue, backends side by side, ${r.rounds} rounds in rotating order\n` + table(
       ['backend', 'IOPS / io_uring, median (range)', 'CPU / io_uring, median (range)', 'IOPS per round'],
       r.versus_summary.map((x) => [x.backend, spreadText(x.iops_ratio), spreadText(x.cpu_ratio),
         r.versus.filter((y) => y.backend === x.backend).map((y) => y.iops).join(' ')]).concat(
@@ -499,7 +515,7 @@ interface Results {
   loopback: LoopbackRow[];
   peers: PeerRow[];
   versus: VersusRow[];
-  versus_rounds: number;
+  rounds: number;
   versus_summary: VersusSummary[];
   fio: FioRow[];
   scaling: ScalingRow[];
@@ -520,7 +536,7 @@ const USAGE = `usage: npm run bench [-- options]   (each option also an environm
   --sparse-size SIZE BENCH_SPARSE_SIZE  sparse image of the scaling rows (default 1T)
   --iodepths LIST                       scaling iodepths (default 1,4,16,64,128)
   --queues LIST                         queue counts (default 1,2)
-  --rounds N         BENCH_ROUNDS       rounds of the versus section (default ${DEFAULT_ROUNDS})
+  --rounds N         BENCH_ROUNDS       rounds of the loopback and versus sections (default ${DEFAULT_ROUNDS})
 `;
 
 export async function main(argv: readonly string[], env: NodeJS.ProcessEnv): Promise<Results | null> {
@@ -536,7 +552,7 @@ export async function main(argv: readonly string[], env: NodeJS.ProcessEnv): Pro
       date: new Date(started).toISOString(), runtime_s_per_row: o.runtimeS, node: process.version, kernel: release(),
       cpus: cpus().length, cpu_model: cpus()[0]?.model ?? 'unknown', image_bytes: o.imageSize, sparse_image_bytes: o.sparseSize,
     },
-    loopback: [], peers: [], versus: [], versus_rounds: o.rounds, versus_summary: [], fio: [], scaling: [], targets: [], skipped: [],
+    loopback: [], peers: [], versus: [], rounds: o.rounds, versus_summary: [], fio: [], scaling: [], targets: [], skipped: [],
   };
   const wants = (s: Section): boolean => o.sections.includes(s);
   if (wants('loopback')) results.loopback = await loopbackSection(o);
