@@ -232,13 +232,13 @@ async function loopbackSection(o: Options): Promise<LoopbackRow[]> {
         bare.push(bareCopyRate(copy));
       }
       const baselines = runs.map((_, k) => (bare[k] + bare[k + 1]) / 2);
-      const ratio = spread(runs.map((r, k) => r.iops / baselines[k])).median;
+      const ratio = round(median(runs.map((r, k) => r.iops / baselines[k])), 3);
       const ios = runs.reduce((n, r) => n + r.ios, 0);
       const cpuUs = runs.reduce((n, r) => n + r.cpuUs, 0);
       rows.push({
-        config: c.config, zero_copy: !c.bounce, iops: Math.round(spread(runs.map((r) => r.iops)).median),
-        baseline_iops: Math.round(spread(baselines).median), ratio,
-        lat_us: lat({ lat_us: { p50: spread(runs.map((r) => r.latUs.p50)).median, p99: spread(runs.map((r) => r.latUs.p99)).median } }),
+        config: c.config, zero_copy: !c.bounce, iops: Math.round(median(runs.map((r) => r.iops))),
+        baseline_iops: Math.round(median(baselines)), ratio,
+        lat_us: lat({ lat_us: { p50: median(runs.map((r) => r.latUs.p50)), p99: median(runs.map((r) => r.latUs.p99)) } }),
         cpu_us_per_io: round(ios ? cpuUs / ios : 0),
       });
       log(`loopback ${c.config}${c.bounce ? ', bounce' : ''}: ${rows[rows.length - 1].iops} IOPS, ratio ${ratio} (median of ${o.rounds} rounds)`);
@@ -343,11 +343,14 @@ async function versusSection(o: Options, image: string, dir: string): Promise<Ve
   return rows;
 }
 
-function spread(values: readonly number[]): Spread {
+function median(values: readonly number[]): number {
   const sorted = [...values].sort((a, b) => a - b);
   const mid = sorted.length >> 1;
-  const median = sorted.length % 2 ? sorted[mid] : (sorted[mid - 1] + sorted[mid]) / 2;
-  return { median: round(median, 3), min: round(sorted[0], 3), max: round(sorted[sorted.length - 1], 3) };
+  return sorted.length % 2 ? sorted[mid] : (sorted[mid - 1] + sorted[mid]) / 2;
+}
+
+function spread(values: readonly number[]): Spread {
+  return { median: round(median(values), 3), min: round(Math.min(...values), 3), max: round(Math.max(...values), 3) };
 }
 
 /** Per-round ratios of every backend to {@link VERSUS_BASE}. */

@@ -187,10 +187,7 @@ export class SplitDriverQueue<T> {
         const s = inp[k - nOut];
         writeDesc(t32, t16, k, s.addr, s.len, k === count - 1 ? VIRTQ_DESC_F.WRITE : VIRTQ_DESC_F.WRITE | VIRTQ_DESC_F.NEXT, k === count - 1 ? 0 : k + 1);
       }
-      this.freeHead = this.nextFree[head];
-      writeDesc(descU32, descU16, head, this.indirectBase + head * this.indirectEntries * VIRTQ_DESC_SIZE,
-        count * VIRTQ_DESC_SIZE, VIRTQ_DESC_F.INDIRECT, 0);
-      this.chainDescs[head] = 1;
+      this.pointAtTable(head, count);
     } else {
       let i = head;
       for (let k = 0; k < count; k++) {
@@ -205,6 +202,14 @@ export class SplitDriverQueue<T> {
     }
     this.bookChain(head, token, writableBytes);
     return true;
+  }
+
+  /** Makes descriptor `head` the whole chain: its indirect table, `count` entries written. */
+  private pointAtTable(head: number, count: number): void {
+    this.freeHead = this.nextFree[head];
+    writeDesc(this.v.descU32, this.v.descU16, head, this.indirectBase + head * this.indirectEntries * VIRTQ_DESC_SIZE,
+      count * VIRTQ_DESC_SIZE, VIRTQ_DESC_F.INDIRECT, 0);
+    this.chainDescs[head] = 1;
   }
 
   /** Books the chain at `head` (its descriptors written) as in flight and puts it in the avail ring. */
@@ -236,10 +241,7 @@ export class SplitDriverQueue<T> {
       writeDesc(u32, u16, 0, headAddr, headLen, VIRTQ_DESC_F.NEXT, 1);
       if (count === 3) writeDesc(u32, u16, 1, dataAddr, dataLen, dataFlags, 2);
       writeDesc(u32, u16, count - 1, tailAddr, tailLen, VIRTQ_DESC_F.WRITE, 0);
-      this.freeHead = this.nextFree[head];
-      writeDesc(this.v.descU32, this.v.descU16, head, this.indirectBase + head * this.indirectEntries * VIRTQ_DESC_SIZE,
-        count * VIRTQ_DESC_SIZE, VIRTQ_DESC_F.INDIRECT, 0);
-      this.chainDescs[head] = 1;
+      this.pointAtTable(head, count);
     } else {
       const { descU32, descU16 } = this.v;
       let last = this.nextFree[head];
