@@ -4,7 +4,7 @@
  * and are kept on per-size free lists when released, so the hot path reuses a warm block
  * and a view taken once instead of allocating and translating per request.
  */
-import type { DmaAllocator } from '../memory/dma-allocator.js';
+import { powerOfTwo, type DmaAllocator } from '../memory/dma-allocator.js';
 import type { GuestMemory } from '../memory/guest-memory.js';
 import { RequestError } from './driver-errors.js';
 
@@ -36,17 +36,17 @@ export class BouncePool {
     const order = orderOf(length);
     const list = this.free[order];
     if (list !== undefined && list.length > 0) {
-      this.cachedBytes -= 2 ** order;
+      this.cachedBytes -= powerOfTwo(order);
       return list.pop() as DmaBlock;
     }
-    let addr = this.dma.alloc(2 ** order);
+    let addr = this.dma.alloc(powerOfTwo(order));
     if (addr < 0 && this.cachedBytes > 0) {
       // Cached blocks of other sizes may be what stands in the way: give them back.
       this.drain();
-      addr = this.dma.alloc(2 ** order);
+      addr = this.dma.alloc(powerOfTwo(order));
     }
     if (addr < 0) return null;
-    return { addr, bytes: viewOf(this.memory, this.dma, addr, 2 ** order) };
+    return { addr, bytes: viewOf(this.memory, this.dma, addr, powerOfTwo(order)) };
   }
 
   /** Returns a block from {@link get}, caching it while the cache has room. */

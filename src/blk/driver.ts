@@ -32,6 +32,7 @@ import { copyFromBuffers, copyToBuffers } from '../virtqueue/chain.js';
 import { DriverQueueError, type Segment, type SplitDriverQueue } from '../virtqueue/split-driver.js';
 import { isAligned } from './align.js';
 import { decodeBlkConfig, BlkConfigError, type BlkConfig, type BlkGeometry } from './config.js';
+import { powerOfTwo } from '../memory/dma-allocator.js';
 import { BouncePool, viewOf, type DmaBlock } from './driver-dma.js';
 import {
   IoError, NotSupportedError, ProbeError, QueueBrokenError, ReadOnlyError, RequestError, TimeoutError, statusToError,
@@ -1587,7 +1588,7 @@ function isPowerOfTwo(n: number): boolean {
 }
 
 function floorPowerOfTwo(n: number): number {
-  return n >= 1 ? 2 ** Math.floor(Math.log2(n)) : 0;
+  return n >= 1 ? powerOfTwo(Math.floor(Math.log2(n)) | 0) : 0;
 }
 
 function checkOptions(o: BlkDriverOptions): void {

@@ -93,6 +93,8 @@ function u32(b: Uint8Array, at: number): number {
 /** Little-endian u64 at `at`, or {@link SECTOR_UNREPRESENTABLE} above 2^53 - 1. */
 function u64(b: Uint8Array, at: number): number {
   const hi = u32(b, at + 4);
+  // Below 2^32 as read: the sum would be a heap number even for 0 + lo (see getU64).
+  if (hi === 0) return u32(b, at);
   return hi >= U64_SAFE_HI ? SECTOR_UNREPRESENTABLE : hi * TWO_POW_32 + u32(b, at);
 }
 

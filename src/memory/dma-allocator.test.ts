@@ -1,7 +1,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
-import { DmaAllocator } from './dma-allocator.js';
+import { DmaAllocator, powerOfTwo } from './dma-allocator.js';
 import { UsageError } from '../errors.js';
 
 test('blocks are naturally aligned, disjoint and inside the arena', () => {
@@ -41,4 +41,21 @@ test('exhaustion returns -1 and double free is a usage error', () => {
   assert.equal(a.alloc(8192), -1);
   a.release(xs[0]);
   assert.throws(() => a.release(xs[0]), (e) => e instanceof UsageError && e.code === 'NOT_ALLOCATED');
+});
+
+test('powerOfTwo is exact on both sides of the 32-bit boundary', () => {
+  for (let order = 0; order <= 52; order++) assert.equal(powerOfTwo(order), 2 ** order, `order ${order}`);
+});
+
+test('an arena above 4 GiB hands out blocks past 2^32', () => {
+  const a = new DmaAllocator(2 ** 33, 2 ** 33, 2 ** 31);
+  const first = a.alloc(2 ** 32);
+  const second = a.alloc(2 ** 32);
+  assert.deepEqual([first, second].sort((x, y) => x - y), [2 ** 33, 2 ** 33 + 2 ** 32]);
+  assert.equal(a.blockSize(first), 2 ** 32);
+  assert.equal(a.alloc(1), -1);
+  a.release(first);
+  a.release(second);
+  assert.equal(a.available, 2 ** 33);
+  assert.equal(a.alloc(2 ** 33), 2 ** 33);
 });

@@ -6,6 +6,21 @@
  */
 import { UsageError } from '../errors.js';
 
+/**
+ * 2^order as a small integer whenever it is one. `2 ** n` yields a heap number even for
+ * 256, and every address and size computed from it stays one: the driver's per-request
+ * fields then hold boxed doubles, one more object to load each, and its arithmetic runs
+ * in floating point (measured on the loopback: see the commit that brought this in).
+ */
+export function powerOfTwo(order: number): number {
+  return order < 31 ? 1 << order : 2 ** order;
+}
+
+/** log2 of a power of two `n`, as a small integer. */
+function log2Exact(n: number): number {
+  return Math.round(Math.log2(n)) | 0;
+}
+
 export class DmaAllocator {
   private readonly minOrder: number;
   private readonly maxOrder: number;
@@ -22,8 +37,8 @@ export class DmaAllocator {
     if (!isPowerOfTwo(size) || !isPowerOfTwo(minBlock) || minBlock > size) {
       throw new UsageError('BAD_ARENA', `DMA arena size ${size} and block ${minBlock} must be powers of two, block <= size`);
     }
-    this.minOrder = Math.log2(minBlock);
-    this.maxOrder = Math.log2(size);
+    this.minOrder = log2Exact(minBlock);
+    this.maxOrder = log2Exact(size);
     for (let o = 0; o <= this.maxOrder; o++) this.free.push(new Set());
     this.free[this.maxOrder].add(0);
     this.freeBytes = size;
@@ -36,7 +51,7 @@ export class DmaAllocator {
 
   /** Guest address of a new block of at least `length` bytes, or -1 when none is free. */
   alloc(length: number): number {
-    const order = Math.max(this.minOrder, Math.ceil(Math.log2(Math.max(1, length))));
+    const order = Math.max(this.minOrder, Math.ceil(Math.log2(Math.max(1, length))) | 0);
     if (order > this.maxOrder) return -1;
     let o = order;
     while (o <= this.maxOrder && this.free[o].size === 0) o++;
@@ -45,10 +60,10 @@ export class DmaAllocator {
     this.free[o].delete(offset);
     while (o > order) {
       o--;
-      this.free[o].add(offset + 2 ** o);
+      this.free[o].add(offset + powerOfTwo(o));
     }
     this.allocated.set(offset, order);
-    this.freeBytes -= 2 ** order;
+    this.freeBytes -= powerOfTwo(order);
     return this.base + offset;
   }
 
@@ -56,7 +71,7 @@ export class DmaAllocator {
   blockSize(addr: number): number {
     const order = this.allocated.get(addr - this.base);
     if (order === undefined) throw new UsageError('NOT_ALLOCATED', `0x${addr.toString(16)} is not an allocated DMA block`);
-    return 2 ** order;
+    return powerOfTwo(order);
   }
 
   /** Returns a block from {@link alloc}. Freeing anything else is a usage error. */
@@ -65,10 +80,10 @@ export class DmaAllocator {
     let order = this.allocated.get(offset);
     if (order === undefined) throw new UsageError('NOT_ALLOCATED', `0x${addr.toString(16)} is not an allocated DMA block`);
     this.allocated.delete(offset);
-    this.freeBytes += 2 ** order;
+    this.freeBytes += powerOfTwo(order);
     while (order < this.maxOrder) {
       // Arithmetic, not `^`: bitwise operators truncate to 32 bits and arenas may be larger.
-      const block = 2 ** order;
+      const block = powerOfTwo(order);
       const buddy = Math.floor(offset / block) % 2 === 0 ? offset + block : offset - block;
       if (!this.free[order].delete(buddy)) break;
       offset = Math.min(offset, buddy);
@@ -79,5 +94,5 @@ export class DmaAllocator {
 }
 
 function isPowerOfTwo(n: number): boolean {
-  return Number.isSafeInteger(n) && n > 0 && 2 ** Math.round(Math.log2(n)) === n;
+  return Number.isSafeInteger(n) && n > 0 && powerOfTwo(log2Exact(n)) === n;
 }
