@@ -164,3 +164,19 @@ test('coalesced notifications: requests a device finished are reaped while it ho
     await r.close();
   }
 });
+
+test("another driver's DMA buffer is an ordinary buffer here: copied, and not this driver's to free", async () => {
+  const a = await rig({ size: 1 << 20 });
+  const b = await rig({ size: 1 << 20 });
+  try {
+    const foreign = a.driver.allocBuffer(4096);
+    await b.driver.write(8, [pattern(4096, 3)]);
+    await b.driver.read(8, [foreign]);
+    assert.deepEqual(foreign, pattern(4096, 3));
+    assert.throws(() => b.driver.freeBuffer(foreign), { code: 'NOT_A_DMA_BUFFER' });
+    a.driver.freeBuffer(foreign);
+  } finally {
+    await a.close();
+    await b.close();
+  }
+});
