@@ -63,8 +63,8 @@ export class SplitDeviceQueue {
    * request −6% with a null backend). A range that differs in any way is looked up and
    * checked afresh, so a guest changing descriptors only misses.
    */
-  private readonly seenAddr: Float64Array;
-  private readonly seenLen: Float64Array;
+  /** Per descriptor index i: the address at 2i, the length at 2i + 1 (one line holds both). */
+  private readonly seenRange: Float64Array;
   private readonly seenView: (Uint8Array | null)[];
 
   private constructor(private readonly memory: GuestMemory, config: SplitQueueConfig, views: RingViews) {
@@ -74,8 +74,7 @@ export class SplitDeviceQueue {
     this.indirect = config.indirect;
     this.v = views;
     this.ordered = views.ordered;
-    this.seenAddr = new Float64Array(config.size).fill(-1);
-    this.seenLen = new Float64Array(config.size);
+    this.seenRange = new Float64Array(2 * config.size).fill(-1);
     this.seenView = new Array<Uint8Array | null>(config.size).fill(null);
     this.usedEventAt = RING + config.size;
     this.availEventAt = RING + 4 * config.size;
@@ -205,14 +204,15 @@ export class SplitDeviceQueue {
         return new ChainError('READABLE_AFTER_WRITABLE', `descriptor ${i} is device-readable but follows a device-writable one`, head);
       }
       if (hi >= 0x20_0000) return outOfBounds(head, i, addr, len);
-      if (this.seenAddr[i] === addr && this.seenLen[i] === len) {
+      const seen = this.seenRange;
+      if (seen[2 * i] === addr && seen[2 * i + 1] === len) {
         target.push(this.seenView[i] as Uint8Array);
       } else {
         const before = target.length;
         if (!this.memory.gather(addr, len, target)) return outOfBounds(head, i, addr, len);
         const one = target.length === before + 1;
-        this.seenAddr[i] = one ? addr : -1;
-        this.seenLen[i] = len;
+        seen[2 * i] = one ? addr : -1;
+        seen[2 * i + 1] = len;
         this.seenView[i] = one ? target[before] : null;
       }
       if (flags & VIRTQ_DESC_F.WRITE) writableBytes += len;
