@@ -3,6 +3,7 @@
 // into cannot be freed) and coalesced used-buffer notifications.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import { inspect } from 'node:util';
 import { VIRTIO_BLK_S } from '../src/spec/virtio-blk.js';
 import { VIRTIO_F, features } from '../src/spec/virtio.js';
 import { ScriptedDevice, pattern, rig, scriptedRig } from './blk-driver-harness.js';
@@ -173,6 +174,9 @@ test("another driver's DMA buffer is an ordinary buffer here: copied, and not th
     await b.driver.write(8, [pattern(4096, 3)]);
     await b.driver.read(8, [foreign]);
     assert.deepEqual(foreign, pattern(4096, 3));
+    // What marks a DMA buffer stays out of sight: not printed, not copied by a spread.
+    assert.ok(!inspect(foreign).includes('vblk'), inspect(foreign));
+    assert.equal(Object.getOwnPropertySymbols({ ...foreign }).length, 0);
     assert.throws(() => b.driver.freeBuffer(foreign), { code: 'NOT_A_DMA_BUFFER' });
     a.driver.freeBuffer(foreign);
   } finally {
