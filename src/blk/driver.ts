@@ -30,9 +30,9 @@ import { isValidQueueSize } from '../spec/split-ring.js';
 import type { DriverQueueBinding, DriverTransport } from '../virtqueue/device.js';
 import { copyFromBuffers, copyToBuffers } from '../virtqueue/chain.js';
 import { DriverQueueError, type Segment, type SplitDriverQueue } from '../virtqueue/split-driver.js';
+import { powerOfTwo } from '../memory/dma-allocator.js';
 import { isAligned } from './align.js';
 import { decodeBlkConfig, BlkConfigError, type BlkConfig, type BlkGeometry } from './config.js';
-import { powerOfTwo } from '../memory/dma-allocator.js';
 import { BouncePool, viewOf, type DmaBlock } from './driver-dma.js';
 import {
   IoError, NotSupportedError, ProbeError, QueueBrokenError, ReadOnlyError, RequestError, TimeoutError, statusToError,
@@ -399,7 +399,6 @@ export class BlkDriver {
   private readonly resizeListeners: ((e: ResizeEvent) => void)[] = [];
   private removal: Promise<void> | null = null;
   private freezing: Promise<void> | null = null;
-  /** Buffers handed out by {@link allocBuffer}, by their view (the only key a caller can present). */
   /** Completed one-chain requests, reused by the next reads and writes (at most SPARE_REQS). */
   private readonly spareReqs: Req[] = [];
 

@@ -10,7 +10,7 @@ import { UsageError } from '../errors.js';
  * 2^order as a small integer whenever it is one. `2 ** n` yields a heap number even for
  * 256, and every address and size computed from it stays one: the driver's per-request
  * fields then hold boxed doubles, one more object to load each, and its arithmetic runs
- * in floating point (measured on the loopback: see the commit that brought this in).
+ * in floating point (loopback CPU per request: −6% without the copies, −3% with them).
  */
 export function powerOfTwo(order: number): number {
   return order < 31 ? 1 << order : 2 ** order;
