@@ -765,7 +765,7 @@ export class BlkDriver {
   private launch(root: Req): void {
     const total = root.opBytes;
     const max = this.maxChainBytes;
-    this.track(root, root.sector, total);
+    this.track(root, root.sector);
     // Most requests are one chain (`remaining` starts at 1): no division for them.
     if (total > max) root.remaining = Math.ceil(total / max);
     this.enqueue(root);
@@ -785,7 +785,8 @@ export class BlkDriver {
     if (typeof queue !== 'number') return Promise.reject(queue);
     const root = new Req().init(null, type, 0, buffers, 0, length, null, isWritable, queue);
     const promise = this.promiseOf(root);
-    this.track(root, 0, length);
+    root.opBytes = length;
+    this.track(root, 0);
     this.enqueue(root);
     return promise;
   }
@@ -829,7 +830,8 @@ export class BlkDriver {
     const chain = (root: Req | null, payload: Uint8Array): Req => new Req().init(root, type, 0, null, 0, payload.length, payload, false, queue);
     const root = chain(null, payloads[0]);
     const promise = this.promiseOf(root);
-    this.track(root, ranges[0].sector, total);
+    root.opBytes = total;
+    this.track(root, ranges[0].sector);
     root.remaining = payloads.length;
     this.enqueue(root);
     for (let i = 1; i < payloads.length; i++) this.enqueue(chain(root, payloads[i]));
@@ -883,12 +885,11 @@ export class BlkDriver {
   }
 
   /**
-   * Counts request `op` (a root) as live and notes what it is for messages; arms the
-   * timeout sweep when requests can time out.
+   * Counts request `op` (a root, its `opBytes` already set) as live and notes its first
+   * sector for messages; arms the timeout sweep when requests can time out.
    */
-  private track(op: Req, sector: number, bytes: number): void {
+  private track(op: Req, sector: number): void {
     op.opSector = sector;
-    op.opBytes = bytes;
     this.liveOps++;
     if (this.timeoutMs > 0) {
       op.sweep = this.sweeps;
