@@ -58,6 +58,8 @@ export interface BlkDeviceOptions {
   readonly readOnly?: boolean;
   /** Cache mode after reset (the `writeback` field). Default `writeback`. */
   readonly cache?: 'writeback' | 'writethrough';
+  /** Called whenever the `writeback` field changes (a driver's choice, a reset, an assumption), for logs. */
+  readonly onWritebackChange?: (writeback: 0 | 1) => void;
   /** Discard limits, or false not to offer discard. */
   readonly discard?: false | BlkRangeLimits;
   /** Write-zeroes limits, or false not to offer write-zeroes. */
@@ -593,7 +595,8 @@ export class BlkDevice implements VirtioDevice {
   private readonly engine: Engine;
   private readonly config: Uint8Array;
   private readonly configView: DataView;
-  private readonly initialWriteback: number;
+  private readonly initialWriteback: 0 | 1;
+  private readonly onWritebackChange: ((writeback: 0 | 1) => void) | null;
   private readonly runners: (QueueRunner | null)[];
   private host: DeviceHost = NO_HOST;
   private driverFeatures = 0n;
@@ -642,6 +645,7 @@ export class BlkDevice implements VirtioDevice {
     const writeZeroesLimits = rangeLimits('writeZeroes', options.writeZeroes, sectorsPerBlock);
     const secureEraseLimits = rangeLimits('secureErase', options.secureErase, sectorsPerBlock);
     this.initialWriteback = (options.cache ?? 'writeback') === 'writeback' ? 1 : 0;
+    this.onWritebackChange = options.onWritebackChange ?? null;
     this.engine = new Engine(backend, this.blockSize, this.readOnly, flush, encodeSerial(options.serial ?? ''),
       discardLimits, writeZeroesLimits, secureEraseLimits, options.onBackendError ?? null);
 
@@ -725,8 +729,24 @@ export class BlkDevice implements VirtioDevice {
     if (at < 0 || at >= data.length) return;
     const value = data[at];
     if (value !== 0 && value !== 1) return;
+    this.setWriteback(value);
+  }
+
+  /**
+   * The driver's copy of the config space is unknown (a vhost-user backend restarted
+   * under a running guest, with nothing recorded): take writethrough, the one mode in
+   * which no acknowledged write can be lost whatever the driver believes. A driver that
+   * believes writeback still flushes; one that switches modes tells us.
+   */
+  assumeCautiousConfig(): void {
+    this.setWriteback(0);
+  }
+
+  private setWriteback(value: 0 | 1): void {
+    const changed = this.config[CFG.writeback.offset] !== value;
     this.config[CFG.writeback.offset] = value;
     this.updateCacheMode();
+    if (changed) this.onWritebackChange?.(value);
   }
 
   setDriverFeatures(accepted: bigint): void {
@@ -734,12 +754,16 @@ export class BlkDevice implements VirtioDevice {
     this.driverFeatures = f;
     // 5.2.5.2: "If VIRTIO_BLK_F_CONFIG_WCE is negotiated but VIRTIO_BLK_F_FLUSH is not,
     // the device MUST initialize writeback to 0."
+    // Otherwise writeback keeps what reset or the driver set: a vhost-user frontend
+    // renegotiates features at every driver start but keeps its own copy of the config
+    // space across guest resets and never reads it again (QEMU 7.2, VHOST-USER-NOTES.md),
+    // so a guest that chose writethrough before a reboot still believes it after.
     const wceWithoutFlush = hasFeature(f, VIRTIO_BLK_F.CONFIG_WCE) && !hasFeature(f, VIRTIO_BLK_F.FLUSH);
-    this.config[CFG.writeback.offset] = wceWithoutFlush ? 0 : this.initialWriteback;
     this.engine.discardOn = hasFeature(f, VIRTIO_BLK_F.DISCARD);
     this.engine.writeZeroesOn = hasFeature(f, VIRTIO_BLK_F.WRITE_ZEROES);
     this.engine.secureEraseOn = hasFeature(f, VIRTIO_BLK_F.SECURE_ERASE);
-    this.updateCacheMode();
+    if (wceWithoutFlush) this.setWriteback(0);
+    else this.updateCacheMode();
   }
 
   /**
@@ -779,6 +803,7 @@ export class BlkDevice implements VirtioDevice {
   async reset(): Promise<void> {
     await Promise.all(this.runners.map((r, i) => (r ? this.stopQueue(i) : 0)));
     this.setDriverFeatures(0n);
+    this.setWriteback(this.initialWriteback);
   }
 
   /**

@@ -59,6 +59,7 @@ export const command = defineCommand({
       readOnly: options['read-only'],
       cache: options.cache,
       onBackendError: (e) => log(`I/O error: ${e instanceof Error ? e.message : String(e)}`),
+      onWritebackChange: (wb) => log(`cache mode: ${wb ? 'write-back' : 'write-through'}`),
     });
     let server: VhostUserServer;
     try {

@@ -33,6 +33,12 @@ export interface VirtioDevice {
   readConfig(offset: number, length: number): Uint8Array;
   /** A driver write into config space (guest input: validated, never throws). */
   writeConfig(offset: number, data: Uint8Array): void;
+  /**
+   * The driver's copy of the config space is unknown (a transport whose frontend caches
+   * it, with a backend restarted under a running driver): set every driver-writable
+   * field to the value safest for the driver's data. Devices without such fields omit it.
+   */
+  assumeCautiousConfig?(): void;
   /** Features the driver accepted; a subset of `deviceFeatures`. Called before queues start. */
   setDriverFeatures(features: bigint): void;
   /**

@@ -11,13 +11,14 @@
 import { VblkError } from '../../errors.js';
 import { GuestMemory, type MemoryRegion } from '../../memory/guest-memory.js';
 import { VIRTIO_F, features as featureSet, hasFeature } from '../../spec/virtio.js';
-import { VHOST_USER_F_PROTOCOL_FEATURES, VHOST_USER_PROTOCOL_F } from '../../spec/vhost-user.js';
+import { VHOST_USER_F_PROTOCOL_FEATURES, VHOST_USER_MAX_CONFIG_SIZE, VHOST_USER_PROTOCOL_F } from '../../spec/vhost-user.js';
 import type { ChainError } from '../../virtqueue/chain.js';
 import type { DeviceHost, VirtioDevice } from '../../virtqueue/device.js';
 import { QueueSetupError } from '../../virtqueue/ring-views.js';
 import { inflightQueueBytes } from '../../virtqueue/inflight.js';
 import { SplitDeviceQueue } from '../../virtqueue/split-device.js';
 import { encodeBackendRequest, getConfigReply } from './codec.js';
+import { CONFIG_RECORD_BYTES, readConfigRecord, writeConfigRecord } from './config-record.js';
 import {
   requestFds,
   type BackendReply, type EncodedMessage, type FrontendRequest, type FrontendRequestOf, type MappedMemoryRegion,
@@ -87,7 +88,10 @@ export const BACKEND_PROTOCOL_FEATURES = featureSet(
   VHOST_USER_PROTOCOL_F.INFLIGHT_SHMFD,
 );
 
-/** The inflight buffer shared with the frontend: one log per queue, `perQueue` bytes apart. */
+/**
+ * The inflight buffer shared with the frontend: one log per queue, `perQueue` bytes apart,
+ * then the config record (config-record.ts) when the buffer has room for it.
+ */
 interface InflightBuffer {
   readonly mapping: RegionMapping;
   readonly numQueues: number;
@@ -125,6 +129,12 @@ export class VhostUserBackendSession implements DeviceHost {
   private protocol = 0n;
   private backendChannel: number | null = null;
   private inflight: InflightBuffer | null = null;
+  /**
+   * The config space as the frontend holds it (QEMU keeps a copy and never reads ours
+   * again: config-record.ts), or null while unknown. Replayed into the device whenever a
+   * ring starts, so the guest gets the settings it believes it chose.
+   */
+  private frontendConfig: Uint8Array | null = null;
   private closed = false;
 
   constructor(
@@ -247,7 +257,7 @@ export class VhostUserBackendSession implements DeviceHost {
         return this.getConfig(req);
       case 'SET_CONFIG':
         this.requireProtocol(VHOST_USER_PROTOCOL_F.CONFIG, 'SET_CONFIG');
-        this.device.writeConfig(req.offset, req.data);
+        this.setConfig(req.offset, req.data);
         return null;
       default:
         for (const fd of requestFds(req)) this.io.closeFd(fd);
@@ -278,7 +288,56 @@ export class VhostUserBackendSession implements DeviceHost {
 
   private getConfig(req: FrontendRequestOf<'GET_CONFIG'>): BackendReply {
     this.requireProtocol(VHOST_USER_PROTOCOL_F.CONFIG, 'GET_CONFIG');
-    return getConfigReply(req, this.device.readConfig(0, req.offset + req.size));
+    const reply = getConfigReply(req, this.device.readConfig(0, req.offset + req.size));
+    // A frontend's first read is the copy it keeps; QEMU takes only the capacity from
+    // later ones (a resize), so they change nothing it believes of the writable fields.
+    if (this.frontendConfig === null) {
+      this.frontendConfig = this.device.readConfig(0, VHOST_USER_MAX_CONFIG_SIZE);
+      this.recordConfig();
+    }
+    return reply;
+  }
+
+  /** SET_CONFIG: the device takes what it accepts; the frontend's copy takes the bytes as written. */
+  private setConfig(offset: number, data: Uint8Array): void {
+    this.device.writeConfig(offset, data);
+    const view = this.frontendConfig ?? this.device.readConfig(0, VHOST_USER_MAX_CONFIG_SIZE);
+    // The codec bounds offset + size by VHOST_USER_MAX_CONFIG_SIZE.
+    view.set(data.subarray(0, Math.max(0, view.length - offset)), offset);
+    this.frontendConfig = view;
+    this.recordConfig();
+  }
+
+  /**
+   * Before a ring serves requests: the device's writable config as the frontend believes
+   * it. Unknown (a backend restarted under a running driver, with nothing recorded), the
+   * device takes its cautious settings, and the frontend's copy is taken to be those.
+   */
+  private applyFrontendConfig(): void {
+    // Without the CONFIG protocol feature a frontend has no copy: the device's own stands.
+    if (!this.hasProtocol(VHOST_USER_PROTOCOL_F.CONFIG)) return;
+    if (this.frontendConfig !== null) {
+      this.device.writeConfig(0, this.frontendConfig);
+      return;
+    }
+    this.io.log('the frontend\'s copy of the config space is unknown (no GET_CONFIG on this connection, none recorded in the inflight buffer): assuming the cautious settings');
+    this.device.assumeCautiousConfig?.();
+    this.frontendConfig = this.device.readConfig(0, VHOST_USER_MAX_CONFIG_SIZE);
+    this.recordConfig();
+  }
+
+  /** Where the config record lives in the inflight buffer, or null when it has no room for one. */
+  private configRecordArea(): Uint8Array | null {
+    const b = this.inflight;
+    if (!b) return null;
+    const at = b.perQueue * b.numQueues;
+    const chunk = b.mapping.chunks[0];
+    return at + CONFIG_RECORD_BYTES <= chunk.length ? chunk.subarray(at, at + CONFIG_RECORD_BYTES) : null;
+  }
+
+  private recordConfig(): void {
+    const area = this.configRecordArea();
+    if (area && this.frontendConfig) writeConfigRecord(area, this.frontendConfig);
   }
 
   private checkInflightShape(numQueues: number, queueSize: number): number {
@@ -294,9 +353,11 @@ export class VhostUserBackendSession implements DeviceHost {
     this.requireProtocol(VHOST_USER_PROTOCOL_F.INFLIGHT_SHMFD, 'GET_INFLIGHT_FD');
     const perQueue = this.checkInflightShape(numQueues, queueSize);
     this.requireRingsStopped();
-    const { fd, mapping } = this.io.createSharedMemory(perQueue * numQueues);
+    const mmapSize = perQueue * numQueues + CONFIG_RECORD_BYTES;
+    const { fd, mapping } = this.io.createSharedMemory(mmapSize);
     this.replaceInflight({ mapping, numQueues, queueSize, perQueue });
-    return { request: 'GET_INFLIGHT_FD', fd, mmapSize: perQueue * numQueues, mmapOffset: 0, numQueues, queueSize };
+    this.recordConfig();
+    return { request: 'GET_INFLIGHT_FD', fd, mmapSize, mmapOffset: 0, numQueues, queueSize };
   }
 
   /** SET_INFLIGHT_FD: the buffer to log in, possibly left by a backend that died. */
@@ -310,6 +371,7 @@ export class VhostUserBackendSession implements DeviceHost {
       this.requireRingsStopped();
       const mapping = this.io.mapRegion(req.fd, req.mmapSize, req.mmapOffset);
       this.replaceInflight({ mapping, numQueues: req.numQueues, queueSize: req.queueSize, perQueue });
+      this.restoreConfig();
     } catch (e) {
       if (e instanceof BackendSessionError) throw e;
       throw new BackendSessionError('BAD_RING', `cannot map the inflight buffer: ${e instanceof Error ? e.message : String(e)}`);
@@ -324,6 +386,19 @@ export class VhostUserBackendSession implements DeviceHost {
    */
   private requireRingsStopped(): void {
     if (this.vrings.some((v) => v.queue)) throw new BackendSessionError('RING_BUSY', 'the inflight buffer cannot change while rings run');
+  }
+
+  /** A buffer handed over may carry what a previous backend recorded; else it gets our record. */
+  private restoreConfig(): void {
+    const area = this.configRecordArea();
+    const recorded = area && readConfigRecord(area);
+    if (!recorded) {
+      this.recordConfig();
+      return;
+    }
+    const view = new Uint8Array(VHOST_USER_MAX_CONFIG_SIZE);
+    view.set(recorded);
+    this.frontendConfig = view;
   }
 
   private replaceInflight(next: InflightBuffer | null): void {
@@ -432,6 +507,7 @@ export class VhostUserBackendSession implements DeviceHost {
       if (r.resubmit.length) this.io.log(`ring ${index}: resubmitting ${r.resubmit.length} requests a previous backend left in flight`);
     }
     v.queue = queue;
+    this.applyFrontendConfig();
     this.device.startQueue(index, queue, () => {
       if (v.callFd !== null) this.io.signalEventFd(v.callFd);
     });
