@@ -756,7 +756,7 @@ export class BlkDevice implements VirtioDevice {
     // the device MUST initialize writeback to 0."
     // Otherwise writeback keeps what reset or the driver set: a vhost-user frontend
     // renegotiates features at every driver start but keeps its own copy of the config
-    // space across guest resets and never reads it again (QEMU 7.2, VHOST-USER-NOTES.md),
+    // space across guest resets and never reads it again (QEMU 7.2: config-record.ts),
     // so a guest that chose writethrough before a reboot still believes it after.
     const wceWithoutFlush = hasFeature(f, VIRTIO_BLK_F.CONFIG_WCE) && !hasFeature(f, VIRTIO_BLK_F.FLUSH);
     this.engine.discardOn = hasFeature(f, VIRTIO_BLK_F.DISCARD);
