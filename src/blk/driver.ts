@@ -21,8 +21,8 @@
  */
 import { UsageError } from '../errors.js';
 import {
-  VIRTIO_BLK_CONFIG, VIRTIO_BLK_CONFIG_SIZE, VIRTIO_BLK_DWZ_SEGMENT, VIRTIO_BLK_F, VIRTIO_BLK_F_NAMES, VIRTIO_BLK_ID_BYTES,
-  VIRTIO_BLK_REQ_HEADER, VIRTIO_BLK_S, VIRTIO_BLK_SECTOR_SIZE, VIRTIO_BLK_T, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+  VIRTIO_BLK_CONFIG, VIRTIO_BLK_DWZ_SEGMENT, VIRTIO_BLK_F, VIRTIO_BLK_F_NAMES, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_REQ_HEADER,
+  VIRTIO_BLK_S, VIRTIO_BLK_SECTOR_SIZE, VIRTIO_BLK_T, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP, virtioBlkConfigSize,
 } from '../spec/virtio-blk.js';
 import { VIRTIO_CONFIG_S, VIRTIO_F, features, hasFeature } from '../spec/virtio.js';
 import { setU64 } from '../spec/u64.js';
@@ -1420,7 +1420,7 @@ export class BlkDriver {
       if (((await t.getStatus()) & S.FEATURES_OK) === 0) {
         throw new ProbeError('FEATURES_NOT_ACCEPTED', `${this.name}: the device did not accept features 0x${negotiated.toString(16)}`);
       }
-      const config = decodeBlkConfig(await t.readConfig(0, VIRTIO_BLK_CONFIG_SIZE));
+      const config = decodeBlkConfig(await this.readConfigFor(negotiated));
       if (config instanceof BlkConfigError) throw new ProbeError('BAD_CONFIG', `${this.name}: ${config.message}`, { cause: config });
       this.applyConfig(negotiated, config);
       await this.setupQueues();
@@ -1430,6 +1430,25 @@ export class BlkDriver {
         : new ProbeError('TRANSPORT', `${this.name}: bringing up the device failed: ${(e as Error).message}`, { cause: e });
       await this.failDevice();
       throw err;
+    }
+  }
+
+  /**
+   * The config space the negotiated features define (5.2.4). A device that will not give
+   * it all fails the probe: zeroes in place of the secure-erase limits would read as "any
+   * size, one segment" and send requests the device refuses; QEMU too gives up on a
+   * vhost-user-blk backend whose GET_CONFIG fails.
+   */
+  private async readConfigFor(negotiated: bigint): Promise<Uint8Array> {
+    const size = virtioBlkConfigSize(negotiated);
+    try {
+      return await this.transport.readConfig(0, size);
+    } catch (e) {
+      if ((e as { code?: unknown }).code !== 'CONFIG_REFUSED') throw e;
+      const why = hasFeature(negotiated, VIRTIO_BLK_F.SECURE_ERASE)
+        ? `VIRTIO_BLK_F_SECURE_ERASE's limits are bytes ${VIRTIO_BLK_CONFIG.max_secure_erase_sectors.offset}-${size - 1}` : 'the VIRTIO 1.1 structure';
+      throw new ProbeError('BAD_CONFIG',
+        `${this.name}: the device refused the ${size} bytes of config space the negotiated features need (${why}): ${(e as Error).message}`, { cause: e });
     }
   }
 
@@ -1578,7 +1597,7 @@ export class BlkDriver {
     do {
       this.configDirty = false;
       try {
-        const config = decodeBlkConfig(await this.transport.readConfig(0, VIRTIO_BLK_CONFIG_SIZE));
+        const config = decodeBlkConfig(await this.transport.readConfig(0, virtioBlkConfigSize(this.negotiated)));
         if (!this.configEnabled) break;
         if (config instanceof BlkConfigError) {
           this.logger.warn(this.name, `ignoring config change: ${config.message}`);
