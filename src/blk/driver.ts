@@ -1476,6 +1476,18 @@ export class BlkDriver {
     if (has(VIRTIO_BLK_F.TOPOLOGY) && blockSize * 2 ** config.topology.physicalBlockExp > MAX_PHYSICAL_BLOCK_SIZE) {
       throw bad(`physical_block_exp ${config.topology.physicalBlockExp} makes a physical block above 2^31 bytes`);
     }
+    if (has(VIRTIO_BLK_F.SECURE_ERASE)) {
+      // As Linux's virtblk_probe since it learnt secure erase (the seed predates it): a
+      // zero secure-erase limit fails the probe ("max_secure_erase_sectors can't be 0").
+      // Unlike discard's fields, 0 has no "no limit" reading here, and guessing one sends
+      // the device requests it refuses.
+      const fields = [
+        ['max_secure_erase_sectors', config.maxSecureEraseSectors],
+        ['max_secure_erase_seg', config.maxSecureEraseSeg],
+        ['secure_erase_sector_alignment', config.secureEraseSectorAlignment],
+      ] as const;
+      for (const [name, value] of fields) if (value === 0) throw bad(`${name} is 0 with VIRTIO_BLK_F_SECURE_ERASE negotiated`);
+    }
     this.negotiated = negotiated;
     this.cfg = config;
     this.blockSize = blockSize;
