@@ -34,6 +34,7 @@ import { powerOfTwo } from '../memory/dma-allocator.js';
 import { isAligned } from './align.js';
 import { decodeBlkConfig, BlkConfigError, type BlkConfig, type BlkGeometry } from './config.js';
 import { BouncePool, viewOf, type DmaBlock } from './driver-dma.js';
+import { rangeLimits, splitRange, type RangeLimits } from './range-split.js';
 import {
   IoError, NotSupportedError, ProbeError, QueueBrokenError, ReadOnlyError, RequestError, TimeoutError, statusToError,
 } from './driver-errors.js';
@@ -223,6 +224,9 @@ class Req {
 /** A Req's promise functions until it has a promise (and after it is reused). */
 function settledAlready(): void {}
 
+/** Range limits before the config is read: no range request gets that far. */
+const NO_RANGE_LIMITS: RangeLimits = { maxSectors: 0, maxSegments: 0, granularity: 1 };
+
 /**
  * Completed one-chain requests kept for reuse: more than a busy disk has in flight, so
  * the hot path finds one, and few enough to cost nothing when idle.
@@ -338,14 +342,6 @@ export function newSizeMessage(capacity: number, logicalBlockSize: number): stri
     `(${stringGetSize(bytes, STRING_UNITS.STRING_UNITS_10)}/${stringGetSize(bytes, STRING_UNITS.STRING_UNITS_2)})`;
 }
 
-/** Limits for one kind of range request (discard, write-zeroes, secure erase). */
-interface RangeLimits {
-  /** Sectors per segment (a multiple of the logical block in sectors). */
-  readonly maxSectors: number;
-  /** Segments per request. */
-  readonly maxSegments: number;
-}
-
 /**
  * A virtio-blk disk. Create with {@link BlkDriver.probe}; release with {@link remove}.
  * Sectors are always 512 bytes; offsets and lengths must be multiples of the logical
@@ -367,9 +363,9 @@ export class BlkDriver {
   private isWriteback = false;
   /** VIRTIO_BLK_F_RO, cached: the write path tests it per request (no BigInt there). */
   private isReadOnly = false;
-  private discardLimits: RangeLimits = { maxSectors: 0, maxSegments: 0 };
-  private writeZeroesLimits: RangeLimits = { maxSectors: 0, maxSegments: 0 };
-  private secureEraseLimits: RangeLimits = { maxSectors: 0, maxSegments: 0 };
+  private discardLimits: RangeLimits = NO_RANGE_LIMITS;
+  private writeZeroesLimits: RangeLimits = NO_RANGE_LIMITS;
+  private secureEraseLimits: RangeLimits = NO_RANGE_LIMITS;
   private queues: QueueState[] = [];
   /** Queues the disk has; kept while frozen, when `queues` is empty. */
   private queueCount = 0;
@@ -800,14 +796,14 @@ export class BlkDriver {
     if (!this.has(feature)) {
       return Promise.reject(new NotSupportedError(`${this.name}: ${what} is not supported by the device (${VIRTIO_BLK_F_NAMES[feature] ?? `feature bit ${feature}`} not negotiated)`));
     }
-    // Each range is cut into segments of at most maxSectors, then grouped maxSegments per request.
+    // Each range is cut into segments the device takes (splitRange), then grouped maxSegments per request.
     const segments: number[] = [];
     let total = 0;
     for (const r of ranges) {
       const bad = r.sectors > 0 ? this.checkExtent(what, r.sector, r.sectors * VIRTIO_BLK_SECTOR_SIZE)
         : new RequestError('OUT_OF_RANGE', `${this.name}: ${what} of ${r.sectors} sectors at sector ${r.sector}: not a valid range`);
       if (bad) return Promise.reject(bad);
-      for (let s = 0; s < r.sectors; s += limits.maxSectors) segments.push(r.sector + s, Math.min(limits.maxSectors, r.sectors - s));
+      splitRange(r.sector, r.sectors, limits, segments);
       total += r.sectors * VIRTIO_BLK_SECTOR_SIZE;
     }
     if (segments.length === 0) return Promise.resolve();
@@ -1500,19 +1496,11 @@ export class BlkDriver {
     this.isReadOnly = has(VIRTIO_BLK_F.RO);
   }
 
-  /**
-   * Segment limits from a `max_*_sectors` / `max_*_seg` pair: 0 sectors means no limit but
-   * the u32 field (Linux: UINT_MAX); 0 segments is taken as 1, the safe reading. Sectors
-   * per segment round down to whole logical blocks so split segments stay aligned.
-   */
-  private rangeLimits(maxSectors: number, maxSeg: number): RangeLimits {
-    const sectors = maxSectors > 0 ? maxSectors : U32_MAX;
+  /** A kind of range request's limits from its config fields (see {@link rangeLimits}). */
+  private rangeLimits(maxSectors: number, maxSegments: number, alignment: number): RangeLimits {
     // A range request's segments travel as one chain's data, so the chain limit caps them too.
-    const byChain = Math.floor(this.maxChainBytes / VIRTIO_BLK_DWZ_SEGMENT.size);
-    return {
-      maxSectors: Math.max(this.sectorsPerBlock, sectors - (sectors % this.sectorsPerBlock)),
-      maxSegments: Math.min(Math.max(1, maxSeg), byChain),
-    };
+    const segmentsPerChain = Math.floor(this.maxChainBytes / VIRTIO_BLK_DWZ_SEGMENT.size);
+    return rangeLimits({ maxSectors, maxSegments, alignment, sectorsPerBlock: this.sectorsPerBlock, segmentsPerChain });
   }
 
   private async setupQueues(): Promise<void> {
@@ -1550,9 +1538,12 @@ export class BlkDriver {
     const indirectEntries = isIndirect
       ? Math.min(maxIndirect, Math.ceil(this.maxChainBytes / this.sizeMaxValue) + CHAIN_OVERHEAD_DESCS) : 0;
     const c = this.cfg;
-    this.discardLimits = this.rangeLimits(c.maxDiscardSectors, c.maxDiscardSeg);
-    this.writeZeroesLimits = this.rangeLimits(c.maxWriteZeroesSectors, c.maxWriteZeroesSeg);
-    this.secureEraseLimits = this.rangeLimits(c.maxSecureEraseSectors, c.maxSecureEraseSeg);
+    // Each kind keeps its own limits. Linux merges the discard and secure-erase ones
+    // (the smaller of each) only because its block layer has one set for both.
+    this.discardLimits = this.rangeLimits(c.maxDiscardSectors, c.maxDiscardSeg, c.discardSectorAlignment);
+    // Write-zeroes has no alignment field: whole logical blocks.
+    this.writeZeroesLimits = this.rangeLimits(c.maxWriteZeroesSectors, c.maxWriteZeroesSeg, 0);
+    this.secureEraseLimits = this.rangeLimits(c.maxSecureEraseSectors, c.maxSecureEraseSeg, c.secureEraseSectorAlignment);
     for (let i = 0; i < count; i++) {
       this.queues.push(await this.setupQueue(i, sizes[i], indirectEntries));
     }
