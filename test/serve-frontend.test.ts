@@ -7,7 +7,7 @@ import { join } from 'node:path';
 import { openSocketDriver } from '../src/cli/socket-driver.js';
 import { VIRTIO_BLK_F } from '../src/spec/virtio-blk.js';
 import { pattern } from './support/pattern.js';
-import { scratchDir, startServe } from './e2e/serve-helpers.js';
+import { runCli, scratchDir, startServe } from './e2e/serve-helpers.js';
 
 /** `vblk serve`'s default limit per range segment: just under 2 GiB, in 512-byte sectors. */
 const SERVE_MAX_RANGE_SECTORS = 4194303;
@@ -66,3 +66,18 @@ for (const op of ['secureErase', 'discard'] as const) {
     });
   });
 }
+
+test('vblk info reports the secure-erase limits of vblk serve, in text and --json', async () => {
+  await withServe('info', ['--block-size', '4096'], async (socket) => {
+    const r = await runCli(['info', '--socket', socket, '--json']);
+    assert.equal(r.code, 0, r.stderr);
+    const info = JSON.parse(r.stdout.toString()) as Record<string, unknown>;
+    // Limits in whole 4 KiB blocks, the alignment one block: what the device says.
+    const limits = { max_sectors: SERVE_MAX_RANGE_SECTORS - (SERVE_MAX_RANGE_SECTORS % 8), max_segments: SERVE_MAX_RANGE_SEGMENTS, sector_alignment: 8 };
+    assert.deepEqual(info.secure_erase, limits);
+    assert.deepEqual(info.discard, limits);
+    const text = await runCli(['info', '--socket', socket]);
+    assert.equal(text.code, 0, text.stderr);
+    assert.match(text.stdout.toString(), /^ {2}secure erase: 4194296 sectors × 256 segments, alignment 8$/m);
+  });
+});
