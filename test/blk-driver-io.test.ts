@@ -182,21 +182,50 @@ test('discard ranges are cut at max_discard_sectors and grouped by max_discard_s
     await r.driver.discard([{ sector: 0, sectors: 40 }, { sector: 64, sectors: 8 }]);
     // 40 → 16 + 16 + 8, then 8: four segments, two per request.
     assert.equal(device.seen.length, 2);
-    const segs = device.seen.flatMap((s) => {
-      const d = s.chain.readable.slice(1);
-      const bytes = new Uint8Array(d.reduce((n, v) => n + v.length, 0));
-      let at = 0;
-      for (const v of d) {
-        bytes.set(v, at);
-        at += v.length;
-      }
-      const view = new DataView(bytes.buffer);
-      return Array.from({ length: bytes.length / 16 }, (_, k) => [view.getUint32(k * 16, true), view.getUint32(k * 16 + 8, true)]);
-    });
-    assert.deepEqual(segs, [[0, 16], [16, 16], [32, 8], [64, 8]]);
+    assert.deepEqual(segmentsSeen(device), [[0, 16], [16, 16], [32, 8], [64, 8]]);
     for (const s of device.seen) assert.equal(s.type, VIRTIO_BLK_T.DISCARD);
   } finally {
     await r.close();
+  }
+});
+
+/** [sector, sectors] of every discard / write-zeroes / secure-erase segment the device saw, in order. */
+function segmentsSeen(device: ScriptedDevice): number[][] {
+  return device.seen.flatMap((s) => {
+    const d = s.chain.readable.slice(1);
+    const bytes = new Uint8Array(d.reduce((n, v) => n + v.length, 0));
+    let at = 0;
+    for (const v of d) {
+      bytes.set(v, at);
+      at += v.length;
+    }
+    const view = new DataView(bytes.buffer);
+    return Array.from({ length: bytes.length / 16 }, (_, k) => [view.getUint32(k * 16, true), view.getUint32(k * 16 + 8, true)]);
+  });
+}
+
+// Linux makes the alignment its queue's discard granularity and splits so that every cut
+// falls on a granularity boundary (each piece at most max sectors rounded down to it).
+test('discard and secure-erase ranges are cut on their sector_alignment boundaries', async () => {
+  const cases = [
+    { type: VIRTIO_BLK_T.DISCARD, bit: VIRTIO_BLK_F.DISCARD, config: { maxDiscardSectors: 20, maxDiscardSeg: 8, discardSectorAlignment: 8 } },
+    {
+      type: VIRTIO_BLK_T.SECURE_ERASE, bit: VIRTIO_BLK_F.SECURE_ERASE,
+      config: { maxSecureEraseSectors: 20, maxSecureEraseSeg: 8, secureEraseSectorAlignment: 8 },
+    },
+  ];
+  for (const c of cases) {
+    const device = new ScriptedDevice({ features: features(VIRTIO_F.VERSION_1, c.bit), config: c.config });
+    const r = await scriptedRig(device);
+    try {
+      const range = [{ sector: 4, sectors: 60 }];
+      await (c.type === VIRTIO_BLK_T.DISCARD ? r.driver.discard(range) : r.driver.secureErase(range));
+      // At most 20 rounded down to 16; cuts at 16, 32, 48: the first piece stops short.
+      assert.deepEqual(segmentsSeen(device), [[4, 12], [16, 16], [32, 16], [48, 16]], `request type ${c.type}`);
+      for (const s of device.seen) assert.equal(s.type, c.type);
+    } finally {
+      await r.close();
+    }
   }
 });
 

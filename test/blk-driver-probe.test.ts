@@ -133,6 +133,28 @@ test('a blk_size that is not a power of two from 512 is refused as BAD_CONFIG', 
   await transport.close();
 });
 
+// Linux (6.0 on, where virtio_blk learnt secure erase) refuses such a device in
+// virtblk_probe with "max_secure_erase_sectors can't be 0" and the like; so do we.
+test('with SECURE_ERASE, a zero max_secure_erase_sectors, max_secure_erase_seg or alignment is refused as BAD_CONFIG', async () => {
+  const good = { maxSecureEraseSectors: 64, maxSecureEraseSeg: 2, secureEraseSectorAlignment: 1 };
+  for (const field of ['maxSecureEraseSectors', 'maxSecureEraseSeg', 'secureEraseSectorAlignment'] as const) {
+    const device = new ScriptedDevice({ features: features(VIRTIO_F.VERSION_1, VIRTIO_BLK_F.SECURE_ERASE), config: { ...good, [field]: 0 } });
+    const transport = new LoopbackTransport(device);
+    await assert.rejects(BlkDriver.probe(transport), (e: Error & { code?: string }) => {
+      assert.equal(e.code, 'BAD_CONFIG');
+      assert.match(e.message, /secure_erase.* is 0/);
+      return true;
+    }, field);
+    assert.ok((await transport.getStatus()) & VIRTIO_CONFIG_S.FAILED);
+    await transport.close();
+  }
+  // Without the feature the fields mean nothing, and zeroes are fine.
+  const r = await scriptedRig(new ScriptedDevice({ features: features(VIRTIO_F.VERSION_1) }));
+  await r.close();
+  const ok = await scriptedRig(new ScriptedDevice({ features: features(VIRTIO_F.VERSION_1, VIRTIO_BLK_F.SECURE_ERASE), config: good }));
+  await ok.close();
+});
+
 test('geometry: the device\'s with GEOMETRY, else 64 heads / 32 sectors / capacity >> 11', async () => {
   const withGeo = await rig({ size: 64 << 20, device: { geometry: { cylinders: 1000, heads: 16, sectors: 63 } } });
   try {

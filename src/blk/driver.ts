@@ -21,8 +21,8 @@
  */
 import { UsageError } from '../errors.js';
 import {
-  VIRTIO_BLK_CONFIG, VIRTIO_BLK_CONFIG_SIZE, VIRTIO_BLK_DWZ_SEGMENT, VIRTIO_BLK_F, VIRTIO_BLK_F_NAMES, VIRTIO_BLK_ID_BYTES,
-  VIRTIO_BLK_REQ_HEADER, VIRTIO_BLK_S, VIRTIO_BLK_SECTOR_SIZE, VIRTIO_BLK_T, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+  VIRTIO_BLK_CONFIG, VIRTIO_BLK_DWZ_SEGMENT, VIRTIO_BLK_F, VIRTIO_BLK_F_NAMES, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_REQ_HEADER,
+  VIRTIO_BLK_S, VIRTIO_BLK_SECTOR_SIZE, VIRTIO_BLK_T, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP, virtioBlkConfigSize,
 } from '../spec/virtio-blk.js';
 import { VIRTIO_CONFIG_S, VIRTIO_F, features, hasFeature } from '../spec/virtio.js';
 import { setU64 } from '../spec/u64.js';
@@ -34,6 +34,7 @@ import { powerOfTwo } from '../memory/dma-allocator.js';
 import { isAligned } from './align.js';
 import { decodeBlkConfig, BlkConfigError, type BlkConfig, type BlkGeometry } from './config.js';
 import { BouncePool, viewOf, type DmaBlock } from './driver-dma.js';
+import { rangeLimits, splitRange, type RangeLimits } from './range-split.js';
 import {
   IoError, NotSupportedError, ProbeError, QueueBrokenError, ReadOnlyError, RequestError, TimeoutError, statusToError,
 } from './driver-errors.js';
@@ -223,6 +224,9 @@ class Req {
 /** A Req's promise functions until it has a promise (and after it is reused). */
 function settledAlready(): void {}
 
+/** Range limits before the config is read: no range request gets that far. */
+const NO_RANGE_LIMITS: RangeLimits = { maxSectors: 0, maxSegments: 0, granularity: 1 };
+
 /**
  * Completed one-chain requests kept for reuse: more than a busy disk has in flight, so
  * the hot path finds one, and few enough to cost nothing when idle.
@@ -338,14 +342,6 @@ export function newSizeMessage(capacity: number, logicalBlockSize: number): stri
     `(${stringGetSize(bytes, STRING_UNITS.STRING_UNITS_10)}/${stringGetSize(bytes, STRING_UNITS.STRING_UNITS_2)})`;
 }
 
-/** Limits for one kind of range request (discard, write-zeroes, secure erase). */
-interface RangeLimits {
-  /** Sectors per segment (a multiple of the logical block in sectors). */
-  readonly maxSectors: number;
-  /** Segments per request. */
-  readonly maxSegments: number;
-}
-
 /**
  * A virtio-blk disk. Create with {@link BlkDriver.probe}; release with {@link remove}.
  * Sectors are always 512 bytes; offsets and lengths must be multiples of the logical
@@ -367,9 +363,9 @@ export class BlkDriver {
   private isWriteback = false;
   /** VIRTIO_BLK_F_RO, cached: the write path tests it per request (no BigInt there). */
   private isReadOnly = false;
-  private discardLimits: RangeLimits = { maxSectors: 0, maxSegments: 0 };
-  private writeZeroesLimits: RangeLimits = { maxSectors: 0, maxSegments: 0 };
-  private secureEraseLimits: RangeLimits = { maxSectors: 0, maxSegments: 0 };
+  private discardLimits: RangeLimits = NO_RANGE_LIMITS;
+  private writeZeroesLimits: RangeLimits = NO_RANGE_LIMITS;
+  private secureEraseLimits: RangeLimits = NO_RANGE_LIMITS;
   private queues: QueueState[] = [];
   /** Queues the disk has; kept while frozen, when `queues` is empty. */
   private queueCount = 0;
@@ -800,14 +796,14 @@ export class BlkDriver {
     if (!this.has(feature)) {
       return Promise.reject(new NotSupportedError(`${this.name}: ${what} is not supported by the device (${VIRTIO_BLK_F_NAMES[feature] ?? `feature bit ${feature}`} not negotiated)`));
     }
-    // Each range is cut into segments of at most maxSectors, then grouped maxSegments per request.
+    // Each range is cut into segments the device takes (splitRange), then grouped maxSegments per request.
     const segments: number[] = [];
     let total = 0;
     for (const r of ranges) {
       const bad = r.sectors > 0 ? this.checkExtent(what, r.sector, r.sectors * VIRTIO_BLK_SECTOR_SIZE)
         : new RequestError('OUT_OF_RANGE', `${this.name}: ${what} of ${r.sectors} sectors at sector ${r.sector}: not a valid range`);
       if (bad) return Promise.reject(bad);
-      for (let s = 0; s < r.sectors; s += limits.maxSectors) segments.push(r.sector + s, Math.min(limits.maxSectors, r.sectors - s));
+      splitRange(r.sector, r.sectors, limits, segments);
       total += r.sectors * VIRTIO_BLK_SECTOR_SIZE;
     }
     if (segments.length === 0) return Promise.resolve();
@@ -1420,7 +1416,7 @@ export class BlkDriver {
       if (((await t.getStatus()) & S.FEATURES_OK) === 0) {
         throw new ProbeError('FEATURES_NOT_ACCEPTED', `${this.name}: the device did not accept features 0x${negotiated.toString(16)}`);
       }
-      const config = decodeBlkConfig(await t.readConfig(0, VIRTIO_BLK_CONFIG_SIZE));
+      const config = decodeBlkConfig(await this.readConfigFor(negotiated));
       if (config instanceof BlkConfigError) throw new ProbeError('BAD_CONFIG', `${this.name}: ${config.message}`, { cause: config });
       this.applyConfig(negotiated, config);
       await this.setupQueues();
@@ -1430,6 +1426,25 @@ export class BlkDriver {
         : new ProbeError('TRANSPORT', `${this.name}: bringing up the device failed: ${(e as Error).message}`, { cause: e });
       await this.failDevice();
       throw err;
+    }
+  }
+
+  /**
+   * The config space the negotiated features define (5.2.4). A device that will not give
+   * it all fails the probe: zeroes in place of the secure-erase limits would read as "any
+   * size, one segment" and send requests the device refuses; QEMU too gives up on a
+   * vhost-user-blk backend whose GET_CONFIG fails.
+   */
+  private async readConfigFor(negotiated: bigint): Promise<Uint8Array> {
+    const size = virtioBlkConfigSize(negotiated);
+    try {
+      return await this.transport.readConfig(0, size);
+    } catch (e) {
+      if ((e as { code?: unknown }).code !== 'CONFIG_REFUSED') throw e;
+      const why = hasFeature(negotiated, VIRTIO_BLK_F.SECURE_ERASE)
+        ? `VIRTIO_BLK_F_SECURE_ERASE's limits are bytes ${VIRTIO_BLK_CONFIG.max_secure_erase_sectors.offset}-${size - 1}` : 'the VIRTIO 1.1 structure';
+      throw new ProbeError('BAD_CONFIG',
+        `${this.name}: the device refused the ${size} bytes of config space the negotiated features need (${why}): ${(e as Error).message}`, { cause: e });
     }
   }
 
@@ -1457,6 +1472,18 @@ export class BlkDriver {
     if (has(VIRTIO_BLK_F.TOPOLOGY) && blockSize * 2 ** config.topology.physicalBlockExp > MAX_PHYSICAL_BLOCK_SIZE) {
       throw bad(`physical_block_exp ${config.topology.physicalBlockExp} makes a physical block above 2^31 bytes`);
     }
+    if (has(VIRTIO_BLK_F.SECURE_ERASE)) {
+      // As Linux's virtblk_probe since it learnt secure erase (the seed predates it): a
+      // zero secure-erase limit fails the probe ("max_secure_erase_sectors can't be 0").
+      // Unlike discard's fields, 0 has no "no limit" reading here, and guessing one sends
+      // the device requests it refuses.
+      const fields = [
+        ['max_secure_erase_sectors', config.maxSecureEraseSectors],
+        ['max_secure_erase_seg', config.maxSecureEraseSeg],
+        ['secure_erase_sector_alignment', config.secureEraseSectorAlignment],
+      ] as const;
+      for (const [name, value] of fields) if (value === 0) throw bad(`${name} is 0 with VIRTIO_BLK_F_SECURE_ERASE negotiated`);
+    }
     this.negotiated = negotiated;
     this.cfg = config;
     this.blockSize = blockSize;
@@ -1469,19 +1496,11 @@ export class BlkDriver {
     this.isReadOnly = has(VIRTIO_BLK_F.RO);
   }
 
-  /**
-   * Segment limits from a `max_*_sectors` / `max_*_seg` pair: 0 sectors means no limit but
-   * the u32 field (Linux: UINT_MAX); 0 segments is taken as 1, the safe reading. Sectors
-   * per segment round down to whole logical blocks so split segments stay aligned.
-   */
-  private rangeLimits(maxSectors: number, maxSeg: number): RangeLimits {
-    const sectors = maxSectors > 0 ? maxSectors : U32_MAX;
+  /** A kind of range request's limits from its config fields (see {@link rangeLimits}). */
+  private rangeLimits(maxSectors: number, maxSegments: number, alignment: number): RangeLimits {
     // A range request's segments travel as one chain's data, so the chain limit caps them too.
-    const byChain = Math.floor(this.maxChainBytes / VIRTIO_BLK_DWZ_SEGMENT.size);
-    return {
-      maxSectors: Math.max(this.sectorsPerBlock, sectors - (sectors % this.sectorsPerBlock)),
-      maxSegments: Math.min(Math.max(1, maxSeg), byChain),
-    };
+    const segmentsPerChain = Math.floor(this.maxChainBytes / VIRTIO_BLK_DWZ_SEGMENT.size);
+    return rangeLimits({ maxSectors, maxSegments, alignment, sectorsPerBlock: this.sectorsPerBlock, segmentsPerChain });
   }
 
   private async setupQueues(): Promise<void> {
@@ -1519,9 +1538,12 @@ export class BlkDriver {
     const indirectEntries = isIndirect
       ? Math.min(maxIndirect, Math.ceil(this.maxChainBytes / this.sizeMaxValue) + CHAIN_OVERHEAD_DESCS) : 0;
     const c = this.cfg;
-    this.discardLimits = this.rangeLimits(c.maxDiscardSectors, c.maxDiscardSeg);
-    this.writeZeroesLimits = this.rangeLimits(c.maxWriteZeroesSectors, c.maxWriteZeroesSeg);
-    this.secureEraseLimits = this.rangeLimits(c.maxSecureEraseSectors, c.maxSecureEraseSeg);
+    // Each kind keeps its own limits. Linux merges the discard and secure-erase ones
+    // (the smaller of each) only because its block layer has one set for both.
+    this.discardLimits = this.rangeLimits(c.maxDiscardSectors, c.maxDiscardSeg, c.discardSectorAlignment);
+    // Write-zeroes has no alignment field: whole logical blocks.
+    this.writeZeroesLimits = this.rangeLimits(c.maxWriteZeroesSectors, c.maxWriteZeroesSeg, 0);
+    this.secureEraseLimits = this.rangeLimits(c.maxSecureEraseSectors, c.maxSecureEraseSeg, c.secureEraseSectorAlignment);
     for (let i = 0; i < count; i++) {
       this.queues.push(await this.setupQueue(i, sizes[i], indirectEntries));
     }
@@ -1578,7 +1600,7 @@ export class BlkDriver {
     do {
       this.configDirty = false;
       try {
-        const config = decodeBlkConfig(await this.transport.readConfig(0, VIRTIO_BLK_CONFIG_SIZE));
+        const config = decodeBlkConfig(await this.transport.readConfig(0, virtioBlkConfigSize(this.negotiated)));
         if (!this.configEnabled) break;
         if (config instanceof BlkConfigError) {
           this.logger.warn(this.name, `ignoring config change: ${config.message}`);

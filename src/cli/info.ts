@@ -8,7 +8,7 @@ import { openSocketDriver } from './socket-driver.js';
 
 export const command = defineCommand({
   name: 'info',
-  summary: "probe a vhost-user-blk device and print what the driver learns (size, block sizes, geometry, serial, features)",
+  summary: "probe a vhost-user-blk device and print what the driver learns (size, block sizes, geometry, serial, discard and secure-erase limits, features)",
   usage: '--socket PATH [--json]',
   options: {
     socket: { kind: 'string', valueName: 'PATH', description: "the device's vhost-user socket (required)" },
@@ -25,6 +25,8 @@ export const command = defineCommand({
         ? { max_sectors: c.maxDiscardSectors, max_segments: c.maxDiscardSeg, sector_alignment: c.discardSectorAlignment } : null;
       const writeZeroes = driver.has(VIRTIO_BLK_F.WRITE_ZEROES)
         ? { max_sectors: c.maxWriteZeroesSectors, max_segments: c.maxWriteZeroesSeg, may_unmap: c.writeZeroesMayUnmap !== 0 } : null;
+      const secureErase = driver.has(VIRTIO_BLK_F.SECURE_ERASE)
+        ? { max_sectors: c.maxSecureEraseSectors, max_segments: c.maxSecureEraseSeg, sector_alignment: c.secureEraseSectorAlignment } : null;
       const info = {
         name: driver.name,
         capacity_sectors: driver.capacity,
@@ -45,6 +47,7 @@ export const command = defineCommand({
         cache: driver.getCacheMode(),
         discard,
         write_zeroes: writeZeroes,
+        secure_erase: secureErase,
         features: names,
       };
       if (options.json) {
@@ -62,6 +65,7 @@ export const command = defineCommand({
         `  queues: ${info.num_queues}, seg_max ${info.seg_max}, size_max ${info.size_max}`,
         `  discard: ${discard ? `${discard.max_sectors} sectors × ${discard.max_segments} segments, alignment ${discard.sector_alignment}` : 'no'}`,
         `  write zeroes: ${writeZeroes ? `${writeZeroes.max_sectors} sectors × ${writeZeroes.max_segments} segments${writeZeroes.may_unmap ? ', may unmap' : ''}` : 'no'}`,
+        `  secure erase: ${secureErase ? `${secureErase.max_sectors} sectors × ${secureErase.max_segments} segments, alignment ${secureErase.sector_alignment}` : 'no'}`,
         `  features: ${names.join(' ')}`,
       ];
       io.stdout(`${lines.join('\n')}\n`);

@@ -2,6 +2,7 @@
  * virtio-blk facts (VIRTIO 1.2, 5.2): feature bits, request types, status codes and the
  * layout of the config space, request header and discard/write-zeroes segments.
  */
+import { hasFeature } from './virtio.js';
 
 /** Feature bits (5.2.3), with the legacy ones (5.2.3.1) for completeness. */
 export const VIRTIO_BLK_F = {
@@ -102,3 +103,20 @@ export const VIRTIO_BLK_CONFIG = {
 
 /** Size of the config space up to and including the secure-erase fields. */
 export const VIRTIO_BLK_CONFIG_SIZE = 72;
+/**
+ * Size of the config space before the secure-erase fields: the structure of VIRTIO 1.1,
+ * through write_zeroes_may_unmap and its padding.
+ */
+export const VIRTIO_BLK_CONFIG_BASE_SIZE = VIRTIO_BLK_CONFIG.max_secure_erase_sectors.offset;
+
+/**
+ * Config space bytes a driver reads once `negotiated` is settled (5.2.4: each field past
+ * the basic ones exists only with its feature, at a fixed offset). The VIRTIO 1.1
+ * structure whatever the features — every device we know answers that much, and
+ * qemu-storage-daemon 7.2 refuses any more (VHOST-USER-NOTES.md) — then the secure-erase
+ * fields with VIRTIO_BLK_F_SECURE_ERASE. The zoned fields after them are not counted:
+ * nothing here negotiates VIRTIO_BLK_F_ZONED.
+ */
+export function virtioBlkConfigSize(negotiated: bigint): number {
+  return hasFeature(negotiated, VIRTIO_BLK_F.SECURE_ERASE) ? VIRTIO_BLK_CONFIG_SIZE : VIRTIO_BLK_CONFIG_BASE_SIZE;
+}

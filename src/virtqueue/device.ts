@@ -76,6 +76,11 @@ export interface DriverTransport {
   setStatus(status: number): Promise<void>;
   getDeviceFeatures(): Promise<bigint>;
   setDriverFeatures(features: bigint): Promise<void>;
+  /**
+   * `length` bytes of config space from `offset`. Rejects with a VblkError of code
+   * `CONFIG_REFUSED` when the device will not give that many (a vhost-user backend's
+   * empty GET_CONFIG reply), never pads what it did not get.
+   */
   readConfig(offset: number, length: number): Promise<Uint8Array>;
   writeConfig(offset: number, data: Uint8Array): Promise<void>;
   /** Queues the device offers (the transport's own count; virtio-blk also has num_queues). */

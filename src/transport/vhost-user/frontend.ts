@@ -66,8 +66,9 @@ export interface FrontendOptions {
   /** Bytes of shared memory for rings and buffers (a power of two). Default 64 MiB. */
   memorySize?: number;
   /**
-   * Config space bytes to read. qemu-storage-daemon 7.2 refuses more than 60 (NOTES);
-   * fields past what is read read as 0. Default 60.
+   * Config space bytes to fetch at least, whatever a read asks for, so that small reads
+   * (the writeback byte) are served from one GET_CONFIG; a read reaching further fetches
+   * up to its end. qemu-storage-daemon 7.2 refuses more than 60 (NOTES). Default 60.
    */
   configSize?: number;
   /** Largest queue size to use. Default 256. */
@@ -205,6 +206,9 @@ export class VhostUserFrontend implements DriverTransport {
       let f = this.driverFeatures;
       if (hasFeature(this.backendFeatures, VHOST_USER_F_PROTOCOL_FEATURES)) f |= 1n << BigInt(VHOST_USER_F_PROTOCOL_FEATURES);
       await this.call({ request: 'SET_FEATURES', needReply: this.ack, features: f });
+      // The config may follow the features (5.2.5.2: writeback does), and which fields
+      // exist does: what was read before this negotiation is stale.
+      this.configCache = null;
     }
     this.status = status;
   }
@@ -217,17 +221,26 @@ export class VhostUserFrontend implements DriverTransport {
     this.driverFeatures = features;
   }
 
+  /**
+   * Exactly the bytes asked for, from one GET_CONFIG at offset 0 (cached until a change).
+   * A backend that will not give them all fails the read with `CONFIG_REFUSED` rather
+   * than have the caller take zeroes for limits the device never stated.
+   */
   async readConfig(offset: number, length: number): Promise<Uint8Array> {
-    if (!this.configCache) {
-      const r = await this.call({ request: 'GET_CONFIG', needReply: false, offset: 0, size: this.configSize, flags: 0 });
+    const end = offset + length;
+    if (!Number.isSafeInteger(offset) || offset < 0 || !Number.isSafeInteger(length) || length < 0 || end > VHOST_USER_MAX_CONFIG_SIZE) {
+      throw new UsageError('BAD_CONFIG_RANGE', `config reads must lie within ${VHOST_USER_MAX_CONFIG_SIZE} bytes, got ${length} bytes at ${offset}`);
+    }
+    if (!this.configCache || this.configCache.length < end) {
+      const size = Math.max(this.configSize, end);
+      const r = await this.call({ request: 'GET_CONFIG', needReply: false, offset: 0, size, flags: 0 });
+      // The codec already refused a reply of another size; an empty one is the refusal.
       if (r?.request !== 'GET_CONFIG' || r.config === null) {
-        throw new VblkError('BACKEND_REFUSED', `the vhost-user backend refused to read ${this.configSize} bytes of config space`);
+        throw new VblkError('CONFIG_REFUSED', `the vhost-user backend refused to read ${size} bytes of config space (empty GET_CONFIG reply)`);
       }
       this.configCache = r.config.data;
     }
-    const out = new Uint8Array(length);
-    out.set(this.configCache.subarray(offset, offset + length));
-    return out;
+    return this.configCache.slice(offset, end);
   }
 
   async writeConfig(offset: number, data: Uint8Array): Promise<void> {
