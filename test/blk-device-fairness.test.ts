@@ -11,6 +11,7 @@ import { VIRTIO_F, features } from '../src/spec/virtio.js';
 import { VIRTQ_DESC_F } from '../src/spec/split-ring.js';
 import { RawRing } from '../src/virtqueue/testing.js';
 import { SplitDeviceQueue } from '../src/virtqueue/split-device.js';
+import { waitUntil } from './support/wait.js';
 
 test('a flooding guest gets a ring of requests per turn, and the device comes back for the rest', async () => {
   const size = 8;
@@ -45,8 +46,7 @@ test('a flooding guest gets a ring of requests per turn, and the device comes ba
   assert.equal(served, size, 'one turn serves one ring of requests, then returns');
   const timerRan = await new Promise<boolean>((resolve) => setTimeout(() => resolve(true), 0));
   assert.ok(timerRan, 'the event loop got its turn');
-  await new Promise((resolve) => setTimeout(resolve, 20));
-  assert.ok(served > size, 'the device came back for the rest');
+  await waitUntil(() => served > size, { what: 'the device to come back for the rest' });
   flooding = false;
   await new Promise((resolve) => setTimeout(resolve, 20));
   await device.stopQueue(0);

@@ -16,7 +16,7 @@ export interface Served {
   log(): string;
   /** Waits for a log line matching `pattern` (searching the whole log so far first). */
   waitForLog(pattern: RegExp, timeoutMs?: number): Promise<string>;
-  /** SIGTERM, then the exit code. */
+  /** SIGTERM, then the exit code (once its output is all read). */
   stop(): Promise<number | null>;
   readonly exited: Promise<number | null>;
 }
@@ -43,7 +43,8 @@ export async function startServe(image: string, socket: string, extra: string[] 
   };
   proc.stdout!.on('data', onData);
   proc.stderr!.on('data', onData);
-  const exited = new Promise<number | null>((res) => proc.on('exit', (code) => res(code)));
+  // 'close', not 'exit': at 'exit' the last lines it wrote may still be in the pipe.
+  const exited = new Promise<number | null>((res) => proc.on('close', (code) => res(code)));
   const waitForLog = (pattern: RegExp, timeoutMs = 20_000): Promise<string> => {
     const m = log.split('\n').find((l) => pattern.test(l));
     if (m !== undefined) return Promise.resolve(m);
@@ -76,7 +77,8 @@ export function runCli(args: string[], input?: Uint8Array): Promise<{ code: numb
     let err = '';
     p.stdout.on('data', (d: Buffer) => out.push(d));
     p.stderr.on('data', (d: Buffer) => (err += d.toString()));
-    p.on('exit', (code) => res({ code, stdout: Buffer.concat(out), stderr: err }));
+    // 'close', not 'exit': at 'exit' the end of its output may still be in the pipes.
+    p.on('close', (code) => res({ code, stdout: Buffer.concat(out), stderr: err }));
     if (input) p.stdin.end(input);
     else p.stdin.end();
   });
