@@ -59,6 +59,7 @@ export const command = defineCommand({
       readOnly: options['read-only'],
       cache: options.cache,
       onBackendError: (e) => log(`I/O error: ${e instanceof Error ? e.message : String(e)}`),
+      onLimitExceeded: (queue, message) => log(`ring ${queue}: ${message}`),
     });
     let server: VhostUserServer;
     try {
