@@ -96,6 +96,7 @@ for (const [name, options, pattern] of [
   ['max sectors not whole blocks', { blockSize: 4096, writeZeroes: { maxSectors: 12 } }, /writeZeroes.maxSectors/],
   ['a geometry out of range', { geometry: { cylinders: 70000, heads: 1, sectors: 1 } }, /cylinders/],
   ['a size_max of 0', { sizeMax: 0 }, /sizeMax/],
+  ['a size_max below one sector', { sizeMax: 511 }, /sizeMax 511 is not an integer from 512/],
 ] as const) {
   test(`options with ${name} are refused with BAD_OPTION`, () => {
     assert.throws(() => device(options as Partial<BlkDeviceOptions>), (e: unknown) =>

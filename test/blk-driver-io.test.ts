@@ -8,6 +8,7 @@ import { MemoryBackend } from '../src/backends/memory-backend.js';
 import { VIRTIO_BLK_F, VIRTIO_BLK_S, VIRTIO_BLK_T } from '../src/spec/virtio-blk.js';
 import { VIRTIO_F, features } from '../src/spec/virtio.js';
 import { ScriptedDevice, pattern, rig, scriptedRig } from './blk-driver-harness.js';
+import { RecordingBackend } from './blk-device-harness.js';
 
 const NO_RING_EXTRAS = [VIRTIO_F.RING_EVENT_IDX, VIRTIO_F.RING_INDIRECT_DESC];
 
@@ -128,10 +129,16 @@ test('status mapping: OK resolves, UNSUPP is NotSupported, IOERR and undefined s
 });
 
 test('flush goes to the device with FLUSH and resolves at once without it', async () => {
-  const r = await rig();
+  const backend = new RecordingBackend();
+  const flushes = (): number => backend.calls.filter(([op]) => op === 'flush').length;
+  const r = await rig({ backend });
   try {
     assert.ok(r.driver.has(VIRTIO_BLK_F.FLUSH));
+    // Writeback (the default cache mode): a write alone never reaches the backend's flush.
+    await r.driver.write(0, [pattern(4096, 1)]);
+    assert.equal(flushes(), 0);
     await r.driver.flush();
+    assert.equal(flushes(), 1, 'the device flushed its backend for the FLUSH request');
   } finally {
     await r.close();
   }

@@ -70,12 +70,25 @@ export interface BlkDeviceOptions {
   readonly geometry?: BlkGeometry;
   /** Topology hints, in logical blocks (VIRTIO_BLK_F_TOPOLOGY). Default all 0: no hints. */
   readonly topology?: Partial<BlkTopology>;
-  /** Most data segments per request the driver may use. Default queueSize - 2 (header and status). */
+  /**
+   * Most data segments per request the driver may use (seg_max), counted as a request's
+   * descriptors less two (header and status). Default queueSize - 2. A request with more
+   * completes with IOERR.
+   */
   readonly segMax?: number;
-  /** Largest data segment in bytes the driver may use (VIRTIO_BLK_F_SIZE_MAX); none by default. */
+  /**
+   * Longest descriptor in bytes the driver may use (size_max, VIRTIO_BLK_F_SIZE_MAX), at
+   * least 512; none by default. A request with a longer one completes with IOERR.
+   */
   readonly sizeMax?: number;
   /** Called with every backend failure (the request completes with IOERR), for logs. */
   readonly onBackendError?: (error: unknown, type: number, sector: number) => void;
+  /**
+   * Called the first time a queue meets a request beyond seg_max or size_max (it
+   * completes with IOERR), for logs: once per queue start, so a driver that keeps
+   * breaking them cannot flood the log.
+   */
+  readonly onLimitExceeded?: (queue: number, message: string) => void;
 }
 
 /**
@@ -94,6 +107,12 @@ const DEFAULT_QUEUE_SIZE = 256;
 const BLOCK_SIZES: readonly number[] = [VIRTIO_BLK_SECTOR_SIZE, 4096];
 /** Descriptors of a request that are not data: the header and the status byte. */
 const REQUEST_FRAMING_DESCRIPTORS = 2;
+/**
+ * Smallest size_max on offer: one sector. Smaller would only cut blocks into pieces, and
+ * at this size the header (16 bytes) and status (1 byte) descriptors are within it too,
+ * so the device bounds every descriptor without telling framing from data.
+ */
+const MIN_SIZE_MAX = VIRTIO_BLK_SECTOR_SIZE;
 const U8_MAX = 0xff;
 const U16_MAX = 0xffff;
 const U32_MAX = 0xffff_ffff;
@@ -138,6 +157,8 @@ class Job extends BlkRequest implements ReusableChain {
   readonly writable: Uint8Array[] = [];
   readableBytes = 0;
   writableBytes = 0;
+  descriptors = 0;
+  longestDescriptor = 0;
   /** Byte offset on the disk (IN, OUT). */
   offset = 0;
   /** Backend operations to run, and the next one. */
@@ -168,6 +189,7 @@ class QueueRunner {
   private draining = false;
   private publishScheduled = false;
   private reportedBroken = false;
+  private reportedOverLimit = false;
   private readonly free: Job[] = [];
   /** Jobs a drain has taken off the ring and not yet started. */
   private readonly taken: Job[] = [];
@@ -190,6 +212,8 @@ class QueueRunner {
     private readonly notify: () => void,
     /** Reports the broken ring to the transport (NEEDS_RESET). */
     private readonly onBroken: (e: ChainError) => void,
+    /** Reports the first request beyond seg_max or size_max, or null not to. */
+    private readonly onOverLimit: ((message: string) => void) | null,
   ) {}
 
   /** Pops and starts every available request; re-arms notifications (2.7.10) and re-checks. */
@@ -261,9 +285,34 @@ class QueueRunner {
 
   private start(job: Job): void {
     const parsed = job.parsed;
-    if (parsed === REQUEST_PARSE.OK) this.engine.start(job);
-    else if (parsed === REQUEST_PARSE.NO_STATUS) this.completeWithoutStatus(job);
+    const e = this.engine;
+    if (parsed === REQUEST_PARSE.OK) {
+      // Two compares on what the chain walk counted.
+      if (job.descriptors > e.maxDescriptors || job.longestDescriptor > e.sizeMax) this.overLimit(job);
+      else e.start(job);
+    } else if (parsed === REQUEST_PARSE.NO_STATUS) this.completeWithoutStatus(job);
     else this.complete(job, S_IOERR);
+  }
+
+  /**
+   * A request beyond the limits the device advertised (5.2.3: seg_max, the most segments
+   * in a request; size_max, the largest segment): malformed, so IOERR (STYLE.md,
+   * principle 8), reported once per queue. Enforced so that a driver breaking them shows
+   * in a test instead of passing against a device that serves anything.
+   */
+  private overLimit(job: Job): void {
+    if (!this.reportedOverLimit && this.onOverLimit !== null) {
+      this.reportedOverLimit = true;
+      const e = this.engine;
+      // A parsed request has a device-readable header and a device-writable status, so
+      // at least two descriptors: `segments` is not negative.
+      const segments = job.descriptors - REQUEST_FRAMING_DESCRIPTORS;
+      const segMax = e.maxDescriptors - REQUEST_FRAMING_DESCRIPTORS;
+      this.onOverLimit(segments > segMax
+        ? `request ${job.head} has ${segments} data segments, more than seg_max ${segMax}; it completes with IOERR (reported once)`
+        : `request ${job.head} has a ${job.longestDescriptor}-byte segment, more than size_max ${e.sizeMax}; it completes with IOERR (reported once)`);
+    }
+    this.complete(job, S_IOERR);
   }
 
   /** A broken ring: stop fetching and report it once (2.1.2); requests in flight still complete. */
@@ -404,6 +453,10 @@ class Engine {
     private readonly discardLimits: RangeLimits,
     private readonly writeZeroesLimits: RangeLimits,
     private readonly secureEraseLimits: RangeLimits,
+    /** Most descriptors in a request: seg_max data segments, a header and a status. */
+    readonly maxDescriptors: number,
+    /** Longest descriptor in bytes: size_max, or the u32 maximum when none is advertised. */
+    readonly sizeMax: number,
     private readonly onBackendError: ((error: unknown, type: number, sector: number) => void) | null,
   ) {
     this.sectorsPerBlock = blockSize / VIRTIO_BLK_SECTOR_SIZE;
@@ -580,9 +633,9 @@ class Engine {
  * zeroes and is deallocated in the image. What lower layers keep (filesystem
  * journals, snapshots, an SSD's remapped blocks) is beyond a file's reach.
  *
- * Limits: SIZE_MAX and SEG_MAX are advertised for the driver; the device serves larger
- * requests too. A disk whose size is not a whole number of logical blocks exposes the
- * whole blocks only.
+ * Limits: a request with more data segments than seg_max, or a descriptor longer than
+ * size_max, completes with IOERR. A disk whose size is not a whole number of logical
+ * blocks exposes the whole blocks only.
  */
 export class BlkDevice implements VirtioDevice {
   readonly deviceId = VIRTIO_ID.BLOCK;
@@ -598,6 +651,7 @@ export class BlkDevice implements VirtioDevice {
   private readonly initialWriteback: 0 | 1;
   private readonly onWritebackChange: ((writeback: 0 | 1) => void) | null;
   private readonly runners: (QueueRunner | null)[];
+  private readonly onLimitExceeded: ((queue: number, message: string) => void) | null;
   private host: DeviceHost = NO_HOST;
   private driverFeatures = 0n;
 
@@ -614,7 +668,7 @@ export class BlkDevice implements VirtioDevice {
     if (!isValidQueueSize(this.maxQueueSize)) bad(`queue size ${this.maxQueueSize} is not a power of two from 1 to 32768`);
     const segMax = options.segMax ?? Math.max(1, this.maxQueueSize - REQUEST_FRAMING_DESCRIPTORS);
     checkInt('segMax', segMax, 1, U32_MAX);
-    if (options.sizeMax !== undefined) checkInt('sizeMax', options.sizeMax, 1, U32_MAX);
+    if (options.sizeMax !== undefined) checkInt('sizeMax', options.sizeMax, MIN_SIZE_MAX, U32_MAX);
     this.readOnly = (options.readOnly ?? false) || backend.readOnly;
     if (backend.size < this.blockSize) bad(`the backend's ${backend.size} bytes hold no ${this.blockSize}-byte block`);
 
@@ -647,7 +701,9 @@ export class BlkDevice implements VirtioDevice {
     this.initialWriteback = (options.cache ?? 'writeback') === 'writeback' ? 1 : 0;
     this.onWritebackChange = options.onWritebackChange ?? null;
     this.engine = new Engine(backend, this.blockSize, this.readOnly, flush, encodeSerial(options.serial ?? ''),
-      discardLimits, writeZeroesLimits, secureEraseLimits, options.onBackendError ?? null);
+      discardLimits, writeZeroesLimits, secureEraseLimits, segMax + REQUEST_FRAMING_DESCRIPTORS,
+      options.sizeMax ?? U32_MAX, options.onBackendError ?? null);
+    this.onLimitExceeded = options.onLimitExceeded ?? null;
 
     const bits: number[] = [
       VIRTIO_F.VERSION_1, VIRTIO_F.RING_INDIRECT_DESC, VIRTIO_F.RING_EVENT_IDX,
@@ -782,7 +838,9 @@ export class BlkDevice implements VirtioDevice {
     this.checkIndex(index);
     if (this.runners[index]) throw new UsageError('QUEUE_BUSY', `queue ${index} is already started; stop it first`);
     // A broken ring is reported once (2.1.2), then the queue stays stopped.
-    this.runners[index] = new QueueRunner(this.engine, queue, notify, (e) => this.host.needsReset(index, e));
+    const onLimitExceeded = this.onLimitExceeded;
+    this.runners[index] = new QueueRunner(this.engine, queue, notify, (e) => this.host.needsReset(index, e),
+      onLimitExceeded && ((message) => onLimitExceeded(index, message)));
   }
 
   queueNotify(index: number): void {

@@ -12,6 +12,8 @@ function chain(readable: Uint8Array[], writable: Uint8Array[]): DescriptorChain 
     head: 3, readable, writable,
     readableBytes: readable.reduce((n, b) => n + b.length, 0),
     writableBytes: writable.reduce((n, b) => n + b.length, 0),
+    descriptors: readable.length + writable.length,
+    longestDescriptor: Math.max(0, ...readable.map((b) => b.length), ...writable.map((b) => b.length)),
   };
 }
 

@@ -1,7 +1,8 @@
 /**
  * The benchmark's yardstick (DESIGN.md, Performance, measure 1): a bare JavaScript loop
- * that only copies the same blocks a benchmark moves — `bs` bytes at the same kind of
- * offsets over a region of the same size — and nothing else. No request in JavaScript
+ * that only copies the same blocks a benchmark moves — `bs` bytes at offsets chosen the
+ * same way (the same generator and seed, block-random.ts) over a region of the same
+ * size — and nothing else. No request in JavaScript
  * can beat one copy of its data, so IOPS over this rate says how much of the physical
  * limit the whole stack achieves.
  *
@@ -11,6 +12,7 @@
  */
 import { pageAlignedBytes } from '../memory/page-aligned.js';
 import type { BenchPattern } from './bench-core.js';
+import { BlockRandom } from './block-random.js';
 
 /** Copies per time check: enough that reading the clock costs nothing in comparison. */
 const COPIES_PER_CHECK = 256;
@@ -40,11 +42,13 @@ export function bareCopyRate(p: BaselineParams): number {
   const blocks = Math.floor(p.regionBytes / p.bs);
   const isRead = p.rw === 'randread' || p.rw === 'read';
   const isRandom = p.rw === 'randread' || p.rw === 'randwrite';
+  // The request loop's generator and seed: the same blocks, at the same small cost.
+  const random = new BlockRandom();
   let cursor = 0;
   const copy = (count: number): void => {
     for (let k = 0; k < count; k++) {
       let index: number;
-      if (isRandom) index = Math.floor(Math.random() * blocks);
+      if (isRandom) index = random.below(blocks);
       else {
         index = cursor;
         cursor = cursor + 1 === blocks ? 0 : cursor + 1;

@@ -9,6 +9,7 @@ import { performance } from 'node:perf_hooks';
 import { QueueBrokenError } from '../blk/driver-errors.js';
 import type { BlkDriver, Completion } from '../blk/driver.js';
 import { VIRTIO_BLK_SECTOR_SIZE } from '../spec/virtio-blk.js';
+import { BlockRandom } from './block-random.js';
 
 /** Access patterns, named as fio names them. */
 export const BENCH_PATTERNS = ['randread', 'randwrite', 'read', 'write'] as const;
@@ -94,6 +95,8 @@ class Run {
   readonly blocks: number;
   readonly sectorsPerIo: number;
   readonly samples = new Samples();
+  /** Random blocks, from the bare copy loop's generator (block-random.ts). */
+  readonly random = new BlockRandom();
   /** Next block of a sequential pattern, shared by the lanes as fio's offset is. */
   cursor = 0;
   ok = 0;
@@ -130,7 +133,7 @@ class Lane {
   issue(): void {
     const r = this.run;
     let block: number;
-    if (r.isRandom) block = Math.floor(Math.random() * r.blocks);
+    if (r.isRandom) block = r.random.below(r.blocks);
     else {
       block = r.cursor;
       r.cursor = block + 1 === r.blocks ? 0 : block + 1;

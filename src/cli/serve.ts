@@ -60,6 +60,7 @@ export const command = defineCommand({
       cache: options.cache,
       onBackendError: (e) => log(`I/O error: ${e instanceof Error ? e.message : String(e)}`),
       onWritebackChange: (wb) => log(`cache mode: ${wb ? 'write-back' : 'write-through'}`),
+      onLimitExceeded: (queue, message) => log(`ring ${queue}: ${message}`),
     });
     let server: VhostUserServer;
     try {

@@ -14,6 +14,13 @@ export interface DescriptorChain {
   readonly writable: Uint8Array[];
   readonly readableBytes: number;
   readonly writableBytes: number;
+  /**
+   * Descriptors that carry buffers: every direct one, and an indirect table's entries
+   * instead of the descriptor that points to the table. Zero-length ones count.
+   */
+  readonly descriptors: number;
+  /** Length in bytes of the chain's longest buffer descriptor (0 when it has none). */
+  readonly longestDescriptor: number;
 }
 
 /**
@@ -25,6 +32,8 @@ export interface ReusableChain extends DescriptorChain {
   head: number;
   readableBytes: number;
   writableBytes: number;
+  descriptors: number;
+  longestDescriptor: number;
 }
 
 /**

@@ -123,6 +123,34 @@ test('indirect chains are walked when negotiated', () => {
   assert.equal(c.writableBytes, 513);
 });
 
+test('a chain counts its buffer descriptors and its longest one, an indirect table by its entries', () => {
+  const r = new RawRing(8, { indirect: true });
+  const q = queue(r);
+  const d = r.dataBase;
+  // Direct: header, two data descriptors, status.
+  r.desc(0, d, 16, NEXT, 1);
+  r.desc(1, d + 0x100, 1024, WRITE | NEXT, 2);
+  r.desc(2, d + 0x1000, 3000, WRITE | NEXT, 3);
+  r.desc(3, d + 0x2000, 1, WRITE);
+  r.publish(0);
+  // A direct header, then an indirect table of data and status: the pointer is no buffer.
+  const table = d + 0x4000;
+  r.desc(0, d + 0x3000, 512, WRITE | NEXT, 1, table);
+  r.desc(1, d + 0x3200, 1, WRITE, 0, table);
+  r.desc(4, d, 16, NEXT, 5);
+  r.desc(5, table, 32, INDIRECT);
+  r.publish(4);
+  // Zero-length descriptors are descriptors too.
+  r.desc(6, d, 0, NEXT, 7);
+  r.desc(7, d, 0, WRITE);
+  r.publish(6);
+  const counts = [q.pop(), q.pop(), q.pop()].map((c) => {
+    assert.ok(c && !(c instanceof ChainError));
+    return [c.descriptors, c.longestDescriptor];
+  });
+  assert.deepEqual(counts, [[4, 3000], [3, 512], [2, 0]]);
+});
+
 test('a descriptor crossing two adjacent regions yields two views', () => {
   const r = new RawRing(4);
   const end = r.regionEnd;
@@ -137,6 +165,7 @@ test('a descriptor crossing two adjacent regions yields two views', () => {
   const c = q.pop();
   assert.ok(c && !(c instanceof ChainError));
   assert.deepEqual(c.writable.map((v) => v.length), [10, 20]);
+  assert.equal(c.descriptors, 1, 'still one descriptor');
 });
 
 test('queue setup refuses bad sizes and rings outside memory', () => {
@@ -204,17 +233,20 @@ test('pop into a chain object refills it, emptying its lists first', () => {
   r.desc(2, r.dataBase + 128, 8, WRITE);
   r.publish(2);
   const q = queue(r);
-  const into = { head: -1, readable: [new Uint8Array(3)], writable: [new Uint8Array(5)], readableBytes: 7, writableBytes: 7 };
+  const into = {
+    head: -1, readable: [new Uint8Array(3)], writable: [new Uint8Array(5)], readableBytes: 7, writableBytes: 7,
+    descriptors: 7, longestDescriptor: 7,
+  };
   assert.equal(q.pop(into), into);
   assert.equal(into.head, 0);
   assert.deepEqual(into.readable.map((v) => v.length), [16]);
   assert.deepEqual(into.writable.map((v) => v.length), [1]);
-  assert.deepEqual([into.readableBytes, into.writableBytes], [16, 1]);
+  assert.deepEqual([into.readableBytes, into.writableBytes, into.descriptors, into.longestDescriptor], [16, 1, 2, 16]);
   assert.equal(q.pop(into), into);
   assert.equal(into.head, 2);
   assert.deepEqual(into.readable, []);
   assert.deepEqual(into.writable.map((v) => v.length), [8]);
-  assert.deepEqual([into.readableBytes, into.writableBytes], [0, 8]);
+  assert.deepEqual([into.readableBytes, into.writableBytes, into.descriptors, into.longestDescriptor], [0, 8, 1, 8]);
   assert.equal(q.pop(into), null);
 });
 

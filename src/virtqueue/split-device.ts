@@ -175,6 +175,10 @@ export class SplitDeviceQueue {
     chain.head = head;
     let readableBytes = 0;
     let writableBytes = 0;
+    // For the device's own limits (virtio-blk's seg_max and size_max): counted here, where
+    // each descriptor is read anyway, rather than re-walked.
+    let descriptors = 0;
+    let longest = 0;
     let i = head;
     // 2.7.5.3.1: a chain is no longer than the queue size; more steps means a loop.
     for (let steps = 0; ; steps++) {
@@ -196,6 +200,8 @@ export class SplitDeviceQueue {
         }
         chain.readableBytes = readableBytes;
         chain.writableBytes = writableBytes;
+        chain.descriptors = descriptors;
+        chain.longestDescriptor = longest;
         const e = this.walkIndirect(head, addr, len, chain);
         return e ?? chain;
       }
@@ -217,6 +223,8 @@ export class SplitDeviceQueue {
       }
       if (flags & VIRTQ_DESC_F.WRITE) writableBytes += len;
       else readableBytes += len;
+      descriptors++;
+      if (len > longest) longest = len;
       if (readableBytes + writableBytes > MAX_CHAIN_BYTES) {
         return new ChainError('CHAIN_TOO_LARGE', `chain at head ${head} describes more than ${MAX_CHAIN_BYTES} bytes`, head);
       }
@@ -228,6 +236,8 @@ export class SplitDeviceQueue {
     }
     chain.readableBytes = readableBytes;
     chain.writableBytes = writableBytes;
+    chain.descriptors = descriptors;
+    chain.longestDescriptor = longest;
     return chain;
   }
 
@@ -263,6 +273,8 @@ export class SplitDeviceQueue {
     const { readable, writable } = chain;
     let readableBytes = chain.readableBytes;
     let writableBytes = chain.writableBytes;
+    let descriptors = chain.descriptors;
+    let longest = chain.longestDescriptor;
     const entries = tableLen / VIRTQ_DESC_SIZE;
     let i = 0;
     for (let steps = 0; ; steps++) {
@@ -289,12 +301,16 @@ export class SplitDeviceQueue {
       }
       if (isWrite) writableBytes += len;
       else readableBytes += len;
+      descriptors++;
+      if (len > longest) longest = len;
       if (readableBytes + writableBytes > MAX_CHAIN_BYTES) {
         return new ChainError('CHAIN_TOO_LARGE', `chain at head ${head} describes more than ${MAX_CHAIN_BYTES} bytes`, head);
       }
       if (!(flags & VIRTQ_DESC_F.NEXT)) {
         chain.readableBytes = readableBytes;
         chain.writableBytes = writableBytes;
+        chain.descriptors = descriptors;
+        chain.longestDescriptor = longest;
         return null;
       }
       if (next >= entries) {
@@ -374,5 +390,5 @@ function outOfBounds(head: number, index: number, addr: number, len: number): Ch
 
 /** A fresh chain for callers of {@link SplitDeviceQueue.pop} that do not bring one. */
 function newChain(): ReusableChain {
-  return { head: 0, readable: [], writable: [], readableBytes: 0, writableBytes: 0 };
+  return { head: 0, readable: [], writable: [], readableBytes: 0, writableBytes: 0, descriptors: 0, longestDescriptor: 0 };
 }

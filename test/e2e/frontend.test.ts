@@ -5,7 +5,7 @@
 import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { closeSync, openSync, readSync, truncateSync, writeFileSync, writeSync, readFileSync } from 'node:fs';
+import { closeSync, openSync, readSync, statSync, truncateSync, writeFileSync, writeSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { requirePeer } from '../../scripts/guest/guest.js';
 import { BlkDriver, type BlkLogger } from '../../src/blk/driver.js';
@@ -85,7 +85,7 @@ for (const kind of ['qemu-storage-daemon', 'vblk serve', 'vblk serve --io mmap']
       ? {
           name: kind,
           async start(image, socket, opts) {
-            const qsd = await startQsd(image, socket, `${socket}.qmp`, { numQueues: opts.numQueues, writable: !opts.readOnly });
+            const qsd = await startQsd(image, socket, `${socket}.qmp`, { numQueues: opts.numQueues, writable: !opts.readOnly, unmap: true });
             lastResize = async (size) => {
               await qsd.qmp('block_resize', { 'node-name': 'd', size });
               return false; // QEMU 7.2's daemon does not notify live connections (NOTES)
@@ -160,7 +160,7 @@ for (const kind of ['qemu-storage-daemon', 'vblk serve', 'vblk serve --io mmap']
       }
     }
 
-    it('vblk info reports the export size, block size and queue count', async () => {
+    it('vblk info reports the export size, block size, queue count, serial, geometry and segment limits', async () => {
       await withDevice({ numQueues: 2 }, async (socket) => {
         const r = await runCli(['info', '--socket', socket, '--json']);
         assert.equal(r.code, 0, r.stderr);
@@ -173,10 +173,17 @@ for (const kind of ['qemu-storage-daemon', 'vblk serve', 'vblk serve --io mmap']
         assert.equal(info.physical_block_size, 512);
         assert.equal(info.num_queues, 2);
         assert.equal(info.read_only, false);
-        assert.equal(typeof info.serial, 'string');
-        assert.equal(typeof info.seg_max, 'number');
-        assert.equal(typeof info.size_max, 'number');
-        assert.deepEqual(Object.keys(info.geometry as object).sort(), ['cylinders', 'heads', 'sectors']);
+        // The daemon's GET_ID is always `vhost_user_blk` (VHOST-USER-NOTES.md); `vblk
+        // serve`'s is its --serial, by default `vblk`.
+        assert.equal(info.serial, kind === 'qemu-storage-daemon' ? 'vhost_user_blk' : 'vblk');
+        // seg_max: the daemon's 126 (NOTES); vblk serve's default queue of 256 less the
+        // header and status. Neither limits a segment's size (the daemon's size_max is 0).
+        assert.equal(info.seg_max, kind === 'qemu-storage-daemon' ? 126 : 254);
+        assert.equal(info.size_max, 0xffff_ffff);
+        // Neither offers VIRTIO_BLK_F_GEOMETRY, so the driver reports the seed's fallback:
+        // 64 heads, 32 sectors, and capacity / (64 × 32) cylinders.
+        assert.ok(!(info.features as string[]).includes('VIRTIO_BLK_F_GEOMETRY'));
+        assert.deepEqual(info.geometry, { cylinders: DISK / 512 / (64 * 32), heads: 64, sectors: 32 });
         assert.ok((info.features as string[]).includes('VIRTIO_F_VERSION_1'));
         assert.ok((info.features as string[]).includes('VIRTIO_BLK_F_FLUSH'));
         const human = await runCli(['info', '--socket', socket]);
@@ -220,22 +227,25 @@ for (const kind of ['qemu-storage-daemon', 'vblk serve', 'vblk serve --io mmap']
         const transport = await connectVhostUser(socket);
         const driver = await BlkDriver.probe(transport, { timeoutMs: 10_000 });
         try {
+          assert.ok(driver.has(VIRTIO_BLK_F.DISCARD) && driver.has(VIRTIO_BLK_F.WRITE_ZEROES), `${kind} offers discard and write-zeroes`);
           const data = new Uint8Array(64 * 1024).fill(0x77);
           await driver.write(2048, [data]);
           await driver.flush();
           assert.deepEqual(readAt(image, 2048 * 512, data.length), Buffer.from(data));
-          if (driver.has(VIRTIO_BLK_F.WRITE_ZEROES)) {
-            await driver.writeZeroes([{ sector: 2048, sectors: 64 }]);
-            await driver.flush();
-            assert.deepEqual(readAt(image, 2048 * 512, 64 * 512), Buffer.alloc(64 * 512));
-            const back = new Uint8Array(64 * 512).fill(1);
-            await driver.read(2048, [back]);
-            assert.ok(back.every((b) => b === 0), 'zeroes read back');
-          }
-          if (driver.has(VIRTIO_BLK_F.DISCARD)) {
-            await driver.discard([{ sector: 2048 + 64, sectors: 64 }]);
-          }
-          assert.ok(driver.has(VIRTIO_BLK_F.DISCARD) && driver.has(VIRTIO_BLK_F.WRITE_ZEROES), `${kind} offers discard and write-zeroes`);
+          await driver.writeZeroes([{ sector: 2048, sectors: 64 }]);
+          await driver.flush();
+          assert.deepEqual(readAt(image, 2048 * 512, 64 * 512), Buffer.alloc(64 * 512));
+          const back = new Uint8Array(64 * 512).fill(1);
+          await driver.read(2048, [back]);
+          assert.ok(back.every((b) => b === 0), 'zeroes read back');
+          // Discard need not zero, but on a raw image file it deallocates: the second half
+          // of the data, written above, gives its 32 KiB (whole 4 KiB file-system blocks)
+          // back to the file system. st_blocks counts 512-byte units.
+          const allocated = statSync(image).blocks;
+          await driver.discard([{ sector: 2048 + 64, sectors: 64 }]);
+          await driver.flush();
+          const freed = allocated - statSync(image).blocks;
+          assert.ok(freed >= 64, `the discard freed ${freed} 512-byte blocks of the image, not 64`);
         } finally {
           await driver.remove();
           await transport.close();

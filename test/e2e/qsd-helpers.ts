@@ -19,13 +19,19 @@ export interface QsdOptions {
   writable?: boolean;
   /** Extra options for the file blockdev, e.g. `aio=io_uring`. */
   fileOptions?: string;
+  /**
+   * Pass discards down to the image (`discard=unmap` on both nodes). Without it the block
+   * layer's default, `discard=ignore`, completes every discard and does nothing.
+   */
+  unmap?: boolean;
 }
 
 export async function startQsd(image: string, socket: string, qmpSocket: string, options: QsdOptions = {}): Promise<Qsd> {
-  const file = `driver=file,node-name=f,filename=${image}${options.fileOptions ? `,${options.fileOptions}` : ''}`;
+  const discard = options.unmap ? ',discard=unmap' : '';
+  const file = `driver=file,node-name=f,filename=${image}${discard}${options.fileOptions ? `,${options.fileOptions}` : ''}`;
   const args = [
     '--blockdev', file,
-    '--blockdev', 'driver=raw,node-name=d,file=f',
+    '--blockdev', `driver=raw,node-name=d,file=f${discard}`,
     '--export', `type=vhost-user-blk,id=e,node-name=d,addr.type=unix,addr.path=${socket},writable=${options.writable === false ? 'off' : 'on'},num-queues=${options.numQueues ?? 1}`,
     '--chardev', `socket,id=m,path=${qmpSocket},server=on,wait=off`,
     '--monitor', 'chardev=m',

@@ -12,6 +12,8 @@ import { GUEST_PEERS, ensureGuest, requirePeer, runGuest, startGuest, type Guest
 import { runCli, scratchDir, startServe, type Served } from './serve-helpers.js';
 
 const MiB = 1024 * 1024;
+/** What the first sector of the read-only test image holds, every byte (writeAndGet). */
+const FIRST_SECTOR_BYTE = 0x5a;
 
 function ok(r: GuestResult, served: Served[] = []): void {
   assert.equal(r.exitCode, 0, `guest failed (${r.error ?? 'no error'}):\n${r.output.split('\n').slice(-60).join('\n')}\n` +
@@ -174,7 +176,12 @@ e2fsck -fn /dev/vdb
       ok(r, [ro, bb]);
       assert.equal(field(r.output, 'RO'), '1');
       assert.doesNotMatch(r.output, /RO-WRITE-SUCCEEDED/);
+      // The guest read the image's first sector through the read-only device: the 0x5a
+      // sector writeAndGet put there.
+      assert.equal(field(r.output, 'RO-HEAD'), createHash('md5').update(Buffer.alloc(512, FIRST_SECTOR_BYTE)).digest('hex'));
       assert.equal(field(r.output, 'LBS'), '4096');
+      // blk_size × 2^physical_block_exp, and vblk serve advertises an exponent of 0.
+      assert.equal(field(r.output, 'PBS'), '4096');
       assert.equal(createHash('sha256').update(readFileSync(roImage)).digest('hex'), roHash, 'the read-only image is unchanged');
       assert.equal(debugfsCat(bigBlock, '/f').toString(), 'four-k\n');
     } finally {
@@ -186,7 +193,7 @@ e2fsck -fn /dev/vdb
 
 /** Writes a recognisable first sector and returns the path. */
 function writeAndGet(path: string): string {
-  const head = Buffer.alloc(512, 0x5a);
+  const head = Buffer.alloc(512, FIRST_SECTOR_BYTE);
   writeFileSync(path, head);
   return path;
 }
