@@ -30,6 +30,7 @@ import { encodeBlkConfig, type BlkGeometry, type BlkTopology } from './config.js
 import { isAligned } from './align.js';
 import { BlkRequest, parseRequest, parseSegments, REQUEST_PARSE, type DwzSegment, type RequestParse } from './request.js';
 import { soon } from '../soon.js';
+import { QueueStats } from './stats.js';
 
 /** Limits of one kind of discard / write-zeroes / secure-erase request. */
 export interface BlkRangeLimits {
@@ -74,6 +75,12 @@ export interface BlkDeviceOptions {
   readonly segMax?: number;
   /** Largest data segment in bytes the driver may use (VIRTIO_BLK_F_SIZE_MAX); none by default. */
   readonly sizeMax?: number;
+  /**
+   * Keep request statistics ({@link BlkDevice.stats}), timing requests with this clock
+   * (milliseconds, like `performance.now`). Off by default: the data path then pays one
+   * null check per batch and per request.
+   */
+  readonly statsClock?: () => number;
   /** Called with every backend failure (the request completes with IOERR), for logs. */
   readonly onBackendError?: (error: unknown, type: number, sector: number) => void;
 }
@@ -147,6 +154,8 @@ class Job extends BlkRequest implements ReusableChain {
   flushAfter = false;
   /** Bytes written into device-writable buffers on success, the status byte included. */
   written = 0;
+  /** When a drain took it off the ring (statistics' clock), when statistics are kept. */
+  takenAt = 0;
   /** How its chain parsed. */
   parsed: RequestParse = REQUEST_PARSE.OK;
   segments: DwzSegment[] | null = null;
@@ -190,7 +199,10 @@ class QueueRunner {
     private readonly notify: () => void,
     /** Reports the broken ring to the transport (NEEDS_RESET). */
     private readonly onBroken: (e: ChainError) => void,
-  ) {}
+    private readonly stats: QueueStats | null,
+  ) {
+    if (stats) stats.inFlight = () => this.inFlight;
+  }
 
   /** Pops and starts every available request; re-arms notifications (2.7.10) and re-checks. */
   drain(): void {
@@ -238,6 +250,8 @@ class QueueRunner {
   private take(budget: number): ChainError | null {
     const q = this.queue;
     const taken = this.taken;
+    // One clock read per batch: requests taken together share their start.
+    const takenAt = this.stats !== null ? this.stats.now() : 0;
     while (taken.length < budget) {
       const job = this.free.pop() ?? new Job(this);
       const chain = q.pop(job);
@@ -246,6 +260,7 @@ class QueueRunner {
         return chain;
       }
       this.inFlight++;
+      job.takenAt = takenAt;
       job.parsed = parseRequest(chain, job);
       taken.push(job);
     }
@@ -277,12 +292,14 @@ class QueueRunner {
   complete(job: Job, status: number): void {
     (job.statusBuffer as Uint8Array)[job.statusAt] = status;
     this.queue.pushUsed(job.head, status === S_OK ? job.written : 1);
+    if (this.stats !== null) this.stats.completed(job.type, status, job.dataBytes, job.takenAt);
     this.release(job);
   }
 
-  /** A chain with no device-writable byte carries no status: used length 0. */
+  /** A chain with no device-writable byte carries no status: used length 0 (counted as an I/O error). */
   private completeWithoutStatus(job: Job): void {
     this.queue.pushUsed(job.head, 0);
+    if (this.stats !== null) this.stats.completed(job.type, S_IOERR, 0, job.takenAt);
     this.release(job);
   }
 
@@ -319,6 +336,7 @@ class QueueRunner {
   publish(): void {
     this.unpublished = 0;
     if (this.queue.publishUsed()) this.notify();
+    if (this.stats !== null) this.stats.published();
   }
 
   /** Stops fetching; resolves once every popped request has completed and been published. */
@@ -598,6 +616,8 @@ export class BlkDevice implements VirtioDevice {
   private readonly initialWriteback: 0 | 1;
   private readonly onWritebackChange: ((writeback: 0 | 1) => void) | null;
   private readonly runners: (QueueRunner | null)[];
+  /** Request statistics per queue, when the device was built with a `statsClock`; else null. */
+  readonly stats: readonly QueueStats[] | null;
   private host: DeviceHost = NO_HOST;
   private driverFeatures = 0n;
 
@@ -692,6 +712,8 @@ export class BlkDevice implements VirtioDevice {
     });
     this.configView = new DataView(this.config.buffer, this.config.byteOffset, this.config.byteLength);
     this.runners = new Array<QueueRunner | null>(this.numQueues).fill(null);
+    const clock = options.statsClock;
+    this.stats = clock ? Array.from({ length: this.numQueues }, () => new QueueStats(clock)) : null;
     this.setDriverFeatures(0n);
   }
 
@@ -782,7 +804,7 @@ export class BlkDevice implements VirtioDevice {
     this.checkIndex(index);
     if (this.runners[index]) throw new UsageError('QUEUE_BUSY', `queue ${index} is already started; stop it first`);
     // A broken ring is reported once (2.1.2), then the queue stays stopped.
-    this.runners[index] = new QueueRunner(this.engine, queue, notify, (e) => this.host.needsReset(index, e));
+    this.runners[index] = new QueueRunner(this.engine, queue, notify, (e) => this.host.needsReset(index, e), this.stats?.[index] ?? null);
   }
 
   queueNotify(index: number): void {
