@@ -94,7 +94,7 @@ export function syncImage(path: string): void {
 }
 
 /** The vhost-user backends compared. */
-export const PEER_KINDS = ['vblk-serve', 'vblk-serve-mmap', 'qsd', 'qsd-io_uring'] as const;
+export const PEER_KINDS = ['vblk-serve', 'vblk-serve-mmap', 'vblk-serve-metrics', 'qsd', 'qsd-io_uring'] as const;
 export type PeerKind = (typeof PEER_KINDS)[number];
 
 /** A vhost-user backend process serving one image. */
@@ -109,17 +109,22 @@ export interface Peer {
  * Starts `kind` on `image` with `queues` queues, listening in `dir`. qemu-storage-daemon
  * runs in its default configuration (`aio=threads`) or with `aio=io_uring`, its best one
  * here; `vblk serve` in its default one (`--io auto`) or with `--io mmap`, its best one
- * for an image in the page cache.
+ * for an image in the page cache, or with `--metrics` and a scraper reading them every
+ * second (a busier Prometheus than any real one).
  */
 export async function startPeer(kind: PeerKind, image: string, dir: string, queues: number): Promise<Peer> {
   const socket = join(dir, `${kind}.sock`);
   rmSync(socket, { force: true });
-  if (kind === 'vblk-serve' || kind === 'vblk-serve-mmap') {
-    const s = await startServe(image, socket, ['--queues', String(queues), ...(kind === 'vblk-serve-mmap' ? ['--io', 'mmap'] : [])]);
+  if (kind === 'vblk-serve' || kind === 'vblk-serve-mmap' || kind === 'vblk-serve-metrics') {
+    const extra = kind === 'vblk-serve-mmap' ? ['--io', 'mmap'] : kind === 'vblk-serve-metrics' ? ['--metrics', '127.0.0.1:0'] : [];
+    const s = await startServe(image, socket, ['--queues', String(queues), ...extra]);
     await s.waitForLog(/serving /);
+    const url = /metrics on (\S+)/.exec(s.log())?.[1];
+    const scraper = url === undefined ? null : setInterval(() => void fetch(url).then((r) => r.text(), () => ''), 1000);
     return {
       kind, pid: s.proc.pid as number, socket,
       stop: async () => {
+        if (scraper) clearInterval(scraper);
         const code = await s.stop();
         if (code !== 0) throw new Error(`vblk serve exited with ${code}:\n${s.log()}`);
       },

@@ -148,6 +148,8 @@ interface VersusRow {
 /** A backend against qemu-storage-daemon `aio=io_uring` over the rounds: per-round ratios. */
 interface VersusSummary {
   readonly backend: PeerKind;
+  /** What the ratios divide by: the daemon, or `vblk serve` for the metrics row. */
+  readonly base: PeerKind;
   readonly iops_ratio: Spread;
   readonly cpu_ratio: Spread;
 }
@@ -322,7 +324,7 @@ async function peersSection(o: Options, image: string, dir: string): Promise<Pee
  * over a minute: rows measured a minute apart, as in the peers section, can read 0.86 or
  * 1.25 for the same two builds.)
  */
-const VERSUS_KINDS: readonly PeerKind[] = ['vblk-serve', 'vblk-serve-mmap', 'qsd-io_uring'];
+const VERSUS_KINDS: readonly PeerKind[] = ['vblk-serve', 'vblk-serve-mmap', 'vblk-serve-metrics', 'qsd-io_uring'];
 const VERSUS_BASE: PeerKind = 'qsd-io_uring';
 
 async function versusSection(o: Options, image: string, dir: string): Promise<VersusRow[]> {
@@ -354,21 +356,25 @@ function spread(values: readonly number[]): Spread {
   return { median: round(median(values), 3), min: round(Math.min(...values), 3), max: round(Math.max(...values), 3) };
 }
 
-/** Per-round ratios of every backend to {@link VERSUS_BASE}. */
+/**
+ * Per-round ratios of every backend to {@link VERSUS_BASE}, and of `vblk serve --metrics`
+ * to `vblk serve` (what metrics cost).
+ */
 function summarizeVersus(rows: readonly VersusRow[]): VersusSummary[] {
+  const pairs: [PeerKind, PeerKind][] = VERSUS_KINDS.filter((k) => k !== VERSUS_BASE).map((k) => [k, VERSUS_BASE]);
+  pairs.push(['vblk-serve-metrics', 'vblk-serve']);
   const out: VersusSummary[] = [];
-  for (const kind of VERSUS_KINDS) {
-    if (kind === VERSUS_BASE) continue;
+  for (const [kind, baseKind] of pairs) {
     const iops: number[] = [];
     const cpu: number[] = [];
     for (const r of rows) {
       if (r.backend !== kind) continue;
-      const base = rows.find((b) => b.round === r.round && b.backend === VERSUS_BASE);
+      const base = rows.find((b) => b.round === r.round && b.backend === baseKind);
       if (base === undefined || base.iops === 0 || base.backend_cpu_us_per_io === 0) continue;
       iops.push(r.iops / base.iops);
       cpu.push(r.backend_cpu_us_per_io / base.backend_cpu_us_per_io);
     }
-    if (iops.length > 0) out.push({ backend: kind, iops_ratio: spread(iops), cpu_ratio: spread(cpu) });
+    if (iops.length > 0) out.push({ backend: kind, base: baseKind, iops_ratio: spread(iops), cpu_ratio: spread(cpu) });
   }
   return out;
 }
@@ -437,7 +443,7 @@ function targets(peers: PeerRow[], versus: VersusSummary[], scaling: ScalingRow[
   const uring = row('qsd-io_uring');
   for (const [kind, label] of [['vblk-serve', 'vblk serve'], ['vblk-serve-mmap', 'vblk serve --io mmap']] as const) {
     // The versus section's medians when it ran (see versusSection), else the peers rows.
-    const duel = versus.find((v) => v.backend === kind);
+    const duel = versus.find((v) => v.backend === kind && v.base === VERSUS_BASE);
     const serve = row(kind);
     const iops = duel ? duel.iops_ratio.median : serve && uring ? serve.iops / uring.iops : null;
     const cpu = duel ? duel.cpu_ratio.median : serve && uring ? serve.backend_cpu_us_per_io / uring.backend_cpu_us_per_io : null;
@@ -445,6 +451,9 @@ function targets(peers: PeerRow[], versus: VersusSummary[], scaling: ScalingRow[
     check(`${label} / qsd aio=io_uring IOPS, 4k randread qd32${how}`, iops, '>= 1.0', (v) => v >= 1);
     check(`${label} / qsd aio=io_uring CPU per I/O${how}`, cpu, '<= 1.5', (v) => v <= 1.5);
   }
+  const metered = versus.find((v) => v.backend === 'vblk-serve-metrics' && v.base === 'vblk-serve');
+  check('vblk serve --metrics (scraped every second) / vblk serve IOPS, 4k randread qd32 (median of rounds)',
+    metered?.iops_ratio.median ?? null, '>= 0.97', (v) => v >= 0.97);
   check('driver CPU per I/O (us) against qsd aio=io_uring, 4k randread qd32', uring?.driver_cpu_us_per_io ?? null, '<= 3', (v) => v <= 3);
   const sparse = scaling.filter((r) => r.image === 'sparse');
   const rss = sparse.length ? Math.max(...sparse.map((r) => r.backend_rss_bytes)) / MIB : null;
@@ -486,7 +495,7 @@ function report(r: Results): string {
     const spreadText = (x: Spread): string => `${x.median.toFixed(2)} (${x.min.toFixed(2)}–${x.max.toFixed(2)})`;
     parts.push(`Versus: 4 KiB random read, iodepth 32, 1 queue, backends side by side, ${r.rounds} rounds in rotating order\n` + table(
       ['backend', 'IOPS / io_uring, median (range)', 'CPU / io_uring, median (range)', 'IOPS per round'],
-      r.versus_summary.map((x) => [x.backend, spreadText(x.iops_ratio), spreadText(x.cpu_ratio),
+      r.versus_summary.map((x) => [x.base === VERSUS_BASE ? x.backend : `${x.backend} (ratios to ${x.base})`, spreadText(x.iops_ratio), spreadText(x.cpu_ratio),
         r.versus.filter((y) => y.backend === x.backend).map((y) => y.iops).join(' ')]).concat(
         [[VERSUS_BASE, '1', '1', r.versus.filter((y) => y.backend === VERSUS_BASE).map((y) => y.iops).join(' ')]]),
     ));

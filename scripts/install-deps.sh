@@ -12,6 +12,7 @@ packages=(
 	busybox-static     # the guest's userland (sh, mount, insmod, fstrim, dd …)
 	e2fsprogs          # mkfs.ext4, e2fsck, debugfs, resize2fs in the guest
 	fio                # I/O with verification, in the guest and on the host
+	prometheus         # promtool: checks what `vblk serve --metrics` exposes
 	cpio               # packs the guest initramfs
 	zstd               # compresses it
 	util-linux         # flock (build.sh) and setpriv (guest.ts), usually present already

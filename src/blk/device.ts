@@ -30,6 +30,7 @@ import { encodeBlkConfig, type BlkGeometry, type BlkTopology } from './config.js
 import { isAligned } from './align.js';
 import { BlkRequest, parseRequest, parseSegments, REQUEST_PARSE, type DwzSegment, type RequestParse } from './request.js';
 import { soon } from '../soon.js';
+import { QueueStats } from './stats.js';
 
 /** Limits of one kind of discard / write-zeroes / secure-erase request. */
 export interface BlkRangeLimits {
@@ -81,6 +82,12 @@ export interface BlkDeviceOptions {
    * least 512; none by default. A request with a longer one completes with IOERR.
    */
   readonly sizeMax?: number;
+  /**
+   * Keep request statistics ({@link BlkDevice.stats}), timing requests with this clock
+   * (milliseconds, like `performance.now`). Off by default: the data path then pays one
+   * null check per batch and per request.
+   */
+  readonly statsClock?: () => number;
   /** Called with every backend failure (the request completes with IOERR), for logs. */
   readonly onBackendError?: (error: unknown, type: number, sector: number) => void;
   /**
@@ -168,6 +175,8 @@ class Job extends BlkRequest implements ReusableChain {
   flushAfter = false;
   /** Bytes written into device-writable buffers on success, the status byte included. */
   written = 0;
+  /** When a drain took it off the ring (statistics' clock), when statistics are kept. */
+  takenAt = 0;
   /** How its chain parsed. */
   parsed: RequestParse = REQUEST_PARSE.OK;
   segments: DwzSegment[] | null = null;
@@ -214,7 +223,10 @@ class QueueRunner {
     private readonly onBroken: (e: ChainError) => void,
     /** Reports the first request beyond seg_max or size_max, or null not to. */
     private readonly onOverLimit: ((message: string) => void) | null,
-  ) {}
+    private readonly stats: QueueStats | null,
+  ) {
+    if (stats) stats.inFlight = () => this.inFlight;
+  }
 
   /** Pops and starts every available request; re-arms notifications (2.7.10) and re-checks. */
   drain(): void {
@@ -262,6 +274,8 @@ class QueueRunner {
   private take(budget: number): ChainError | null {
     const q = this.queue;
     const taken = this.taken;
+    // One clock read per batch: requests taken together share their start.
+    const takenAt = this.stats !== null ? this.stats.now() : 0;
     while (taken.length < budget) {
       const job = this.free.pop() ?? new Job(this);
       const chain = q.pop(job);
@@ -270,6 +284,7 @@ class QueueRunner {
         return chain;
       }
       this.inFlight++;
+      job.takenAt = takenAt;
       job.parsed = parseRequest(chain, job);
       taken.push(job);
     }
@@ -326,12 +341,14 @@ class QueueRunner {
   complete(job: Job, status: number): void {
     (job.statusBuffer as Uint8Array)[job.statusAt] = status;
     this.queue.pushUsed(job.head, status === S_OK ? job.written : 1);
+    if (this.stats !== null) this.stats.completed(job.type, status, job.dataBytes, job.takenAt);
     this.release(job);
   }
 
-  /** A chain with no device-writable byte carries no status: used length 0. */
+  /** A chain with no device-writable byte carries no status: used length 0 (counted as an I/O error). */
   private completeWithoutStatus(job: Job): void {
     this.queue.pushUsed(job.head, 0);
+    if (this.stats !== null) this.stats.completed(job.type, S_IOERR, 0, job.takenAt);
     this.release(job);
   }
 
@@ -368,6 +385,7 @@ class QueueRunner {
   publish(): void {
     this.unpublished = 0;
     if (this.queue.publishUsed()) this.notify();
+    if (this.stats !== null) this.stats.published();
   }
 
   /** Stops fetching; resolves once every popped request has completed and been published. */
@@ -652,6 +670,8 @@ export class BlkDevice implements VirtioDevice {
   private readonly onWritebackChange: ((writeback: 0 | 1) => void) | null;
   private readonly runners: (QueueRunner | null)[];
   private readonly onLimitExceeded: ((queue: number, message: string) => void) | null;
+  /** Request statistics per queue, when the device was built with a `statsClock`; else null. */
+  readonly stats: readonly QueueStats[] | null;
   private host: DeviceHost = NO_HOST;
   private driverFeatures = 0n;
 
@@ -748,6 +768,8 @@ export class BlkDevice implements VirtioDevice {
     });
     this.configView = new DataView(this.config.buffer, this.config.byteOffset, this.config.byteLength);
     this.runners = new Array<QueueRunner | null>(this.numQueues).fill(null);
+    const clock = options.statsClock;
+    this.stats = clock ? Array.from({ length: this.numQueues }, () => new QueueStats(clock)) : null;
     this.setDriverFeatures(0n);
   }
 
@@ -840,7 +862,7 @@ export class BlkDevice implements VirtioDevice {
     // A broken ring is reported once (2.1.2), then the queue stays stopped.
     const onLimitExceeded = this.onLimitExceeded;
     this.runners[index] = new QueueRunner(this.engine, queue, notify, (e) => this.host.needsReset(index, e),
-      onLimitExceeded && ((message) => onLimitExceeded(index, message)));
+      onLimitExceeded && ((message) => onLimitExceeded(index, message)), this.stats?.[index] ?? null);
   }
 
   queueNotify(index: number): void {

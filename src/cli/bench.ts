@@ -96,7 +96,7 @@ export const command = defineCommand({
       const baselineMs = Math.min(MAX_BASELINE_MS, Math.max(MIN_BASELINE_MS, params.runtimeMs / BASELINE_SHARE));
       const baselineRegion = Math.min(regionBytes, MAX_BASELINE_REGION - (MAX_BASELINE_REGION % o.bs));
       const baseline = o['no-baseline'] ? 0 : bareCopyRate({ rw: o.rw, bs: o.bs, regionBytes: baselineRegion, durationMs: baselineMs });
-      const result = await runBench(driver, params);
+      const result = await withCountdown(io, o.runtime, () => runBench(driver, params));
       report(io, o.json, target.label, params, driver.numQueues, result, baseline);
       if (result.errors > 0) {
         io.stderr(`vblk bench: ${result.errors} of ${result.ios} requests failed; the first: ${result.firstError}\n`);
@@ -204,4 +204,24 @@ function report(io: CliIo, json: boolean, label: string, p: BenchParams, queues:
     baseline > 0 ? `  bare copy  ${Math.round(baseline)} blocks/s (ratio ${ratio.toFixed(RATIO_DECIMALS)})` : '  bare copy  skipped',
     '',
   ].join('\n'));
+}
+
+/**
+ * Runs `task` while a terminal shows how far into `seconds` it is; off a terminal, or
+ * with output going elsewhere, nothing is printed. The line is cleared at the end so the
+ * report stands alone.
+ */
+async function withCountdown<T>(io: CliIo, seconds: number, task: () => Promise<T>): Promise<T> {
+  if (!process.stderr.isTTY) return task();
+  const started = Date.now();
+  const timer = setInterval(() => {
+    const elapsed = Math.min(seconds, (Date.now() - started) / MS_PER_S);
+    io.stderr(`\rbench: ${elapsed.toFixed(0)}/${seconds} s`);
+  }, 500);
+  try {
+    return await task();
+  } finally {
+    clearInterval(timer);
+    io.stderr('\r\x1b[K');
+  }
 }

@@ -12,7 +12,7 @@ import { CliUsageError, EXIT_FAILURE, EXIT_OK, EXIT_USAGE, formatOptions, isHelp
 import type { CliIo, Command } from './command.js';
 
 /** The subcommands, in the order `vblk --help` lists them. */
-export const SUBCOMMANDS = ['serve', 'info', 'read', 'write', 'bench', 'resize'] as const;
+export const SUBCOMMANDS = ['serve', 'info', 'read', 'write', 'bench', 'resize', 'stats'] as const;
 /** A subcommand of the CLI contract. */
 export type SubcommandName = (typeof SUBCOMMANDS)[number];
 

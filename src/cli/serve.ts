@@ -5,7 +5,9 @@
  * requests in flight complete and the image is flushed.
  */
 import { BlkDevice } from '../blk/device.js';
+import { performance } from 'node:perf_hooks';
 import { listenControl } from '../node/control.js';
+import { listenMetrics, metricsRegistry, type MetricsEndpoint } from '../node/metrics.js';
 import { openFileBackend } from '../node/file-backend.js';
 import { VhostUserServer } from '../node/vhost-user-server.js';
 import { CliUsageError } from './args.js';
@@ -35,6 +37,7 @@ export const command = defineCommand({
       kind: 'choice', choices: ['auto', 'sync', 'async', 'mmap'], default: 'auto',
       description: 'image I/O: auto serves page-cache hits at once and the rest on the thread pool; sync blocks on the disk; async always uses the thread pool; mmap reads through a mapping of the image (fastest when it is in the page cache, blocks on the disk otherwise)',
     },
+    metrics: { kind: 'string', valueName: 'HOST:PORT', description: 'serve Prometheus metrics at http://HOST:PORT/metrics (port 0: any free port, logged)' },
     'allow-unsealed-memory': {
       kind: 'boolean',
       description: 'map guest memory not sealed against shrinking (memory-backend-file); dangerous: a frontend that shrinks it kills vblk with SIGBUS',
@@ -48,6 +51,7 @@ export const command = defineCommand({
     if (!/^[0-7]{3,4}$/.test(options['socket-mode'])) throw new CliUsageError(`vblk serve: --socket-mode must be octal like 600, got '${options['socket-mode']}'`);
     if (Buffer.byteLength(options.serial) > 20) throw new CliUsageError('vblk serve: --serial is at most 20 bytes');
     const log = (line: string): void => io.stderr(`vblk serve: ${line}\n`);
+    const metricsAt = options.metrics === undefined ? null : parseHostPort(options.metrics);
 
     const backend = openFileBackend(positionals[0], { readOnly: options['read-only'], size: options.size, io: options.io });
     const device = new BlkDevice({
@@ -61,6 +65,8 @@ export const command = defineCommand({
       onBackendError: (e) => log(`I/O error: ${e instanceof Error ? e.message : String(e)}`),
       onWritebackChange: (wb) => log(`cache mode: ${wb ? 'write-back' : 'write-through'}`),
       onLimitExceeded: (queue, message) => log(`ring ${queue}: ${message}`),
+      // Statistics cost a clock read per batch: kept when something can read them.
+      statsClock: metricsAt !== null || options.control !== undefined ? () => performance.now() : undefined,
     });
     let server: VhostUserServer;
     try {
@@ -72,13 +78,33 @@ export const command = defineCommand({
       await backend.close();
       throw e;
     }
+    const socket = options.socket;
     const control = options.control === undefined ? null : await listenControl(options.control, {
       resize: async (size) => {
         await device.resize(size);
         log(`resized to ${size} bytes`);
         return size;
       },
+      stats: () => ({
+        time: performance.now(),
+        sockets: [{
+          socket, diskSizeBytes: device.capacity * 512, connected: server.isConnected, connections: server.connectionCount,
+          resubmitted: server.resubmittedRequests, queues: (device.stats ?? []).map((q) => q.snapshot()),
+        }],
+      }),
     });
+    let metrics: MetricsEndpoint | null = null;
+    if (metricsAt !== null) {
+      try {
+        metrics = await listenMetrics(metricsAt.host, metricsAt.port, metricsRegistry([{ socket, device, frontends: server }]));
+      } catch (e) {
+        control?.close();
+        await server.close();
+        await backend.close();
+        throw e;
+      }
+      log(`metrics on ${metrics.url}`);
+    }
     log(`serving ${positionals[0]} (${backend.size} bytes${options['read-only'] ? ', read-only' : ''}) on ${options.socket}`);
 
     await new Promise<void>((resolve) => {
@@ -94,9 +120,18 @@ export const command = defineCommand({
       process.on('SIGTERM', onTerm);
     });
     control?.close();
+    await metrics?.close();
     await server.close();
     if (!backend.readOnly) await backend.flush();
     await backend.close();
     log('stopped');
   },
 });
+
+/** `HOST:PORT` (an IPv6 host in brackets) → its parts; a one-line error otherwise. */
+export function parseHostPort(value: string): { host: string; port: number } {
+  const m = /^(?:\[([^\]]+)\]|([^:[\]]+)):(\d{1,5})$/.exec(value);
+  const port = m ? Number(m[3]) : NaN;
+  if (!m || port > 65535) throw new CliUsageError(`vblk serve: --metrics wants HOST:PORT (e.g. 127.0.0.1:9100, [::1]:9100), got '${value}'`);
+  return { host: m[1] ?? m[2], port };
+}

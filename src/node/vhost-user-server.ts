@@ -170,6 +170,8 @@ export class VhostUserServer {
   private active: Promise<void> | null = null;
   private current: UnixConnection | null = null;
   private connections = 0;
+  private session: VhostUserBackendSession | null = null;
+  private resubmittedBefore = 0;
 
   private constructor(private readonly options: VhostUserServerOptions, private readonly server: { close(): void }) {
     this.log = options.log ?? (() => {});
@@ -203,6 +205,16 @@ export class VhostUserServer {
     return this.connections;
   }
 
+  /** Whether a frontend is connected now. */
+  get isConnected(): boolean {
+    return this.current !== null;
+  }
+
+  /** Requests that previous backends left in flight and this server resubmitted (vhost-user inflight tracking). */
+  get resubmittedRequests(): number {
+    return this.resubmittedBefore + (this.session?.resubmitted ?? 0);
+  }
+
   private accept(conn: UnixConnection): void {
     if (this.current) {
       this.log('refusing a second frontend: one is connected already');
@@ -225,6 +237,7 @@ export class VhostUserServer {
   private async serve(conn: UnixConnection, n: number): Promise<void> {
     const io = new NodeBackendIo(this.log, this.options.allowUnsealedMemory ?? false);
     const session = new VhostUserBackendSession(this.options.device, io, this.options.protocolFeatures ?? BACKEND_PROTOCOL_FEATURES);
+    this.session = session;
     let reason = 'frontend closed the connection';
     try {
       for (;;) {
@@ -285,6 +298,8 @@ export class VhostUserServer {
       conn.close();
       if (this.current === conn) this.current = null;
       await session.close().catch((e: unknown) => this.log(`frontend ${n}: cleanup failed: ${(e as Error).message}`));
+      this.resubmittedBefore += session.resubmitted;
+      if (this.session === session) this.session = null;
     }
   }
 

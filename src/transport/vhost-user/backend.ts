@@ -136,6 +136,8 @@ export class VhostUserBackendSession implements DeviceHost {
    */
   private frontendConfig: Uint8Array | null = null;
   private closed = false;
+  /** Requests a previous backend left in flight that this session resubmitted. */
+  resubmitted = 0;
 
   constructor(
     private readonly device: VirtioDevice,
@@ -505,6 +507,7 @@ export class VhostUserBackendSession implements DeviceHost {
       const r = queue.attachInflight(log);
       if (r.discarded) this.io.log(`ring ${index}: ${r.discarded}`);
       if (r.resubmit.length) this.io.log(`ring ${index}: resubmitting ${r.resubmit.length} requests a previous backend left in flight`);
+      this.resubmitted += r.resubmit.length;
     }
     v.queue = queue;
     this.applyFrontendConfig();
