@@ -1,8 +1,9 @@
 /**
  * `vblk serve IMAGE --socket PATH`: the virtio-blk device on a raw image, as a
  * vhost-user backend for QEMU (`-device vhost-user-blk-pci`). Serves one frontend at a
- * time and keeps serving across disconnects; SIGINT/SIGTERM stop it cleanly after the
- * requests in flight complete and the image is flushed.
+ * time (the next waits in the listen backlog) and keeps serving across disconnects;
+ * SIGINT/SIGTERM stop it cleanly after the requests in flight complete and the image is
+ * flushed.
  */
 import { BlkDevice } from '../blk/device.js';
 import { listenControl } from '../node/control.js';
@@ -19,6 +20,9 @@ export const command = defineCommand({
     'QEMU connects with:',
     '  -object memory-backend-memfd,id=mem,size=256M,share=on -numa node,memdev=mem',
     '  -chardev socket,id=c0,path=PATH -device vhost-user-blk-pci,chardev=c0,num-queues=N',
+    '',
+    'One frontend at a time: one that connects while another is connected (or still being',
+    'cleaned up after hanging up) waits, and is served once the other is gone.',
   ],
   options: {
     socket: { kind: 'string', valueName: 'PATH', description: 'unix socket to listen on (required)' },

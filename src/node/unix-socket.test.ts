@@ -249,6 +249,51 @@ test('server accepts connections; client and server exchange messages with fds',
   assert.equal(existsSync(path), false);
 }));
 
+test('a paused server leaves peers in the backlog, reports one waiting once, and accepts them in order on resume', withDir(async (dir) => {
+  const path = join(dir, 'paused.sock');
+  const accepted: UnixConnection[] = [];
+  let waiting = 0;
+  const server = UnixSocketServer.listen(path, (conn) => {
+    accepted.push(conn);
+    // One at a time: each accepted peer pauses the server before the next is accepted.
+    server.pause(() => waiting++);
+  });
+  const until = (what: string, done: () => boolean): Promise<void> => new Promise((resolve, reject) => {
+    const deadline = Date.now() + 10_000;
+    const check = (): void => {
+      if (done()) resolve();
+      else if (Date.now() > deadline) reject(new Error(`timed out waiting for ${what}`));
+      else setTimeout(check, 5);
+    };
+    check();
+  });
+  const clients: UnixConnection[] = [];
+  try {
+    clients.push(await UnixConnection.connect(path));
+    await until('the first peer to be accepted', () => accepted.length === 1);
+    for (const text of ['two!', 'tri!']) {
+      const c = await UnixConnection.connect(path);
+      c.send(enc(text));
+      clients.push(c);
+    }
+    await until('a waiting peer to be reported', () => waiting === 1);
+    // Nothing accepted while paused, and the report came once for both peers.
+    await new Promise((resolve) => setImmediate(resolve));
+    assert.equal(accepted.length, 1);
+    assert.equal(waiting, 1);
+
+    server.resume();
+    await until('the second peer to be accepted', () => accepted.length === 2);
+    assert.equal(dec((await accepted[1].readExact(4))!.data), 'two!', 'what a peer sent while waiting is kept');
+    server.resume();
+    await until('the third peer to be accepted', () => accepted.length === 3);
+    assert.equal(dec((await accepted[2].readExact(4))!.data), 'tri!');
+  } finally {
+    server.close();
+    [...clients, ...accepted].forEach((c) => c.close());
+  }
+}));
+
 test('listen fails with EADDRINUSE on a live socket, even with removeStale', withDir((dir) => {
   const path = join(dir, 'live.sock');
   const server = UnixSocketServer.listen(path, (c) => c.close());

@@ -299,8 +299,8 @@ export interface UnixServerOptions {
 
 /**
  * A listening AF_UNIX stream socket. Calls `onConnection` on the event loop for each
- * accepted connection; the callback owns the connection. Keeps the process alive until
- * {@link close}.
+ * accepted connection; the callback owns the connection. {@link pause} stops accepting
+ * for a while. Keeps the process alive until {@link close}.
  */
 export class UnixSocketServer {
   readonly path: string;
@@ -308,6 +308,8 @@ export class UnixSocketServer {
   private readonly watcher: FdWatcher;
   /** Identity of the socket file we bound, so close() never unlinks someone else's. */
   private readonly inode: { dev: number; ino: number };
+  private paused = false;
+  private onWaiting: (() => void) | null = null;
 
   private constructor(path: string, fd: number, onConnection: (conn: UnixConnection) => void) {
     this.path = path;
@@ -316,7 +318,17 @@ export class UnixSocketServer {
     this.inode = { dev: st.dev, ino: st.ino };
     this.watcher = new FdWatcher(fd, 'r', (error) => {
       if (error !== null) throw error; // the listening fd is ours: failing to poll it is a bug
-      for (;;) {
+      if (this.paused) {
+        // Someone waits in the backlog: say so once, then stop polling (the level-triggered
+        // watcher would call again on every loop iteration) until resume().
+        this.watcher.setEvents('none');
+        const onWaiting = this.onWaiting;
+        this.onWaiting = null;
+        onWaiting?.();
+        return;
+      }
+      // onConnection may pause the server: accept no further than that.
+      while (!this.paused) {
         const conn = native.accept(this.fd);
         if (conn < 0) return;
         onConnection(new UnixConnection(conn));
@@ -340,6 +352,27 @@ export class UnixSocketServer {
       native.close(fd);
       throw e;
     }
+  }
+
+  /**
+   * Stops accepting until {@link resume}. Peers that connect meanwhile wait in the listen
+   * backlog: their connect succeeds and the kernel keeps what they send until they are
+   * accepted; once the backlog is full, connect fails with `EAGAIN` (or blocks, on a
+   * blocking socket). `onWaiting` is called once, on the event loop, when a peer is
+   * waiting while paused.
+   */
+  pause(onWaiting?: () => void): void {
+    this.paused = true;
+    this.onWaiting = onWaiting ?? null;
+    // Polled while paused only to notice a waiting peer (a second pause re-arms that).
+    if (this.fd >= 0) this.watcher.setEvents('r');
+  }
+
+  /** Accepts again, starting with the peers that waited in the backlog. Does nothing after {@link close}. */
+  resume(): void {
+    this.paused = false;
+    this.onWaiting = null;
+    if (this.fd >= 0) this.watcher.setEvents('r');
   }
 
   /** Stops accepting, closes the socket and removes its file (if it is still ours). Connections stay open. Idempotent. */

@@ -4,6 +4,14 @@
  * frontend goes away (guest reboot, QEMU quitting, `reconnect=`). Messages are read as
  * VHOST-USER-NOTES.md says: exactly the 12-byte header with its fds, then exactly the
  * payload; never ahead.
+ *
+ * One at a time, like qemu-storage-daemon: from accepting a frontend until its session
+ * is cleaned up (requests in flight completed, device reset, memory unmapped) the server
+ * accepts nobody. A frontend that connects meanwhile waits in the listen backlog — its
+ * connect succeeds and what it sends is kept by the kernel — and is served next. So one
+ * that reconnects right after hanging up (QEMU's `reconnect=`, `vblk info` and then
+ * QEMU) is never turned away, however the close and the connect race on the event loop;
+ * one that connects while another really is connected is logged as waiting.
  */
 import { chmodSync } from 'node:fs';
 import { isMainThread } from 'node:worker_threads';
@@ -171,7 +179,7 @@ export class VhostUserServer {
   private current: UnixConnection | null = null;
   private connections = 0;
 
-  private constructor(private readonly options: VhostUserServerOptions, private readonly server: { close(): void }) {
+  private constructor(private readonly options: VhostUserServerOptions, private readonly server: UnixSocketServer) {
     this.log = options.log ?? (() => {});
   }
 
@@ -204,22 +212,21 @@ export class VhostUserServer {
   }
 
   private accept(conn: UnixConnection): void {
-    if (this.current) {
-      this.log('refusing a second frontend: one is connected already');
-      conn.close();
-      return;
-    }
     const n = ++this.connections;
     this.log(`frontend ${n} connected`);
     this.current = conn;
-    // The previous frontend may be gone while its session still cleans up (requests in
-    // flight completing, the device resetting): the new one waits for that instead of
-    // being refused, since a frontend reconnects at once (QEMU's reconnect=, a restart).
-    const previous = this.active ?? Promise.resolve();
-    const active: Promise<void> = previous.then(() => this.serve(conn, n)).finally(() => {
-      if (this.active === active) this.active = null;
+    this.server.pause(() => {
+      // A frontend that hung up and reconnected at once can make the listening socket
+      // ready before its old connection's end is read: let the event loop read that
+      // first, and report only a frontend that waits for one still connected.
+      setImmediate(() => {
+        if (this.current === conn) this.log(`a frontend is waiting to connect: it is served once frontend ${n} has gone`);
+      });
     });
-    this.active = active;
+    this.active = this.serve(conn, n).finally(() => {
+      this.active = null;
+      this.server.resume();
+    });
   }
 
   private async serve(conn: UnixConnection, n: number): Promise<void> {
