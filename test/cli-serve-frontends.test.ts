@@ -1,11 +1,13 @@
 // How `vblk serve` — the real CLI in a child process — takes frontends one after another:
 // one that connects right after another hung up is served, never turned away; one that
-// connects while another is connected waits and is served next.
+// connects while another is connected waits and is served next; one that stops in the
+// middle of a message is dropped after --message-timeout, so it cannot hold the server.
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { REQ, RawFrontend } from './support/raw-frontend.js';
+import { FLAGS, REQ, RawFrontend, rawMessage } from './support/raw-frontend.js';
+import { sleep } from './support/server-process.js';
 import { scratchDir, startServe, type Served } from './e2e/serve-helpers.js';
 
 let scratch: { dir: string; cleanup(): void };
@@ -55,4 +57,34 @@ test('a frontend that connects while another is connected is logged as waiting a
     second.close();
     await s.waitForLog(/frontend 2 disconnected: frontend closed the connection$/);
   });
+});
+
+for (const [what, bytes, reason] of [
+  ['5 bytes of a 12-byte header', new Uint8Array(5), /frontend 1 disconnected: frontend stopped mid-message: only 5 of 12 bytes arrived within 500 ms$/],
+  ['a header promising an 8-byte payload, and no payload', rawMessage(REQ.SET_FEATURES, FLAGS, new Uint8Array(0), 8), /frontend 1 disconnected: frontend stopped mid-message: only 0 of 8 bytes arrived within 500 ms$/],
+] as const) {
+  test(`a frontend that sends ${what} and then nothing is dropped after --message-timeout, and the next one is served`, async () => {
+    await withServe('stalled', async (s) => {
+      const stalled = await RawFrontend.connect(s.socket);
+      stalled.sendBytes(bytes);
+      const next = await RawFrontend.connect(s.socket);
+      next.send({ request: 'GET_FEATURES', needReply: false });
+      assert.equal((await next.reply(20_000))?.request, REQ.GET_FEATURES, `the next frontend was not served; log:\n${s.log()}`);
+      await s.waitForLog(reason);
+      assert.equal(await stalled.serverCloses(), true);
+      stalled.close();
+      next.close();
+    }, ['--message-timeout', '0.5']);
+  });
+}
+
+test('a frontend idle between messages for longer than --message-timeout keeps its connection', async () => {
+  await withServe('idle', async (s) => {
+    const f = await RawFrontend.connect(s.socket);
+    assert.equal((await f.call({ request: 'GET_FEATURES', needReply: false }, 20_000))?.request, REQ.GET_FEATURES);
+    await sleep(1000); // ten times the bound, between messages
+    assert.equal((await f.call({ request: 'GET_FEATURES', needReply: false }, 20_000))?.request, REQ.GET_FEATURES, s.log());
+    f.close();
+    await s.waitForLog(/frontend 1 disconnected: frontend closed the connection$/);
+  }, ['--message-timeout', '0.1']);
 });

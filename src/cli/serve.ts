@@ -8,7 +8,7 @@
 import { BlkDevice } from '../blk/device.js';
 import { listenControl } from '../node/control.js';
 import { openFileBackend } from '../node/file-backend.js';
-import { VhostUserServer } from '../node/vhost-user-server.js';
+import { DEFAULT_MESSAGE_TIMEOUT_MS, VhostUserServer } from '../node/vhost-user-server.js';
 import { CliUsageError } from './args.js';
 import { defineCommand } from './command.js';
 
@@ -39,6 +39,10 @@ export const command = defineCommand({
       kind: 'choice', choices: ['auto', 'sync', 'async', 'mmap'], default: 'auto',
       description: 'image I/O: auto serves page-cache hits at once and the rest on the thread pool; sync blocks on the disk; async always uses the thread pool; mmap reads through a mapping of the image (fastest when it is in the page cache, blocks on the disk otherwise)',
     },
+    'message-timeout': {
+      kind: 'number', valueName: 'SECONDS', default: DEFAULT_MESSAGE_TIMEOUT_MS / 1000,
+      description: 'drop a frontend that begins a vhost-user message and does not finish it within SECONDS (time between messages is not limited)',
+    },
     'allow-unsealed-memory': {
       kind: 'boolean',
       description: 'map guest memory not sealed against shrinking (memory-backend-file); dangerous: a frontend that shrinks it kills vblk with SIGBUS',
@@ -51,6 +55,9 @@ export const command = defineCommand({
     if ((queueSize & (queueSize - 1)) !== 0) throw new CliUsageError(`vblk serve: --queue-size must be a power of two, got ${queueSize}`);
     if (!/^[0-7]{3,4}$/.test(options['socket-mode'])) throw new CliUsageError(`vblk serve: --socket-mode must be octal like 600, got '${options['socket-mode']}'`);
     if (Buffer.byteLength(options.serial) > 20) throw new CliUsageError('vblk serve: --serial is at most 20 bytes');
+    // A timer delay is at most 2^31 - 1 ms (24.8 days); anything longer would fire at once.
+    const messageTimeoutMs = Math.max(1, Math.round(options['message-timeout'] * 1000));
+    if (messageTimeoutMs > 2 ** 31 - 1) throw new CliUsageError('vblk serve: --message-timeout is at most 2147483 seconds');
     const log = (line: string): void => io.stderr(`vblk serve: ${line}\n`);
 
     const backend = openFileBackend(positionals[0], { readOnly: options['read-only'], size: options.size, io: options.io });
@@ -68,7 +75,7 @@ export const command = defineCommand({
     try {
       server = VhostUserServer.listen({
         socketPath: options.socket, device, socketMode: parseInt(options['socket-mode'], 8), log,
-        allowUnsealedMemory: options['allow-unsealed-memory'],
+        allowUnsealedMemory: options['allow-unsealed-memory'], messageTimeoutMs,
       });
     } catch (e) {
       await backend.close();

@@ -34,15 +34,36 @@ export interface ReceivedBytes {
   readonly truncatedFds: boolean;
 }
 
+/** Options of {@link UnixConnection.readExact}. */
+export interface ReadOptions {
+  /**
+   * Fail the read with code `READ_TIMEOUT`, closing the connection, when its bytes have
+   * not all arrived this many milliseconds after the read began (at most 2^31 - 1).
+   * Default: no limit.
+   */
+  readonly timeoutMs?: number;
+  /**
+   * Start the {@link timeoutMs} clock at the first byte instead: a peer may take as long
+   * as it likes to begin a message, but not to finish one.
+   */
+  readonly idleUntilFirstByte?: boolean;
+}
+
 interface PendingRead {
   readonly data: Uint8Array;
   filled: number;
   readonly maxFds: number;
   readonly fds: number[];
   truncatedFds: boolean;
+  readonly timeoutMs: number | undefined;
+  readonly idleUntilFirstByte: boolean;
+  timer: NodeJS.Timeout | null;
   readonly resolve: (r: ReceivedBytes | null) => void;
   readonly reject: (e: Error) => void;
 }
+
+/** setTimeout's largest delay; a longer one fires at once. */
+const MAX_TIMEOUT_MS = 2 ** 31 - 1;
 
 interface QueuedSend {
   data: Uint8Array;
@@ -107,13 +128,18 @@ export class UnixConnection {
    * {@link ReceivedBytes.truncatedFds}). Resolves null when the peer closed the stream
    * before the first of these bytes: the clean end of a message loop. Rejects with code
    * `UNEXPECTED_EOF` when it closed after some of them (the fds received so far are
-   * closed), and with the socket's error if it failed. One read at a time: a second
-   * call before the first settles throws `READ_PENDING`. `n` 0 resolves at once.
+   * closed), with `READ_TIMEOUT` when `options.timeoutMs` passed first, and with the
+   * socket's error if it failed. One read at a time: a second call before the first
+   * settles throws `READ_PENDING`. `n` 0 resolves at once.
    */
-  readExact(n: number, maxFds = 0): Promise<ReceivedBytes | null> {
+  readExact(n: number, maxFds = 0, options: ReadOptions = {}): Promise<ReceivedBytes | null> {
     if (!Number.isSafeInteger(n) || n < 0) throw new RangeError(`readExact: n must be a non-negative integer, got ${n}`);
     if (!Number.isSafeInteger(maxFds) || maxFds < 0 || maxFds > native.RECV_MAX_FDS) {
       throw new RangeError(`readExact: maxFds must be an integer in [0, ${native.RECV_MAX_FDS}], got ${maxFds}`);
+    }
+    const { timeoutMs } = options;
+    if (timeoutMs !== undefined && (!Number.isInteger(timeoutMs) || timeoutMs < 1 || timeoutMs > MAX_TIMEOUT_MS)) {
+      throw new RangeError(`readExact: timeoutMs must be an integer in [1, ${MAX_TIMEOUT_MS}], got ${timeoutMs}`);
     }
     if (this.reading !== null) throw new UsageError('READ_PENDING', 'readExact: a read is already pending on this connection');
     if (this.failure !== null) return Promise.reject(this.failure);
@@ -121,7 +147,10 @@ export class UnixConnection {
     if (this.atEof) return Promise.resolve(null);
     if (n === 0) return Promise.resolve({ data: new Uint8Array(0), fds: [], truncatedFds: false });
     return new Promise((resolve, reject) => {
-      this.reading = { data: new Uint8Array(n), filled: 0, maxFds, fds: [], truncatedFds: false, resolve, reject };
+      this.reading = {
+        data: new Uint8Array(n), filled: 0, maxFds, fds: [], truncatedFds: false,
+        timeoutMs, idleUntilFirstByte: options.idleUntilFirstByte ?? false, timer: null, resolve, reject,
+      };
       this.pumpRead();
     });
   }
@@ -189,6 +218,7 @@ export class UnixConnection {
     const reading = this.reading;
     this.reading = null;
     if (reading !== null) {
+      if (reading.timer !== null) clearTimeout(reading.timer);
       reading.fds.forEach((fd) => native.close(fd));
       reading.reject(error);
     }
@@ -210,6 +240,7 @@ export class UnixConnection {
       }
       if (got === null) {
         this.updateInterest();
+        this.armTimeout(r);
         return;
       }
       r.fds.push(...got.fds);
@@ -217,6 +248,7 @@ export class UnixConnection {
       if (got.bytes === 0) {
         this.atEof = true;
         this.reading = null;
+        if (r.timer !== null) clearTimeout(r.timer);
         this.updateInterest();
         if (r.filled === 0) {
           r.resolve(null);
@@ -229,8 +261,24 @@ export class UnixConnection {
       r.filled += got.bytes;
     }
     this.reading = null;
+    if (r.timer !== null) clearTimeout(r.timer);
     this.updateInterest();
     r.resolve({ data: r.data, fds: r.fds, truncatedFds: r.truncatedFds });
+  }
+
+  /**
+   * Starts a read's timeout when it first has to wait (for its first byte, or with
+   * `idleUntilFirstByte` for the rest once some arrived), so a read the socket satisfies
+   * at once costs no timer.
+   */
+  private armTimeout(r: PendingRead): void {
+    if (r.timeoutMs === undefined || r.timer !== null || (r.idleUntilFirstByte && r.filled === 0)) return;
+    const ms = r.timeoutMs;
+    r.timer = setTimeout(() => {
+      if (this.reading === r) this.fail(new VblkError('READ_TIMEOUT', `only ${r.filled} of ${r.data.length} bytes arrived within ${ms} ms`));
+    }, ms);
+    // The socket's watcher keeps the process alive while the read waits; the timer need not.
+    r.timer.unref();
   }
 
   private pumpWrite(): void {

@@ -41,6 +41,13 @@ export interface VhostUserServerOptions {
   /** One line per connection and per error. */
   readonly log?: (line: string) => void;
   /**
+   * How long a frontend may leave a message unfinished before the connection is dropped:
+   * its header must be whole this many milliseconds after its first byte, and its payload
+   * this long after the header (default {@link DEFAULT_MESSAGE_TIMEOUT_MS}). Time between
+   * messages is not limited: QEMU sends nothing for hours while its guest runs.
+   */
+  readonly messageTimeoutMs?: number;
+  /**
    * Map memory regions whose fd is not sealed against shrinking (memory-backend-file on
    * /dev/shm or hugetlbfs, `memory-backend-memfd,seal=off`). Dangerous: a frontend that
    * then shrinks the file kills this process with SIGBUS (see {@link NodeBackendIo.mapRegion}).
@@ -48,6 +55,14 @@ export interface VhostUserServerOptions {
    */
   readonly allowUnsealedMemory?: boolean;
 }
+
+/**
+ * A frontend writes each message with one sendmsg, and we wait for the rest of one only
+ * while the socket holds nothing more, so a live frontend's message is whole within
+ * microseconds. Twenty seconds leaves room for a frontend descheduled or swapped out
+ * mid-write, while one that stalls (or attacks) cannot hold the one-at-a-time server.
+ */
+export const DEFAULT_MESSAGE_TIMEOUT_MS = 20_000;
 
 export type RegionMappingErrorCode = 'UNSEALED_MEMORY' | 'REGION_PAST_EOF';
 
@@ -233,9 +248,11 @@ export class VhostUserServer {
     const io = new NodeBackendIo(this.log, this.options.allowUnsealedMemory ?? false);
     const session = new VhostUserBackendSession(this.options.device, io, this.options.protocolFeatures ?? BACKEND_PROTOCOL_FEATURES);
     let reason = 'frontend closed the connection';
+    const timeoutMs = this.options.messageTimeoutMs ?? DEFAULT_MESSAGE_TIMEOUT_MS;
     try {
       for (;;) {
-        const head = await conn.readExact(VHOST_USER_HEADER_SIZE, VHOST_USER_MAX_FDS);
+        // Idle until a message begins; from its first byte it must arrive whole in time.
+        const head = await conn.readExact(VHOST_USER_HEADER_SIZE, VHOST_USER_MAX_FDS, { timeoutMs, idleUntilFirstByte: true });
         if (head === null) break;
         const header = decodeHeader(head.data);
         if (!header.ok) {
@@ -245,7 +262,7 @@ export class VhostUserServer {
         }
         // The header's fds are ours until the message is decoded: close them when the
         // payload never arrives (EOF or a socket error mid-message), not only on null.
-        const payload = await conn.readExact(header.value.size, 0).catch((e: unknown) => {
+        const payload = await conn.readExact(header.value.size, 0, { timeoutMs }).catch((e: unknown) => {
           head.fds.forEach((fd) => io.closeFd(fd));
           throw e;
         });
@@ -286,7 +303,8 @@ export class VhostUserServer {
         }
       }
     } catch (e) {
-      reason = e instanceof Error ? e.message : String(e);
+      reason = e instanceof VblkError && e.code === 'READ_TIMEOUT' ? `frontend stopped mid-message: ${e.message}`
+        : e instanceof Error ? e.message : String(e);
     } finally {
       this.log(`frontend ${n} disconnected: ${reason}`);
       conn.close();
