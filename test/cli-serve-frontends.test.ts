@@ -1,11 +1,14 @@
 // How `vblk serve` — the real CLI in a child process — takes frontends one after another:
 // one that connects right after another hung up is served, never turned away; one that
 // connects while another is connected waits and is served next; one that stops in the
-// middle of a message is dropped after --message-timeout, so it cannot hold the server.
+// middle of a message is dropped after --message-timeout, so it cannot hold the server;
+// one that resets the connection is logged as hanging up.
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
+import { FdWatcher } from '../src/node/fd-watcher.js';
+import * as native from '../src/node/native.js';
 import { FLAGS, REQ, RawFrontend, rawMessage } from './support/raw-frontend.js';
 import { sleep } from './support/server-process.js';
 import { scratchDir, startServe, type Served } from './e2e/serve-helpers.js';
@@ -87,4 +90,28 @@ test('a frontend idle between messages for longer than --message-timeout keeps i
     f.close();
     await s.waitForLog(/frontend 1 disconnected: frontend closed the connection$/);
   }, ['--message-timeout', '0.1']);
+});
+
+test('a frontend that hangs up with a reply unread (a reset connection) is logged as hanging up, not as a poll EBADF', async () => {
+  await withServe('reset', async (s) => {
+    const fd = native.connect(s.socket);
+    native.sendmsg(fd, rawMessage(REQ.GET_FEATURES, FLAGS));
+    // Wait until the reply is here, and close without reading it: the server's socket
+    // then reports ECONNRESET (AF_UNIX's reset) on its next read.
+    await new Promise<void>((resolve, reject) => {
+      const timer = setTimeout(() => reject(new Error(`no GET_FEATURES reply in 20 s; log:\n${s.log()}`)), 20_000);
+      const watcher = new FdWatcher(fd, 'r', () => {
+        watcher.stop();
+        clearTimeout(timer);
+        resolve();
+      });
+    });
+    native.close(fd);
+    const line = await s.waitForLog(/frontend 1 disconnected: /);
+    assert.match(line, /frontend 1 disconnected: frontend hung up, leaving a reply unread \(connection reset\)$/);
+    // And the server goes on serving.
+    const f = await RawFrontend.connect(s.socket);
+    assert.equal((await f.call({ request: 'GET_FEATURES', needReply: false }, 20_000))?.request, REQ.GET_FEATURES);
+    f.close();
+  });
 });

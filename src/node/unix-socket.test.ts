@@ -214,6 +214,16 @@ test('with idleUntilFirstByte a read waits for its first byte without limit, and
   [x, y].forEach((c) => c.close());
 });
 
+test('a pending read whose peer hangs up with our data unread rejects with ECONNRESET, not the poll\'s EBADF', async () => {
+  const [x, y] = UnixConnection.pair();
+  const read = x.readExact(12);
+  x.send(enc('a reply y never reads'));
+  await x.drain();
+  y.close();
+  await assert.rejects(read, (e: unknown) => isNativeError(e, 'ECONNRESET'));
+  assert.equal(x.isClosed, true);
+});
+
 test('one read at a time; reads after close reject with CLOSED; close rejects the pending read', async () => {
   const [x, y] = UnixConnection.pair();
   const pending = x.readExact(4);

@@ -321,11 +321,25 @@ export class UnixConnection {
 
   private onReady(error: Error | null, ready: number): void {
     if (error !== null) {
-      this.fail(error);
+      this.fail(socketFailure(this.fd) ?? error);
       return;
     }
     if (ready & WRITABLE) this.pumpWrite();
     if (ready & READABLE) this.pumpRead();
+  }
+}
+
+/**
+ * What a poll error on a connection was. libuv reports an error condition on the socket
+ * (POLLERR) as EBADF although the fd is open and fine; the socket's pending error names
+ * the cause: ECONNRESET when the peer hung up with data of ours unread. Null when it has
+ * none, or the fd is no socket (a backend channel is whatever fd a frontend sent).
+ */
+function socketFailure(fd: number): Error | null {
+  try {
+    return native.socketError(fd);
+  } catch {
+    return null;
   }
 }
 

@@ -187,6 +187,16 @@ export class NodeBackendIo implements BackendIo {
   }
 }
 
+/** The log's reason for a connection that ended with `e`, in the frontend's terms. */
+function whyConnectionFailed(e: unknown): string {
+  if (e instanceof VblkError && e.code === 'READ_TIMEOUT') return `frontend stopped mid-message: ${e.message}`;
+  // On an AF_UNIX socket ECONNRESET means the peer closed it with our data unread, and
+  // EPIPE that we wrote after it closed: either way the frontend hung up.
+  if (native.isNativeError(e, 'ECONNRESET')) return 'frontend hung up, leaving a reply unread (connection reset)';
+  if (native.isNativeError(e, 'EPIPE')) return 'frontend hung up before its reply was sent (EPIPE)';
+  return e instanceof Error ? e.message : String(e);
+}
+
 /** A listening vhost-user backend. */
 export class VhostUserServer {
   private readonly log: (line: string) => void;
@@ -303,8 +313,7 @@ export class VhostUserServer {
         }
       }
     } catch (e) {
-      reason = e instanceof VblkError && e.code === 'READ_TIMEOUT' ? `frontend stopped mid-message: ${e.message}`
-        : e instanceof Error ? e.message : String(e);
+      reason = whyConnectionFailed(e);
     } finally {
       this.log(`frontend ${n} disconnected: ${reason}`);
       conn.close();
