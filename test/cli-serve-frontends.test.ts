@@ -9,6 +9,7 @@ import { truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { FdWatcher } from '../src/node/fd-watcher.js';
 import * as native from '../src/node/native.js';
+import { connectVhostUser } from '../src/node/vhost-user-client.js';
 import { FLAGS, REQ, RawFrontend, rawMessage } from './support/raw-frontend.js';
 import { sleep } from './support/server-process.js';
 import { scratchDir, startServe, type Served } from './e2e/serve-helpers.js';
@@ -113,5 +114,15 @@ test('a frontend that hangs up with a reply unread (a reset connection) is logge
     const f = await RawFrontend.connect(s.socket);
     assert.equal((await f.call({ request: 'GET_FEATURES', needReply: false }, 20_000))?.request, REQ.GET_FEATURES);
     f.close();
+  });
+});
+
+test('our frontend, kept waiting by a serve busy with another frontend, gives up saying the device may be busy', async () => {
+  await withServe('busy', async (s) => {
+    const holder = await RawFrontend.connect(s.socket);
+    assert.equal((await holder.call({ request: 'GET_FEATURES', needReply: false }, 20_000))?.request, REQ.GET_FEATURES);
+    await assert.rejects(connectVhostUser(s.socket, { replyTimeoutMs: 300 }),
+      /no reply to VHOST_USER_\w+ within 300 ms: is this a vhost-user device, and is it free\? \(a backend serves one frontend at a time/);
+    holder.close();
   });
 });
