@@ -8,6 +8,7 @@
 import { BlkDevice } from '../blk/device.js';
 import { listenControl } from '../node/control.js';
 import { openFileBackend } from '../node/file-backend.js';
+import { MAX_READ_TIMEOUT_MS } from '../node/unix-socket.js';
 import { DEFAULT_MESSAGE_TIMEOUT_MS, VhostUserServer } from '../node/vhost-user-server.js';
 import { CliUsageError } from './args.js';
 import { defineCommand } from './command.js';
@@ -55,9 +56,10 @@ export const command = defineCommand({
     if ((queueSize & (queueSize - 1)) !== 0) throw new CliUsageError(`vblk serve: --queue-size must be a power of two, got ${queueSize}`);
     if (!/^[0-7]{3,4}$/.test(options['socket-mode'])) throw new CliUsageError(`vblk serve: --socket-mode must be octal like 600, got '${options['socket-mode']}'`);
     if (Buffer.byteLength(options.serial) > 20) throw new CliUsageError('vblk serve: --serial is at most 20 bytes');
-    // A timer delay is at most 2^31 - 1 ms (24.8 days); anything longer would fire at once.
     const messageTimeoutMs = Math.max(1, Math.round(options['message-timeout'] * 1000));
-    if (messageTimeoutMs > 2 ** 31 - 1) throw new CliUsageError('vblk serve: --message-timeout is at most 2147483 seconds');
+    if (messageTimeoutMs > MAX_READ_TIMEOUT_MS) {
+      throw new CliUsageError(`vblk serve: --message-timeout is at most ${Math.floor(MAX_READ_TIMEOUT_MS / 1000)} seconds`);
+    }
     const log = (line: string): void => io.stderr(`vblk serve: ${line}\n`);
 
     const backend = openFileBackend(positionals[0], { readOnly: options['read-only'], size: options.size, io: options.io });

@@ -38,7 +38,8 @@ export interface ReceivedBytes {
 export interface ReadOptions {
   /**
    * Fail the read with code `READ_TIMEOUT`, closing the connection, when its bytes have
-   * not all arrived this many milliseconds after the read began (at most 2^31 - 1).
+   * not all arrived this many milliseconds after the read began (at most
+   * {@link MAX_READ_TIMEOUT_MS}).
    * Default: no limit.
    */
   readonly timeoutMs?: number;
@@ -62,8 +63,8 @@ interface PendingRead {
   readonly reject: (e: Error) => void;
 }
 
-/** setTimeout's largest delay; a longer one fires at once. */
-const MAX_TIMEOUT_MS = 2 ** 31 - 1;
+/** The largest {@link ReadOptions.timeoutMs}: setTimeout's largest delay (a longer one fires at once). */
+export const MAX_READ_TIMEOUT_MS = 2 ** 31 - 1;
 
 interface QueuedSend {
   data: Uint8Array;
@@ -138,8 +139,8 @@ export class UnixConnection {
       throw new RangeError(`readExact: maxFds must be an integer in [0, ${native.RECV_MAX_FDS}], got ${maxFds}`);
     }
     const { timeoutMs } = options;
-    if (timeoutMs !== undefined && (!Number.isInteger(timeoutMs) || timeoutMs < 1 || timeoutMs > MAX_TIMEOUT_MS)) {
-      throw new RangeError(`readExact: timeoutMs must be an integer in [1, ${MAX_TIMEOUT_MS}], got ${timeoutMs}`);
+    if (timeoutMs !== undefined && (!Number.isInteger(timeoutMs) || timeoutMs < 1 || timeoutMs > MAX_READ_TIMEOUT_MS)) {
+      throw new RangeError(`readExact: timeoutMs must be an integer in [1, ${MAX_READ_TIMEOUT_MS}], got ${timeoutMs}`);
     }
     if (this.reading !== null) throw new UsageError('READ_PENDING', 'readExact: a read is already pending on this connection');
     if (this.failure !== null) return Promise.reject(this.failure);

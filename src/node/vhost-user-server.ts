@@ -28,7 +28,7 @@ import { EventFd } from './eventfd.js';
 import { FdWatcher } from './fd-watcher.js';
 import { MappedRegion } from './mapped-memory.js';
 import * as native from './native.js';
-import { UnixConnection, UnixSocketServer } from './unix-socket.js';
+import { MAX_READ_TIMEOUT_MS, UnixConnection, UnixSocketServer } from './unix-socket.js';
 
 export interface VhostUserServerOptions {
   /** Path of the unix socket to listen on. */
@@ -213,6 +213,10 @@ export class VhostUserServer {
    * a live one fails with `EADDRINUSE`.
    */
   static listen(options: VhostUserServerOptions): VhostUserServer {
+    const timeout = options.messageTimeoutMs;
+    if (timeout !== undefined && (!Number.isInteger(timeout) || timeout < 1 || timeout > MAX_READ_TIMEOUT_MS)) {
+      throw new RangeError(`messageTimeoutMs must be an integer from 1 to ${MAX_READ_TIMEOUT_MS}, got ${timeout}`);
+    }
     let self: VhostUserServer | null = null;
     const mode = options.socketMode ?? 0o600;
     // bind() creates the socket file as 0777 & ~umask, and a peer that connects before the
