@@ -247,10 +247,30 @@ static napi_value js_recvmsg(napi_env env, napi_callback_info info) {
   return result;
 }
 
+// socketError(fd) -> the socket's pending error (SO_ERROR) as an errno error, or null.
+// Reading it clears it. libuv reports an error condition on a polled fd (POLLERR) as
+// EBADF, which names neither the fd's real state nor the cause; this is the cause.
+static napi_value js_socket_error(napi_env env, napi_callback_info info) {
+  napi_value argv[VBLK_MAX_ARGS];
+  int fd;
+  if (!vblk_args(env, info, "socketError", 1, argv) || !vblk_arg_fd(env, argv[0], "socketError", "fd", &fd))
+    return NULL;
+  int err = 0;
+  socklen_t len = sizeof err;
+  if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0) return vblk_throw_errno(env, "getsockopt", "SO_ERROR", errno);
+  if (err == 0) {
+    napi_value null_v;
+    VBLK_NAPI(env, napi_get_null(env, &null_v));
+    return null_v;
+  }
+  return vblk_errno_error(env, "socket", NULL, err);
+}
+
 bool vblk_register_socket(napi_env env, napi_value exports) {
   static const vblk_function fns[] = {
       {"listen", js_listen},   {"accept", js_accept},   {"connect", js_connect},
       {"socketpair", js_socketpair}, {"sendmsg", js_sendmsg}, {"recvmsg", js_recvmsg},
+      {"socketError", js_socket_error},
   };
   return vblk_export_functions(env, exports, fns, sizeof fns / sizeof fns[0]) &&
          vblk_export_number(env, exports, "SEND_MAX_FDS", VBLK_SEND_MAX_FDS) &&

@@ -55,6 +55,8 @@ test('bad options say what to fix', async () => {
   await fails(['serve', image, '--socket', 'x', '--block-size', '1024'], /^vblk serve: --block-size/);
   await fails(['serve', image, '--socket', 'x', '--serial', 'x'.repeat(21)], /^vblk serve: --serial is at most 20 bytes/);
   await fails(['serve', image, '--socket', 'x', '--bogus'], /^vblk serve: .*--bogus/);
+  await fails(['serve', image, '--socket', 'x', '--message-timeout', '0'], /^vblk serve: --message-timeout must be a positive number/);
+  await fails(['serve', image, '--socket', 'x', '--message-timeout', '9999999'], /^vblk serve: --message-timeout is at most 2147483 seconds/);
   await fails(['resize', '--control', join(scratch.dir, 'none.ctl'), '1G'], /^vblk resize: .*control socket/);
   await fails(['resize', '--control', 'x', 'ten'], /^vblk resize: SIZE/);
 });

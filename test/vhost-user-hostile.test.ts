@@ -855,15 +855,16 @@ add({
 // Connections.
 add({ name: 'connection: connect and close at once', run: async (ctx) => void (await ctx.main()) });
 add({
-  name: 'connection: a second frontend while one is connected is refused and logged',
+  name: 'connection: a second frontend while one is connected waits, is logged, and is served once the first has gone',
   async run(ctx) {
     const f = await ctx.main();
     await f.handshake();
-    const second = await RawFrontend.connect(ctx.socketPath);
-    assert.equal(await second.serverCloses(), true);
-    second.close();
-    await ctx.server.waitFor('the refusal to be logged', () => ctx.log().includes('refusing a second frontend: one is connected already'));
+    const second = await ctx.connect();
+    second.send({ request: 'GET_FEATURES', needReply: false });
+    await ctx.server.waitFor('the waiting frontend to be logged', () => ctx.log().some((l) => /^a frontend is waiting to connect/.test(l)));
     assert.equal((await f.call({ request: 'GET_QUEUE_NUM', needReply: false }))?.request, REQ.GET_QUEUE_NUM);
+    f.close();
+    assert.equal((await second.reply(20_000))?.request, REQ.GET_FEATURES, 'the waiting frontend was not served once the first had gone');
   },
 });
 add({

@@ -6,7 +6,7 @@
  * such instead of breaking the others. Errors print one line to stderr and exit non-zero
  * (2 for a bad command line, 1 for a failure while running).
  */
-import { existsSync, realpathSync } from 'node:fs';
+import { existsSync, readFileSync, realpathSync } from 'node:fs';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { CliUsageError, EXIT_FAILURE, EXIT_OK, EXIT_USAGE, formatOptions, isHelpFlag, parseCommandLine } from './args.js';
 import type { CliIo, Command } from './command.js';
@@ -42,13 +42,32 @@ export function commandHelp(command: Command): string {
 }
 
 async function topLevelHelp(): Promise<string> {
-  const lines = ['Usage: vblk <command> [options]', '', 'The virtio block device, both ends of it.', '', 'Commands:'];
+  const lines = ['Usage: vblk <command> [options]', '       vblk --version', '', 'The virtio block device, both ends of it.', '', 'Commands:'];
   for (const name of SUBCOMMANDS) {
     const c = await loadCommand(name);
     lines.push(`  ${name.padEnd(8)}${c ? c.summary : '(not available in this build)'}`);
   }
+  lines.push('', 'Options:', '  -V, --version  print the version', '  -h, --help     show this help');
   lines.push('', "Run 'vblk <command> --help' for a command's options.");
   return `${lines.join('\n')}\n`;
+}
+
+/**
+ * The version in vblk's package.json. This module is dist/src/cli/main.js, so the
+ * package root is three levels up, in a checkout and in an installed package alike (npm
+ * always ships package.json; its bin link is a symlink, which Node resolves before
+ * setting import.meta.url).
+ */
+function packageVersion(): string {
+  const url = new URL('../../../package.json', import.meta.url);
+  let pkg: { name?: unknown; version?: unknown };
+  try {
+    pkg = JSON.parse(readFileSync(url, 'utf8')) as typeof pkg;
+  } catch (e) {
+    throw new Error(`cannot read the version from ${fileURLToPath(url)}: ${e instanceof Error ? e.message : String(e)}`);
+  }
+  if (pkg.name !== 'vblk' || typeof pkg.version !== 'string') throw new Error(`${fileURLToPath(url)} is not vblk's package.json`);
+  return pkg.version;
 }
 
 /** One line: an error's message with any line breaks folded. */
@@ -59,6 +78,15 @@ function oneLine(text: string): string {
 /** Runs `vblk` with `argv` (the arguments after the program name) and returns the exit status. */
 export async function main(argv: readonly string[], io: CliIo = processIo): Promise<number> {
   const [name, ...rest] = argv;
+  if (name === '--version' || name === '-V') {
+    try {
+      io.stdout(`vblk ${packageVersion()}\n`);
+      return EXIT_OK;
+    } catch (e) {
+      io.stderr(`vblk: ${oneLine((e as Error).message)}\n`);
+      return EXIT_FAILURE;
+    }
+  }
   if (name === undefined || isHelpFlag(name) || name === 'help') {
     const topic = name === 'help' ? rest[0] : undefined;
     if (topic !== undefined && isSubcommand(topic)) {

@@ -1,15 +1,17 @@
 /**
  * `vblk serve IMAGE --socket PATH`: the virtio-blk device on a raw image, as a
  * vhost-user backend for QEMU (`-device vhost-user-blk-pci`). Serves one frontend at a
- * time and keeps serving across disconnects; SIGINT/SIGTERM stop it cleanly after the
- * requests in flight complete and the image is flushed.
+ * time (the next waits in the listen backlog) and keeps serving across disconnects;
+ * SIGINT/SIGTERM stop it cleanly after the requests in flight complete and the image is
+ * flushed.
  */
 import { BlkDevice } from '../blk/device.js';
 import { performance } from 'node:perf_hooks';
 import { listenControl } from '../node/control.js';
 import { listenMetrics, metricsRegistry, type MetricsEndpoint } from '../node/metrics.js';
 import { openFileBackend } from '../node/file-backend.js';
-import { VhostUserServer } from '../node/vhost-user-server.js';
+import { MAX_READ_TIMEOUT_MS } from '../node/unix-socket.js';
+import { DEFAULT_MESSAGE_TIMEOUT_MS, VhostUserServer } from '../node/vhost-user-server.js';
 import { CliUsageError } from './args.js';
 import { defineCommand } from './command.js';
 
@@ -21,6 +23,9 @@ export const command = defineCommand({
     'QEMU connects with:',
     '  -object memory-backend-memfd,id=mem,size=256M,share=on -numa node,memdev=mem',
     '  -chardev socket,id=c0,path=PATH -device vhost-user-blk-pci,chardev=c0,num-queues=N',
+    '',
+    'One frontend at a time: one that connects while another is connected (or still being',
+    'cleaned up after hanging up) waits, and is served once the other is gone.',
   ],
   options: {
     socket: { kind: 'string', valueName: 'PATH', description: 'unix socket to listen on (required)' },
@@ -38,6 +43,10 @@ export const command = defineCommand({
       description: 'image I/O: auto serves page-cache hits at once and the rest on the thread pool; sync blocks on the disk; async always uses the thread pool; mmap reads through a mapping of the image (fastest when it is in the page cache, blocks on the disk otherwise)',
     },
     metrics: { kind: 'string', valueName: 'HOST:PORT', description: 'serve Prometheus metrics at http://HOST:PORT/metrics (port 0: any free port, logged)' },
+    'message-timeout': {
+      kind: 'number', valueName: 'SECONDS', default: DEFAULT_MESSAGE_TIMEOUT_MS / 1000,
+      description: 'drop a frontend that begins a vhost-user message and does not finish it within SECONDS (time between messages is not limited)',
+    },
     'allow-unsealed-memory': {
       kind: 'boolean',
       description: 'map guest memory not sealed against shrinking (memory-backend-file); dangerous: a frontend that shrinks it kills vblk with SIGBUS',
@@ -50,6 +59,10 @@ export const command = defineCommand({
     if ((queueSize & (queueSize - 1)) !== 0) throw new CliUsageError(`vblk serve: --queue-size must be a power of two, got ${queueSize}`);
     if (!/^[0-7]{3,4}$/.test(options['socket-mode'])) throw new CliUsageError(`vblk serve: --socket-mode must be octal like 600, got '${options['socket-mode']}'`);
     if (Buffer.byteLength(options.serial) > 20) throw new CliUsageError('vblk serve: --serial is at most 20 bytes');
+    const messageTimeoutMs = Math.max(1, Math.round(options['message-timeout'] * 1000));
+    if (messageTimeoutMs > MAX_READ_TIMEOUT_MS) {
+      throw new CliUsageError(`vblk serve: --message-timeout is at most ${Math.floor(MAX_READ_TIMEOUT_MS / 1000)} seconds`);
+    }
     const log = (line: string): void => io.stderr(`vblk serve: ${line}\n`);
     const metricsAt = options.metrics === undefined ? null : parseHostPort(options.metrics);
 
@@ -72,7 +85,7 @@ export const command = defineCommand({
     try {
       server = VhostUserServer.listen({
         socketPath: options.socket, device, socketMode: parseInt(options['socket-mode'], 8), log,
-        allowUnsealedMemory: options['allow-unsealed-memory'],
+        allowUnsealedMemory: options['allow-unsealed-memory'], messageTimeoutMs,
       });
     } catch (e) {
       await backend.close();

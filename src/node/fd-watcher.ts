@@ -15,7 +15,9 @@ export type WatchEvents = 'r' | 'w' | 'rw' | 'none';
 /**
  * Called with the events that are ready: test `events & READABLE` / `events & WRITABLE`
  * (plain numbers, so the hot path allocates nothing). `error` is set, and `events` 0,
- * when polling the fd failed (for instance it was closed under the watcher).
+ * when polling the fd failed (for instance it was closed under the watcher). libuv
+ * reports an error condition on an open fd (POLLERR: a socket whose peer reset it) as
+ * EBADF too; a socket's own error says what it was (`socketError` in native.ts).
  */
 export type FdWatchCallback = (error: NativeError | null, events: number) => void;
 

@@ -40,6 +40,23 @@ test('wrong argument types and ranges throw TypeError / RangeError with Node-sty
   assert.throws(() => native.eventfdRead(-1), RangeError);
 });
 
+test('socketError reads (and clears) a socket\'s pending error: ECONNRESET once its peer closed with data unread', () => {
+  const [a, b] = native.socketpair();
+  const efd = native.eventfd();
+  try {
+    assert.equal(native.socketError(a), null);
+    native.sendmsg(a, new Uint8Array([1]));
+    native.close(b); // b never read that byte
+    const e = native.socketError(a);
+    assert.ok(isNativeError(e, 'ECONNRESET'), String(e));
+    assert.equal(e.message, 'socket: Connection reset by peer (ECONNRESET)');
+    assert.equal(native.socketError(a), null);
+    throwsCode(() => native.socketError(efd), 'ENOTSOCK');
+  } finally {
+    [a, efd].forEach((fd) => native.close(fd));
+  }
+});
+
 test('memfdCreate sizes the file and seals it on request', () => {
   const plain = native.memfdCreate('vblk-test', 12345);
   const sealed = native.memfdCreate('vblk-test-sealed', 8192, { seal: true });

@@ -79,6 +79,7 @@ interface Binding {
   socketpair(): [number, number];
   sendmsg(fd: number, data: Uint8Array, fds?: readonly number[]): number;
   recvmsg(fd: number, into: Uint8Array, maxFds: number): RecvResult | null;
+  socketError(fd: number): NativeError | null;
   mmap(fd: number, length: number, offset: number, writable: boolean): Mapping;
   munmap(buffer: ArrayBuffer): boolean;
   mappingCount(): number;
@@ -151,7 +152,7 @@ function load(): Binding {
     );
   }
   // A build from older sources loads but lacks functions: say so now, not at first use.
-  if (typeof binding.fallocateAsync !== 'function' || typeof binding.watchRef !== 'function') {
+  if (typeof binding.fallocateAsync !== 'function' || typeof binding.watchRef !== 'function' || typeof binding.socketError !== 'function') {
     throw new Error(`vblk: the native addon ${path} is out of date; rebuild it with \`npm run install\` (node-gyp rebuild).`);
   }
   return binding;
@@ -225,6 +226,14 @@ export function sendmsg(fd: number, data: Uint8Array, fds: readonly number[] = [
  * flagged in `truncatedFds`.
  */
 export const recvmsg: (fd: number, into: Uint8Array, maxFds: number) => RecvResult | null = binding.recvmsg;
+
+/**
+ * The socket's pending error (SO_ERROR), which reading clears, or null when it has none:
+ * what an error condition reported while polling it really was (libuv reports any as
+ * EBADF). `ECONNRESET` on an AF_UNIX stream socket: the peer closed it with data of ours
+ * unread. Throws `ENOTSOCK` for an fd that is not a socket.
+ */
+export const socketError: (fd: number) => NativeError | null = binding.socketError;
 
 // ---- shared memory and plain fds ----
 

@@ -177,6 +177,53 @@ test('readExact rejects with UNEXPECTED_EOF when the peer closes mid-message', a
   x.close();
 });
 
+test('a read with timeoutMs that the peer leaves unfinished rejects with READ_TIMEOUT and closes the connection, fds and all', async () => {
+  const [x, y] = UnixConnection.pair();
+  // The fd riding on the first bytes is one end of a socketpair: its peer sees EOF once x's copy is closed.
+  const [passed, watch] = native.socketpair();
+  y.send(enc('hdr'), [passed]);
+  native.close(passed);
+  await assert.rejects(x.readExact(12, 1, { timeoutMs: 50, idleUntilFirstByte: true }),
+    (e: unknown) => isNativeError(e, 'READ_TIMEOUT') && /only 3 of 12 bytes arrived within 50 ms/.test(e.message));
+  assert.equal(x.isClosed, true);
+  assert.equal(await y.readExact(1), null);
+  const watcher = new UnixConnection(watch);
+  const eof = await watcher.readExact(1, 0, { timeoutMs: 10_000 }).catch(() => 'still open after 10 s');
+  assert.equal(eof, null, 'the fd received with the unfinished read was not closed');
+  watcher.close();
+  // Without idleUntilFirstByte the clock runs from the call, first byte or not.
+  const [p, q] = UnixConnection.pair();
+  await assert.rejects(p.readExact(8, 0, { timeoutMs: 50 }), (e: unknown) => isNativeError(e, 'READ_TIMEOUT') && /only 0 of 8/.test(e.message));
+  [y, q].forEach((c) => c.close());
+});
+
+test('with idleUntilFirstByte a read waits for its first byte without limit, and a timely message is read whole', async () => {
+  const [x, y] = UnixConnection.pair();
+  const read = x.readExact(12, 0, { timeoutMs: 50, idleUntilFirstByte: true });
+  let settled = false;
+  read.then(() => (settled = true), () => (settled = true));
+  await new Promise((resolve) => setTimeout(resolve, 300)); // six times the timeout, idle
+  assert.equal(settled, false, 'an idle read must not time out before its first byte');
+  y.send(enc('twelve bytes'));
+  assert.equal(dec((await read)!.data), 'twelve bytes');
+  // The timer of a finished read never fires later: the connection still works.
+  await new Promise((resolve) => setTimeout(resolve, 150));
+  y.send(enc('more'));
+  assert.equal(dec((await x.readExact(4, 0, { timeoutMs: 50 }))!.data), 'more');
+  assert.throws(() => x.readExact(1, 0, { timeoutMs: 0 }), RangeError);
+  [x, y].forEach((c) => c.close());
+});
+
+test('a pending read whose peer hangs up with our data unread rejects with ECONNRESET, not the poll\'s EBADF', async () => {
+  const [x, y] = UnixConnection.pair();
+  const read = x.readExact(12);
+  x.send(enc('a reply y never reads'));
+  await x.drain();
+  y.close();
+  await assert.rejects(read, (e: unknown) => isNativeError(e, 'ECONNRESET'));
+  assert.equal(x.isClosed, true);
+});
+
 test('one read at a time; reads after close reject with CLOSED; close rejects the pending read', async () => {
   const [x, y] = UnixConnection.pair();
   const pending = x.readExact(4);
@@ -247,6 +294,51 @@ test('server accepts connections; client and server exchange messages with fds',
     server.close();
   }
   assert.equal(existsSync(path), false);
+}));
+
+test('a paused server leaves peers in the backlog, reports one waiting once, and accepts them in order on resume', withDir(async (dir) => {
+  const path = join(dir, 'paused.sock');
+  const accepted: UnixConnection[] = [];
+  let waiting = 0;
+  const server = UnixSocketServer.listen(path, (conn) => {
+    accepted.push(conn);
+    // One at a time: each accepted peer pauses the server before the next is accepted.
+    server.pause(() => waiting++);
+  });
+  const until = (what: string, done: () => boolean): Promise<void> => new Promise((resolve, reject) => {
+    const deadline = Date.now() + 10_000;
+    const check = (): void => {
+      if (done()) resolve();
+      else if (Date.now() > deadline) reject(new Error(`timed out waiting for ${what}`));
+      else setTimeout(check, 5);
+    };
+    check();
+  });
+  const clients: UnixConnection[] = [];
+  try {
+    clients.push(await UnixConnection.connect(path));
+    await until('the first peer to be accepted', () => accepted.length === 1);
+    for (const text of ['two!', 'tri!']) {
+      const c = await UnixConnection.connect(path);
+      c.send(enc(text));
+      clients.push(c);
+    }
+    await until('a waiting peer to be reported', () => waiting === 1);
+    // Nothing accepted while paused, and the report came once for both peers.
+    await new Promise((resolve) => setImmediate(resolve));
+    assert.equal(accepted.length, 1);
+    assert.equal(waiting, 1);
+
+    server.resume();
+    await until('the second peer to be accepted', () => accepted.length === 2);
+    assert.equal(dec((await accepted[1].readExact(4))!.data), 'two!', 'what a peer sent while waiting is kept');
+    server.resume();
+    await until('the third peer to be accepted', () => accepted.length === 3);
+    assert.equal(dec((await accepted[2].readExact(4))!.data), 'tri!');
+  } finally {
+    server.close();
+    [...clients, ...accepted].forEach((c) => c.close());
+  }
 }));
 
 test('listen fails with EADDRINUSE on a live socket, even with removeStale', withDir((dir) => {

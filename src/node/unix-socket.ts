@@ -34,15 +34,37 @@ export interface ReceivedBytes {
   readonly truncatedFds: boolean;
 }
 
+/** Options of {@link UnixConnection.readExact}. */
+export interface ReadOptions {
+  /**
+   * Fail the read with code `READ_TIMEOUT`, closing the connection, when its bytes have
+   * not all arrived this many milliseconds after the read began (at most
+   * {@link MAX_READ_TIMEOUT_MS}).
+   * Default: no limit.
+   */
+  readonly timeoutMs?: number;
+  /**
+   * Start the {@link timeoutMs} clock at the first byte instead: a peer may take as long
+   * as it likes to begin a message, but not to finish one.
+   */
+  readonly idleUntilFirstByte?: boolean;
+}
+
 interface PendingRead {
   readonly data: Uint8Array;
   filled: number;
   readonly maxFds: number;
   readonly fds: number[];
   truncatedFds: boolean;
+  readonly timeoutMs: number | undefined;
+  readonly idleUntilFirstByte: boolean;
+  timer: NodeJS.Timeout | null;
   readonly resolve: (r: ReceivedBytes | null) => void;
   readonly reject: (e: Error) => void;
 }
+
+/** The largest {@link ReadOptions.timeoutMs}: setTimeout's largest delay (a longer one fires at once). */
+export const MAX_READ_TIMEOUT_MS = 2 ** 31 - 1;
 
 interface QueuedSend {
   data: Uint8Array;
@@ -107,13 +129,18 @@ export class UnixConnection {
    * {@link ReceivedBytes.truncatedFds}). Resolves null when the peer closed the stream
    * before the first of these bytes: the clean end of a message loop. Rejects with code
    * `UNEXPECTED_EOF` when it closed after some of them (the fds received so far are
-   * closed), and with the socket's error if it failed. One read at a time: a second
-   * call before the first settles throws `READ_PENDING`. `n` 0 resolves at once.
+   * closed), with `READ_TIMEOUT` when `options.timeoutMs` passed first, and with the
+   * socket's error if it failed. One read at a time: a second call before the first
+   * settles throws `READ_PENDING`. `n` 0 resolves at once.
    */
-  readExact(n: number, maxFds = 0): Promise<ReceivedBytes | null> {
+  readExact(n: number, maxFds = 0, options: ReadOptions = {}): Promise<ReceivedBytes | null> {
     if (!Number.isSafeInteger(n) || n < 0) throw new RangeError(`readExact: n must be a non-negative integer, got ${n}`);
     if (!Number.isSafeInteger(maxFds) || maxFds < 0 || maxFds > native.RECV_MAX_FDS) {
       throw new RangeError(`readExact: maxFds must be an integer in [0, ${native.RECV_MAX_FDS}], got ${maxFds}`);
+    }
+    const { timeoutMs } = options;
+    if (timeoutMs !== undefined && (!Number.isInteger(timeoutMs) || timeoutMs < 1 || timeoutMs > MAX_READ_TIMEOUT_MS)) {
+      throw new RangeError(`readExact: timeoutMs must be an integer in [1, ${MAX_READ_TIMEOUT_MS}], got ${timeoutMs}`);
     }
     if (this.reading !== null) throw new UsageError('READ_PENDING', 'readExact: a read is already pending on this connection');
     if (this.failure !== null) return Promise.reject(this.failure);
@@ -121,7 +148,10 @@ export class UnixConnection {
     if (this.atEof) return Promise.resolve(null);
     if (n === 0) return Promise.resolve({ data: new Uint8Array(0), fds: [], truncatedFds: false });
     return new Promise((resolve, reject) => {
-      this.reading = { data: new Uint8Array(n), filled: 0, maxFds, fds: [], truncatedFds: false, resolve, reject };
+      this.reading = {
+        data: new Uint8Array(n), filled: 0, maxFds, fds: [], truncatedFds: false,
+        timeoutMs, idleUntilFirstByte: options.idleUntilFirstByte ?? false, timer: null, resolve, reject,
+      };
       this.pumpRead();
     });
   }
@@ -189,6 +219,7 @@ export class UnixConnection {
     const reading = this.reading;
     this.reading = null;
     if (reading !== null) {
+      if (reading.timer !== null) clearTimeout(reading.timer);
       reading.fds.forEach((fd) => native.close(fd));
       reading.reject(error);
     }
@@ -210,6 +241,7 @@ export class UnixConnection {
       }
       if (got === null) {
         this.updateInterest();
+        this.armTimeout(r);
         return;
       }
       r.fds.push(...got.fds);
@@ -217,6 +249,7 @@ export class UnixConnection {
       if (got.bytes === 0) {
         this.atEof = true;
         this.reading = null;
+        if (r.timer !== null) clearTimeout(r.timer);
         this.updateInterest();
         if (r.filled === 0) {
           r.resolve(null);
@@ -229,8 +262,24 @@ export class UnixConnection {
       r.filled += got.bytes;
     }
     this.reading = null;
+    if (r.timer !== null) clearTimeout(r.timer);
     this.updateInterest();
     r.resolve({ data: r.data, fds: r.fds, truncatedFds: r.truncatedFds });
+  }
+
+  /**
+   * Starts a read's timeout when it first has to wait (for its first byte, or with
+   * `idleUntilFirstByte` for the rest once some arrived), so a read the socket satisfies
+   * at once costs no timer.
+   */
+  private armTimeout(r: PendingRead): void {
+    if (r.timeoutMs === undefined || r.timer !== null || (r.idleUntilFirstByte && r.filled === 0)) return;
+    const ms = r.timeoutMs;
+    r.timer = setTimeout(() => {
+      if (this.reading === r) this.fail(new VblkError('READ_TIMEOUT', `only ${r.filled} of ${r.data.length} bytes arrived within ${ms} ms`));
+    }, ms);
+    // The socket's watcher keeps the process alive while the read waits; the timer need not.
+    r.timer.unref();
   }
 
   private pumpWrite(): void {
@@ -273,11 +322,25 @@ export class UnixConnection {
 
   private onReady(error: Error | null, ready: number): void {
     if (error !== null) {
-      this.fail(error);
+      this.fail(socketFailure(this.fd) ?? error);
       return;
     }
     if (ready & WRITABLE) this.pumpWrite();
     if (ready & READABLE) this.pumpRead();
+  }
+}
+
+/**
+ * What a poll error on a connection was. libuv reports an error condition on the socket
+ * (POLLERR) as EBADF although the fd is open and fine; the socket's pending error names
+ * the cause: ECONNRESET when the peer hung up with data of ours unread. Null when it has
+ * none, or the fd is no socket (a backend channel is whatever fd a frontend sent).
+ */
+function socketFailure(fd: number): Error | null {
+  try {
+    return native.socketError(fd);
+  } catch {
+    return null;
   }
 }
 
@@ -299,8 +362,8 @@ export interface UnixServerOptions {
 
 /**
  * A listening AF_UNIX stream socket. Calls `onConnection` on the event loop for each
- * accepted connection; the callback owns the connection. Keeps the process alive until
- * {@link close}.
+ * accepted connection; the callback owns the connection. {@link pause} stops accepting
+ * for a while. Keeps the process alive until {@link close}.
  */
 export class UnixSocketServer {
   readonly path: string;
@@ -308,6 +371,8 @@ export class UnixSocketServer {
   private readonly watcher: FdWatcher;
   /** Identity of the socket file we bound, so close() never unlinks someone else's. */
   private readonly inode: { dev: number; ino: number };
+  private paused = false;
+  private onWaiting: (() => void) | null = null;
 
   private constructor(path: string, fd: number, onConnection: (conn: UnixConnection) => void) {
     this.path = path;
@@ -316,7 +381,17 @@ export class UnixSocketServer {
     this.inode = { dev: st.dev, ino: st.ino };
     this.watcher = new FdWatcher(fd, 'r', (error) => {
       if (error !== null) throw error; // the listening fd is ours: failing to poll it is a bug
-      for (;;) {
+      if (this.paused) {
+        // Someone waits in the backlog: say so once, then stop polling (the level-triggered
+        // watcher would call again on every loop iteration) until resume().
+        this.watcher.setEvents('none');
+        const onWaiting = this.onWaiting;
+        this.onWaiting = null;
+        onWaiting?.();
+        return;
+      }
+      // onConnection may pause the server: accept no further than that.
+      while (!this.paused) {
         const conn = native.accept(this.fd);
         if (conn < 0) return;
         onConnection(new UnixConnection(conn));
@@ -340,6 +415,27 @@ export class UnixSocketServer {
       native.close(fd);
       throw e;
     }
+  }
+
+  /**
+   * Stops accepting until {@link resume}. Peers that connect meanwhile wait in the listen
+   * backlog: their connect succeeds and the kernel keeps what they send until they are
+   * accepted; once the backlog is full, connect fails with `EAGAIN` (or blocks, on a
+   * blocking socket). `onWaiting` is called once, on the event loop, when a peer is
+   * waiting while paused.
+   */
+  pause(onWaiting?: () => void): void {
+    this.paused = true;
+    this.onWaiting = onWaiting ?? null;
+    // Polled while paused only to notice a waiting peer (a second pause re-arms that).
+    if (this.fd >= 0) this.watcher.setEvents('r');
+  }
+
+  /** Accepts again, starting with the peers that waited in the backlog. Does nothing after {@link close}. */
+  resume(): void {
+    this.paused = false;
+    this.onWaiting = null;
+    if (this.fd >= 0) this.watcher.setEvents('r');
   }
 
   /** Stops accepting, closes the socket and removes its file (if it is still ours). Connections stay open. Idempotent. */

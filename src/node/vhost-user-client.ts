@@ -45,6 +45,7 @@ class SocketChannel implements FrontendChannel {
   private lost: Error | null = null;
   private readonly lostListeners: ((reason: Error) => void)[] = [];
   private closing = false;
+  private hasReplied = false;
 
   constructor(private readonly conn: UnixConnection, private readonly timeoutMs: number) {
     void this.readLoop();
@@ -78,6 +79,7 @@ class SocketChannel implements FrontendChannel {
           break;
         }
         this.waiting = null;
+        this.hasReplied = true;
         w.resolve({ header: header.value, payload: payload.data, fds: head.fds });
       }
     } catch (e) {
@@ -115,7 +117,11 @@ class SocketChannel implements FrontendChannel {
     this.conn.send(msg.bytes, msg.fds);
     if (!reply) return null;
     const timer = setTimeout(() => {
-      this.fail(new VblkError('TIMEOUT', `no reply to VHOST_USER_${req.request} within ${this.timeoutMs} ms: is this a vhost-user device?`));
+      // A backend busy with another frontend leaves us waiting in its listen backlog
+      // (vblk serve and qemu-storage-daemon serve one at a time): silent from the start.
+      const hint = this.hasReplied ? 'is this a vhost-user device?'
+        : 'is this a vhost-user device, and is it free? (a backend serves one frontend at a time; the next waits)';
+      this.fail(new VblkError('TIMEOUT', `no reply to VHOST_USER_${req.request} within ${this.timeoutMs} ms: ${hint}`));
     }, this.timeoutMs);
     try {
       const raw = await reply;

@@ -4,6 +4,14 @@
  * frontend goes away (guest reboot, QEMU quitting, `reconnect=`). Messages are read as
  * VHOST-USER-NOTES.md says: exactly the 12-byte header with its fds, then exactly the
  * payload; never ahead.
+ *
+ * One at a time, like qemu-storage-daemon: from accepting a frontend until its session
+ * is cleaned up (requests in flight completed, device reset, memory unmapped) the server
+ * accepts nobody. A frontend that connects meanwhile waits in the listen backlog — its
+ * connect succeeds and what it sends is kept by the kernel — and is served next. So one
+ * that reconnects right after hanging up (QEMU's `reconnect=`, `vblk info` and then
+ * QEMU) is never turned away, however the close and the connect race on the event loop;
+ * one that connects while another really is connected is logged as waiting.
  */
 import { chmodSync } from 'node:fs';
 import { isMainThread } from 'node:worker_threads';
@@ -20,7 +28,7 @@ import { EventFd } from './eventfd.js';
 import { FdWatcher } from './fd-watcher.js';
 import { MappedRegion } from './mapped-memory.js';
 import * as native from './native.js';
-import { UnixConnection, UnixSocketServer } from './unix-socket.js';
+import { MAX_READ_TIMEOUT_MS, UnixConnection, UnixSocketServer } from './unix-socket.js';
 
 export interface VhostUserServerOptions {
   /** Path of the unix socket to listen on. */
@@ -33,6 +41,13 @@ export interface VhostUserServerOptions {
   /** One line per connection and per error. */
   readonly log?: (line: string) => void;
   /**
+   * How long a frontend may leave a message unfinished before the connection is dropped:
+   * its header must be whole this many milliseconds after its first byte, and its payload
+   * this long after the header (default {@link DEFAULT_MESSAGE_TIMEOUT_MS}). Time between
+   * messages is not limited: QEMU sends nothing for hours while its guest runs.
+   */
+  readonly messageTimeoutMs?: number;
+  /**
    * Map memory regions whose fd is not sealed against shrinking (memory-backend-file on
    * /dev/shm or hugetlbfs, `memory-backend-memfd,seal=off`). Dangerous: a frontend that
    * then shrinks the file kills this process with SIGBUS (see {@link NodeBackendIo.mapRegion}).
@@ -40,6 +55,14 @@ export interface VhostUserServerOptions {
    */
   readonly allowUnsealedMemory?: boolean;
 }
+
+/**
+ * A frontend writes each message with one sendmsg, and we wait for the rest of one only
+ * while the socket holds nothing more, so a live frontend's message is whole within
+ * microseconds. Twenty seconds leaves room for a frontend descheduled or swapped out
+ * mid-write, while one that stalls (or attacks) cannot hold the one-at-a-time server.
+ */
+export const DEFAULT_MESSAGE_TIMEOUT_MS = 20_000;
 
 export type RegionMappingErrorCode = 'UNSEALED_MEMORY' | 'REGION_PAST_EOF';
 
@@ -164,6 +187,16 @@ export class NodeBackendIo implements BackendIo {
   }
 }
 
+/** The log's reason for a connection that ended with `e`, in the frontend's terms. */
+function whyConnectionFailed(e: unknown): string {
+  if (e instanceof VblkError && e.code === 'READ_TIMEOUT') return `frontend stopped mid-message: ${e.message}`;
+  // On an AF_UNIX socket ECONNRESET means the peer closed it with our data unread, and
+  // EPIPE that we wrote after it closed: either way the frontend hung up.
+  if (native.isNativeError(e, 'ECONNRESET')) return 'frontend hung up, leaving a reply unread (connection reset)';
+  if (native.isNativeError(e, 'EPIPE')) return 'frontend hung up before its reply was sent (EPIPE)';
+  return e instanceof Error ? e.message : String(e);
+}
+
 /** A listening vhost-user backend. */
 export class VhostUserServer {
   private readonly log: (line: string) => void;
@@ -173,7 +206,7 @@ export class VhostUserServer {
   private session: VhostUserBackendSession | null = null;
   private resubmittedBefore = 0;
 
-  private constructor(private readonly options: VhostUserServerOptions, private readonly server: { close(): void }) {
+  private constructor(private readonly options: VhostUserServerOptions, private readonly server: UnixSocketServer) {
     this.log = options.log ?? (() => {});
   }
 
@@ -182,6 +215,10 @@ export class VhostUserServer {
    * a live one fails with `EADDRINUSE`.
    */
   static listen(options: VhostUserServerOptions): VhostUserServer {
+    const timeout = options.messageTimeoutMs;
+    if (timeout !== undefined && (!Number.isInteger(timeout) || timeout < 1 || timeout > MAX_READ_TIMEOUT_MS)) {
+      throw new RangeError(`messageTimeoutMs must be an integer from 1 to ${MAX_READ_TIMEOUT_MS}, got ${timeout}`);
+    }
     let self: VhostUserServer | null = null;
     const mode = options.socketMode ?? 0o600;
     // bind() creates the socket file as 0777 & ~umask, and a peer that connects before the
@@ -216,22 +253,21 @@ export class VhostUserServer {
   }
 
   private accept(conn: UnixConnection): void {
-    if (this.current) {
-      this.log('refusing a second frontend: one is connected already');
-      conn.close();
-      return;
-    }
     const n = ++this.connections;
     this.log(`frontend ${n} connected`);
     this.current = conn;
-    // The previous frontend may be gone while its session still cleans up (requests in
-    // flight completing, the device resetting): the new one waits for that instead of
-    // being refused, since a frontend reconnects at once (QEMU's reconnect=, a restart).
-    const previous = this.active ?? Promise.resolve();
-    const active: Promise<void> = previous.then(() => this.serve(conn, n)).finally(() => {
-      if (this.active === active) this.active = null;
+    this.server.pause(() => {
+      // A frontend that hung up and reconnected at once can make the listening socket
+      // ready before its old connection's end is read: let the event loop read that
+      // first, and report only a frontend that waits for one still connected.
+      setImmediate(() => {
+        if (this.current === conn) this.log(`a frontend is waiting to connect: it is served once frontend ${n} has gone`);
+      });
     });
-    this.active = active;
+    this.active = this.serve(conn, n).finally(() => {
+      this.active = null;
+      this.server.resume();
+    });
   }
 
   private async serve(conn: UnixConnection, n: number): Promise<void> {
@@ -239,9 +275,11 @@ export class VhostUserServer {
     const session = new VhostUserBackendSession(this.options.device, io, this.options.protocolFeatures ?? BACKEND_PROTOCOL_FEATURES);
     this.session = session;
     let reason = 'frontend closed the connection';
+    const timeoutMs = this.options.messageTimeoutMs ?? DEFAULT_MESSAGE_TIMEOUT_MS;
     try {
       for (;;) {
-        const head = await conn.readExact(VHOST_USER_HEADER_SIZE, VHOST_USER_MAX_FDS);
+        // Idle until a message begins; from its first byte it must arrive whole in time.
+        const head = await conn.readExact(VHOST_USER_HEADER_SIZE, VHOST_USER_MAX_FDS, { timeoutMs, idleUntilFirstByte: true });
         if (head === null) break;
         const header = decodeHeader(head.data);
         if (!header.ok) {
@@ -251,7 +289,7 @@ export class VhostUserServer {
         }
         // The header's fds are ours until the message is decoded: close them when the
         // payload never arrives (EOF or a socket error mid-message), not only on null.
-        const payload = await conn.readExact(header.value.size, 0).catch((e: unknown) => {
+        const payload = await conn.readExact(header.value.size, 0, { timeoutMs }).catch((e: unknown) => {
           head.fds.forEach((fd) => io.closeFd(fd));
           throw e;
         });
@@ -292,7 +330,7 @@ export class VhostUserServer {
         }
       }
     } catch (e) {
-      reason = e instanceof Error ? e.message : String(e);
+      reason = whyConnectionFailed(e);
     } finally {
       this.log(`frontend ${n} disconnected: ${reason}`);
       conn.close();

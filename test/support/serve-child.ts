@@ -68,7 +68,6 @@ const server = VhostUserServer.listen({
   allowUnsealedMemory: values['allow-unsealed-memory'],
   ...(values['socket-mode'] !== undefined ? { socketMode: parseInt(values['socket-mode'], 8) } : {}),
 });
-log(`listening on ${values.socket}`);
 if (values['exit-with-parent']) {
   process.stdin.on('end', () => process.exit(0));
   process.stdin.resume();
@@ -79,3 +78,5 @@ process.on('SIGTERM', () => {
     process.exit(1);
   });
 });
+// Last: once a parent reads this, connecting works and SIGTERM stops us cleanly.
+log(`listening on ${values.socket}`);

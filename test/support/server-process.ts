@@ -60,19 +60,25 @@ export class ServerProcess {
   }
 
   /**
-   * Starts `command` (default: the serve child with `args`) and resolves once the socket
-   * exists. `args` go after the command.
+   * Starts `command` (default: the serve child with `args`) and resolves once it is
+   * ready: the serve child says so ("listening on PATH"), after listen(2) and after it
+   * handles SIGTERM; for another command, once the socket exists. `args` go after the
+   * command.
    */
   static async start(socketPath: string, args: readonly string[] = [], command: readonly string[] = [SERVE_CHILD, '--socket', socketPath, '--exit-with-parent']): Promise<ServerProcess> {
     // stdin is a pipe that ends when we die: the serve child (--exit-with-parent) follows us.
     const proc = spawn(process.execPath, [...command, ...args], { stdio: ['pipe', 'pipe', 'pipe'] });
     const server = new ServerProcess(proc, socketPath);
     const deadline = Date.now() + 20_000;
-    while (!existsSync(socketPath)) {
+    // The socket file appears at bind(2), before listen(2): a connect in between is refused.
+    const ready = command[0] === SERVE_CHILD
+      ? (): boolean => server.lines.includes(`listening on ${socketPath}`)
+      : (): boolean => existsSync(socketPath);
+    while (!ready()) {
       if (server.exitInfo) throw new Error(`the server exited (${describeExit(server.exitInfo)}) before listening:\n${server.log()}`);
       if (Date.now() > deadline) {
         proc.kill('SIGKILL');
-        throw new Error(`the server did not create ${socketPath}:\n${server.log()}`);
+        throw new Error(`the server was not ready on ${socketPath} within 20 s:\n${server.log()}`);
       }
       await sleep(20);
     }
