@@ -13,7 +13,8 @@ import { openFileBackend } from '../node/file-backend.js';
 import { MAX_READ_TIMEOUT_MS } from '../node/unix-socket.js';
 import { DEFAULT_MESSAGE_TIMEOUT_MS, VhostUserServer } from '../node/vhost-user-server.js';
 import { CliUsageError } from './args.js';
-import { defineCommand } from './command.js';
+import { defineCommand, type CliIo } from './command.js';
+import type { LogSink } from '../log.js';
 
 export const command = defineCommand({
   name: 'serve',
@@ -42,6 +43,7 @@ export const command = defineCommand({
       kind: 'choice', choices: ['auto', 'sync', 'async', 'mmap'], default: 'auto',
       description: 'image I/O: auto serves page-cache hits at once and the rest on the thread pool; sync blocks on the disk; async always uses the thread pool; mmap reads through a mapping of the image (fastest when it is in the page cache, blocks on the disk otherwise)',
     },
+    'log-format': { kind: 'choice', choices: ['text', 'json'], default: 'text', description: 'log lines for people (text), or JSON lines with time, level, msg, socket, frontend and queue keys for log shippers' },
     metrics: { kind: 'string', valueName: 'HOST:PORT', description: 'serve Prometheus metrics at http://HOST:PORT/metrics (port 0: any free port, logged)' },
     'message-timeout': {
       kind: 'number', valueName: 'SECONDS', default: DEFAULT_MESSAGE_TIMEOUT_MS / 1000,
@@ -63,7 +65,7 @@ export const command = defineCommand({
     if (messageTimeoutMs > MAX_READ_TIMEOUT_MS) {
       throw new CliUsageError(`vblk serve: --message-timeout is at most ${Math.floor(MAX_READ_TIMEOUT_MS / 1000)} seconds`);
     }
-    const log = (line: string): void => io.stderr(`vblk serve: ${line}\n`);
+    const log = logSink(options['log-format'], options.socket, io);
     const metricsAt = options.metrics === undefined ? null : parseHostPort(options.metrics);
 
     const backend = openFileBackend(positionals[0], { readOnly: options['read-only'], size: options.size, io: options.io });
@@ -75,9 +77,9 @@ export const command = defineCommand({
       blockSize: options['block-size'] === '4096' ? 4096 : 512,
       readOnly: options['read-only'],
       cache: options.cache,
-      onBackendError: (e) => log(`I/O error: ${e instanceof Error ? e.message : String(e)}`),
+      onBackendError: (e) => log(`I/O error: ${e instanceof Error ? e.message : String(e)}`, { level: 'error' }),
       onWritebackChange: (wb) => log(`cache mode: ${wb ? 'write-back' : 'write-through'}`),
-      onLimitExceeded: (queue, message) => log(`ring ${queue}: ${message}`),
+      onLimitExceeded: (queue, message) => log(`ring ${queue}: ${message}`, { queue, level: 'warn' }),
       // Statistics cost a clock read per batch: kept when something can read them.
       statsClock: metricsAt !== null || options.control !== undefined ? () => performance.now() : undefined,
     });
@@ -147,4 +149,19 @@ export function parseHostPort(value: string): { host: string; port: number } {
   const port = m ? Number(m[3]) : NaN;
   if (!m || port > 65535) throw new CliUsageError(`vblk serve: --metrics wants HOST:PORT (e.g. 127.0.0.1:9100, [::1]:9100), got '${value}'`);
   return { host: m[1] ?? m[2], port };
+}
+
+/**
+ * The log of `vblk serve` on stderr: `vblk serve: MESSAGE` lines for people, or one JSON
+ * object per line with stable keys (`time`, `level`, `msg`, `socket`, and `frontend`,
+ * `queue` where they apply) for log shippers.
+ */
+export function logSink(format: 'text' | 'json', socket: string, io: CliIo): LogSink {
+  if (format === 'text') return (message) => io.stderr(`vblk serve: ${message}\n`);
+  return (message, context = {}) => {
+    const line: Record<string, string | number> = { time: new Date().toISOString(), level: context.level ?? 'info', msg: message, socket };
+    if (context.frontend !== undefined) line.frontend = context.frontend;
+    if (context.queue !== undefined) line.queue = context.queue;
+    io.stderr(`${JSON.stringify(line)}\n`);
+  };
 }

@@ -16,6 +16,7 @@
 import { chmodSync } from 'node:fs';
 import { isMainThread } from 'node:worker_threads';
 import { VblkError } from '../errors.js';
+import type { LogSink } from '../log.js';
 import { VHOST_USER_HEADER_SIZE, VHOST_USER_MAX_FDS } from '../spec/vhost-user.js';
 import { decodeFrontendRequest, decodeHeader, encodeBackendReply } from '../transport/vhost-user/codec.js';
 import {
@@ -39,7 +40,7 @@ export interface VhostUserServerOptions {
   /** Protocol features to offer (default: all the backend implements). */
   readonly protocolFeatures?: bigint;
   /** One line per connection and per error. */
-  readonly log?: (line: string) => void;
+  readonly log?: LogSink;
   /**
    * How long a frontend may leave a message unfinished before the connection is dropped:
    * its header must be whole this many milliseconds after its first byte, and its payload
@@ -80,7 +81,7 @@ export class NodeBackendIo implements BackendIo {
   private readonly channels = new Map<number, UnixConnection>();
 
   constructor(
-    readonly log: (line: string) => void,
+    readonly log: LogSink,
     private readonly allowUnsealedMemory = false,
   ) {}
 
@@ -199,7 +200,7 @@ function whyConnectionFailed(e: unknown): string {
 
 /** A listening vhost-user backend. */
 export class VhostUserServer {
-  private readonly log: (line: string) => void;
+  private readonly log: LogSink;
   private active: Promise<void> | null = null;
   private current: UnixConnection | null = null;
   private connections = 0;
@@ -254,14 +255,14 @@ export class VhostUserServer {
 
   private accept(conn: UnixConnection): void {
     const n = ++this.connections;
-    this.log(`frontend ${n} connected`);
+    this.log(`frontend ${n} connected`, { frontend: n });
     this.current = conn;
     this.server.pause(() => {
       // A frontend that hung up and reconnected at once can make the listening socket
       // ready before its old connection's end is read: let the event loop read that
       // first, and report only a frontend that waits for one still connected.
       setImmediate(() => {
-        if (this.current === conn) this.log(`a frontend is waiting to connect: it is served once frontend ${n} has gone`);
+        if (this.current === conn) this.log(`a frontend is waiting to connect: it is served once frontend ${n} has gone`, { level: 'warn' });
       });
     });
     this.active = this.serve(conn, n).finally(() => {
@@ -271,7 +272,7 @@ export class VhostUserServer {
   }
 
   private async serve(conn: UnixConnection, n: number): Promise<void> {
-    const io = new NodeBackendIo(this.log, this.options.allowUnsealedMemory ?? false);
+    const io = new NodeBackendIo((line, context) => this.log(line, { frontend: n, ...context }), this.options.allowUnsealedMemory ?? false);
     const session = new VhostUserBackendSession(this.options.device, io, this.options.protocolFeatures ?? BACKEND_PROTOCOL_FEATURES);
     this.session = session;
     let reason = 'frontend closed the connection';
@@ -315,7 +316,7 @@ export class VhostUserServer {
           reply = await session.handle(req);
         } catch (e) {
           if (!(e instanceof VblkError)) throw e;
-          this.log(`frontend ${n}: VHOST_USER_${req.request} refused: ${e.message}`);
+          this.log(`frontend ${n}: VHOST_USER_${req.request} refused: ${e.message}`, { frontend: n, level: 'warn' });
           reply = session.failureReply(req);
           if (!reply) {
             reason = `cannot honour VHOST_USER_${req.request}: ${e.message}`;
@@ -332,10 +333,10 @@ export class VhostUserServer {
     } catch (e) {
       reason = whyConnectionFailed(e);
     } finally {
-      this.log(`frontend ${n} disconnected: ${reason}`);
+      this.log(`frontend ${n} disconnected: ${reason}`, { frontend: n });
       conn.close();
       if (this.current === conn) this.current = null;
-      await session.close().catch((e: unknown) => this.log(`frontend ${n}: cleanup failed: ${(e as Error).message}`));
+      await session.close().catch((e: unknown) => this.log(`frontend ${n}: cleanup failed: ${(e as Error).message}`, { frontend: n, level: 'error' }));
       this.resubmittedBefore += session.resubmitted;
       if (this.session === session) this.session = null;
     }

@@ -9,6 +9,7 @@
  * the frontend set up into {@link SplitDeviceQueue}s and hands them to the device.
  */
 import { VblkError } from '../../errors.js';
+import type { LogSink } from '../../log.js';
 import { GuestMemory, type MemoryRegion } from '../../memory/guest-memory.js';
 import { VIRTIO_F, features as featureSet, hasFeature } from '../../spec/virtio.js';
 import { VHOST_USER_F_PROTOCOL_FEATURES, VHOST_USER_MAX_CONFIG_SIZE, VHOST_USER_PROTOCOL_F } from '../../spec/vhost-user.js';
@@ -59,7 +60,7 @@ export interface BackendIo {
   signalEventFd(fd: number): void;
   /** Sends a message on the backend channel (best effort: a dead channel is logged, not thrown). */
   sendOnBackendChannel(fd: number, message: EncodedMessage): void;
-  log(line: string): void;
+  log: LogSink;
 }
 
 export type BackendSessionErrorCode =
@@ -322,7 +323,7 @@ export class VhostUserBackendSession implements DeviceHost {
       this.device.writeConfig(0, this.frontendConfig);
       return;
     }
-    this.io.log('the frontend\'s copy of the config space is unknown (no GET_CONFIG on this connection, none recorded in the inflight buffer): assuming the cautious settings');
+    this.io.log('the frontend\'s copy of the config space is unknown (no GET_CONFIG on this connection, none recorded in the inflight buffer): assuming the cautious settings', { level: 'warn' });
     this.device.assumeCautiousConfig?.();
     this.frontendConfig = this.device.readConfig(0, VHOST_USER_MAX_CONFIG_SIZE);
     this.recordConfig();
@@ -505,8 +506,8 @@ export class VhostUserBackendSession implements DeviceHost {
     const log = this.inflightLogOf(index, v.num);
     if (log) {
       const r = queue.attachInflight(log);
-      if (r.discarded) this.io.log(`ring ${index}: ${r.discarded}`);
-      if (r.resubmit.length) this.io.log(`ring ${index}: resubmitting ${r.resubmit.length} requests a previous backend left in flight`);
+      if (r.discarded) this.io.log(`ring ${index}: ${r.discarded}`, { queue: index, level: 'warn' });
+      if (r.resubmit.length) this.io.log(`ring ${index}: resubmitting ${r.resubmit.length} requests a previous backend left in flight`, { queue: index });
       this.resubmitted += r.resubmit.length;
     }
     v.queue = queue;
@@ -636,7 +637,7 @@ export class VhostUserBackendSession implements DeviceHost {
   }
 
   needsReset(index: number, reason: ChainError): void {
-    this.io.log(`ring ${index} stopped, the driver must reset the device: ${reason.message}`);
+    this.io.log(`ring ${index} stopped, the driver must reset the device: ${reason.message}`, { queue: index, level: 'warn' });
     const v = this.vrings[index];
     if (v?.errFd != null) this.io.signalEventFd(v.errFd);
   }
