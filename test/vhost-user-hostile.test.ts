@@ -513,7 +513,7 @@ add({
     const r = ring.blkRequest(VIRTIO_BLK_T.IN, 0, 512);
     native.eventfdWrite(kick, 1);
     assert.equal(await f.acked({ request: 'SET_MEM_TABLE', needReply: true, regions: [mem.region] }), true);
-    const deadline = Date.now() + 2000;
+    const deadline = Date.now() + 10_000;
     while (ring.usedIdx !== 1 && Date.now() < deadline) await sleep(2);
     assert.equal(ring.usedIdx, 1, 'the ring never started');
     assert.equal(mem.bytes[r.status], VIRTIO_BLK_S.OK);
@@ -813,7 +813,7 @@ for (const [what, write] of hostileLogs) {
         g.kick(i);
       }
       const settled = (i: number): boolean => g.rings[i].usedIdx !== 0 || ctx.log().some((l) => l.startsWith(`ring ${i} stopped`));
-      await ctx.server.waitFor('each ring to serve or stop', () => settled(0) && settled(1), 2000)
+      await ctx.server.waitFor('each ring to serve or stop', () => settled(0) && settled(1))
         .catch(() => assert.fail(`a ring neither served nor stopped:\n${ctx.log().join('\n')}`));
     },
   });
@@ -1049,19 +1049,21 @@ describe('vhost-user: hostile frontends and guests against one server', () => {
       }
       assert.equal(server.exit, null);
       for (const t of ctx.tracked) {
-        const eof = await Promise.race([t.peer.readExact(1).then((r) => r === null, () => true), sleep(2000).then(() => false)]);
+        const eof = await Promise.race([t.peer.readExact(1).then((r) => r === null, () => true), sleep(10_000).then(() => false)]);
         t.peer.close();
         assert.ok(eof, `the server kept ${t.what} open`);
       }
       const open = await server.settleFds(baseline);
-      if (open !== baseline) {
+      // Fewer than the baseline: it was taken while a session still closed its fds.
+      if (open < baseline) baseline = open;
+      if (open > baseline) {
         // Report this case's leak once; later cases start from what is open now.
         const was = baseline;
         baseline = open;
         assert.fail(`fd leak: ${open} open, baseline ${was}:\n${server.fdTargets().join('\n')}`);
       }
       // The session unmaps after its requests complete and the device resets: allow for that.
-      await server.waitFor('shared memory to be unmapped', () => server.memfdMappings().length === 0, 2000).catch(() => {});
+      await server.waitFor('shared memory to be unmapped', () => server.memfdMappings().length === 0).catch(() => {});
       const maps = server.memfdMappings();
       assert.deepEqual(maps, [], `memory the frontend shared is still mapped:\n${maps.join('\n')}`);
 
@@ -1074,7 +1076,8 @@ describe('vhost-user: hostile frontends and guests against one server', () => {
       assert.ok(ctx.log().every((l) => !/^closing fd \d+/.test(l)), `an fd was closed twice:\n${ctx.log().join('\n')}`);
 
       const afterGood = await server.settleFds(baseline);
-      if (afterGood !== baseline) {
+      if (afterGood < baseline) baseline = afterGood;
+      if (afterGood > baseline) {
         const was = baseline;
         baseline = afterGood;
         assert.fail(`fd leak after the well-behaved frontend: ${afterGood} open, baseline ${was}:\n${server.fdTargets().join('\n')}`);

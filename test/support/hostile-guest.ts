@@ -91,7 +91,7 @@ export class RunningGuest {
   }
 
   /** Waits until ring `i`'s used index reaches `idx`; false after `timeoutMs`. */
-  async waitUsed(i: number, idx: number, timeoutMs = 2000): Promise<boolean> {
+  async waitUsed(i: number, idx: number, timeoutMs = 10_000): Promise<boolean> {
     const deadline = Date.now() + timeoutMs;
     while (this.rings[i].usedIdx !== (idx & 0xffff)) {
       if (Date.now() > deadline) return false;

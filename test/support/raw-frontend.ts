@@ -78,7 +78,7 @@ export class RawFrontend {
   }
 
   /** The next message from the server, or null when it closed the connection (or failed it, or `timeoutMs` passed). */
-  async reply(timeoutMs = 3000): Promise<RawReply | null> {
+  async reply(timeoutMs = 10_000): Promise<RawReply | null> {
     const read = async (): Promise<RawReply | null> => {
       const head = await this.conn.readExact(VHOST_USER_HEADER_SIZE, VHOST_USER_MAX_FDS);
       if (head === null) return null;
@@ -100,7 +100,7 @@ export class RawFrontend {
   }
 
   /** Sends `req` and reads the reply it owes. */
-  async call(req: FrontendRequest, timeoutMs = 3000): Promise<RawReply | null> {
+  async call(req: FrontendRequest, timeoutMs = 10_000): Promise<RawReply | null> {
     this.send(req);
     return this.reply(timeoutMs);
   }
@@ -109,7 +109,7 @@ export class RawFrontend {
    * Whether the server closes the connection within `timeoutMs`, reading (and dropping)
    * whatever replies it sends meanwhile.
    */
-  async serverCloses(timeoutMs = 3000): Promise<boolean> {
+  async serverCloses(timeoutMs = 10_000): Promise<boolean> {
     const deadline = Date.now() + timeoutMs;
     for (;;) {
       const left = deadline - Date.now();
