@@ -296,7 +296,8 @@ async function measure(peer: Peer, p: Pattern, queues: number, runtimeS: number)
 async function peersSection(o: Options, image: string, dir: string): Promise<PeerRow[]> {
   const rows: PeerRow[] = [];
   for (const queues of o.queues) {
-    for (const kind of PEER_KINDS) {
+    // Metrics on costs its own row in the versus section, not a column here.
+    for (const kind of PEER_KINDS.filter((k) => k !== 'vblk-serve-metrics')) {
       const peer = await startWarmPeer(kind, image, dir, queues, o.runtimeS);
       try {
         for (const p of PEER_PATTERNS) {

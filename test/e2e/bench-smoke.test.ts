@@ -31,12 +31,16 @@ test('npm run bench: every section runs against real peers and writes well-forme
       for (const row of results.peers) {
         assert.ok(row.iops > 0 && row.backend_cpu_us_per_io > 0 && row.driver_cpu_us_per_io > 0 && row.backend_rss_bytes > 0, JSON.stringify(row));
       }
-      // 2 rounds × 3 backends, each round in a different order; ratios to io_uring per backend.
-      assert.equal(results.versus.length, 6);
-      assert.deepEqual(results.versus.map((x: { backend: string }) => x.backend),
-        ['vblk-serve', 'vblk-serve-mmap', 'qsd-io_uring', 'vblk-serve-mmap', 'qsd-io_uring', 'vblk-serve']);
+      // 2 rounds × 4 backends, each round in a different order; ratios to io_uring per backend,
+      // and of serve with metrics to serve without.
+      assert.equal(results.versus.length, 8);
+      assert.deepEqual(results.versus.map((x: { backend: string }) => x.backend), [
+        'vblk-serve', 'vblk-serve-mmap', 'vblk-serve-metrics', 'qsd-io_uring',
+        'vblk-serve-mmap', 'vblk-serve-metrics', 'qsd-io_uring', 'vblk-serve',
+      ]);
       for (const row of results.versus) assert.ok(row.iops > 0 && row.backend_cpu_us_per_io > 0, JSON.stringify(row));
-      assert.deepEqual(results.versus_summary.map((x: { backend: string }) => x.backend), ['vblk-serve', 'vblk-serve-mmap']);
+      assert.deepEqual(results.versus_summary.map((x: { backend: string; base: string }) => `${x.backend}/${x.base}`),
+        ['vblk-serve/qsd-io_uring', 'vblk-serve-mmap/qsd-io_uring', 'vblk-serve-metrics/qsd-io_uring', 'vblk-serve-metrics/vblk-serve']);
       for (const x of results.versus_summary) {
         assert.ok(x.iops_ratio.min > 0 && x.iops_ratio.min <= x.iops_ratio.median && x.iops_ratio.median <= x.iops_ratio.max, JSON.stringify(x));
       }
@@ -47,7 +51,7 @@ test('npm run bench: every section runs against real peers and writes well-forme
       // 2 images × 1 queue count × 2 iodepths.
       assert.equal(results.scaling.length, 4);
       assert.deepEqual(results.scaling.map((x: { image: string; iodepth: number }) => `${x.image} ${x.iodepth}`), ['data 1', 'data 8', 'sparse 1', 'sparse 8']);
-      // IOPS and CPU for serve and for serve --io mmap, loopback, driver CPU, RSS.
+      // IOPS and CPU for serve and for serve --io mmap, metrics on/off, driver CPU, RSS.
       assert.equal(results.targets.length, 7);
       for (const t of results.targets) assert.equal(typeof t.met, 'boolean', JSON.stringify(t));
       assert.match(r.stdout, /^Targets$/m);
