@@ -4,10 +4,9 @@
  * time and keeps serving across disconnects; SIGINT/SIGTERM stop it cleanly after the
  * requests in flight complete and the image is flushed.
  */
-import { BlkDevice } from '../blk/device.js';
 import { listenControl } from '../node/control.js';
 import { openFileBackend } from '../node/file-backend.js';
-import { VhostUserServer } from '../node/vhost-user-server.js';
+import { serve, type ServedDisk } from '../node/serve.js';
 import { CliUsageError } from './args.js';
 import { defineCommand } from './command.js';
 
@@ -50,27 +49,27 @@ export const command = defineCommand({
     const log = (line: string): void => io.stderr(`vblk serve: ${line}\n`);
 
     const backend = openFileBackend(positionals[0], { readOnly: options['read-only'], size: options.size, io: options.io });
-    const device = new BlkDevice({
-      backend,
-      serial: options.serial,
-      numQueues: options.queues,
-      queueSize,
-      blockSize: options['block-size'] === '4096' ? 4096 : 512,
-      readOnly: options['read-only'],
-      cache: options.cache,
-      onBackendError: (e) => log(`I/O error: ${e instanceof Error ? e.message : String(e)}`),
-      onWritebackChange: (wb) => log(`cache mode: ${wb ? 'write-back' : 'write-through'}`),
-    });
-    let server: VhostUserServer;
+    let served: ServedDisk;
     try {
-      server = VhostUserServer.listen({
-        socketPath: options.socket, device, socketMode: parseInt(options['socket-mode'], 8), log,
+      served = await serve({
+        backend,
+        socketPath: options.socket, socketMode: parseInt(options['socket-mode'], 8), log,
         allowUnsealedMemory: options['allow-unsealed-memory'],
+        device: {
+          serial: options.serial,
+          numQueues: options.queues,
+          queueSize,
+          blockSize: options['block-size'] === '4096' ? 4096 : 512,
+          readOnly: options['read-only'],
+          cache: options.cache,
+          onWritebackChange: (wb) => log(`cache mode: ${wb ? 'write-back' : 'write-through'}`),
+        },
       });
     } catch (e) {
       await backend.close();
       throw e;
     }
+    const { device } = served;
     const control = options.control === undefined ? null : await listenControl(options.control, {
       resize: async (size) => {
         await device.resize(size);
@@ -93,8 +92,7 @@ export const command = defineCommand({
       process.on('SIGTERM', onTerm);
     });
     control?.close();
-    await server.close();
-    if (!backend.readOnly) await backend.flush();
+    await served.close();
     await backend.close();
     log('stopped');
   },
