@@ -1,38 +1,48 @@
 /**
- * `vblk serve IMAGE --socket PATH`: the virtio-blk device on a raw image, as a
- * vhost-user backend for QEMU (`-device vhost-user-blk-pci`). Serves one frontend at a
- * time and keeps serving across disconnects; SIGINT/SIGTERM stop it cleanly after the
- * requests in flight complete and the image is flushed.
+ * `vblk serve (IMAGE | --backend MODULE) --socket PATH`: the virtio-blk device on a raw
+ * image, or on the backend a user's module makes, as a vhost-user backend for QEMU
+ * (`-device vhost-user-blk-pci`). Serves one frontend at a time and keeps serving across
+ * disconnects; SIGINT/SIGTERM stop it cleanly after the requests in flight complete and
+ * the backend is flushed.
  */
+import type { BlockBackend } from '../backends/backend.js';
+import { loadBackendModule } from '../node/backend-module.js';
 import { listenControl } from '../node/control.js';
 import { openFileBackend } from '../node/file-backend.js';
 import { serve, type ServedDisk } from '../node/serve.js';
 import { CliUsageError } from './args.js';
 import { defineCommand } from './command.js';
+import { parseKeyValues } from './key-values.js';
 
 export const command = defineCommand({
   name: 'serve',
-  summary: 'serve a raw image as a vhost-user-blk device (for QEMU and other vhost-user frontends)',
-  usage: 'IMAGE --socket PATH [options]',
+  summary: 'serve a raw image, or your own backend, as a vhost-user-blk device (for QEMU and other vhost-user frontends)',
+  usage: '(IMAGE | --backend MODULE) --socket PATH [options]',
   details: [
     'QEMU connects with:',
     '  -object memory-backend-memfd,id=mem,size=256M,share=on -numa node,memdev=mem',
     '  -chardev socket,id=c0,path=PATH -device vhost-user-blk-pci,chardev=c0,num-queues=N',
+    '',
+    "MODULE is an ES module whose default export makes a BlockBackend (import type { BlockBackend } from 'vblk'):",
+    '  export default (options) => backend   (or a promise of one; options holds the --backend-opt pairs)',
+    'A request the backend fails (it throws or rejects) completes with an I/O error and a log line.',
   ],
   options: {
     socket: { kind: 'string', valueName: 'PATH', description: 'unix socket to listen on (required)' },
-    'read-only': { kind: 'boolean', description: 'open the image read-only and offer a read-only disk' },
+    backend: { kind: 'string', valueName: 'MODULE', description: 'serve the backend made by MODULE (a path with ./ or /, or a package name) instead of an IMAGE' },
+    'backend-opt': { kind: 'list', valueName: 'KEY=VALUE', description: 'an option for the backend module\'s factory' },
+    'read-only': { kind: 'boolean', description: 'offer a read-only disk (and open the IMAGE read-only)' },
     serial: { kind: 'string', valueName: 'STR', description: 'disk serial (GET_ID), at most 20 bytes', default: 'vblk' },
     queues: { kind: 'integer', valueName: 'N', min: 1, max: 64, default: 16, description: 'request queues offered (the frontend uses as many as it wants: QEMU one per vCPU unless num-queues says)' },
     'queue-size': { kind: 'integer', valueName: 'N', min: 2, max: 32768, default: 256, description: 'largest queue size (a power of two)' },
     'block-size': { kind: 'choice', choices: ['512', '4096'], default: '512', description: 'logical block size in bytes' },
-    size: { kind: 'size', valueName: 'SIZE', description: 'create the image, or grow it, to SIZE bytes (K/M/G/T suffixes)' },
+    size: { kind: 'size', valueName: 'SIZE', description: 'create the image, or grow it, to SIZE bytes (K/M/G/T suffixes; IMAGE only)' },
     control: { kind: 'string', valueName: 'PATH', description: 'control socket for `vblk resize`' },
     'socket-mode': { kind: 'string', valueName: 'MODE', default: '600', description: 'file mode of the socket, in octal' },
     cache: { kind: 'choice', choices: ['writeback', 'writethrough'], default: 'writeback', description: 'initial cache mode the guest sees (it may change it)' },
     io: {
       kind: 'choice', choices: ['auto', 'sync', 'async', 'mmap'], default: 'auto',
-      description: 'image I/O: auto serves page-cache hits at once and the rest on the thread pool; sync blocks on the disk; async always uses the thread pool; mmap reads through a mapping of the image (fastest when it is in the page cache, blocks on the disk otherwise)',
+      description: 'image I/O (IMAGE only): auto serves page-cache hits at once and the rest on the thread pool; sync blocks on the disk; async always uses the thread pool; mmap reads through a mapping of the image (fastest when it is in the page cache, blocks on the disk otherwise)',
     },
     'allow-unsealed-memory': {
       kind: 'boolean',
@@ -40,7 +50,16 @@ export const command = defineCommand({
     },
   },
   async run({ options, positionals }, io) {
-    if (positionals.length !== 1) throw new CliUsageError(`vblk serve: expected one IMAGE, got ${positionals.length}`);
+    const module = options.backend;
+    if (module === undefined && positionals.length !== 1) {
+      throw new CliUsageError(`vblk serve: expected one IMAGE or --backend MODULE, got ${positionals.length} arguments`);
+    }
+    if (module !== undefined && positionals.length > 0) throw new CliUsageError('vblk serve: give an IMAGE or --backend MODULE, not both');
+    if (module === undefined && options['backend-opt'].length > 0) throw new CliUsageError('vblk serve: --backend-opt needs --backend MODULE');
+    if (module !== undefined && options.size !== undefined) {
+      throw new CliUsageError('vblk serve: --size creates or grows an IMAGE; a backend module sizes its own disk (--backend-opt)');
+    }
+    const factoryOptions = parseKeyValues('vblk serve: --backend-opt', options['backend-opt']);
     if (options.socket === undefined) throw new CliUsageError('vblk serve: --socket PATH is required');
     const queueSize = options['queue-size'];
     if ((queueSize & (queueSize - 1)) !== 0) throw new CliUsageError(`vblk serve: --queue-size must be a power of two, got ${queueSize}`);
@@ -48,7 +67,9 @@ export const command = defineCommand({
     if (Buffer.byteLength(options.serial) > 20) throw new CliUsageError('vblk serve: --serial is at most 20 bytes');
     const log = (line: string): void => io.stderr(`vblk serve: ${line}\n`);
 
-    const backend = openFileBackend(positionals[0], { readOnly: options['read-only'], size: options.size, io: options.io });
+    const backend: BlockBackend = module === undefined
+      ? openFileBackend(positionals[0], { readOnly: options['read-only'], size: options.size, io: options.io })
+      : await loadBackendModule(module, factoryOptions);
     let served: ServedDisk;
     try {
       served = await serve({
@@ -77,7 +98,9 @@ export const command = defineCommand({
         return size;
       },
     });
-    log(`serving ${positionals[0]} (${backend.size} bytes${options['read-only'] ? ', read-only' : ''}) on ${options.socket}`);
+    const source = module === undefined ? positionals[0] : `backend module ${module}`;
+    const readOnly = options['read-only'] || backend.readOnly;
+    log(`serving ${source} (${backend.size} bytes${readOnly ? ', read-only' : ''}) on ${options.socket}`);
 
     await new Promise<void>((resolve) => {
       const stop = (signal: string): void => {

@@ -27,8 +27,21 @@ export function scratchDir(prefix: string): { dir: string; cleanup(): void } {
 }
 
 /** Runs `vblk serve IMAGE --socket SOCKET ...extra` and resolves once it listens. */
-export async function startServe(image: string, socket: string, extra: string[] = []): Promise<Served> {
-  const proc = spawn(process.execPath, [CLI, 'serve', image, '--socket', socket, ...extra], { stdio: ['ignore', 'pipe', 'pipe'] });
+export function startServe(image: string, socket: string, extra: string[] = []): Promise<Served> {
+  return launchServe(process.execPath, [CLI, 'serve', image, '--socket', socket, ...extra], socket);
+}
+
+/** Runs `vblk serve --backend MODULE --socket SOCKET ...extra` and resolves once it listens. */
+export function startServeBackend(module: string, socket: string, extra: string[] = []): Promise<Served> {
+  return launchServe(process.execPath, [CLI, 'serve', '--backend', module, '--socket', socket, ...extra], socket);
+}
+
+/**
+ * Runs `command args`, a `vblk serve` however it is started (node and the compiled CLI,
+ * npx in a project that installed vblk …), and resolves once it says it listens on `socket`.
+ */
+export async function launchServe(command: string, args: string[], socket: string, options: { cwd?: string } = {}): Promise<Served> {
+  const proc = spawn(command, args, { stdio: ['ignore', 'pipe', 'pipe'], cwd: options.cwd });
   let log = '';
   const waiters: { pattern: RegExp; resolve: (l: string) => void }[] = [];
   const onData = (d: Buffer): void => {
