@@ -57,10 +57,10 @@ async function fails(args: string[], code: number, pattern: RegExp): Promise<voi
 }
 
 test('a failing request is IOERR and a log line naming it; the next requests are served', async () => {
-  const module = join(scratch.dir, 'flaky.mjs');
-  writeFileSync(module, FLAKY);
+  const flaky = join(scratch.dir, 'flaky.mjs');
+  writeFileSync(flaky, FLAKY);
   const socket = join(scratch.dir, 'flaky.sock');
-  const served = await startServeBackend(module, socket, ['--backend-opt', 'sectors=2048', '--queues', '1']);
+  const served = await startServeBackend(flaky, socket, ['--backend-opt', 'sectors=2048', '--queues', '1']);
   try {
     assert.match(served.log(), /serving backend module .*flaky\.mjs \(1048576 bytes\) on /);
     const disk = await connect(socket);

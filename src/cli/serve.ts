@@ -50,13 +50,13 @@ export const command = defineCommand({
     },
   },
   async run({ options, positionals }, io) {
-    const module = options.backend;
-    if (module === undefined && positionals.length !== 1) {
+    const backendModule = options.backend;
+    if (backendModule === undefined && positionals.length !== 1) {
       throw new CliUsageError(`vblk serve: expected one IMAGE or --backend MODULE, got ${positionals.length} arguments`);
     }
-    if (module !== undefined && positionals.length > 0) throw new CliUsageError('vblk serve: give an IMAGE or --backend MODULE, not both');
-    if (module === undefined && options['backend-opt'].length > 0) throw new CliUsageError('vblk serve: --backend-opt needs --backend MODULE');
-    if (module !== undefined && options.size !== undefined) {
+    if (backendModule !== undefined && positionals.length > 0) throw new CliUsageError('vblk serve: give an IMAGE or --backend MODULE, not both');
+    if (backendModule === undefined && options['backend-opt'].length > 0) throw new CliUsageError('vblk serve: --backend-opt needs --backend MODULE');
+    if (backendModule !== undefined && options.size !== undefined) {
       throw new CliUsageError('vblk serve: --size creates or grows an IMAGE; a backend module sizes its own disk (--backend-opt)');
     }
     const factoryOptions = parseKeyValues('vblk serve: --backend-opt', options['backend-opt']);
@@ -67,9 +67,9 @@ export const command = defineCommand({
     if (Buffer.byteLength(options.serial) > 20) throw new CliUsageError('vblk serve: --serial is at most 20 bytes');
     const log = (line: string): void => io.stderr(`vblk serve: ${line}\n`);
 
-    const backend: BlockBackend = module === undefined
+    const backend: BlockBackend = backendModule === undefined
       ? openFileBackend(positionals[0], { readOnly: options['read-only'], size: options.size, io: options.io })
-      : await loadBackendModule(module, factoryOptions);
+      : await loadBackendModule(backendModule, factoryOptions);
     let served: ServedDisk;
     try {
       served = await serve({
@@ -98,7 +98,7 @@ export const command = defineCommand({
         return size;
       },
     });
-    const source = module === undefined ? positionals[0] : `backend module ${module}`;
+    const source = backendModule === undefined ? positionals[0] : `backend module ${backendModule}`;
     const readOnly = options['read-only'] || backend.readOnly;
     log(`serving ${source} (${backend.size} bytes${readOnly ? ', read-only' : ''}) on ${options.socket}`);
 

@@ -71,15 +71,15 @@ export async function loadBackendModule(
     // `disk.js` is a package name to import(); the user almost certainly meant the file.
     throw new BackendModuleError('MODULE_NOT_FOUND', `${name}: a path needs ./ or / (--backend ./${specifier}); without, it names a package`);
   }
-  let module: { default?: unknown };
+  let loaded: { default?: unknown };
   try {
-    module = (await import(url)) as { default?: unknown };
+    loaded = (await import(url)) as { default?: unknown };
   } catch (e) {
     const ext = extname(specifier);
     const hint = ['.ts', '.mts', '.cts'].includes(ext) ? ' (compile TypeScript to JavaScript first)' : '';
     throw new BackendModuleError('MODULE_FAILED', `${name} failed to load: ${reason(e)}${hint}`);
   }
-  const factory = module.default;
+  const factory = loaded.default;
   if (typeof factory !== 'function') {
     throw new BackendModuleError('NO_FACTORY', `${name}: its default export must be a function (options) => BlockBackend, got ${factory === null ? 'null' : typeof factory}`);
   }

@@ -70,8 +70,8 @@ echo WRITE-REFUSED`,
   it('the guest writes examples/custom-backend.js, flushes, and its bytes are in the snapshot and back after a restart', { timeout: 300_000 }, async () => {
     const snapshot = join(scratch.dir, 'ram.img');
     const socket = join(scratch.dir, 'ram.sock');
-    const module = join(EXAMPLES, 'custom-backend.js');
-    const first = await startServeBackend(module, socket, ['--backend-opt', `file=${snapshot}`, '--backend-opt', `size=${32 * MiB}`, '--queues', '1']);
+    const ramDisk = join(EXAMPLES, 'custom-backend.js');
+    const first = await startServeBackend(ramDisk, socket, ['--backend-opt', `file=${snapshot}`, '--backend-opt', `size=${32 * MiB}`, '--queues', '1']);
     let wrote: string;
     try {
       const r = await runGuest({
@@ -93,7 +93,7 @@ echo "READ=$(dd if=/dev/vda bs=1M skip=1 count=4 2>/dev/null | sha256sum | cut -
     } finally {
       assert.equal(await first.stop(), 0, first.log());
     }
-    const second = await startServeBackend(module, socket, ['--backend-opt', `file=${snapshot}`]);
+    const second = await startServeBackend(ramDisk, socket, ['--backend-opt', `file=${snapshot}`]);
     try {
       const read = await runCli(['read', '--socket', socket, '--offset', '1M', '--length', '4M']);
       assert.equal(read.code, 0, read.stderr);
