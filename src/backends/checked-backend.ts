@@ -12,7 +12,7 @@
  * thenable, and a `then` that throws fails that request. Throwing and rejecting need no
  * guard: the device already fails the request and reports it.
  */
-import { VblkError } from '../errors.js';
+import { VblkError, describeThrown } from '../errors.js';
 import { VIRTIO_BLK_SECTOR_SIZE } from '../spec/virtio-blk.js';
 import type { BackendResult, BlockBackend } from './backend.js';
 
@@ -39,15 +39,7 @@ function member(object: object, name: string): unknown {
   try {
     return (object as Record<string, unknown>)[name];
   } catch (e) {
-    throw new BackendShapeError(`reading the backend's ${name} threw: ${oneLine(e)}`);
-  }
-}
-
-function oneLine(e: unknown): string {
-  try {
-    return (e instanceof Error ? e.message : String(e)).replace(/\s*\n\s*/g, ' ');
-  } catch {
-    return 'an error that cannot be printed';
+    throw new BackendShapeError(`reading the backend's ${name} threw: ${describeThrown(e)}`);
   }
 }
 

@@ -57,7 +57,7 @@ test('a module that is missing or will not load is one line saying so', async ()
   await fails(bare, 'MODULE_NOT_FOUND', new RegExp(`a path needs ./ or / \\(--backend ./${bare}\\)`));
   await fails('vblk-no-such-package', 'MODULE_FAILED', /failed to load: Cannot find package 'vblk-no-such-package'/);
   await fails(`./${moduleFile('export default (;')}`, 'MODULE_FAILED', /failed to load: /);
-  await fails(`./${moduleFile("throw new Error('top-level\\nfailure');")}`, 'MODULE_FAILED', /failed to load: top-level$/);
+  await fails(`./${moduleFile("throw new Error('top-level\\nfailure');")}`, 'MODULE_FAILED', /failed to load: top-level failure$/);
   await fails(`./${moduleFile('throw 42;')}`, 'MODULE_FAILED', /failed to load: 42$/);
   await fails(`./${moduleFile('export default () => null;', '.ts')}`, 'MODULE_FAILED', /compile TypeScript to JavaScript first/);
 });
@@ -67,7 +67,7 @@ test('a default export that is not a factory, a failing factory, and a result th
   await fails(`./${moduleFile('export default { size: 512 };')}`, 'NO_FACTORY', /got object/);
   await fails(`./${moduleFile('export default null;')}`, 'NO_FACTORY', /got null/);
   await fails(`./${moduleFile("export default () => { throw new Error('no url given'); };")}`, 'FACTORY_FAILED', /its factory failed: no url given$/);
-  await fails(`./${moduleFile("export default async () => { throw new TypeError('bad\\nsize'); };")}`, 'FACTORY_FAILED', /its factory failed: bad$/);
+  await fails(`./${moduleFile("export default async () => { throw new TypeError('bad\\nsize'); };")}`, 'FACTORY_FAILED', /its factory failed: bad size$/);
   await fails(`./${moduleFile('export default () => Promise.reject(undefined);')}`, 'FACTORY_FAILED', /its factory failed: undefined$/);
   await fails(`./${moduleFile('export default () => 5;')}`, 'NOT_A_BACKEND', /the backend is a number, not an object/);
   await fails(`./${moduleFile(`export default () => (${BACKEND.replace('SIZE', '1000')});`)}`, 'NOT_A_BACKEND', /size must be a positive multiple of 512 bytes, got 1000/);

@@ -11,7 +11,7 @@ import { extname, isAbsolute, resolve } from 'node:path';
 import { pathToFileURL } from 'node:url';
 import type { BlockBackend } from '../backends/backend.js';
 import { BackendShapeError, checkBackend } from '../backends/checked-backend.js';
-import { VblkError } from '../errors.js';
+import { VblkError, describeThrown } from '../errors.js';
 
 /** The default export of a backend module. `options` holds the `--backend-opt KEY=VALUE` pairs. */
 export type BackendFactory = (options: Readonly<Record<string, string>>) => BlockBackend | Promise<BlockBackend>;
@@ -36,16 +36,6 @@ export interface LoadBackendOptions {
 /** A path names a file (`./disk.js`, `/opt/disk.mjs`, a `file:` URL); anything else names a package. */
 function isPath(specifier: string): boolean {
   return isAbsolute(specifier) || specifier.startsWith('./') || specifier.startsWith('../') || specifier.startsWith('file:');
-}
-
-/** Whatever was thrown, as one line (it may be anything a module chose to throw). */
-function reason(e: unknown): string {
-  try {
-    const text = e instanceof Error ? e.message : String(e);
-    return text.split('\n').map((l) => l.trim()).filter(Boolean)[0] ?? (e instanceof Error ? e.name : 'no message');
-  } catch {
-    return 'an error that cannot be printed';
-  }
 }
 
 /**
@@ -77,7 +67,7 @@ export async function loadBackendModule(
   } catch (e) {
     const ext = extname(specifier);
     const hint = ['.ts', '.mts', '.cts'].includes(ext) ? ' (compile TypeScript to JavaScript first)' : '';
-    throw new BackendModuleError('MODULE_FAILED', `${name} failed to load: ${reason(e)}${hint}`);
+    throw new BackendModuleError('MODULE_FAILED', `${name} failed to load: ${describeThrown(e)}${hint}`);
   }
   const factory = loaded.default;
   if (typeof factory !== 'function') {
@@ -87,7 +77,7 @@ export async function loadBackendModule(
   try {
     made = await (factory as BackendFactory)(factoryOptions);
   } catch (e) {
-    throw new BackendModuleError('FACTORY_FAILED', `${name}: its factory failed: ${reason(e)}`);
+    throw new BackendModuleError('FACTORY_FAILED', `${name}: its factory failed: ${describeThrown(e)}`);
   }
   try {
     return checkBackend(made);

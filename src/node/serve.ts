@@ -6,6 +6,7 @@
  */
 import type { BlockBackend } from '../backends/backend.js';
 import { BlkDevice, type BlkDeviceOptions } from '../blk/device.js';
+import { describeThrown } from '../errors.js';
 import { VIRTIO_BLK_T } from '../spec/virtio-blk.js';
 import { VhostUserServer, type VhostUserServerOptions } from './vhost-user-server.js';
 
@@ -45,7 +46,7 @@ export async function serve(options: ServeOptions): Promise<ServedDisk> {
   const { backend, device: deviceOptions, ...serverOptions } = options;
   const log = options.log ?? (() => {});
   const device = new BlkDevice({
-    onBackendError: (e, type, sector) => log(`I/O error (${describeRequest(type, sector)}): ${describeError(e)}`),
+    onBackendError: (e, type, sector) => log(`I/O error (${describeRequest(type, sector)}): ${describeThrown(e)}`),
     ...deviceOptions,
     backend,
   });
@@ -68,17 +69,4 @@ const REQUEST_NAMES: Readonly<Record<number, string>> = {
 function describeRequest(type: number, sector: number): string {
   if (type === VIRTIO_BLK_T.FLUSH) return 'flush';
   return `${REQUEST_NAMES[type] ?? `request type ${type}`} at sector ${sector}`;
-}
-
-/**
- * One line about anything thrown. A backend may throw whatever it likes (a string, an
- * object whose toString throws): the log line must not throw in turn.
- */
-function describeError(e: unknown): string {
-  try {
-    const text = e instanceof Error ? e.message : String(e);
-    return text.replace(/\s*\n\s*/g, ' ').trim() || (e instanceof Error ? e.name : 'unknown error');
-  } catch {
-    return 'an error that cannot be printed';
-  }
 }
