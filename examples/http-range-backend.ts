@@ -80,7 +80,8 @@ export class HttpRangeBackend implements BlockBackend {
       throw new HttpRangeError('HTTP_STATUS', `GET ${this.url} ${range}: HTTP ${response.status} instead of 206`);
     }
     const got = parseContentRange(response.headers.get('content-range'));
-    if (got === null || got.start !== offset || got.end !== offset + length - 1) {
+    // Other bytes than those asked for, or an image whose size changed since open: unusable.
+    if (got === null || got.start !== offset || got.end !== offset + length - 1 || got.total !== this.size) {
       await response.body?.cancel();
       throw new HttpRangeError('BAD_RESPONSE', `GET ${this.url} ${range}: the server sent ${response.headers.get('content-range') ?? 'no Content-Range'}`);
     }

@@ -8,6 +8,7 @@ import assert from 'node:assert/strict';
 import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import fc from 'fast-check';
 import { BackendError, ReadOnlyError, type BlockBackend } from 'vblk';
 import * as testing from 'vblk/testing';
 import makeRamDisk, { SnapshotRamDisk } from '../examples/custom-backend.js';
@@ -95,6 +96,26 @@ describe('examples/http-range-backend.ts', () => {
     server.misbehave = {};
     await b.read(4096, [buf]);
     assert.deepEqual(buf, image.subarray(4096, 8192));
+  }));
+
+  test('property: whatever Content-Range a server sends, a read returns the bytes asked for or fails with a typed error', () => open(async (b) => {
+    const header = fc.oneof(
+      fc.string({ unit: fc.constantFrom(...'bytes 0123456789-/*, ') }),
+      fc.tuple(fc.nat(image.length + 1024), fc.nat(image.length + 1024), fc.nat(2 * image.length)).map(([s, e, t]) => `bytes ${s}-${e}/${t}`),
+    ).map((h) => h.trim()).filter((h) => h.length > 0);
+    await fc.assert(fc.asyncProperty(fc.nat(image.length / 512 - 8), fc.integer({ min: 1, max: 8 }), header, async (sector, count, contentRange) => {
+      server.misbehave = { contentRange };
+      const buf = new Uint8Array(count * 512);
+      try {
+        await b.read(sector * 512, [buf]);
+      } catch (e) {
+        assert.ok(e instanceof HttpRangeError || e instanceof BackendError, String(e));
+        assert.ok(!e.message.includes('\n'));
+        return;
+      }
+      assert.equal(contentRange, `bytes ${sector * 512}-${(sector + count) * 512 - 1}/${image.length}`, 'only the right header is accepted');
+      assert.deepEqual(buf, image.subarray(sector * 512, (sector + count) * 512));
+    }), { numRuns: 300 });
   }));
 
   test('it refuses writes, discards and write-zeroes, and ranges past the end; close fails reads in flight and later calls', () => open(async (b) => {

@@ -16,6 +16,8 @@ export interface Misbehaviour {
   wrongRange?: boolean;
   /** Half the body is sent (chunked, so the end is clean and the client sees it short). */
   shortBody?: boolean;
+  /** A 206's Content-Range is this text, whatever was asked (the bytes asked are sent). */
+  contentRange?: string;
   /** GETs get no answer (until the server closes). */
   hold?: boolean;
 }
@@ -55,7 +57,7 @@ export async function startRangeServer(image: Uint8Array, misbehave: Misbehaviou
       res.writeHead(206, { 'Content-Range': `bytes ${from}-${to}/${total}` });
       return void res.end(body.subarray(0, body.length >> 1));
     }
-    res.writeHead(206, { 'Content-Range': `bytes ${from}-${to}/${total}`, 'Content-Length': body.length }).end(body);
+    res.writeHead(206, { 'Content-Range': m.contentRange ?? `bytes ${from}-${to}/${total}`, 'Content-Length': body.length }).end(body);
   };
   const server = createServer((req, res) => {
     requests.push({ method: req.method ?? '', range: req.headers.range });
