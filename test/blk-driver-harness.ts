@@ -7,6 +7,7 @@ import { BlkDriver, type BlkDriverOptions, type BlkLogger } from '../src/blk/dri
 import { MemoryBackend } from '../src/backends/memory-backend.js';
 import type { BlockBackend } from '../src/backends/backend.js';
 import { LoopbackTransport, type LoopbackOptions } from '../src/transport/loopback.js';
+import { openLoopbackDisk } from '../src/testing/loopback.js';
 import { encodeBlkConfig, type BlkConfig } from '../src/blk/config.js';
 import { VIRTIO_BLK_F, VIRTIO_BLK_S } from '../src/spec/virtio-blk.js';
 import { VIRTIO_F, VIRTIO_ID, features } from '../src/spec/virtio.js';
@@ -42,17 +43,11 @@ export function recordingLogger(log: Rig['log']): BlkLogger {
 
 export async function rig(options: RigOptions = {}): Promise<Rig & { readonly backend: BlockBackend }> {
   const backend = options.backend ?? new MemoryBackend({ size: options.size ?? 1 << 20 });
-  const device = new BlkDevice({ backend, ...options.device });
-  const transport = new LoopbackTransport(device, options.loopback);
   const log: Rig['log'] = [];
-  const driver = await BlkDriver.probe(transport, { logger: recordingLogger(log), ...options.driver });
-  return {
-    driver, device, backend, transport, log,
-    async close() {
-      await driver.remove();
-      await transport.close();
-    },
-  };
+  const disk = await openLoopbackDisk(backend, {
+    device: options.device, loopback: options.loopback, driver: { logger: recordingLogger(log), ...options.driver },
+  });
+  return { ...disk, backend, log };
 }
 
 export { pattern } from './support/pattern.js';

@@ -143,8 +143,9 @@ const S_UNSUPP = VIRTIO_BLK_S.UNSUPP;
  * there is one (Node), else a zero timeout (browsers; Node's would wait a millisecond,
  * which stalls a busy queue).
  */
-const nextTurn: (task: () => void) => void = typeof globalThis.setImmediate === 'function'
-  ? (task) => globalThis.setImmediate(task)
+const hostSetImmediate = (globalThis as { setImmediate?: (task: () => void) => unknown }).setImmediate;
+const nextTurn: (task: () => void) => void = typeof hostSetImmediate === 'function'
+  ? (task) => hostSetImmediate(task)
   : (task) => setTimeout(task, 0);
 
 const NO_HOST: DeviceHost = { configChanged: () => undefined, needsReset: () => undefined };

@@ -11,6 +11,7 @@ const SPECS = {
   runtime: { kind: 'number', default: 5, description: 'seconds' },
   timeout: { kind: 'number', allowZero: true, description: 'seconds' },
   rw: { kind: 'choice', choices: ['randread', 'write'], default: 'randread', description: 'pattern' },
+  opt: { kind: 'list', valueName: 'KEY=VALUE', description: 'options' },
 } as const satisfies OptionSpecs;
 
 function parse(...argv: string[]) {
@@ -63,6 +64,14 @@ test('unknown, repeated, valueless and value-taking-boolean options are errors',
   assert.throws(() => parse('--socket'), usageError('vblk bench: --socket needs a value'));
   assert.throws(() => parse('--json=yes'), usageError('vblk bench: --json takes no value'));
   assert.throws(() => parse('--constructor', 'x'), CliUsageError);
+});
+
+test('a list option collects every value in order, and is empty when absent', () => {
+  assert.deepEqual(parse().options.opt, []);
+  const { options } = parse('--opt', 'a=1', '--iodepth', '2', '--opt=b=2', '--opt', '');
+  assert.deepEqual(options.opt, ['a=1', 'b=2', '']);
+  assert.throws(() => parse('--opt'), usageError('vblk bench: --opt needs a value'));
+  assert.ok(formatOptions(SPECS).some((l) => l.includes('--opt KEY=VALUE') && l.includes('(may be repeated)')));
 });
 
 test('-- ends the options', () => {

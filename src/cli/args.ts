@@ -60,8 +60,12 @@ export interface ChoiceSpec<C extends string = string> extends SpecBase {
   readonly choices: readonly C[];
   readonly default?: C;
 }
+/** Any text, and the option may be given again: every value, in order (none when absent). */
+export interface ListSpec extends SpecBase {
+  readonly kind: 'list';
+}
 /** One option's kind, help text and limits. */
-export type OptionSpec = BooleanSpec | StringSpec | IntegerSpec | SizeSpec | NumberSpec | ChoiceSpec;
+export type OptionSpec = BooleanSpec | StringSpec | IntegerSpec | SizeSpec | NumberSpec | ChoiceSpec | ListSpec;
 /** Options by name, without the leading `--`. */
 export type OptionSpecs = Readonly<Record<string, OptionSpec>>;
 
@@ -69,8 +73,13 @@ type BaseValue<S> = S extends BooleanSpec ? boolean
   : S extends IntegerSpec | SizeSpec | NumberSpec ? number
   : S extends ChoiceSpec<infer C> ? C
   : string;
-/** The parsed value of one option: booleans are always set; others are undefined when absent without a default. */
-export type OptionValue<S> = S extends BooleanSpec ? boolean : S extends { readonly default: unknown } ? BaseValue<S> : BaseValue<S> | undefined;
+/**
+ * The parsed value of one option: booleans and lists are always set (false, []); others
+ * are undefined when absent without a default.
+ */
+export type OptionValue<S> = S extends BooleanSpec ? boolean
+  : S extends ListSpec ? string[]
+  : S extends { readonly default: unknown } ? BaseValue<S> : BaseValue<S> | undefined;
 /** Parsed values of every option in `S`, by name. */
 export type OptionValues<S extends OptionSpecs> = { -readonly [K in keyof S]: OptionValue<S[K]> };
 
@@ -135,7 +144,7 @@ export function parseCommandLine<S extends OptionSpecs>(command: string, specs: 
     const spec = Object.hasOwn(specs, name) ? specs[name] : undefined;
     if (spec === undefined) fail(`unknown option --${name} (see vblk ${command} --help)`);
     const s = spec as OptionSpec;
-    if (seen.has(name)) fail(`--${name} is given more than once`);
+    if (seen.has(name) && s.kind !== 'list') fail(`--${name} is given more than once`);
     seen.add(name);
     if (s.kind === 'boolean') {
       if (eq >= 0) fail(`--${name} takes no value`);
@@ -148,16 +157,17 @@ export function parseCommandLine<S extends OptionSpecs>(command: string, specs: 
       if (i + 1 >= argv.length) fail(`--${name} needs a value`);
       text = argv[++i];
     }
-    values[name] = convert(name, s, text, fail);
+    if (s.kind === 'list') ((values[name] ??= []) as string[]).push(text);
+    else values[name] = convert(name, s, text, fail);
   }
   for (const [name, spec] of Object.entries(specs)) {
     if (name in values) continue;
-    values[name] = spec.kind === 'boolean' ? false : spec.default;
+    values[name] = spec.kind === 'boolean' ? false : spec.kind === 'list' ? [] : spec.default;
   }
   return { options: values as OptionValues<S>, positionals };
 }
 
-function convert(name: string, spec: Exclude<OptionSpec, BooleanSpec>, text: string, fail: (why: string) => never): unknown {
+function convert(name: string, spec: Exclude<OptionSpec, BooleanSpec | ListSpec>, text: string, fail: (why: string) => never): unknown {
   const got = `got '${text}'`;
   switch (spec.kind) {
     case 'string':
@@ -202,7 +212,8 @@ export function formatOptions(specs: OptionSpecs): string[] {
     const d = 'default' in s ? s.default : undefined;
     const def = d === undefined ? '' : ` (default ${typeof d === 'number' && s.kind === 'size' ? formatSizeValue(d) : String(d)})`;
     const choices = s.kind === 'choice' ? ` [${s.choices.join('|')}]` : '';
-    return [`--${name}${value}`, `${s.description}${choices}${def}`];
+    const again = s.kind === 'list' ? ' (may be repeated)' : '';
+    return [`--${name}${value}`, `${s.description}${choices}${def}${again}`];
   });
   rows.push(['-h, --help', 'show this help']);
   const width = Math.max(...rows.map(([left]) => left.length));

@@ -1,47 +1,56 @@
 /**
- * `vblk serve IMAGE --socket PATH`: the virtio-blk device on a raw image, as a
- * vhost-user backend for QEMU (`-device vhost-user-blk-pci`). Serves one frontend at a
- * time (the next waits in the listen backlog) and keeps serving across disconnects;
- * SIGINT/SIGTERM stop it cleanly after the requests in flight complete and the image is
- * flushed.
+ * `vblk serve (IMAGE | --backend MODULE) --socket PATH`: the virtio-blk device on a raw
+ * image, or on the backend a user's module makes, as a vhost-user backend for QEMU
+ * (`-device vhost-user-blk-pci`). Serves one frontend at a time and keeps serving across
+ * disconnects (the next frontend waits in the listen backlog); SIGINT/SIGTERM stop it
+ * cleanly after the requests in flight complete and the backend is flushed.
  */
-import { BlkDevice } from '../blk/device.js';
 import { performance } from 'node:perf_hooks';
+import type { BlockBackend } from '../backends/backend.js';
+import type { LogSink } from '../log.js';
+import { loadBackendModule } from '../node/backend-module.js';
 import { listenControl } from '../node/control.js';
-import { listenMetrics, metricsRegistry, type MetricsEndpoint } from '../node/metrics.js';
 import { openFileBackend } from '../node/file-backend.js';
+import { listenMetrics, metricsRegistry, type MetricsEndpoint } from '../node/metrics.js';
+import { serve, type ServedDisk } from '../node/serve.js';
 import { MAX_READ_TIMEOUT_MS } from '../node/unix-socket.js';
-import { DEFAULT_MESSAGE_TIMEOUT_MS, VhostUserServer } from '../node/vhost-user-server.js';
+import { DEFAULT_MESSAGE_TIMEOUT_MS } from '../node/vhost-user-server.js';
 import { CliUsageError } from './args.js';
 import { defineCommand, type CliIo } from './command.js';
-import type { LogSink } from '../log.js';
+import { parseKeyValues } from './key-values.js';
 
 export const command = defineCommand({
   name: 'serve',
-  summary: 'serve a raw image as a vhost-user-blk device (for QEMU and other vhost-user frontends)',
-  usage: 'IMAGE --socket PATH [options]',
+  summary: 'serve a raw image, or your own backend, as a vhost-user-blk device (for QEMU and other vhost-user frontends)',
+  usage: '(IMAGE | --backend MODULE) --socket PATH [options]',
   details: [
     'QEMU connects with:',
     '  -object memory-backend-memfd,id=mem,size=256M,share=on -numa node,memdev=mem',
     '  -chardev socket,id=c0,path=PATH -device vhost-user-blk-pci,chardev=c0,num-queues=N',
+    '',
+    "MODULE is an ES module whose default export makes a BlockBackend (import type { BlockBackend } from 'vblk'):",
+    '  export default (options) => backend   (or a promise of one; options holds the --backend-opt pairs)',
+    'A request the backend fails (it throws or rejects) completes with an I/O error and a log line.',
     '',
     'One frontend at a time: one that connects while another is connected (or still being',
     'cleaned up after hanging up) waits, and is served once the other is gone.',
   ],
   options: {
     socket: { kind: 'string', valueName: 'PATH', description: 'unix socket to listen on (required)' },
-    'read-only': { kind: 'boolean', description: 'open the image read-only and offer a read-only disk' },
+    backend: { kind: 'string', valueName: 'MODULE', description: 'serve the backend made by MODULE (a path with ./ or /, or a package name) instead of an IMAGE' },
+    'backend-opt': { kind: 'list', valueName: 'KEY=VALUE', description: 'an option for the backend module\'s factory' },
+    'read-only': { kind: 'boolean', description: 'offer a read-only disk (and open the IMAGE read-only)' },
     serial: { kind: 'string', valueName: 'STR', description: 'disk serial (GET_ID), at most 20 bytes', default: 'vblk' },
     queues: { kind: 'integer', valueName: 'N', min: 1, max: 64, default: 16, description: 'request queues offered (the frontend uses as many as it wants: QEMU one per vCPU unless num-queues says)' },
     'queue-size': { kind: 'integer', valueName: 'N', min: 2, max: 32768, default: 256, description: 'largest queue size (a power of two)' },
     'block-size': { kind: 'choice', choices: ['512', '4096'], default: '512', description: 'logical block size in bytes' },
-    size: { kind: 'size', valueName: 'SIZE', description: 'create the image, or grow it, to SIZE bytes (K/M/G/T suffixes)' },
-    control: { kind: 'string', valueName: 'PATH', description: 'control socket for `vblk resize`' },
+    size: { kind: 'size', valueName: 'SIZE', description: 'create the image, or grow it, to SIZE bytes (K/M/G/T suffixes; IMAGE only)' },
+    control: { kind: 'string', valueName: 'PATH', description: 'control socket for `vblk resize` and `vblk stats`' },
     'socket-mode': { kind: 'string', valueName: 'MODE', default: '600', description: 'file mode of the socket, in octal' },
     cache: { kind: 'choice', choices: ['writeback', 'writethrough'], default: 'writeback', description: 'initial cache mode the guest sees (it may change it)' },
     io: {
       kind: 'choice', choices: ['auto', 'sync', 'async', 'mmap'], default: 'auto',
-      description: 'image I/O: auto serves page-cache hits at once and the rest on the thread pool; sync blocks on the disk; async always uses the thread pool; mmap reads through a mapping of the image (fastest when it is in the page cache, blocks on the disk otherwise)',
+      description: 'image I/O (IMAGE only): auto serves page-cache hits at once and the rest on the thread pool; sync blocks on the disk; async always uses the thread pool; mmap reads through a mapping of the image (fastest when it is in the page cache, blocks on the disk otherwise)',
     },
     'log-format': { kind: 'choice', choices: ['text', 'json'], default: 'text', description: 'log lines for people (text), or JSON lines with time, level, msg, socket, frontend and queue keys for log shippers' },
     metrics: { kind: 'string', valueName: 'HOST:PORT', description: 'serve Prometheus metrics at http://HOST:PORT/metrics (port 0: any free port, logged)' },
@@ -55,7 +64,16 @@ export const command = defineCommand({
     },
   },
   async run({ options, positionals }, io) {
-    if (positionals.length !== 1) throw new CliUsageError(`vblk serve: expected one IMAGE, got ${positionals.length}`);
+    const backendModule = options.backend;
+    if (backendModule === undefined && positionals.length !== 1) {
+      throw new CliUsageError(`vblk serve: expected one IMAGE or --backend MODULE, got ${positionals.length} arguments`);
+    }
+    if (backendModule !== undefined && positionals.length > 0) throw new CliUsageError('vblk serve: give an IMAGE or --backend MODULE, not both');
+    if (backendModule === undefined && options['backend-opt'].length > 0) throw new CliUsageError('vblk serve: --backend-opt needs --backend MODULE');
+    if (backendModule !== undefined && options.size !== undefined) {
+      throw new CliUsageError('vblk serve: --size creates or grows an IMAGE; a backend module sizes its own disk (--backend-opt)');
+    }
+    const factoryOptions = parseKeyValues('vblk serve: --backend-opt', options['backend-opt']);
     if (options.socket === undefined) throw new CliUsageError('vblk serve: --socket PATH is required');
     const queueSize = options['queue-size'];
     if ((queueSize & (queueSize - 1)) !== 0) throw new CliUsageError(`vblk serve: --queue-size must be a power of two, got ${queueSize}`);
@@ -68,31 +86,33 @@ export const command = defineCommand({
     const log = logSink(options['log-format'], options.socket, io);
     const metricsAt = options.metrics === undefined ? null : parseHostPort(options.metrics);
 
-    const backend = openFileBackend(positionals[0], { readOnly: options['read-only'], size: options.size, io: options.io });
-    const device = new BlkDevice({
-      backend,
-      serial: options.serial,
-      numQueues: options.queues,
-      queueSize,
-      blockSize: options['block-size'] === '4096' ? 4096 : 512,
-      readOnly: options['read-only'],
-      cache: options.cache,
-      onBackendError: (e) => log(`I/O error: ${e instanceof Error ? e.message : String(e)}`, { level: 'error' }),
-      onWritebackChange: (wb) => log(`cache mode: ${wb ? 'write-back' : 'write-through'}`),
-      onLimitExceeded: (queue, message) => log(`ring ${queue}: ${message}`, { queue, level: 'warn' }),
-      // Statistics cost a clock read per batch: kept when something can read them.
-      statsClock: metricsAt !== null || options.control !== undefined ? () => performance.now() : undefined,
-    });
-    let server: VhostUserServer;
+    const backend: BlockBackend = backendModule === undefined
+      ? openFileBackend(positionals[0], { readOnly: options['read-only'], size: options.size, io: options.io })
+      : await loadBackendModule(backendModule, factoryOptions);
+    let served: ServedDisk;
     try {
-      server = VhostUserServer.listen({
-        socketPath: options.socket, device, socketMode: parseInt(options['socket-mode'], 8), log,
+      served = await serve({
+        backend,
+        socketPath: options.socket, socketMode: parseInt(options['socket-mode'], 8), log,
         allowUnsealedMemory: options['allow-unsealed-memory'], messageTimeoutMs,
+        device: {
+          serial: options.serial,
+          numQueues: options.queues,
+          queueSize,
+          blockSize: options['block-size'] === '4096' ? 4096 : 512,
+          readOnly: options['read-only'],
+          cache: options.cache,
+          onWritebackChange: (wb) => log(`cache mode: ${wb ? 'write-back' : 'write-through'}`),
+          onLimitExceeded: (queue, message) => log(`ring ${queue}: ${message}`, { queue, level: 'warn' }),
+          // Statistics cost a clock read per batch: kept when something can read them.
+          statsClock: metricsAt !== null || options.control !== undefined ? () => performance.now() : undefined,
+        },
       });
     } catch (e) {
       await backend.close();
       throw e;
     }
+    const { device, server } = served;
     const socket = options.socket;
     const control = options.control === undefined ? null : await listenControl(options.control, {
       resize: async (size) => {
@@ -114,13 +134,15 @@ export const command = defineCommand({
         metrics = await listenMetrics(metricsAt.host, metricsAt.port, metricsRegistry([{ socket, device, frontends: server }]));
       } catch (e) {
         control?.close();
-        await server.close();
+        await served.close();
         await backend.close();
         throw e;
       }
       log(`metrics on ${metrics.url}`);
     }
-    log(`serving ${positionals[0]} (${backend.size} bytes${options['read-only'] ? ', read-only' : ''}) on ${options.socket}`);
+    const source = backendModule === undefined ? positionals[0] : `backend module ${backendModule}`;
+    const readOnly = options['read-only'] || backend.readOnly;
+    log(`serving ${source} (${backend.size} bytes${readOnly ? ', read-only' : ''}) on ${options.socket}`);
 
     await new Promise<void>((resolve) => {
       const stop = (signal: string): void => {
@@ -136,8 +158,7 @@ export const command = defineCommand({
     });
     control?.close();
     await metrics?.close();
-    await server.close();
-    if (!backend.readOnly) await backend.flush();
+    await served.close();
     await backend.close();
     log('stopped');
   },

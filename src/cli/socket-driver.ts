@@ -1,42 +1,13 @@
 /**
  * The blk driver on a vhost-user socket, as `vblk info | read | write | bench --socket`
- * use it: connect, probe, and close in the order that never frees memory the device may
- * still use (driver first, then the frontend, which unmaps last).
+ * use it: {@link connect} with the CLI's request timeout.
  */
-import { BlkDriver, type BlkDriverOptions } from '../blk/driver.js';
-import { connectVhostUser } from '../node/vhost-user-client.js';
+import { connect, type ConnectDiskOptions, type ConnectedDisk } from '../node/connect.js';
 
 /** Per-request timeout of the CLI: a dead device fails a command instead of hanging it. */
 export const CLI_REQUEST_TIMEOUT_MS = 30_000;
 
-export interface SocketDriver {
-  readonly driver: BlkDriver;
-  close(): Promise<void>;
-}
-
-export interface SocketDriverOptions extends BlkDriverOptions {
-  /** Shared memory for rings and bounce buffers; default 64 MiB. */
-  memorySize?: number;
-}
-
-export async function openSocketDriver(path: string, options: SocketDriverOptions = {}): Promise<SocketDriver> {
-  const { memorySize, ...driverOptions } = options;
-  const transport = await connectVhostUser(path, { memorySize });
-  let driver: BlkDriver;
-  try {
-    driver = await BlkDriver.probe(transport, { timeoutMs: CLI_REQUEST_TIMEOUT_MS, ...driverOptions });
-  } catch (e) {
-    await transport.close();
-    throw e;
-  }
-  return {
-    driver,
-    close: async () => {
-      try {
-        await driver.remove();
-      } finally {
-        await transport.close();
-      }
-    },
-  };
+/** Connects and probes, failing any request that takes more than {@link CLI_REQUEST_TIMEOUT_MS} unless `options` says otherwise. */
+export function openSocketDriver(path: string, options: ConnectDiskOptions = {}): Promise<ConnectedDisk> {
+  return connect(path, { timeoutMs: CLI_REQUEST_TIMEOUT_MS, ...options });
 }

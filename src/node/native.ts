@@ -147,13 +147,13 @@ function load(): Binding {
     const reason = e instanceof Error ? e.message.split('\n')[0] : String(e);
     throw new Error(
       `vblk: cannot load its native addon ${path} (${reason}). ` +
-        'Build it from the package directory with `npm ci` (or `npm run install`, which runs `node-gyp rebuild`); ' +
-        'building needs python3, make and a C compiler.',
+        'Build it with `npm rebuild vblk` where vblk is installed (in its own repository: `npm run install`); ' +
+        'building needs python3, make, and C and C++ compilers.',
     );
   }
   // A build from older sources loads but lacks functions: say so now, not at first use.
   if (typeof binding.fallocateAsync !== 'function' || typeof binding.watchRef !== 'function' || typeof binding.socketError !== 'function') {
-    throw new Error(`vblk: the native addon ${path} is out of date; rebuild it with \`npm run install\` (node-gyp rebuild).`);
+    throw new Error(`vblk: the native addon ${path} is out of date; rebuild it with \`npm rebuild vblk\` (in vblk's repository: \`npm run install\`).`);
   }
   return binding;
 }

@@ -16,7 +16,7 @@ export interface Served {
   log(): string;
   /** Waits for a log line matching `pattern` (searching the whole log so far first). */
   waitForLog(pattern: RegExp, timeoutMs?: number): Promise<string>;
-  /** SIGTERM, then the exit code (once its output is all read). */
+  /** SIGTERM (to its process group, when it has one), then the exit code (once its output is all read). */
   stop(): Promise<number | null>;
   readonly exited: Promise<number | null>;
 }
@@ -27,8 +27,31 @@ export function scratchDir(prefix: string): { dir: string; cleanup(): void } {
 }
 
 /** Runs `vblk serve IMAGE --socket SOCKET ...extra` and resolves once it listens. */
-export async function startServe(image: string, socket: string, extra: string[] = []): Promise<Served> {
-  const proc = spawn(process.execPath, [CLI, 'serve', image, '--socket', socket, ...extra], { stdio: ['ignore', 'pipe', 'pipe'] });
+export function startServe(image: string, socket: string, extra: string[] = []): Promise<Served> {
+  return launchServe(process.execPath, [CLI, 'serve', image, '--socket', socket, ...extra], socket);
+}
+
+/** Runs `vblk serve --backend MODULE --socket SOCKET ...extra` and resolves once it listens. */
+export function startServeBackend(module: string, socket: string, extra: string[] = []): Promise<Served> {
+  return launchServe(process.execPath, [CLI, 'serve', '--backend', module, '--socket', socket, ...extra], socket);
+}
+
+/** Where {@link launchServe} runs its command, and how {@link Served.stop} reaches it. */
+export interface LaunchOptions {
+  readonly cwd?: string;
+  /**
+   * Run the command in a process group of its own, and stop the whole group: npx does
+   * not pass SIGTERM on to the `vblk serve` it started.
+   */
+  readonly processGroup?: boolean;
+}
+
+/**
+ * Runs `command args`, a `vblk serve` however it is started (node and the compiled CLI,
+ * npx in a project that installed vblk …), and resolves once it says it listens on `socket`.
+ */
+export async function launchServe(command: string, args: string[], socket: string, options: LaunchOptions = {}): Promise<Served> {
+  const proc = spawn(command, args, { stdio: ['ignore', 'pipe', 'pipe'], cwd: options.cwd, detached: options.processGroup });
   let log = '';
   const waiters: { pattern: RegExp; resolve: (l: string) => void }[] = [];
   const onData = (d: Buffer): void => {
@@ -63,7 +86,16 @@ export async function startServe(image: string, socket: string, extra: string[] 
   return {
     proc, socket, log: () => log, waitForLog, exited,
     stop: async () => {
-      if (proc.exitCode === null) proc.kill('SIGTERM');
+      if (options.processGroup) {
+        try {
+          process.kill(-(proc.pid as number), 'SIGTERM');
+        } catch (e) {
+          // ESRCH: the whole group is gone already.
+          if ((e as { code?: string }).code !== 'ESRCH') throw e;
+        }
+      } else if (proc.exitCode === null) {
+        proc.kill('SIGTERM');
+      }
       return exited;
     },
   };

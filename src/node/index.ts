@@ -1,0 +1,20 @@
+/**
+ * `vblk/node`: vblk on Node.js (Linux). Serve any `BlockBackend` to QEMU and
+ * other vhost-user frontends ({@link serve}), drive a vhost-user-blk device
+ * ({@link connect}), load a backend module as `vblk serve --backend` does
+ * ({@link loadBackendModule}), and the file backend for raw images. Needs the native
+ * addon, which `npm install` builds.
+ */
+export { serve, type ServeOptions, type ServedDisk } from './serve.js';
+export { connect, type ConnectDiskOptions, type ConnectedDisk } from './connect.js';
+export {
+  BackendModuleError, loadBackendModule,
+  type BackendFactory, type BackendModuleErrorCode, type LoadBackendOptions,
+} from './backend-module.js';
+export {
+  FileBackend, FileBackendError, openFileBackend,
+  type FileBackendErrorCode, type FileBackendOptions, type FileIoMode,
+} from './file-backend.js';
+export { VhostUserServer, type VhostUserServerOptions } from './vhost-user-server.js';
+export { connectVhostUser, type ConnectOptions } from './vhost-user-client.js';
+export type { VhostUserFrontend } from '../transport/vhost-user/frontend.js';
