@@ -68,7 +68,7 @@ export async function launchServe(command: string, args: string[], socket: strin
   proc.stderr!.on('data', onData);
   // 'close', not 'exit': at 'exit' the last lines it wrote may still be in the pipe.
   const exited = new Promise<number | null>((res) => proc.on('close', (code) => res(code)));
-  const waitForLog = (pattern: RegExp, timeoutMs = 20_000): Promise<string> => {
+  const waitForLog = (pattern: RegExp, timeoutMs = 60_000): Promise<string> => {
     const m = log.split('\n').find((l) => pattern.test(l));
     if (m !== undefined) return Promise.resolve(m);
     return new Promise((res, rej) => {
@@ -80,7 +80,7 @@ export async function launchServe(command: string, args: string[], socket: strin
   const started = Date.now();
   while (!/serving .* on /.test(log)) {
     if (proc.exitCode !== null) throw new Error(`vblk serve exited with ${proc.exitCode}:\n${log}`);
-    if (Date.now() - started > 20_000) throw new Error(`vblk serve did not start listening on ${socket}:\n${log}`);
+    if (Date.now() - started > 60_000) throw new Error(`vblk serve did not start listening on ${socket}:\n${log}`);
     await new Promise((r) => setTimeout(r, 20));
   }
   return {
