@@ -23,3 +23,11 @@ test('src/node/ and src/cli/ may use them', async () => {
   assert.equal(await restrictedImports('src/node/probe.ts'), 0);
   assert.equal(await restrictedImports('src/cli/probe.ts'), 0);
 });
+
+test('src/testing/ may use node:test and node:assert, and nothing else of Node', async () => {
+  const eslint = new ESLint();
+  const kit = "import { test } from 'node:test';\nimport assert from 'node:assert/strict';\nimport plain from 'node:assert';\nexport const used = [test, assert, plain];\n";
+  const [allowed] = await eslint.lintText(kit, { filePath: 'src/testing/probe.ts' });
+  assert.equal(allowed.messages.filter((m) => m.ruleId === 'no-restricted-imports').length, 0);
+  assert.equal(await restrictedImports('src/testing/probe.ts'), 2);
+});

@@ -1,6 +1,6 @@
 // The memory backend's own promises: memory grows with what is written, never with the
 // disk size; discard and unmapping write-zeroes give whole chunks back. (The shared
-// behaviour is in test/backend-compliance.test.ts.)
+// behaviour is in the compliance suite, src/testing/backend-compliance.ts.)
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { MEMORY_CHUNK_SIZE, MemoryBackend } from './memory-backend.js';
