@@ -47,7 +47,8 @@ export abstract class FilterBackend implements BlockBackend {
   /** Present when `inner` reports allocation; see {@link BlockBackend.extents}. */
   extents?: (offset: number, length: number) => Extent[] | Promise<Extent[]>;
 
-  constructor(protected readonly inner: BlockBackend) {
+  /** @param inner The backend this filter wraps (and owns). */
+  constructor(readonly inner: BlockBackend) {
     const { resize, open, extents } = inner;
     if (resize) this.resize = (newSize) => resize.call(inner, newSize);
     if (open) this.open = () => open.call(inner);
