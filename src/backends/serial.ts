@@ -4,10 +4,8 @@
  * others queued in the order they came.
  */
 import type { BackendConcurrency, BackendResult, BlockBackend, Extent } from './backend.js';
+import { Fifo } from './fifo.js';
 import { FilterBackend } from './filters/filter.js';
-
-/** Started entries the queue may hold before it drops them (see {@link SerialBackend.compact}). */
-const COMPACT_AFTER = 64;
 
 /** An operation waiting for its turn. */
 interface Waiting {
@@ -28,9 +26,7 @@ interface Waiting {
  */
 export class SerialBackend extends FilterBackend {
   private busy = false;
-  private readonly waiting: Waiting[] = [];
-  /** Index in {@link waiting} of the next operation to start (a queue without shifts). */
-  private head = 0;
+  private readonly waiting = new Fifo<Waiting>();
   private readonly release = (): void => this.startNext();
 
   constructor(inner: BlockBackend) {
@@ -117,8 +113,8 @@ export class SerialBackend extends FilterBackend {
   /** The operation in flight has settled: start queued ones until one goes asynchronous. */
   private startNext(): void {
     const waiting = this.waiting;
-    while (this.head < waiting.length) {
-      const w = waiting[this.head++];
+    while (!waiting.isEmpty) {
+      const w = waiting.shift();
       let r: BackendResult;
       try {
         r = w.run();
@@ -131,19 +127,8 @@ export class SerialBackend extends FilterBackend {
         continue;
       }
       r.then(w.resolve, w.reject).finally(this.release);
-      this.compact();
       return;
     }
-    waiting.length = 0;
-    this.head = 0;
     this.busy = false;
-  }
-
-  /** Drops started entries once they are half the array, so a queue that never empties stays bounded. */
-  private compact(): void {
-    if (this.head > COMPACT_AFTER && this.head * 2 > this.waiting.length) {
-      this.waiting.splice(0, this.head);
-      this.head = 0;
-    }
   }
 }
