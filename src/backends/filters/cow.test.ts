@@ -228,3 +228,27 @@ test('after close every operation fails, zero blocks included', async () => {
   assert.throws(() => cow.read(0, [new Uint8Array(SECTOR)]), (e) => e instanceof BackendError && e.code === 'CLOSED');
   assert.throws(() => cow.discard(0, SECTOR), { code: 'CLOSED' });
 });
+
+test('an overlay made by a function once the size is known, opened by the filter when it has an open step', async () => {
+  class LateOverlay extends FilterBackend {
+    opened = false;
+    override open = (): void => {
+      this.opened = true;
+    };
+  }
+  const sizes: number[] = [];
+  let overlay: LateOverlay | null = null;
+  const cow = new CowFilter(new MemoryBackend({ size: 1 << 20 }), {
+    overlay: (size) => {
+      sizes.push(size);
+      overlay = new LateOverlay(new MemoryBackend({ size }));
+      return overlay;
+    },
+  });
+  assert.deepEqual(sizes, [1 << 20]);
+  assert.ok(cow.open, 'the overlay has an open step, so the filter has one');
+  await cow.open();
+  assert.ok((overlay as LateOverlay | null)?.opened);
+  await cow.write(0, [pattern(SECTOR, 9)]);
+  assert.deepEqual(await readBytes(cow, 0, SECTOR), pattern(SECTOR, 9));
+});

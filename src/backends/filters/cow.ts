@@ -45,10 +45,12 @@ export interface CowOptions {
   readonly granularity?: number;
   /**
    * Where written blocks go: a writable backend at least as large as the base, whose
-   * contents do not matter (they are never read before being written). Default a
-   * memory backend. The filter owns it: closing the filter closes it.
+   * contents do not matter (they are never read before being written), or a function
+   * that makes one of the size given — called once the base's size is known, which for
+   * a base with an `open` step is at open. Default a memory backend. The filter owns
+   * it: closing the filter closes it.
    */
-  readonly overlay?: BlockBackend;
+  readonly overlay?: BlockBackend | ((size: number) => BlockBackend);
 }
 
 /** Default block: 64 KiB. */
@@ -98,7 +100,8 @@ class StateTable {
 /** Copy-on-write over a base that is never written; see the module comment. */
 export class CowFilter extends FilterBackend {
   private readonly granularity: number;
-  private overlayStore: BlockBackend | null;
+  private overlayStore: BlockBackend | null = null;
+  private readonly makeOverlay: (size: number) => BlockBackend;
   private readonly states = new StateTable();
   /** Blocks changing state, each with the promise that settles when it has. */
   private readonly busy = new Map<number, Promise<void>>();
@@ -118,13 +121,20 @@ export class CowFilter extends FilterBackend {
       throw new RangeError(`granularity ${g} is not a power of two from ${VIRTIO_BLK_SECTOR_SIZE} to ${MAX_COW_GRANULARITY}`);
     }
     this.granularity = g;
-    this.overlayStore = options.overlay ?? null;
+    const overlay = options.overlay;
+    this.makeOverlay = typeof overlay === 'function' ? overlay : overlay ? () => overlay : (size) => new MemoryBackend({ size });
     // Never resized: that would change the base.
     this.resize = undefined;
     this.extents = (offset, length) => this.allocation(offset, length);
-    const given = options.overlay;
-    if (base.open || given?.open) this.open = () => this.openBoth(base, given);
-    else this.attachOverlay();
+    // The overlay is made once the base's size is known: now, or after the base opens.
+    // The filter has an open step when either side has one.
+    if (base.open) this.open = () => this.openBoth(base);
+    else {
+      const overlay = this.makeOverlay(base.size);
+      const open = overlay.open;
+      if (open) this.open = () => this.openOverlay(overlay, open.call(overlay));
+      else this.takeOverlay(overlay);
+    }
   }
 
   override get readOnly(): boolean {
@@ -192,23 +202,26 @@ export class CowFilter extends FilterBackend {
     return r.then(() => this.inner.close());
   }
 
-  private async openBoth(base: BlockBackend, overlay: BlockBackend | undefined): Promise<void> {
+  private async openBoth(base: BlockBackend): Promise<void> {
     await base.open?.();
-    await overlay?.open?.();
-    this.attachOverlay();
+    const overlay = this.makeOverlay(base.size);
+    await overlay.open?.();
+    this.takeOverlay(overlay);
   }
 
-  /** Makes the default overlay, or checks the one given, once the base's size is known. */
-  private attachOverlay(): void {
+  private openOverlay(overlay: BlockBackend, opened: BackendResult): BackendResult {
+    if (opened === undefined) return this.takeOverlay(overlay);
+    return opened.then(() => this.takeOverlay(overlay));
+  }
+
+  /** Checks the overlay against the base, and uses it. */
+  private takeOverlay(overlay: BlockBackend): void {
     const size = this.inner.size;
-    if (this.overlayStore === null) {
-      this.overlayStore = new MemoryBackend({ size });
-      return;
+    if (overlay.readOnly) throw new BackendError('READ_ONLY', 'the copy-on-write overlay is read-only');
+    if (overlay.size < size) {
+      throw new BackendError('BAD_SIZE', `the copy-on-write overlay holds ${overlay.size} bytes, less than the base's ${size}`);
     }
-    if (this.overlayStore.readOnly) throw new BackendError('READ_ONLY', 'the copy-on-write overlay is read-only');
-    if (this.overlayStore.size < size) {
-      throw new BackendError('BAD_SIZE', `the copy-on-write overlay holds ${this.overlayStore.size} bytes, less than the base's ${size}`);
-    }
+    this.overlayStore = overlay;
   }
 
   private check(offset: number, length: number): void {

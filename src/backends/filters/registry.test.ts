@@ -8,7 +8,7 @@ import { MemoryBackend } from '../memory-backend.js';
 import { CowFilter } from './cow.js';
 import { ErrorFilter } from './error.js';
 import { FILTER_OPS, FilterSpecError } from './options.js';
-import { applyFilters, filtersOf, parseFilterSpec, type FilterSpec } from './registry.js';
+import { FILTER_HELP, applyFilters, filtersOf, parseFilterSpec, type FilterSpec } from './registry.js';
 import { StatsFilter } from './stats.js';
 import { ThrottleFilter } from './throttle.js';
 
@@ -214,4 +214,12 @@ test('cow:file= opens its overlay through the environment, and is refused withou
   const back = new Uint8Array(512);
   base.read(0, [back]);
   assert.deepEqual(back, new Uint8Array(512), 'the base is not written');
+});
+
+test('every filter has a line of help, and every name in it parses', () => {
+  assert.deepEqual(Object.keys(FILTER_HELP), ['cow', 'error', 'delay', 'throttle', 'stats']);
+  for (const [name, help] of Object.entries(FILTER_HELP)) {
+    assert.ok(help.length > 0 && !help.includes('\n'));
+    if (name !== 'throttle') assert.equal(parseFilterSpec(name).name, name);
+  }
 });

@@ -50,8 +50,9 @@ export interface FilterEnvironment {
   readonly clock?: FilterClock;
   /**
    * Opens the overlay file of `cow:file=PATH` as a writable backend of at least `size`
-   * bytes. The CLI passes one built on src/node's file backend; without it, `file=` is
-   * refused (this layer runs in browsers and has no files).
+   * bytes (the base's, known when the filter is built or, for a base with an open step,
+   * when it opens). The CLI passes one built on src/node's file backend; without it,
+   * `file=` is refused (this layer runs in browsers and has no files).
    */
   readonly openOverlayFile?: (path: string, size: number) => BlockBackend;
 }
@@ -158,7 +159,8 @@ function makeFilter(inner: BlockBackend, spec: FilterSpec, env: FilterEnvironmen
       if (!env.openOverlayFile) {
         throw new FilterSpecError('FILTER_UNAVAILABLE', `filter cow: file= needs a host with files; here the overlay can only be in memory`);
       }
-      return new CowFilter(inner, { granularity, overlay: env.openOverlayFile(file, inner.size) });
+      const open = env.openOverlayFile;
+      return new CowFilter(inner, { granularity, overlay: (size) => open(file, size) });
     }
     case 'error':
       return new ErrorFilter(inner, spec.options);
