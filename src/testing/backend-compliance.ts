@@ -52,6 +52,12 @@ export interface ComplianceOptions {
   readonly modelRuns?: number;
   /** Seed of the first sequence (the next ones follow from it). Default 1. */
   readonly seed?: number;
+  /**
+   * Refusals must carry the built-in backends' `BackendError` codes
+   * (`OUT_OF_RANGE`, `READ_ONLY`, `BAD_SIZE`, `CLOSED`). The interface asks only that
+   * they fail, so by default any failure will do.
+   */
+  readonly expectCodes?: boolean;
 }
 
 /**
@@ -76,6 +82,16 @@ export function backendComplianceSuite(name: string, factory: ComplianceFactory,
   const SIZE = COMPLIANCE_DISK_SIZE;
   const modelRuns = options.modelRuns ?? DEFAULT_MODEL_RUNS;
   const firstSeed = options.seed ?? 1;
+  const expectCodes = options.expectCodes ?? false;
+  /** Whether `op` fails (throws or rejects), with `code` when codes are expected. */
+  const fails = async (op: () => unknown, code: string): Promise<boolean> => {
+    try {
+      await op();
+      return false;
+    } catch (e) {
+      return !expectCodes || (e as { code?: unknown }).code === code;
+    }
+  };
 
   /** Makes and opens a subject, runs `body`, then closes and cleans up whatever happens. */
   const withBackend = (body: (backend: BlockBackend, subject: ComplianceSubject, skip: (why: string) => void) => Promise<void>) =>
@@ -324,16 +340,6 @@ async function readBytes(b: BlockBackend, offset: number, length: number): Promi
   const out = new Uint8Array(length).fill(0xee);
   await b.read(offset, [out]);
   return out;
-}
-
-/** Whether `op` fails, by throwing or by rejecting, with `code`. */
-async function fails(op: () => unknown, code: string): Promise<boolean> {
-  try {
-    await op();
-    return false;
-  } catch (e) {
-    return (e as { code?: unknown }).code === code;
-  }
 }
 
 /** Closes a backend a test may have closed already (a second close may fail; that is not the test's subject). */

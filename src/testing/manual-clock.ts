@@ -74,8 +74,10 @@ export class ManualClock implements FilterClock {
  * the microtask queue is empty (setImmediate under Node, which has no 1 ms floor).
  */
 function settle(): Promise<void> {
+  // Looked up on globalThis: browsers have no setImmediate, and this module type-checks without Node's types.
+  const immediate = (globalThis as { setImmediate?: (task: () => void) => unknown }).setImmediate;
   return new Promise((resolve) => {
-    if (typeof setImmediate === 'function') setImmediate(resolve);
+    if (immediate) immediate(() => resolve());
     else setTimeout(resolve, 0);
   });
 }

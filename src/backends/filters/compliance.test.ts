@@ -16,7 +16,7 @@ function suite(name: string, wrap: (inner: BlockBackend) => BlockBackend, readOn
   backendComplianceSuite(name, (size) => ({
     backend: wrap(new MemoryBackend({ size })),
     readOnly: readOnlyToo ? () => ({ backend: wrap(new MemoryBackend({ size, readOnly: true })), sameData: false }) : undefined,
-  }));
+  }), { expectCodes: true });
 }
 
 suite('stats filter', (b) => new StatsFilter(b));
