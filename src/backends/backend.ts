@@ -138,6 +138,7 @@ export interface BlockBackend {
   extents?(offset: number, length: number): Extent[] | Promise<Extent[]>;
 }
 
+/** The stable codes of {@link BackendError}. */
 export type BackendErrorCode = 'READ_ONLY' | 'OUT_OF_RANGE' | 'CLOSED' | 'BAD_SIZE' | 'SHORT_IO' | 'IO_ERROR' | 'UNSUPPORTED';
 
 /**

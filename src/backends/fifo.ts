@@ -8,10 +8,12 @@ export class Fifo<T> {
   private items: (T | undefined)[] = [];
   private head = 0;
 
+  /** Nothing is queued. */
   get isEmpty(): boolean {
     return this.head === this.items.length;
   }
 
+  /** Queues `item` last. */
   push(item: T): void {
     this.items.push(item);
   }

@@ -28,7 +28,7 @@
  */
 import {
   BackendError, checkRange, totalLength, type BackendConcurrency, type BackendResult, type BlockBackend,
-  type BlockSizeHints, type Extent, type ExtentKind,
+  type Extent, type ExtentKind,
 } from '../backend.js';
 import { MemoryBackend } from '../memory-backend.js';
 import { VIRTIO_BLK_SECTOR_SIZE } from '../../spec/virtio-blk.js';
@@ -111,8 +111,8 @@ export class CowFilter extends FilterBackend {
 
   /**
    * Throws `RangeError` for a bad granularity, {@link BackendError} `BAD_SIZE` for an
-   * overlay smaller than the base and `READ_ONLY` for a read-only one (when the base has
-   * an `open` step, at open, once its size is known).
+   * overlay smaller than the base and `READ_ONLY` for a read-only one — at open instead
+   * when the base or the overlay has an open step.
    */
   constructor(base: BlockBackend, options: CowOptions = {}) {
     super(base);
@@ -130,10 +130,10 @@ export class CowFilter extends FilterBackend {
     // The filter has an open step when either side has one.
     if (base.open) this.open = () => this.openBoth(base);
     else {
-      const overlay = this.makeOverlay(base.size);
-      const open = overlay.open;
-      if (open) this.open = () => this.openOverlay(overlay, open.call(overlay));
-      else this.takeOverlay(overlay);
+      const made = this.makeOverlay(base.size);
+      const open = made.open;
+      if (open) this.open = () => this.openOverlay(made, open.call(made));
+      else this.takeOverlay(made);
     }
   }
 
@@ -152,10 +152,6 @@ export class CowFilter extends FilterBackend {
 
   override get canWriteZeroes(): boolean {
     return true;
-  }
-
-  override get blockSize(): BlockSizeHints | undefined {
-    return this.inner.blockSize;
   }
 
   /** Serial when either side is: the filter calls both, and may call one while a guest request waits on the other. */
