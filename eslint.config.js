@@ -12,6 +12,20 @@ const nodeOnly = {
     .map((name) => ({ name, message: 'Only src/node/ and src/cli/ may import Node.js built-ins.' })),
 };
 
+// The testing kit (src/testing/, published as vblk/testing) registers node:test tests
+// and asserts with node:assert: that is its job, and both exist wherever its tests run.
+// Every other Node module stays out, as in the other browser-safe layers.
+const testingKit = {
+  ...nodeOnly,
+  patterns: [
+    {
+      group: ['node:*', '!node:test', '!node:assert', '!node:assert/strict'],
+      message: 'src/testing/ may import node:test and node:assert only (DESIGN.md, Layers).',
+    },
+    ...nodeOnly.patterns.slice(1),
+  ],
+};
+
 export default tseslint.config(
   { ignores: ['dist/', 'build/', 'node_modules/', '.cache/'] },
   ...tseslint.configs.recommended,
@@ -24,5 +38,10 @@ export default tseslint.config(
     files: ['src/**/*.ts'],
     ignores: ['src/node/**', 'src/cli/**', 'src/**/*.test.ts'],
     rules: { 'no-restricted-imports': ['error', nodeOnly] },
+  },
+  {
+    files: ['src/testing/**/*.ts'],
+    ignores: ['src/**/*.test.ts'],
+    rules: { 'no-restricted-imports': ['error', testingKit] },
   },
 );

@@ -18,6 +18,9 @@
  *   --ioengine=io_uring` on the same file and pattern.
  * - scaling: `vblk serve` at iodepth 1…128, 1 and 2 queues, on the data image and on a
  *   sparse 1 TiB image, with the server's resident memory (VmRSS).
+ * - filters: the loopback pattern through filter stacks over the memory backend — none,
+ *   stats (what a filter costs), and the throttle at two IOPS limits, measured against
+ *   the limit (how closely the token buckets hold it).
  *
  * Prints the tables and a target summary, and writes the same figures as JSON (default
  * bench/results.json). Rows last 2 s by default, the whole suite a few minutes; see
@@ -32,6 +35,9 @@ import { runBench, type BenchParams } from '../src/cli/bench-core.js';
 import { openLoopback } from '../src/cli/bench.js';
 import { formatSizeValue, parseCommandLine, parseSizeValue } from '../src/cli/args.js';
 import { VIRTIO_F } from '../src/spec/virtio.js';
+import { MemoryBackend } from '../src/backends/memory-backend.js';
+import { applyFilters, parseFilterSpec } from '../src/backends/filters/registry.js';
+import { openLoopbackDisk } from '../src/testing/loopback.js';
 import {
   hasProgram, makeDataImage, makeSparseImage, PEER_KINDS, processCpuUs, processMemory, runClient, runFio, startPeer, syncImage,
   type ClientResult, type Pattern, type Peer, type PeerKind,
@@ -41,7 +47,7 @@ const MS_PER_S = 1000;
 const MIB = 2 ** 20;
 const KIB = 1024;
 const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '../..');
-export const SECTIONS = ['loopback', 'peers', 'versus', 'fio', 'scaling'] as const;
+export const SECTIONS = ['loopback', 'peers', 'versus', 'fio', 'scaling', 'filters'] as const;
 type Section = (typeof SECTIONS)[number];
 
 // ---- options ---------------------------------------------------------------------
@@ -51,7 +57,7 @@ const DEFAULT_ROUNDS = 7;
 
 const SPECS = {
   runtime: { kind: 'number', valueName: 'S', description: 'seconds per row' },
-  only: { kind: 'string', valueName: 'LIST', description: 'sections: loopback,peers,versus,fio,scaling' },
+  only: { kind: 'string', valueName: 'LIST', description: 'sections: loopback,peers,versus,fio,scaling,filters' },
   out: { kind: 'string', valueName: 'PATH', description: 'JSON output' },
   dir: { kind: 'string', valueName: 'DIR', description: 'scratch directory' },
   'image-size': { kind: 'size', description: 'data image size' },
@@ -177,6 +183,18 @@ interface ScalingRow extends PeerRow {
   readonly backend_hwm_bytes: number;
 }
 
+interface FilterRow {
+  /** The `--filter` specs of the stack, or `none`. */
+  readonly filters: string;
+  readonly iops: number;
+  /** The throttle's IOPS limit, when the stack has one. */
+  readonly limit_iops: number | null;
+  /** Measured IOPS over the limit. */
+  readonly ratio_to_limit: number | null;
+  readonly lat_us: { readonly p50: number; readonly p99: number };
+  readonly cpu_us_per_io: number;
+}
+
 interface Target {
   readonly name: string;
   readonly value: number | null;
@@ -247,6 +265,41 @@ async function loopbackSection(o: Options): Promise<LoopbackRow[]> {
       log(`loopback ${c.config}${c.bounce ? ', bounce' : ''}: ${rows[rows.length - 1].iops} IOPS, ratio ${ratio} (median of ${o.rounds} rounds)`);
     } finally {
       await target.close();
+    }
+  }
+  return rows;
+}
+
+// ---- filters ---------------------------------------------------------------------
+
+/** Stacks of the filters section: the first two side by side show what a filter costs. */
+const FILTER_STACKS: readonly string[][] = [[], ['stats'], ['throttle:iops=2000'], ['throttle:iops=20000']];
+
+/**
+ * Each row: the loopback's 4 KiB random reads at iodepth 32 through a filter stack over
+ * a memory backend written through once. A warm-up run first (the JIT, and a throttle's
+ * initial burst, which would otherwise count towards the measured rate).
+ */
+async function filtersSection(o: Options): Promise<FilterRow[]> {
+  const rows: FilterRow[] = [];
+  const params: BenchParams = { rw: 'randread', bs: BS, iodepth: QD, runtimeMs: o.runtimeS * MS_PER_S, regionBytes: LOOPBACK_SIZE };
+  for (const texts of FILTER_STACKS) {
+    const specs = texts.map(parseFilterSpec);
+    const memory = new MemoryBackend({ size: LOOPBACK_SIZE });
+    memory.write(0, [new Uint8Array(LOOPBACK_SIZE).fill(0xa5)]);
+    const disk = await openLoopbackDisk(applyFilters(memory, specs));
+    try {
+      await runBench(disk.driver, { ...params, runtimeMs: Math.min(WARMUP_S, o.runtimeS) * MS_PER_S });
+      const r = await runBench(disk.driver, params);
+      const throttle = specs.find((x) => x.name === 'throttle');
+      const limit = throttle?.name === 'throttle' ? throttle.options.iops ?? null : null;
+      rows.push({
+        filters: texts.join(' ') || 'none', iops: Math.round(r.iops), limit_iops: limit,
+        ratio_to_limit: limit === null ? null : round(r.iops / limit, 3), lat_us: lat({ lat_us: r.latUs }), cpu_us_per_io: round(r.ios ? r.cpuUs / r.ios : 0),
+      });
+      log(`filters ${rows[rows.length - 1].filters}: ${rows[rows.length - 1].iops} IOPS`);
+    } finally {
+      await disk.close();
     }
   }
   return rows;
@@ -435,7 +488,7 @@ async function scalingSection(o: Options, images: readonly { name: string; path:
 // ---- targets and tables ------------------------------------------------------------
 
 /** The targets; the loopback ratio is reported, not judged (DESIGN.md, Performance). */
-function targets(peers: PeerRow[], versus: VersusSummary[], scaling: ScalingRow[]): Target[] {
+function targets(peers: PeerRow[], versus: VersusSummary[], scaling: ScalingRow[], filters: FilterRow[]): Target[] {
   const out: Target[] = [];
   const check = (name: string, value: number | null, limit: string, isMet: (v: number) => boolean): void => {
     out.push({ name, value: value === null ? null : round(value, 3), limit, met: value === null ? null : isMet(value) });
@@ -459,6 +512,10 @@ function targets(peers: PeerRow[], versus: VersusSummary[], scaling: ScalingRow[
   const sparse = scaling.filter((r) => r.image === 'sparse');
   const rss = sparse.length ? Math.max(...sparse.map((r) => r.backend_rss_bytes)) / MIB : null;
   check(`vblk serve VmRSS (MiB) on the sparse ${formatSizeValue(sparse[0]?.image_bytes ?? 0)} image`, rss, '< 150', (v) => v < 150);
+  for (const f of filters) {
+    if (f.ratio_to_limit === null) continue;
+    check(`${f.filters}, loopback 4k randread qd32: IOPS / limit`, f.ratio_to_limit, '0.9 to 1.1', (v) => v >= 0.9 && v <= 1.1);
+  }
   return out;
 }
 
@@ -514,6 +571,12 @@ function report(r: Results): string {
         x.backend_cpu_us_per_io, x.driver_cpu_us_per_io, (x.backend_rss_bytes / MIB).toFixed(1), (x.backend_hwm_bytes / MIB).toFixed(1)]),
     ));
   }
+  if (r.filters.length) {
+    parts.push('Filters: loopback, memory backend, 4 KiB random read, iodepth 32, through each stack\n' + table(
+      ['filters', 'IOPS', 'IOPS / limit', 'p50 us', 'p99 us', 'CPU us/IO'],
+      r.filters.map((x) => [x.filters, x.iops, x.ratio_to_limit ?? '', x.lat_us.p50, x.lat_us.p99, x.cpu_us_per_io]),
+    ));
+  }
   if (r.targets.length) {
     parts.push('Targets\n' + table(['target', 'measured', 'wanted', 'met'], r.targets.map((t) => [t.name, t.value ?? 'n/a', t.limit, t.met === null ? 'n/a' : t.met ? 'yes' : 'NO'])));
   }
@@ -532,6 +595,7 @@ interface Results {
   versus_summary: VersusSummary[];
   fio: FioRow[];
   scaling: ScalingRow[];
+  filters: FilterRow[];
   targets: Target[];
   skipped: string[];
 }
@@ -565,7 +629,7 @@ export async function main(argv: readonly string[], env: NodeJS.ProcessEnv): Pro
       date: new Date(started).toISOString(), runtime_s_per_row: o.runtimeS, node: process.version, kernel: release(),
       cpus: cpus().length, cpu_model: cpus()[0]?.model ?? 'unknown', image_bytes: o.imageSize, sparse_image_bytes: o.sparseSize,
     },
-    loopback: [], peers: [], versus: [], rounds: o.rounds, versus_summary: [], fio: [], scaling: [], targets: [], skipped: [],
+    loopback: [], peers: [], versus: [], rounds: o.rounds, versus_summary: [], fio: [], scaling: [], filters: [], targets: [], skipped: [],
   };
   const wants = (s: Section): boolean => o.sections.includes(s);
   if (wants('loopback')) results.loopback = await loopbackSection(o);
@@ -607,7 +671,8 @@ export async function main(argv: readonly string[], env: NodeJS.ProcessEnv): Pro
       else rmSync(image, { force: true });
     }
   }
-  results.targets = targets(results.peers, results.versus_summary, results.scaling);
+  if (wants('filters')) results.filters = await filtersSection(o);
+  results.targets = targets(results.peers, results.versus_summary, results.scaling, results.filters);
   (results.meta as { total_s?: number }).total_s = round((Date.now() - started) / MS_PER_S, 1);
   mkdirSync(dirname(o.out), { recursive: true });
   writeFileSync(o.out, `${JSON.stringify(results, null, 1)}\n`);

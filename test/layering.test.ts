@@ -69,3 +69,11 @@ test('the core and the loopback harness type-check with a browser\'s globals and
   const errors = ts.getPreEmitDiagnostics(program).map((d) => ts.flattenDiagnosticMessageText(d.messageText, '\n'));
   assert.deepEqual(errors, []);
 });
+
+test('src/testing/ may use node:test and node:assert, and nothing else of Node', async () => {
+  const eslint = new ESLint();
+  const kit = "import { test } from 'node:test';\nimport assert from 'node:assert/strict';\nimport plain from 'node:assert';\nexport const used = [test, assert, plain];\n";
+  const [allowed] = await eslint.lintText(kit, { filePath: 'src/testing/probe.ts' });
+  assert.equal(allowed.messages.filter((m) => m.ruleId === 'no-restricted-imports').length, 0);
+  assert.equal(await restrictedImports('src/testing/probe.ts'), 2);
+});

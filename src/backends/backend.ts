@@ -5,7 +5,13 @@
  * size before calling it, and turns any failure into VIRTIO_BLK_S_IOERR for that request.
  *
  * Built-in implementations: `MemoryBackend` (memory-backend.ts, sparse, runs anywhere)
- * and `FileBackend` (src/node/file-backend.ts, a raw image file).
+ * and `FileBackend` (src/node/file-backend.ts, a raw image file). Filters
+ * (./filters/) wrap one backend and are one.
+ *
+ * Only the members every disk needs are required. The optional ones (block size hints,
+ * allocation status, an open step, a declared concurrency model) let a backend say
+ * more; a backend written before they existed keeps working unchanged, and the device
+ * pays nothing on its request path for a member a backend leaves out.
  */
 import { VblkError } from '../errors.js';
 import { VIRTIO_BLK_SECTOR_SIZE } from '../spec/virtio-blk.js';
@@ -17,6 +23,51 @@ import { VIRTIO_BLK_SECTOR_SIZE } from '../spec/virtio-blk.js';
  * Failure is a thrown exception or a rejected promise.
  */
 export type BackendResult = void | Promise<void>;
+
+/**
+ * What block sizes suit a backend, in bytes (nbdkit's block_size triple): below
+ * `minimum` it must read, modify and write; `preferred` and its multiples, aligned, are
+ * served best; past `maximum` a request is worth splitting. The device turns them into
+ * its topology hints (see `BlkDevice`); a backend still serves every 512-byte-aligned
+ * request the device passes on.
+ */
+export interface BlockSizeHints {
+  /** A power of two, 1 to 64 KiB: the backend's physical block. */
+  readonly minimum: number;
+  /** A power of two, from the larger of 512 and `minimum` to 32 MiB. */
+  readonly preferred: number;
+  /**
+   * A multiple of `minimum`, at least `preferred`. {@link NO_MAXIMUM_BLOCK_SIZE} (or
+   * more) says there is no limit.
+   */
+  readonly maximum: number;
+}
+
+/** A {@link BlockSizeHints.maximum} that sets no limit: nbdkit's 0xffffffff. */
+export const NO_MAXIMUM_BLOCK_SIZE = 0xffff_ffff;
+
+/**
+ * How a run of the disk is stored: `data` is allocated and may hold anything, `zero` is
+ * allocated and reads as zeroes, `hole` holds no storage and reads as zeroes (the two
+ * bits of NBD's base:allocation, without its unallocated-but-not-zero case, which a
+ * whole disk never has).
+ */
+export type ExtentKind = 'data' | 'zero' | 'hole';
+
+/** One run of {@link BlockBackend.extents}. */
+export interface Extent {
+  /** Bytes in the run, more than 0. */
+  readonly length: number;
+  readonly kind: ExtentKind;
+}
+
+/**
+ * One operation at a time, or any number. nbdkit's thread models, reduced to what one
+ * JavaScript thread can tell apart: a `serial` backend's asynchronous operations are
+ * never overlapped by the device, which queues the rest in arrival order; a `parallel`
+ * backend takes them as they come (the default).
+ */
+export type BackendConcurrency = 'parallel' | 'serial';
 
 /**
  * A block backend. Offsets and lengths are in bytes; the device only ever asks for
@@ -64,13 +115,37 @@ export interface BlockBackend {
   writeZeroes(offset: number, length: number, unmap: boolean): BackendResult;
   /** Grows the disk to `newSize` bytes (a multiple of 512); shrinking is refused. */
   resize?(newSize: number): BackendResult;
+  /**
+   * Connects to or opens the storage. A backend with `open` may not know its size or
+   * capabilities before it: whoever serves it (the CLI, a server, the testing kit) awaits
+   * `open()` once before reading any other member or building a device over it. A
+   * backend without `open` is ready when constructed.
+   */
+  open?(): BackendResult;
   /** Releases the storage; every later call fails. */
   close(): BackendResult;
+
+  /** Block size hints; none when absent. The device makes its topology of them. */
+  readonly blockSize?: BlockSizeHints;
+  /** How many operations may be in flight at once. Default `parallel`. */
+  readonly concurrency?: BackendConcurrency;
+  /**
+   * Allocation status of `[offset, offset + length)`, a non-empty range inside the disk: runs in
+   * order, contiguous from `offset`, none empty, covering at least the first byte and
+   * never past the range. A backend may stop early (the caller asks again from where the
+   * runs end), as NBD's block status may.
+   */
+  extents?(offset: number, length: number): Extent[] | Promise<Extent[]>;
 }
 
-export type BackendErrorCode = 'READ_ONLY' | 'OUT_OF_RANGE' | 'CLOSED' | 'BAD_SIZE' | 'SHORT_IO';
+/** The stable codes of {@link BackendError}. */
+export type BackendErrorCode = 'READ_ONLY' | 'OUT_OF_RANGE' | 'CLOSED' | 'BAD_SIZE' | 'SHORT_IO' | 'IO_ERROR' | 'UNSUPPORTED';
 
-/** Why a backend refused an operation. */
+/**
+ * Why a backend refused an operation. The device completes the request with
+ * VIRTIO_BLK_S_UNSUPP for `UNSUPPORTED` and with VIRTIO_BLK_S_IOERR for every other
+ * failure, of this class or any other.
+ */
 export class BackendError extends VblkError {
   declare readonly code: BackendErrorCode;
   constructor(code: BackendErrorCode, message: string) {

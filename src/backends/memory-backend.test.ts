@@ -1,6 +1,6 @@
 // The memory backend's own promises: memory grows with what is written, never with the
 // disk size; discard and unmapping write-zeroes give whole chunks back. (The shared
-// behaviour is in test/backend-compliance.test.ts.)
+// behaviour is in the compliance suite, src/testing/backend-compliance.ts.)
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { MEMORY_CHUNK_SIZE, MemoryBackend } from './memory-backend.js';
@@ -72,4 +72,21 @@ test('chunks from many slabs keep their own data through discards and rewrites',
   b.read(3 * MEMORY_CHUNK_SIZE, [out]);
   const expected = new Uint8Array(MEMORY_CHUNK_SIZE).fill(9, 0, 4096);
   assert.deepEqual(out, expected);
+});
+
+test('extents: written chunks are data, the rest holes, runs merged and clipped to the range', () => {
+  const b = new MemoryBackend({ size: 2 ** 40 });
+  assert.deepEqual(b.extents(0, 2 ** 40), [{ length: 2 ** 40, kind: 'hole' }]);
+  b.write(MEMORY_CHUNK_SIZE + 512, [new Uint8Array(512).fill(1)]);
+  b.write(2 * MEMORY_CHUNK_SIZE, [new Uint8Array(512).fill(1)]);
+  b.write(2 ** 39, [new Uint8Array(512).fill(1)]);
+  assert.deepEqual(b.extents(512, 4 * MEMORY_CHUNK_SIZE), [
+    { length: MEMORY_CHUNK_SIZE - 512, kind: 'hole' },
+    { length: 2 * MEMORY_CHUNK_SIZE, kind: 'data' },
+    { length: MEMORY_CHUNK_SIZE + 512, kind: 'hole' },
+  ]);
+  assert.deepEqual(b.extents(0, 2 ** 40).map((e) => e.kind), ['hole', 'data', 'hole', 'data', 'hole']);
+  b.discard(MEMORY_CHUNK_SIZE, 2 * MEMORY_CHUNK_SIZE);
+  assert.deepEqual(b.extents(0, 2 ** 39), [{ length: 2 ** 39, kind: 'hole' }]);
+  assert.throws(() => b.extents(2 ** 40, 512), { code: 'OUT_OF_RANGE' });
 });

@@ -6,7 +6,7 @@
  */
 import { pageAlignedBytes } from '../memory/page-aligned.js';
 import {
-  BackendError, checkDiskSize, checkGrow, checkRange, totalLength, type BlockBackend,
+  BackendError, checkDiskSize, checkGrow, checkRange, totalLength, type BlockBackend, type Extent, type ExtentKind,
 } from './backend.js';
 
 /**
@@ -135,6 +135,11 @@ class ChunkTable {
     page[at] = chunk;
   }
 
+  /** Whether any chunk of page `p` (chunks p × CHUNKS_PER_PAGE onwards) was ever set. */
+  hasPage(p: number): boolean {
+    return p === this.lastIndex || this.pages.has(p);
+  }
+
   delete(index: number): void {
     const p = Math.floor(index / CHUNKS_PER_PAGE);
     const page = this.page(p, false);
@@ -259,6 +264,41 @@ export class MemoryBackend implements BlockBackend {
   writeZeroes(offset: number, length: number, unmap: boolean): void {
     this.check(offset, length, true);
     this.zero(offset, length, unmap);
+  }
+
+  /**
+   * Chunks that exist are `data` (even when zeroed in place: the memory is held), the
+   * rest `hole`. Pages of the chunk table never written are skipped whole, so asking
+   * about a vast empty disk costs a map lookup per 256 MiB.
+   */
+  extents(offset: number, length: number): Extent[] {
+    this.check(offset, length, false);
+    const runs: Extent[] = [];
+    const end = offset + length;
+    let pos = offset;
+    let runStart = offset;
+    let runKind: ExtentKind | null = null;
+    while (pos < end) {
+      const index = Math.floor(pos / MEMORY_CHUNK_SIZE);
+      const page = Math.floor(index / CHUNKS_PER_PAGE);
+      let kind: ExtentKind;
+      let next: number;
+      if (!this.chunks.hasPage(page)) {
+        kind = 'hole';
+        next = (page + 1) * CHUNKS_PER_PAGE * MEMORY_CHUNK_SIZE;
+      } else {
+        kind = this.chunks.get(index) ? 'data' : 'hole';
+        next = (index + 1) * MEMORY_CHUNK_SIZE;
+      }
+      if (kind !== runKind) {
+        if (runKind !== null) runs.push({ length: pos - runStart, kind: runKind });
+        runStart = pos;
+        runKind = kind;
+      }
+      pos = Math.min(end, next);
+    }
+    if (runKind !== null) runs.push({ length: end - runStart, kind: runKind });
+    return runs;
   }
 
   resize(newSize: number): void {

@@ -14,7 +14,8 @@
  * Requests complete out of order, as the backend finishes them (5.2.6: "not
  * necessarily in order").
  */
-import type { BackendResult, BlockBackend } from '../backends/backend.js';
+import { BackendError, type BackendResult, type BlockBackend } from '../backends/backend.js';
+import { SerialBackend } from '../backends/serial.js';
 import { UsageError } from '../errors.js';
 import {
   VIRTIO_BLK_CONFIG as CFG, VIRTIO_BLK_F, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S, VIRTIO_BLK_SECTOR_SIZE, VIRTIO_BLK_T,
@@ -27,6 +28,7 @@ import { ChainError, copyToBuffers, type ReusableChain } from '../virtqueue/chai
 import type { DeviceHost, VirtioDevice } from '../virtqueue/device.js';
 import type { SplitDeviceQueue } from '../virtqueue/split-device.js';
 import { encodeBlkConfig, type BlkGeometry, type BlkTopology } from './config.js';
+import { topologyFromHints, type HintedTopology } from './block-size-hints.js';
 import { isAligned } from './align.js';
 import { BlkRequest, parseRequest, parseSegments, REQUEST_PARSE, type DwzSegment, type RequestParse } from './request.js';
 import { soon } from '../soon.js';
@@ -69,7 +71,11 @@ export interface BlkDeviceOptions {
   readonly secureErase?: false | BlkRangeLimits;
   /** CHS geometry to advertise (VIRTIO_BLK_F_GEOMETRY); none by default. */
   readonly geometry?: BlkGeometry;
-  /** Topology hints, in logical blocks (VIRTIO_BLK_F_TOPOLOGY). Default all 0: no hints. */
+  /**
+   * Topology hints, in logical blocks (VIRTIO_BLK_F_TOPOLOGY). Each field given wins;
+   * the others come from the backend's `blockSize` hints (block-size-hints.ts has the
+   * mapping), else 0: no hint.
+   */
   readonly topology?: Partial<BlkTopology>;
   /**
    * Most data segments per request the driver may use (seg_max), counted as a request's
@@ -88,7 +94,10 @@ export interface BlkDeviceOptions {
    * null check per batch and per request.
    */
   readonly statsClock?: () => number;
-  /** Called with every backend failure (the request completes with IOERR), for logs. */
+  /**
+   * Called with every backend failure, for logs. The request completes with UNSUPP for a
+   * {@link BackendError} `UNSUPPORTED`, with IOERR for anything else.
+   */
   readonly onBackendError?: (error: unknown, type: number, sector: number) => void;
   /**
    * Called the first time a queue meets a request beyond seg_max or size_max (it
@@ -410,7 +419,7 @@ class Flusher {
   private waiting: Job[] = [];
   private busy = false;
   private readonly done = (): void => this.settle(S_OK, null);
-  private readonly failed = (e: unknown): void => this.settle(S_IOERR, e);
+  private readonly failed = (e: unknown): void => this.settle(failureStatus(e), e);
 
   constructor(private readonly engine: Engine) {}
 
@@ -428,7 +437,7 @@ class Flusher {
     try {
       r = this.engine.backend.flush();
     } catch (e) {
-      this.settle(S_IOERR, e);
+      this.settle(failureStatus(e), e);
       return;
     }
     if (r !== undefined) r.then(this.done, this.failed);
@@ -624,10 +633,10 @@ class Engine {
     }
   }
 
-  /** A backend operation failed: IOERR for the request (5.2.6: "device or driver error"). */
+  /** A backend operation failed: IOERR for the request (5.2.6: "device or driver error"), or UNSUPP when the backend says so. */
   backendFailed(job: Job, error: unknown): void {
     this.reportBackendError(job, error);
-    job.runner.complete(job, S_IOERR);
+    job.runner.complete(job, failureStatus(error));
   }
 
   reportBackendError(job: Job, error: unknown): void {
@@ -640,8 +649,8 @@ class Engine {
  *
  * Feature bits offered, each because it is implemented here and tested:
  * VERSION_1, RING_INDIRECT_DESC and RING_EVENT_IDX (the split queue handles both);
- * SEG_MAX, BLK_SIZE and TOPOLOGY (always: the values are accurate, with zero topology
- * hints by default); SIZE_MAX and GEOMETRY when given; RO for a read-only disk; FLUSH and
+ * SEG_MAX, BLK_SIZE and TOPOLOGY (always: the values are accurate; the topology hints
+ * come from the backend's block size hints, else are zero); SIZE_MAX and GEOMETRY when given; RO for a read-only disk; FLUSH and
  * CONFIG_WCE when the backend can flush; MQ when there is more than one queue
  * (num_queues is filled in regardless: with one queue the bit would add nothing, and
  * leaving it off keeps drivers without MQ support on their well-trodden path);
@@ -651,6 +660,10 @@ class Engine {
  * (write-zeroes without unmap), then discarded, then flushed, so it reads back as
  * zeroes and is deallocated in the image. What lower layers keep (filesystem
  * journals, snapshots, an SSD's remapped blocks) is beyond a file's reach.
+ *
+ * A backend that declares `concurrency: 'serial'` gets one operation at a time (flushes
+ * and resizes included), the rest queued in arrival order; the queue exists only for
+ * such a backend.
  *
  * Limits: a request with more data segments than seg_max, or a descriptor longer than
  * size_max, completes with IOERR. A disk whose size is not a whole number of logical
@@ -676,10 +689,16 @@ export class BlkDevice implements VirtioDevice {
   private host: DeviceHost = NO_HOST;
   private driverFeatures = 0n;
 
-  /** Throws {@link UsageError} `BAD_OPTION` for options out of range. */
+  /**
+   * Throws {@link UsageError} `BAD_OPTION` for options out of range, and
+   * `BAD_BLOCK_SIZE_HINTS` for a backend's invalid block size hints.
+   */
   constructor(options: BlkDeviceOptions) {
     const backend = options.backend;
     this.backend = backend;
+    // Decided once, here: a parallel backend is called directly, and its requests pay
+    // nothing for the queue a serial one needs.
+    const served = backend.concurrency === 'serial' ? new SerialBackend(backend) : backend;
     this.blockSize = options.blockSize ?? VIRTIO_BLK_SECTOR_SIZE;
     if (!BLOCK_SIZES.includes(this.blockSize)) bad(`block size ${this.blockSize} is not one of ${BLOCK_SIZES.join(', ')}`);
     const sectorsPerBlock = this.blockSize / VIRTIO_BLK_SECTOR_SIZE;
@@ -700,11 +719,14 @@ export class BlkDevice implements VirtioDevice {
       checkInt('geometry.sectors', geometry.sectors, 0, U8_MAX);
     }
     const t = options.topology ?? {};
+    const hinted: HintedTopology = backend.blockSize
+      ? topologyFromHints(backend.blockSize, this.blockSize)
+      : { physicalBlockExp: 0, minIoSize: 0, optIoSize: 0 };
     const topology: BlkTopology = {
-      physicalBlockExp: t.physicalBlockExp ?? 0,
+      physicalBlockExp: t.physicalBlockExp ?? hinted.physicalBlockExp,
       alignmentOffset: t.alignmentOffset ?? 0,
-      minIoSize: t.minIoSize ?? 0,
-      optIoSize: t.optIoSize ?? 0,
+      minIoSize: t.minIoSize ?? hinted.minIoSize,
+      optIoSize: t.optIoSize ?? hinted.optIoSize,
     };
     checkInt('topology.physicalBlockExp', topology.physicalBlockExp, 0, U8_MAX);
     checkInt('topology.alignmentOffset', topology.alignmentOffset, 0, U8_MAX);
@@ -721,7 +743,7 @@ export class BlkDevice implements VirtioDevice {
     const secureEraseLimits = rangeLimits('secureErase', options.secureErase, sectorsPerBlock);
     this.initialWriteback = (options.cache ?? 'writeback') === 'writeback' ? 1 : 0;
     this.onWritebackChange = options.onWritebackChange ?? null;
-    this.engine = new Engine(backend, this.blockSize, this.readOnly, flush, encodeSerial(options.serial ?? ''),
+    this.engine = new Engine(served, this.blockSize, this.readOnly, flush, encodeSerial(options.serial ?? ''),
       discardLimits, writeZeroesLimits, secureEraseLimits, segMax + REQUEST_FRAMING_DESCRIPTORS,
       options.sizeMax ?? U32_MAX, options.onBackendError ?? null);
     this.onLimitExceeded = options.onLimitExceeded ?? null;
@@ -896,7 +918,7 @@ export class BlkDevice implements VirtioDevice {
    * 512 at least the current size.
    */
   async resize(newSize: number): Promise<void> {
-    const backend = this.backend;
+    const backend = this.engine.backend;
     if (!backend.resize) throw new UsageError('RESIZE_UNSUPPORTED', 'this backend cannot be resized');
     if (!Number.isSafeInteger(newSize) || newSize % VIRTIO_BLK_SECTOR_SIZE !== 0 || newSize < backend.size) {
       throw new UsageError('BAD_SIZE', `cannot resize a ${backend.size}-byte disk to ${newSize} bytes: the new size must be a multiple of 512, no smaller`);
@@ -912,6 +934,11 @@ export class BlkDevice implements VirtioDevice {
       throw new UsageError('BAD_QUEUE', `queue ${index} does not exist (the device has ${this.numQueues})`);
     }
   }
+}
+
+/** The status of a request whose backend operation failed with `error`. */
+function failureStatus(error: unknown): number {
+  return error instanceof BackendError && error.code === 'UNSUPPORTED' ? S_UNSUPP : S_IOERR;
 }
 
 function rangeLimits(name: string, given: false | BlkRangeLimits | undefined, sectorsPerBlock: number): RangeLimits {

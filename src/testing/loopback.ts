@@ -28,10 +28,12 @@ export interface LoopbackDiskOptions {
 }
 
 /**
- * Serves `backend` to a driver over the loopback transport. The driver has probed the
- * device when this resolves.
+ * Opens `backend` (its `open`, when it has one, as a server would) and serves it to a
+ * driver over the loopback transport. The driver has probed the device when this
+ * resolves.
  */
 export async function openLoopbackDisk(backend: BlockBackend, options: LoopbackDiskOptions = {}): Promise<LoopbackDisk> {
+  await backend.open?.();
   const device = new BlkDevice({ ...options.device, backend });
   const transport = new LoopbackTransport(device, options.loopback);
   let driver: BlkDriver;
