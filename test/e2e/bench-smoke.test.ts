@@ -51,8 +51,10 @@ test('npm run bench: every section runs against real peers and writes well-forme
       // 2 images × 1 queue count × 2 iodepths.
       assert.equal(results.scaling.length, 4);
       assert.deepEqual(results.scaling.map((x: { image: string; iodepth: number }) => `${x.image} ${x.iodepth}`), ['data 1', 'data 8', 'sparse 1', 'sparse 8']);
-      // IOPS and CPU for serve and for serve --io mmap, metrics on/off, driver CPU, RSS.
-      assert.equal(results.targets.length, 7);
+      // The throttle filter at two limits.
+      assert.equal(results.filters.length > 0, true);
+      // IOPS and CPU for serve and for serve --io mmap, metrics on/off, driver CPU, RSS, two throttle limits.
+      assert.equal(results.targets.length, 9);
       for (const t of results.targets) assert.equal(typeof t.met, 'boolean', JSON.stringify(t));
       assert.match(r.stdout, /^Targets$/m);
     } finally {
