@@ -1,7 +1,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
-import { BackendShapeError, checkBackend } from './checked-backend.js';
+import { BackendShapeError, checkBackend, openCheckedBackend } from './checked-backend.js';
 import { MemoryBackend } from './memory-backend.js';
 
 /** A plain-object backend whose methods return whatever `result` says. */
@@ -100,4 +100,31 @@ test('property: any value is either a backend whose every method returns undefin
       if (r instanceof Promise) r.catch(() => undefined);
     }
   }), { numRuns: 3000 });
+});
+
+test('the optional members come through checked: extents, block size hints, concurrency', async () => {
+  const memory = new MemoryBackend({ size: 1 << 20 });
+  await memory.write(0, [new Uint8Array(4096).fill(1)]);
+  const checked = checkBackend(memory);
+  assert.ok(checked.extents, 'extents are kept when the backend has them');
+  const runs = await checked.extents(0, 1 << 20);
+  assert.equal(runs[0].kind, 'data');
+  const hinted = checkBackend({ ...shaped(), blockSize: { minimum: 4096, preferred: 65536, maximum: 1 << 20 }, concurrency: 'serial' });
+  assert.deepEqual(hinted.blockSize, { minimum: 4096, preferred: 65536, maximum: 1 << 20 });
+  assert.equal(hinted.concurrency, 'serial');
+  refused({ ...shaped(), concurrency: 'threads' }, /concurrency must be 'parallel' or 'serial'.*'threads'/);
+  refused({ ...shaped(), blockSize: { minimum: '4K', preferred: 1, maximum: 1 } }, /blockSize\.minimum must be a number/);
+  refused({ ...shaped(), extents: 5 }, /extents must be a method/);
+});
+
+test('a backend with an open step is opened first: its size and capabilities are read after it', async () => {
+  const lazy = { ...shaped(), size: 0, opened: 0, open() { this.opened++; this.size = 2 << 20; } };
+  refused(lazy, /open step/);
+  const checked = await openCheckedBackend(lazy);
+  assert.equal(lazy.opened, 1);
+  assert.equal(checked.size, 2 << 20);
+  assert.equal((checked as { open?: unknown }).open, undefined, 'opened once: the guard has no open of its own');
+  await assert.rejects(openCheckedBackend({ ...shaped(), open: () => Promise.reject(new Error('no route to the storage')) }),
+    (e: unknown) => e instanceof BackendShapeError && /open failed: .*no route to the storage/.test(e.message));
+  await assert.rejects(openCheckedBackend({ ...shaped(), size: 0, open() {} }), /size must be a positive multiple of 512/);
 });

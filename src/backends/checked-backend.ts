@@ -14,7 +14,7 @@
  */
 import { VblkError, describeThrown } from '../errors.js';
 import { VIRTIO_BLK_SECTOR_SIZE } from '../spec/virtio-blk.js';
-import type { BackendResult, BlockBackend } from './backend.js';
+import type { BackendConcurrency, BackendResult, BlockBackend, BlockSizeHints, Extent } from './backend.js';
 
 /** Why an object cannot be served as a {@link BlockBackend}. */
 export class BackendShapeError extends VblkError {
@@ -53,9 +53,23 @@ function settled(result: unknown): BackendResult {
   return undefined;
 }
 
-/** The guard: the backend's own methods, their results made safe; the capabilities as checked. */
+/** What the checks read once, besides the four capability flags. */
+interface Checked {
+  readonly hasResize: boolean;
+  readonly hasExtents: boolean;
+  readonly blockSize: BlockSizeHints | undefined;
+  readonly concurrency: BackendConcurrency | undefined;
+}
+
+/**
+ * The guard: the backend's own methods, their results made safe; the capabilities as
+ * checked. It has no `open`: {@link openCheckedBackend} has opened the backend already.
+ */
 class CheckedBackend implements BlockBackend {
   readonly resize?: (newSize: number) => BackendResult;
+  readonly extents?: (offset: number, length: number) => Promise<Extent[]>;
+  readonly blockSize?: BlockSizeHints;
+  readonly concurrency?: BackendConcurrency;
 
   constructor(
     private readonly inner: BlockBackend,
@@ -63,9 +77,13 @@ class CheckedBackend implements BlockBackend {
     readonly canFlush: boolean,
     readonly canDiscard: boolean,
     readonly canWriteZeroes: boolean,
-    hasResize: boolean,
+    checked: Checked,
   ) {
-    if (hasResize) this.resize = (newSize) => settled(inner.resize?.(newSize));
+    if (checked.hasResize) this.resize = (newSize) => settled(inner.resize?.(newSize));
+    // A promise whatever the backend returns: its callers take either.
+    if (checked.hasExtents) this.extents = async (offset, length) => (await inner.extents?.(offset, length)) ?? [];
+    if (checked.blockSize !== undefined) this.blockSize = checked.blockSize;
+    if (checked.concurrency !== undefined) this.concurrency = checked.concurrency;
   }
 
   get size(): number {
@@ -98,15 +116,45 @@ class CheckedBackend implements BlockBackend {
 }
 
 /**
+ * Opens `value` when it has an `open` step (a backend may learn its size and capabilities
+ * there), then checks it as {@link checkBackend} does and returns it guarded. An `open`
+ * that throws or rejects is refused with its reason.
+ */
+export async function openCheckedBackend(value: unknown): Promise<BlockBackend> {
+  const object = asObject(value);
+  const open = member(object, 'open');
+  if (open !== undefined && typeof open !== 'function') throw new BackendShapeError(`the backend's open must be a method when present, got ${kindOf(open)}`);
+  if (typeof open === 'function') {
+    try {
+      await settled((open as () => unknown).call(object));
+    } catch (e) {
+      throw new BackendShapeError(`the backend's open failed: ${describeThrown(e)}`);
+    }
+  }
+  return checkOpened(object);
+}
+
+/**
  * Checks that `value` has the shape of a {@link BlockBackend} — a size that is a
  * positive safe multiple of 512, the four capability booleans, the six methods, and
- * `resize` a method when present — and returns it guarded. Throws
- * {@link BackendShapeError} with a one-line message otherwise.
+ * `resize`, `extents`, `blockSize` and `concurrency` of the right kind when present — and
+ * returns it guarded. Throws {@link BackendShapeError} with a one-line message otherwise.
+ * A backend with an `open` step goes through {@link openCheckedBackend} instead.
  */
 export function checkBackend(value: unknown): BlockBackend {
+  const object = asObject(value);
+  if (member(object, 'open') !== undefined) throw new BackendShapeError('the backend has an open step: check it with openCheckedBackend');
+  return checkOpened(object);
+}
+
+function asObject(value: unknown): object {
   if (value === null || (typeof value !== 'object' && typeof value !== 'function')) {
     throw new BackendShapeError(`the backend is ${kindOf(value)}, not an object`);
   }
+  return value;
+}
+
+function checkOpened(value: object): BlockBackend {
   const size = member(value, 'size');
   if (typeof size !== 'number' || !Number.isSafeInteger(size) || size < VIRTIO_BLK_SECTOR_SIZE || size % VIRTIO_BLK_SECTOR_SIZE !== 0) {
     const shown = typeof size === 'number' ? String(size) : kindOf(size);
@@ -125,6 +173,30 @@ export function checkBackend(value: unknown): BlockBackend {
   if (resize !== undefined && typeof resize !== 'function') {
     throw new BackendShapeError(`the backend's resize must be a method when present, got ${kindOf(resize)}`);
   }
+  const extents = member(value, 'extents');
+  if (extents !== undefined && typeof extents !== 'function') {
+    throw new BackendShapeError(`the backend's extents must be a method when present, got ${kindOf(extents)}`);
+  }
+  const concurrency = member(value, 'concurrency');
+  if (concurrency !== undefined && concurrency !== 'parallel' && concurrency !== 'serial') {
+    const shown = typeof concurrency === 'string' ? `'${concurrency}'` : kindOf(concurrency);
+    throw new BackendShapeError(`the backend's concurrency must be 'parallel' or 'serial' when present, got ${shown}`);
+  }
+  const blockSize = member(value, 'blockSize');
+  let hints: BlockSizeHints | undefined;
+  if (blockSize !== undefined) {
+    if (blockSize === null || typeof blockSize !== 'object') throw new BackendShapeError(`the backend's blockSize must be an object when present, got ${kindOf(blockSize)}`);
+    const field = (name: 'minimum' | 'preferred' | 'maximum'): number => {
+      const v = member(blockSize, name);
+      if (typeof v !== 'number') throw new BackendShapeError(`the backend's blockSize.${name} must be a number, got ${kindOf(v)}`);
+      return v;
+    };
+    // A copy: the device validates the numbers, and a getter cannot change them later.
+    hints = { minimum: field('minimum'), preferred: field('preferred'), maximum: field('maximum') };
+  }
   const [readOnly, canFlush, canDiscard, canWriteZeroes] = flags;
-  return new CheckedBackend(value as BlockBackend, readOnly, canFlush, canDiscard, canWriteZeroes, resize !== undefined);
+  return new CheckedBackend(value as BlockBackend, readOnly, canFlush, canDiscard, canWriteZeroes, {
+    hasResize: resize !== undefined, hasExtents: extents !== undefined, blockSize: hints,
+    concurrency: concurrency as BackendConcurrency | undefined,
+  });
 }

@@ -7,6 +7,7 @@
  */
 import { performance } from 'node:perf_hooks';
 import type { BlockBackend } from '../backends/backend.js';
+import { FILTER_HELP, FilterSpecError, applyFilters, parseFilterSpec, type FilterSpec } from '../backends/filters/index.js';
 import type { LogSink } from '../log.js';
 import { loadBackendModule } from '../node/backend-module.js';
 import { listenControl } from '../node/control.js';
@@ -32,6 +33,9 @@ export const command = defineCommand({
     '  export default (options) => backend   (or a promise of one; options holds the --backend-opt pairs)',
     'A request the backend fails (it throws or rejects) completes with an I/O error and a log line.',
     '',
+    'Filters (--filter NAME[:KEY=VALUE,...], repeatable; the first is nearest the guest; lists in a value join with +):',
+    ...Object.entries(FILTER_HELP).map(([name, help]) => `  ${name.padEnd(9)}${help}`),
+    '',
     'One frontend at a time: one that connects while another is connected (or still being',
     'cleaned up after hanging up) waits, and is served once the other is gone.',
   ],
@@ -39,6 +43,7 @@ export const command = defineCommand({
     socket: { kind: 'string', valueName: 'PATH', description: 'unix socket to listen on (required)' },
     backend: { kind: 'string', valueName: 'MODULE', description: 'serve the backend made by MODULE (a path with ./ or /, or a package name) instead of an IMAGE' },
     'backend-opt': { kind: 'list', valueName: 'KEY=VALUE', description: 'an option for the backend module\'s factory' },
+    filter: { kind: 'list', valueName: 'NAME[:KEY=VALUE,...]', description: 'a filter in front of the image or backend (cow, error, delay, throttle, stats: see below)' },
     'read-only': { kind: 'boolean', description: 'offer a read-only disk (and open the IMAGE read-only)' },
     serial: { kind: 'string', valueName: 'STR', description: 'disk serial (GET_ID), at most 20 bytes', default: 'vblk' },
     queues: { kind: 'integer', valueName: 'N', min: 1, max: 64, default: 16, description: 'request queues offered (the frontend uses as many as it wants: QEMU one per vCPU unless num-queues says)' },
@@ -86,9 +91,11 @@ export const command = defineCommand({
     const log = logSink(options['log-format'], options.socket, io);
     const metricsAt = options.metrics === undefined ? null : parseHostPort(options.metrics);
 
-    const backend: BlockBackend = backendModule === undefined
+    const filters = options.filter.map(parseFilter);
+    const base: BlockBackend = backendModule === undefined
       ? openFileBackend(positionals[0], { readOnly: options['read-only'], size: options.size, io: options.io })
       : await loadBackendModule(backendModule, factoryOptions);
+    const backend = applyFilters(base, filters, { openOverlayFile: (path, size) => openFileBackend(path, { size }) });
     let served: ServedDisk;
     try {
       served = await serve({
@@ -142,7 +149,8 @@ export const command = defineCommand({
     }
     const source = backendModule === undefined ? positionals[0] : `backend module ${backendModule}`;
     const readOnly = options['read-only'] || backend.readOnly;
-    log(`serving ${source} (${backend.size} bytes${readOnly ? ', read-only' : ''}) on ${options.socket}`);
+    const through = filters.length ? ` through ${filters.map((f) => f.text).join(' → ')}` : '';
+    log(`serving ${source}${through} (${backend.size} bytes${readOnly ? ', read-only' : ''}) on ${options.socket}`);
 
     await new Promise<void>((resolve) => {
       const stop = (signal: string): void => {
@@ -185,4 +193,14 @@ export function logSink(format: 'text' | 'json', socket: string, io: CliIo): Log
     if (context.queue !== undefined) line.queue = context.queue;
     io.stderr(`${JSON.stringify(line)}\n`);
   };
+}
+
+/** One `--filter` value; a bad one is a usage error naming what to fix. */
+function parseFilter(text: string): FilterSpec {
+  try {
+    return parseFilterSpec(text);
+  } catch (e) {
+    if (e instanceof FilterSpecError) throw new CliUsageError(`vblk serve: --filter ${e.message}`);
+    throw e;
+  }
 }

@@ -10,7 +10,7 @@ import { existsSync } from 'node:fs';
 import { extname, isAbsolute, resolve } from 'node:path';
 import { pathToFileURL } from 'node:url';
 import type { BlockBackend } from '../backends/backend.js';
-import { BackendShapeError, checkBackend } from '../backends/checked-backend.js';
+import { BackendShapeError, openCheckedBackend } from '../backends/checked-backend.js';
 import { VblkError, describeThrown } from '../errors.js';
 
 /** The default export of a backend module. `options` holds the `--backend-opt KEY=VALUE` pairs. */
@@ -80,7 +80,7 @@ export async function loadBackendModule(
     throw new BackendModuleError('FACTORY_FAILED', `${name}: its factory failed: ${describeThrown(e)}`);
   }
   try {
-    return checkBackend(made);
+    return await openCheckedBackend(made);
   } catch (e) {
     if (!(e instanceof BackendShapeError)) throw e;
     throw new BackendModuleError('NOT_A_BACKEND', `${name}: ${e.message}`);

@@ -12,7 +12,7 @@ import { VhostUserServer, type VhostUserServerOptions } from './vhost-user-serve
 
 /** How {@link serve} serves a backend: the socket's options, the backend, the device's options. */
 export interface ServeOptions extends Omit<VhostUserServerOptions, 'device'> {
-  /** The storage to serve; {@link ServedDisk.close} flushes it but leaves it open. */
+  /** The storage to serve, opened here when it has an open step; {@link ServedDisk.close} flushes it but leaves it open. */
   readonly backend: BlockBackend;
   /**
    * The virtio-blk device's options (serial, queues, block size …). Without an
@@ -44,6 +44,8 @@ export interface ServedDisk {
  */
 export async function serve(options: ServeOptions): Promise<ServedDisk> {
   const { backend, device: deviceOptions, ...serverOptions } = options;
+  // A backend may learn its size and capabilities when it opens (a filter's base, a network export).
+  await backend.open?.();
   const log = options.log ?? (() => {});
   const device = new BlkDevice({
     onBackendError: (e, type, sector) => log(`I/O error (${describeRequest(type, sector)}): ${describeThrown(e)}`, { level: 'error' }),
