@@ -9,10 +9,11 @@
 export { VblkError, UsageError } from './errors.js';
 
 export {
-  BackendError, checkDiskSize, checkGrow, checkRange, totalLength,
-  type BackendErrorCode, type BackendResult, type BlockBackend,
+  BackendError, checkDiskSize, checkGrow, checkRange, totalLength, NO_MAXIMUM_BLOCK_SIZE,
+  type BackendConcurrency, type BackendErrorCode, type BackendResult, type BlockBackend, type BlockSizeHints, type Extent,
 } from './backends/backend.js';
 export { MemoryBackend, MEMORY_CHUNK_SIZE, type MemoryBackendOptions } from './backends/memory-backend.js';
+export * from './backends/filters/index.js';
 
 export { BlkDevice, MAX_RANGE_SEGMENTS, type BlkDeviceOptions, type BlkRangeLimits } from './blk/device.js';
 export {
