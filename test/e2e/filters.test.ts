@@ -54,6 +54,32 @@ echo SCANNED
     }
   });
 
+  it('stats, delay and throttle stacked: a guest writes and reads back its data through them', { timeout: 300_000 }, async () => {
+    const image = join(scratch.dir, 'stacked.img');
+    const socket = join(scratch.dir, 'stacked.sock');
+    let serve: Served | undefined;
+    try {
+      serve = await startServe(image, socket, ['--size', '32M', '--queues', '1',
+        '--filter', 'stats', '--filter', 'delay:read=1ms,write=2ms', '--filter', 'throttle:iops=3000,bps=16M']);
+      const r = await runGuest({
+        vhostUserSockets: [{ path: socket, numQueues: 1 }],
+        timeoutMs: 240_000,
+        script: `set -e
+dd if=/dev/urandom of=/tmp/data bs=64k count=32 2>/dev/null
+dd if=/tmp/data of=/dev/vda bs=64k oflag=direct 2>/dev/null
+dd if=/dev/vda of=/tmp/back bs=64k count=32 iflag=direct 2>/dev/null
+cmp /tmp/data /tmp/back
+echo STACK-OK
+`,
+      });
+      assert.equal(r.exitCode, 0, `guest failed (${r.error ?? ''}):\n${r.output.split('\n').slice(-30).join('\n')}\n${serve.log()}`);
+      assert.match(r.output, /STACK-OK/);
+      assert.match(serve.log(), /through stats → delay:read=1ms,write=2ms → throttle:iops=3000,bps=16M/);
+    } finally {
+      await serve?.stop();
+    }
+  });
+
   it('cow: a guest\'s filesystem over the overlay checks clean and the base stays byte-identical', { timeout: 300_000 }, async () => {
     const base = join(scratch.dir, 'base.img');
     const socket = join(scratch.dir, 'cow.sock');
