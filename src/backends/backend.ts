@@ -147,6 +147,7 @@ export type BackendErrorCode = 'READ_ONLY' | 'OUT_OF_RANGE' | 'CLOSED' | 'BAD_SI
  * failure, of this class or any other.
  */
 export class BackendError extends VblkError {
+  /** Which refusal: {@link BackendErrorCode}. */
   declare readonly code: BackendErrorCode;
   constructor(code: BackendErrorCode, message: string) {
     super(code, message);
