@@ -9,8 +9,9 @@
 export { VblkError, UsageError } from './errors.js';
 
 export {
-  BackendError, checkDiskSize, checkGrow, checkRange, totalLength,
-  type BackendErrorCode, type BackendResult, type BlockBackend,
+  BackendError, checkDiskSize, checkGrow, checkRange, NO_MAXIMUM_BLOCK_SIZE, totalLength,
+  type BackendConcurrency, type BackendErrorCode, type BackendResult, type BlockBackend, type BlockSizeHints,
+  type Extent, type ExtentKind,
 } from './backends/backend.js';
 export { MemoryBackend, MEMORY_CHUNK_SIZE, type MemoryBackendOptions } from './backends/memory-backend.js';
 
@@ -24,6 +25,7 @@ export {
   type ProbeErrorCode, type RequestErrorCode,
 } from './blk/driver-errors.js';
 export type { BlkConfig, BlkGeometry, BlkTopology } from './blk/config.js';
+export type { QueueStats, QueueStatsSnapshot } from './blk/stats.js';
 
 export { LoopbackTransport, type LoopbackOptions } from './transport/loopback.js';
 export type { DeviceHost, DriverQueueBinding, DriverTransport, VirtioDevice } from './virtqueue/device.js';

@@ -58,6 +58,7 @@ export type ExtentKind = 'data' | 'zero' | 'hole';
 export interface Extent {
   /** Bytes in the run, more than 0. */
   readonly length: number;
+  /** How the run is stored. */
   readonly kind: ExtentKind;
 }
 
