@@ -9,11 +9,11 @@
 export { VblkError, UsageError } from './errors.js';
 
 export {
-  BackendError, checkDiskSize, checkGrow, checkRange, NO_MAXIMUM_BLOCK_SIZE, totalLength,
-  type BackendConcurrency, type BackendErrorCode, type BackendResult, type BlockBackend, type BlockSizeHints,
-  type Extent, type ExtentKind,
+  BackendError, checkDiskSize, checkGrow, checkRange, totalLength, NO_MAXIMUM_BLOCK_SIZE,
+  type BackendConcurrency, type BackendErrorCode, type BackendResult, type BlockBackend, type BlockSizeHints, type Extent,
 } from './backends/backend.js';
 export { MemoryBackend, MEMORY_CHUNK_SIZE, type MemoryBackendOptions } from './backends/memory-backend.js';
+export * from './backends/filters/index.js';
 
 export { BlkDevice, MAX_RANGE_SEGMENTS, type BlkDeviceOptions, type BlkRangeLimits } from './blk/device.js';
 export {
@@ -26,6 +26,7 @@ export {
 } from './blk/driver-errors.js';
 export type { BlkConfig, BlkGeometry, BlkTopology } from './blk/config.js';
 export type { QueueStats, QueueStatsSnapshot } from './blk/stats.js';
+export type { ExtentKind } from './backends/backend.js';
 
 export { LoopbackTransport, type LoopbackOptions } from './transport/loopback.js';
 export type { DeviceHost, DriverQueueBinding, DriverTransport, VirtioDevice } from './virtqueue/device.js';

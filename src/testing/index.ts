@@ -9,4 +9,3 @@ export {
 } from './backend-compliance.js';
 export { openLoopbackDisk, type LoopbackDisk, type LoopbackDiskOptions } from './loopback.js';
 export { ManualClock } from './manual-clock.js';
-export type { FilterClock } from '../backends/filters/filter.js';
