@@ -4,6 +4,7 @@
  */
 export class VblkError extends Error {
   constructor(
+    /** The stable machine-readable reason (`BAD_OPTION`, `READ_ONLY` …); subclasses narrow it to their own codes. */
     readonly code: string,
     message: string,
   ) {

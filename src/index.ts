@@ -25,6 +25,8 @@ export {
   type ProbeErrorCode, type RequestErrorCode,
 } from './blk/driver-errors.js';
 export type { BlkConfig, BlkGeometry, BlkTopology } from './blk/config.js';
+export type { QueueStats, QueueStatsSnapshot } from './blk/stats.js';
+export type { ExtentKind } from './backends/backend.js';
 
 export { LoopbackTransport, type LoopbackOptions } from './transport/loopback.js';
 export type { DeviceHost, DriverQueueBinding, DriverTransport, VirtioDevice } from './virtqueue/device.js';

@@ -58,6 +58,7 @@ export type ExtentKind = 'data' | 'zero' | 'hole';
 export interface Extent {
   /** Bytes in the run, more than 0. */
   readonly length: number;
+  /** How the run is stored. */
   readonly kind: ExtentKind;
 }
 
@@ -147,6 +148,7 @@ export type BackendErrorCode = 'READ_ONLY' | 'OUT_OF_RANGE' | 'CLOSED' | 'BAD_SI
  * failure, of this class or any other.
  */
 export class BackendError extends VblkError {
+  /** Which refusal: {@link BackendErrorCode}. */
   declare readonly code: BackendErrorCode;
   constructor(code: BackendErrorCode, message: string) {
     super(code, message);

@@ -8,12 +8,17 @@ import { VblkError } from '../errors.js';
 import { VIRTIO_BLK_CONFIG as F, VIRTIO_BLK_CONFIG_SIZE } from '../spec/virtio-blk.js';
 import { getU64, setU64 } from '../spec/u64.js';
 
+/** A cylinders/heads/sectors disk geometry (the config's `geometry`, VIRTIO_BLK_F_GEOMETRY). */
 export interface BlkGeometry {
+  /** Cylinders, 0 … 65535. */
   readonly cylinders: number;
+  /** Heads per cylinder, 0 … 255. */
   readonly heads: number;
+  /** Sectors per track, 0 … 255. */
   readonly sectors: number;
 }
 
+/** I/O alignment hints (the config's `topology`, VIRTIO_BLK_F_TOPOLOGY); 0 is no hint. */
 export interface BlkTopology {
   /** log2 of physical blocks per logical block. */
   readonly physicalBlockExp: number;
@@ -25,24 +30,45 @@ export interface BlkTopology {
   readonly optIoSize: number;
 }
 
-/** The decoded config space. Numbers are as on the wire (sectors are 512 bytes). */
+/**
+ * The decoded config space. Numbers are as on the wire (sectors are 512 bytes). Every
+ * field is decoded, but one past the basic ones means something only when its feature
+ * was negotiated (5.2.4).
+ */
 export interface BlkConfig {
+  /** Disk size in 512-byte sectors. */
   readonly capacity: number;
+  /** Largest data segment in bytes (VIRTIO_BLK_F_SIZE_MAX). */
   readonly sizeMax: number;
+  /** Most data segments in one request (VIRTIO_BLK_F_SEG_MAX). */
   readonly segMax: number;
+  /** Disk geometry (VIRTIO_BLK_F_GEOMETRY). */
   readonly geometry: BlkGeometry;
+  /** Logical block size in bytes (VIRTIO_BLK_F_BLK_SIZE). */
   readonly blkSize: number;
+  /** Alignment hints (VIRTIO_BLK_F_TOPOLOGY). */
   readonly topology: BlkTopology;
+  /** Cache mode, 1 writeback or 0 writethrough (VIRTIO_BLK_F_CONFIG_WCE). */
   readonly writeback: number;
+  /** Request queues the device has (VIRTIO_BLK_F_MQ). */
   readonly numQueues: number;
+  /** Most sectors in one discard segment (VIRTIO_BLK_F_DISCARD). */
   readonly maxDiscardSectors: number;
+  /** Most segments in one discard request. */
   readonly maxDiscardSeg: number;
+  /** Discard segments should start and end on multiples of this many sectors. */
   readonly discardSectorAlignment: number;
+  /** Most sectors in one write-zeroes segment (VIRTIO_BLK_F_WRITE_ZEROES). */
   readonly maxWriteZeroesSectors: number;
+  /** Most segments in one write-zeroes request. */
   readonly maxWriteZeroesSeg: number;
+  /** 1 when a write-zeroes with the unmap flag may deallocate the range. */
   readonly writeZeroesMayUnmap: number;
+  /** Most sectors in one secure erase segment (VIRTIO_BLK_F_SECURE_ERASE). */
   readonly maxSecureEraseSectors: number;
+  /** Most segments in one secure erase request. */
   readonly maxSecureEraseSeg: number;
+  /** Secure erase segments should start and end on multiples of this many sectors. */
   readonly secureEraseSectorAlignment: number;
 }
 

@@ -674,8 +674,11 @@ export class BlkDevice implements VirtioDevice {
   readonly numQueues: number;
   readonly maxQueueSize: number;
   readonly deviceFeatures: bigint;
+  /** The backend served, as given in the options. */
   readonly backend: BlockBackend;
+  /** Logical block size in bytes (blk_size): 512 or 4096. */
   readonly blockSize: number;
+  /** The disk is served read-only (VIRTIO_BLK_F_RO): by the options or because the backend is. */
   readonly readOnly: boolean;
   private readonly engine: Engine;
   private readonly config: Uint8Array;

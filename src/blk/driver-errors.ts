@@ -9,7 +9,11 @@ import { VIRTIO_BLK_S } from '../spec/virtio-blk.js';
 
 /** The device answered VIRTIO_BLK_S_IOERR, or a status byte the spec does not define. */
 export class IoError extends VblkError {
-  constructor(message: string, readonly status: number) {
+  constructor(
+    message: string,
+    /** The status byte the device answered: VIRTIO_BLK_S_IOERR, or the undefined value. */
+    readonly status: number,
+  ) {
     super('IO_ERROR', message);
   }
 }
@@ -41,7 +45,9 @@ export class TimeoutError extends VblkError {
 /**
  * The queue the request was on broke: the device returned a used id not in flight, a
  * used length beyond what was posted, or moved the used index too far. `cause` is the
- * virtqueue's {@link DriverQueueError}.
+ * virtqueue's own error, a {@link VblkError} whose code says which
+ * (`USED_ID_NOT_IN_FLIGHT`, `USED_LENGTH_TOO_LARGE`, `USED_INDEX_JUMP`, or `QUEUE_BROKEN`
+ * when the device was lost).
  */
 export class QueueBrokenError extends VblkError {
   constructor(message: string, options?: { cause: unknown }) {
@@ -55,6 +61,7 @@ export type RequestErrorCode = 'MISALIGNED' | 'OUT_OF_RANGE' | 'DISK_REMOVED' | 
 
 /** A request the driver refuses before it reaches a ring (host-facing misuse or state). */
 export class RequestError extends VblkError {
+  /** Why it was refused: {@link RequestErrorCode}. */
   declare readonly code: RequestErrorCode;
   constructor(code: RequestErrorCode, message: string) {
     super(code, message);
@@ -67,6 +74,7 @@ export type ProbeErrorCode =
 
 /** Bringing the device up (probe or restore) failed; the device status has FAILED set. */
 export class ProbeError extends VblkError {
+  /** Which step failed: {@link ProbeErrorCode}. */
   declare readonly code: ProbeErrorCode;
   constructor(code: ProbeErrorCode, message: string, options?: { cause: unknown }) {
     super(code, message);

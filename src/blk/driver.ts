@@ -94,7 +94,9 @@ const LATE_REAP_MS = 1;
 
 /** Where the driver's notices go (the seed's dev_notice / dev_warn). */
 export interface BlkLogger {
+  /** Something worth knowing about `disk` (`vda` …) that needs no action, such as its new size. */
   notice(disk: string, message: string): void;
+  /** Something wrong with `disk` that the driver survived, such as a broken queue. */
   warn(disk: string, message: string): void;
 }
 
@@ -135,6 +137,7 @@ export interface RequestOptions {
 
 /** A range of 512-byte sectors for discard, write-zeroes and secure erase. */
 export interface SectorRange {
+  /** First 512-byte sector of the range. */
   readonly sector: number;
   /** Number of 512-byte sectors, > 0. */
   readonly sectors: number;
@@ -147,6 +150,7 @@ export type CacheMode = 'writeback' | 'writethrough';
 export interface ResizeEvent {
   /** New capacity in 512-byte sectors. */
   readonly capacity: number;
+  /** Capacity before the change, in 512-byte sectors. */
   readonly previousCapacity: number;
 }
 
@@ -348,8 +352,9 @@ export function newSizeMessage(capacity: number, logicalBlockSize: number): stri
  * block size.
  */
 export class BlkDriver {
-  /** Disk index (process-wide, lowest free) and its name (`vda` …). */
+  /** Disk index, process-wide: the lowest one free when the disk was probed. */
   readonly index: number;
+  /** The disk's name, from its index (0 → `vda`, 26 → `vdaa`), used in messages and logs. */
   readonly name: string;
   private phase: Phase = 'probing';
   private negotiated = 0n;

@@ -37,8 +37,9 @@ TYPE_INDEX[VIRTIO_BLK_T.GET_ID] = STAT_TYPES.indexOf('get_id');
 export interface QueueStatsSnapshot {
   /** Completed requests, `[type][status]` flattened: `requests[t * STAT_STATUSES.length + s]`. */
   readonly requests: readonly number[];
-  /** Data bytes of successful reads and writes. */
+  /** Data bytes of successful reads. */
   readonly bytesRead: number;
+  /** Data bytes of successful writes. */
   readonly bytesWritten: number;
   /** Requests per latency bucket (not cumulative), the last one past every bound. */
   readonly latencyBuckets: readonly number[];
@@ -61,7 +62,10 @@ export class QueueStats {
   /** The queue's current in-flight count, read when a snapshot is taken. */
   inFlight: () => number = () => 0;
 
-  constructor(readonly now: () => number) {}
+  constructor(
+    /** The clock requests are timed with, in milliseconds: the device's `statsClock`. */
+    readonly now: () => number,
+  ) {}
 
   /** A request completed with `status` (VIRTIO_BLK_S_*); `takenAt` from {@link now}. */
   completed(type: number, status: number, dataBytes: number, takenAt: number): void {
@@ -96,6 +100,7 @@ export class QueueStats {
     this.pendingCount = 0;
   }
 
+  /** A copy of the counters as they are now; taking one never holds the data path. */
   snapshot(): QueueStatsSnapshot {
     return {
       requests: Array.from(this.requests),

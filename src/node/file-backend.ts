@@ -51,6 +51,12 @@ export interface FileBackendOptions {
   readonly io?: FileIoMode;
 }
 
+/**
+ * The stable codes of {@link FileBackendError}: the image is missing, cannot be opened,
+ * is not a regular file, is too small (under one sector, or under `size` when opened
+ * read-only) or is not a multiple of 512 bytes; or `size` itself is not a positive
+ * multiple of 512.
+ */
 export type FileBackendErrorCode =
   | 'IMAGE_MISSING' | 'IMAGE_UNREADABLE' | 'IMAGE_NOT_FILE' | 'IMAGE_TOO_SMALL' | 'IMAGE_MISALIGNED' | 'BAD_SIZE';
 
@@ -175,6 +181,7 @@ export class FileBackend implements BlockBackend {
   /** Always: by punching holes, or by writing zeroes where the filesystem cannot. */
   readonly canDiscard = true;
   readonly canWriteZeroes = true;
+  /** How reads and writes run: the {@link FileBackendOptions.io} it was opened with. */
   readonly io: FileIoMode;
   private readonly fd: number;
   private closed = false;

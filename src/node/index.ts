@@ -18,3 +18,4 @@ export {
 export { VhostUserServer, type VhostUserServerOptions } from './vhost-user-server.js';
 export { connectVhostUser, type ConnectOptions } from './vhost-user-client.js';
 export type { VhostUserFrontend } from '../transport/vhost-user/frontend.js';
+export type { LogContext, LogSink } from '../log.js';

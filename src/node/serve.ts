@@ -23,6 +23,7 @@ export interface ServeOptions extends Omit<VhostUserServerOptions, 'device'> {
 
 /** A backend being served by {@link serve}. */
 export interface ServedDisk {
+  /** The backend served, as given in the options (opened by now). */
   readonly backend: BlockBackend;
   /** The device model: `device.resize(bytes)` grows the disk and tells the guest. */
   readonly device: BlkDevice;

@@ -22,6 +22,10 @@ const OWN_REPLY: ReadonlySet<RequestWithReply> = new Set<RequestWithReply>([
   'GET_MAX_MEM_SLOTS', 'GET_STATUS',
 ]);
 
+/**
+ * How {@link connectVhostUser} connects: the frontend's shared memory size, config read
+ * size and largest queue size, and how long to wait for a reply.
+ */
 export interface ConnectOptions extends FrontendOptions {
   /** How long to wait for each reply before giving up on the backend. Default 10 s. */
   replyTimeoutMs?: number;

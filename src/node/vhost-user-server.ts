@@ -31,9 +31,11 @@ import { MappedRegion } from './mapped-memory.js';
 import * as native from './native.js';
 import { MAX_READ_TIMEOUT_MS, UnixConnection, UnixSocketServer } from './unix-socket.js';
 
+/** How {@link VhostUserServer.listen} serves a device: the socket, the device, the limits. */
 export interface VhostUserServerOptions {
   /** Path of the unix socket to listen on. */
   readonly socketPath: string;
+  /** The device model served (a `BlkDevice`), to one frontend at a time; reset between them. */
   readonly device: VirtioDevice;
   /** File mode of the socket (default 0o600: only the owner may connect). */
   readonly socketMode?: number;
@@ -44,15 +46,15 @@ export interface VhostUserServerOptions {
   /**
    * How long a frontend may leave a message unfinished before the connection is dropped:
    * its header must be whole this many milliseconds after its first byte, and its payload
-   * this long after the header (default {@link DEFAULT_MESSAGE_TIMEOUT_MS}). Time between
+   * this long after the header (default 20 000: 20 s). Time between
    * messages is not limited: QEMU sends nothing for hours while its guest runs.
    */
   readonly messageTimeoutMs?: number;
   /**
    * Map memory regions whose fd is not sealed against shrinking (memory-backend-file on
    * /dev/shm or hugetlbfs, `memory-backend-memfd,seal=off`). Dangerous: a frontend that
-   * then shrinks the file kills this process with SIGBUS (see {@link NodeBackendIo.mapRegion}).
-   * Default false.
+   * then shrinks the file kills this process with SIGBUS, which no JavaScript can catch;
+   * a memfd sealed with F_SEAL_SHRINK can never be shrunk. Default false.
    */
   readonly allowUnsealedMemory?: boolean;
 }

@@ -6,23 +6,40 @@ import { hasFeature } from './virtio.js';
 
 /** Feature bits (5.2.3), with the legacy ones (5.2.3.1) for completeness. */
 export const VIRTIO_BLK_F = {
+  /** Legacy: the device supports request barriers. */
   BARRIER: 0,
+  /** size_max holds the largest size of any one data segment. */
   SIZE_MAX: 1,
+  /** seg_max holds the most data segments in one request. */
   SEG_MAX: 2,
+  /** geometry holds a cylinders/heads/sectors disk geometry. */
   GEOMETRY: 4,
+  /** The disk is read-only: writes, discards and write-zeroes fail. */
   RO: 5,
+  /** blk_size holds the logical block size. */
   BLK_SIZE: 6,
+  /** Legacy: the device accepts SCSI packet commands (VIRTIO_BLK_T_SCSI_CMD). */
   SCSI: 7,
+  /** The device takes flush requests (VIRTIO_BLK_F_WCE in legacy drivers). */
   FLUSH: 9,
+  /** topology holds the physical block size and I/O size hints. */
   TOPOLOGY: 10,
+  /** The driver can switch the cache between writeback and writethrough through the writeback field. */
   CONFIG_WCE: 11,
+  /** num_queues holds how many request queues the device has. */
   MQ: 12,
+  /** The device takes discard requests, within max_discard_sectors and max_discard_seg. */
   DISCARD: 13,
+  /** The device takes write-zeroes requests, within max_write_zeroes_sectors and max_write_zeroes_seg. */
   WRITE_ZEROES: 14,
+  /** The device reports its wear (VIRTIO_BLK_T_GET_LIFETIME). */
   LIFETIME: 15,
+  /** The device takes secure erase requests, within max_secure_erase_sectors and max_secure_erase_seg. */
   SECURE_ERASE: 16,
+  /** The device is a zoned block device, with zone requests and zone fields in its config. */
   ZONED: 17,
 } as const;
+/** The name of a virtio-blk feature bit, as a key of {@link VIRTIO_BLK_F}. */
 export type VirtioBlkFeature = keyof typeof VIRTIO_BLK_F;
 
 /** Spec names by bit number, for display (`vblk info`). */
@@ -32,34 +49,55 @@ export const VIRTIO_BLK_F_NAMES: Readonly<Record<number, string>> = Object.fromE
 
 /** Request types (5.2.6), legacy SCSI_CMD included so the device can answer UNSUPP by name. */
 export const VIRTIO_BLK_T = {
+  /** Read sectors into the request's writable buffers. */
   IN: 0,
+  /** Write the request's readable buffers to sectors. */
   OUT: 1,
+  /** Legacy: a SCSI command passed through. */
   SCSI_CMD: 2,
+  /** Make every completed write durable (VIRTIO_BLK_F_FLUSH). */
   FLUSH: 4,
+  /** Read the device's ID string, at most {@link VIRTIO_BLK_ID_BYTES} bytes. */
   GET_ID: 8,
+  /** Read the device's wear and lifetime estimates (VIRTIO_BLK_F_LIFETIME). */
   GET_LIFETIME: 10,
+  /** Deallocate sector ranges (VIRTIO_BLK_F_DISCARD). */
   DISCARD: 11,
+  /** Make sector ranges read as zeroes, maybe deallocating them (VIRTIO_BLK_F_WRITE_ZEROES). */
   WRITE_ZEROES: 13,
+  /** Erase sector ranges so their data cannot be recovered (VIRTIO_BLK_F_SECURE_ERASE). */
   SECURE_ERASE: 14,
+  /** Zoned: write at a zone's write pointer; the device says where the data went. */
   ZONE_APPEND: 15,
+  /** Zoned: report the state of the zones from a sector on. */
   ZONE_REPORT: 16,
+  /** Zoned: open a zone explicitly. */
   ZONE_OPEN: 18,
+  /** Zoned: close an open zone. */
   ZONE_CLOSE: 20,
+  /** Zoned: move a zone to the full state. */
   ZONE_FINISH: 22,
+  /** Zoned: move a zone's write pointer back to its start, emptying it. */
   ZONE_RESET: 24,
+  /** Zoned: move the write pointer of every zone back to its start at once. */
   ZONE_RESET_ALL: 26,
 } as const;
 
 /** Request status byte values (5.2.6). */
 export const VIRTIO_BLK_S = {
+  /** The request succeeded. */
   OK: 0,
+  /** The request failed: a device or driver error. */
   IOERR: 1,
+  /** The device does not support the request. */
   UNSUPP: 2,
 } as const;
+/** A request status byte the spec defines, one of {@link VIRTIO_BLK_S}'s values. */
 export type VirtioBlkStatus = (typeof VIRTIO_BLK_S)[keyof typeof VIRTIO_BLK_S];
 
 /** Sectors on the wire are always 512 bytes, whatever blk_size says (5.2.6). */
 export const VIRTIO_BLK_SECTOR_SIZE = 512;
+/** log2 of {@link VIRTIO_BLK_SECTOR_SIZE}: sectors to bytes is a shift by 9. */
 export const VIRTIO_BLK_SECTOR_SHIFT = 9;
 /** GET_ID answers at most 20 bytes (5.2.6: "VIRTIO_BLK_ID_BYTES"). */
 export const VIRTIO_BLK_ID_BYTES = 20;

@@ -38,6 +38,7 @@ export interface ComplianceSubject {
 
 /** A read-only backend for the read-only test. */
 export interface ComplianceReadOnly {
+  /** A backend whose `readOnly` is true; the suite opens it (when it has an open step) and closes it. */
   readonly backend: BlockBackend;
   /** It holds the data written through the writable backend before it was closed. */
   readonly sameData: boolean;

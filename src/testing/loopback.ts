@@ -13,7 +13,9 @@ import { LoopbackTransport, type LoopbackOptions } from '../transport/loopback.j
 export interface LoopbackDisk {
   /** The guest side: read, write, flush, discard … by sector. */
   readonly driver: BlkDriver;
+  /** The device side, over the backend: its config, cache mode, `resize` and statistics. */
   readonly device: BlkDevice;
+  /** What joins the two, and holds the guest memory. */
   readonly transport: LoopbackTransport;
   /** Removes the disk and closes the transport; the backend stays open (its owner closes it). */
   close(): Promise<void>;
@@ -23,7 +25,9 @@ export interface LoopbackDisk {
 export interface LoopbackDiskOptions {
   /** Device options other than the backend. */
   readonly device?: Omit<BlkDeviceOptions, 'backend'>;
+  /** How the driver probes the device (queues, timeout, features left out …). */
   readonly driver?: BlkDriverOptions;
+  /** The guest memory's size and address. */
   readonly loopback?: LoopbackOptions;
 }
 

@@ -19,6 +19,7 @@ import { QueueSetupError } from '../virtqueue/ring-views.js';
 import { StatusMachine } from '../virtqueue/status.js';
 import { soon } from '../soon.js';
 
+/** Where a {@link LoopbackTransport} puts its guest memory; both fields have defaults. */
 export interface LoopbackOptions {
   /** Bytes of guest memory (a power of two). Default 64 MiB. */
   memorySize?: number;
@@ -34,6 +35,11 @@ interface LiveQueue {
   onUsed: () => void;
 }
 
+/**
+ * A device and a driver in one process: construct it over a {@link VirtioDevice} (a
+ * {@link BlkDevice}), then probe a {@link BlkDriver} on it. It is the device's host and
+ * the driver's transport at once.
+ */
 export class LoopbackTransport implements DriverTransport, DeviceHost {
   readonly memory: GuestMemory;
   readonly dma: DmaAllocator;
@@ -44,9 +50,18 @@ export class LoopbackTransport implements DriverTransport, DeviceHost {
   private configPending = false;
   private closed = false;
   /** Why a queue broke, for tests and logs. */
-  lastNeedsReset: { index: number; reason: ChainError } | null = null;
+  lastNeedsReset: {
+    /** The queue that met the broken ring. */
+    index: number;
+    /** What was wrong with it. */
+    reason: ChainError;
+  } | null = null;
 
-  constructor(readonly device: VirtioDevice, options: LoopbackOptions = {}) {
+  constructor(
+    /** The device served; the transport attaches itself to it. */
+    readonly device: VirtioDevice,
+    options: LoopbackOptions = {},
+  ) {
     const size = options.memorySize ?? 64 * 1024 * 1024;
     const base = options.guestAddress ?? 0x10_0000;
     // Page-aligned like a VM's memory: DMA buffers then start on host pages too, and a

@@ -59,6 +59,7 @@ export interface VirtioDevice {
 
 /** A driver-side queue as its transport set it up. */
 export interface DriverQueueBinding<T> {
+  /** The driver's side of the split rings; `T` is what the driver posts with each chain. */
   readonly queue: SplitDriverQueue<T>;
   /** Sends an available-buffer notification (a kick) to the device. */
   notify(): void;
@@ -72,9 +73,16 @@ export interface DriverTransport {
   readonly dma: DmaAllocator;
   /** Resets the device: afterwards no queue is live and the status is 0. */
   reset(): Promise<void>;
+  /** The device status field (VIRTIO_CONFIG_S bits). */
   getStatus(): Promise<number>;
+  /**
+   * Writes the device status field. Setting FEATURES_OK commits the features given to
+   * {@link setDriverFeatures}; a write the device refuses rejects.
+   */
   setStatus(status: number): Promise<void>;
+  /** Every feature bit the device offers. */
   getDeviceFeatures(): Promise<bigint>;
+  /** The features the driver accepts, a subset of the offer; written before FEATURES_OK. */
   setDriverFeatures(features: bigint): Promise<void>;
   /**
    * `length` bytes of config space from `offset`. Rejects with a VblkError of code
@@ -82,6 +90,7 @@ export interface DriverTransport {
    * empty GET_CONFIG reply), never pads what it did not get.
    */
   readConfig(offset: number, length: number): Promise<Uint8Array>;
+  /** Writes `data` into config space at `offset` (the only driver-writable field of virtio-blk is `writeback`). */
   writeConfig(offset: number, data: Uint8Array): Promise<void>;
   /** Queues the device offers (the transport's own count; virtio-blk also has num_queues). */
   maxQueues(): Promise<number>;

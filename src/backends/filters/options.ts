@@ -38,7 +38,9 @@ export function quote(text: string): string {
 
 /** An inclusive range of 512-byte sectors. */
 export interface SectorSpan {
+  /** The first sector of the range. */
   readonly first: number;
+  /** The last sector of the range, included; at least `first`. */
   readonly last: number;
 }
 

@@ -28,6 +28,7 @@ import { ThrottleFilter, type ThrottleOptions } from './throttle.js';
 
 /** The copy-on-write filter's options as text gives them (the overlay file is opened when applied). */
 export interface CowSpecOptions {
+  /** Bytes per copy-on-write block (`block=SIZE`); see {@link CowOptions.granularity}. */
   readonly granularity?: number;
   /** Keep the overlay in this file rather than in memory. */
   readonly file?: string;
@@ -35,11 +36,46 @@ export interface CowSpecOptions {
 
 /** A parsed, checked filter spec. `text` is what it was parsed from, for logs. */
 export type FilterSpec =
-  | { readonly name: 'cow'; readonly text: string; readonly options: CowSpecOptions }
-  | { readonly name: 'error'; readonly text: string; readonly options: ErrorOptions }
-  | { readonly name: 'delay'; readonly text: string; readonly options: DelayOptions }
-  | { readonly name: 'throttle'; readonly text: string; readonly options: ThrottleOptions }
-  | { readonly name: 'stats'; readonly text: string; readonly options: Record<string, never> };
+  | {
+    /** Copy-on-write. */
+    readonly name: 'cow';
+    /** The spec as written. */
+    readonly text: string;
+    /** The overlay's block size and file. */
+    readonly options: CowSpecOptions;
+  }
+  | {
+    /** Error injection. */
+    readonly name: 'error';
+    /** The spec as written. */
+    readonly text: string;
+    /** Which operations fail, where, and how often. */
+    readonly options: ErrorOptions;
+  }
+  | {
+    /** Added latency. */
+    readonly name: 'delay';
+    /** The spec as written. */
+    readonly text: string;
+    /** Milliseconds to wait per kind of operation. */
+    readonly options: DelayOptions;
+  }
+  | {
+    /** Rate limits. */
+    readonly name: 'throttle';
+    /** The spec as written. */
+    readonly text: string;
+    /** The limits. */
+    readonly options: ThrottleOptions;
+  }
+  | {
+    /** Operation counts. */
+    readonly name: 'stats';
+    /** The spec as written. */
+    readonly text: string;
+    /** None: the stats filter takes no options. */
+    readonly options: Record<string, never>;
+  };
 
 /** The filter names, in the order of the table above. */
 export type FilterName = FilterSpec['name'];

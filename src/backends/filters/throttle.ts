@@ -28,11 +28,15 @@ import { FilterBackend, systemClock, type FilterClock } from './filter.js';
 export interface ThrottleOptions {
   /** Operations per second, reads and writes together. */
   readonly iops?: number;
+  /** Read operations per second. */
   readonly readIops?: number;
+  /** Write operations per second, discards and write-zeroes included. */
   readonly writeIops?: number;
   /** Bytes per second, reads and writes together. */
   readonly bps?: number;
+  /** Bytes read per second. */
   readonly readBps?: number;
+  /** Bytes written per second, discarded and zeroed bytes included. */
   readonly writeBps?: number;
   /** Seconds of each rate a bucket holds: the burst allowed after a quiet spell. Default 0.1. */
   readonly burst?: number;

@@ -87,6 +87,10 @@ interface LiveRing {
   readonly callWatch: Stoppable;
 }
 
+/**
+ * A {@link DriverTransport} to a vhost-user backend over a connected socket: probe a
+ * `BlkDriver` on it to drive the device. {@link connectVhostUser} opens one.
+ */
 export class VhostUserFrontend implements DriverTransport {
   readonly memory: GuestMemory;
   readonly dma: DmaAllocator;
