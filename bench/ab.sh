@@ -15,6 +15,8 @@ for side in a b; do
   cp "$root/package.json" "$work/$side/"
   ln -s "$root/build" "$work/$side/build"
 done
-(cd "$work/src" && npx tsc -p . --outDir "$work/a/dist")
-(cd "$root" && npx tsc -p . --outDir "$work/b/dist")
+# Each tree builds into its own dist/ (the examples and tests import the package by its
+# name, which resolves through package.json's exports to dist/), then is copied aside.
+(cd "$work/src" && npx tsc -p . && cp -r dist "$work/a/dist")
+(cd "$root" && npx tsc -p . && cp -r dist "$work/b/dist")
 node "$work/b/dist/bench/ab.js" "$work/a/dist" "$work/b/dist" "$@"

@@ -14,13 +14,15 @@ export type StatType = (typeof STAT_TYPES)[number];
 export const STAT_STATUSES = ['ok', 'ioerr', 'unsupp'] as const;
 export type StatStatus = (typeof STAT_STATUSES)[number];
 
+/** Powers of two of microseconds the latency histogram's bounds reach: 2^24 µs is 16.8 s. */
+const LAST_BUCKET_LOG2 = 24;
 /**
  * Upper bounds of the latency histogram's buckets, in seconds (the last bucket, +Inf, is
- * implied): from 10 µs, where a page-cache hit completes, to 10 s, a stalled backend.
+ * implied): powers of two from 1 µs to 16.8 s. Powers of two, because a request's bucket
+ * is then one `Math.clz32` of its whole microseconds instead of a search of the bounds:
+ * the data path pays a few instructions per request for its histogram.
  */
-export const LATENCY_BUCKETS: readonly number[] = [
-  0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10,
-];
+export const LATENCY_BUCKETS: readonly number[] = Array.from({ length: LAST_BUCKET_LOG2 + 1 }, (_, b) => 2 ** b / 1e6);
 
 const UNSUPPORTED = STAT_TYPES.indexOf('unsupported');
 /** VIRTIO_BLK_T_* → counter index; every other type value counts as unsupported. */
@@ -89,14 +91,17 @@ export class QueueStats {
     const n = this.pendingCount;
     if (n === 0) return;
     const now = this.now();
-    const bounds = LATENCY_BUCKETS;
+    const pending = this.pending;
+    let sumMs = 0;
     for (let i = 0; i < n; i++) {
-      const seconds = Math.max(0, now - this.pending[i]) / 1000;
-      let b = 0;
-      while (b < bounds.length && seconds > bounds[b]) b++;
-      this.buckets[b]++;
-      this.latencySum += seconds;
+      const ms = now - pending[i];
+      sumMs += ms;
+      // Whole microseconds u lie in [2^(b-1), 2^b) for b = 32 - clz32(u): at most 2^b µs,
+      // bucket b (u = 0, under 1 µs, is bucket 0). Capped below 2^31 µs so `| 0` cannot wrap.
+      const b = 32 - Math.clz32(Math.min(ms * 1000, 0x7fff_ffff) | 0);
+      this.buckets[b <= LAST_BUCKET_LOG2 ? b : LAST_BUCKET_LOG2 + 1]++;
     }
+    this.latencySum += sumMs / 1000;
     this.pendingCount = 0;
   }
 
