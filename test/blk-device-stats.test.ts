@@ -46,7 +46,7 @@ test('an unsupported request type and a failed request count under their status'
   const s = new QueueStats(() => 0);
   s.completed(99, VIRTIO_BLK_S.UNSUPP, 0, 0);
   s.completed(VIRTIO_BLK_T.OUT, VIRTIO_BLK_S.IOERR, 4096, 0);
-  s.published();
+  s.published(0);
   const snap = s.snapshot();
   assert.equal(requestCount(snap, 'unsupported', 'unsupp'), 1);
   assert.equal(requestCount(snap, 'write', 'ioerr'), 1);
@@ -66,9 +66,9 @@ test('latencies land in the bucket of their duration; the histogram counts every
       const b = LATENCY_BUCKETS.findIndex((bound) => seconds <= bound);
       expected[b < 0 ? LATENCY_BUCKETS.length : b]++;
       expectedSum += seconds;
-      if (publishNow) s.published();
+      if (publishNow) s.published(now);
     }
-    s.published();
+    s.published(now);
     const snap = s.snapshot();
     assert.deepEqual(snap.latencyBuckets, expected);
     assert.ok(Math.abs(snap.latencySum - expectedSum) < 1e-6 * Math.max(1, expectedSum));

@@ -285,6 +285,7 @@ class QueueRunner {
     const q = this.queue;
     const taken = this.taken;
     // One clock read per batch: requests taken together share their start.
+    // One clock read per batch: requests taken together share their start.
     const takenAt = this.stats !== null ? this.stats.now() : 0;
     while (taken.length < budget) {
       const job = this.free.pop() ?? new Job(this);
@@ -395,7 +396,7 @@ class QueueRunner {
   publish(): void {
     this.unpublished = 0;
     if (this.queue.publishUsed()) this.notify();
-    if (this.stats !== null) this.stats.published();
+    if (this.stats !== null) this.stats.published(this.stats.now());
   }
 
   /** Stops fetching; resolves once every popped request has completed and been published. */

@@ -86,11 +86,10 @@ export class QueueStats {
     this.pending[this.pendingCount++] = takenAt;
   }
 
-  /** The used entries of every completion so far were published now. */
-  published(): void {
+  /** The used entries of every completion so far were published at `now` ({@link now}'s clock). */
+  published(now: number): void {
     const n = this.pendingCount;
     if (n === 0) return;
-    const now = this.now();
     const pending = this.pending;
     let sumMs = 0;
     for (let i = 0; i < n; i++) {
