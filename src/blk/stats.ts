@@ -86,7 +86,7 @@ export class QueueStats {
     this.pending[this.pendingCount++] = takenAt;
   }
 
-  /** The used entries of every completion so far were published at `now` ({@link now}'s clock). */
+  /** The used entries of every completion so far were published at `now`, a reading of the statistics' clock. */
   published(now: number): void {
     const n = this.pendingCount;
     if (n === 0) return;
