@@ -1,15 +1,19 @@
 /**
- * `vblk serve IMAGE --socket PATH`: the virtio-blk device on a raw image, as a
- * vhost-user backend for QEMU (`-device vhost-user-blk-pci`). Serves one frontend at a
+ * `vblk serve SOURCE --socket PATH`: the virtio-blk device on a raw image or an NBD
+ * export, as a vhost-user backend for QEMU (`-device vhost-user-blk-pci`). Serves one frontend at a
  * time (the next waits in the listen backlog) and keeps serving across disconnects;
  * SIGINT/SIGTERM stop it cleanly after the requests in flight complete and the image is
  * flushed.
  */
+import type { BlockBackend } from '../backends/backend.js';
+import { nbdDeviceHints, type NbdDeviceHints } from '../backends/nbd/device-hints.js';
+import { looksLikeNbdUri } from '../backends/nbd/uri.js';
 import { BlkDevice } from '../blk/device.js';
 import { performance } from 'node:perf_hooks';
 import { listenControl } from '../node/control.js';
 import { listenMetrics, metricsRegistry, type MetricsEndpoint } from '../node/metrics.js';
 import { openFileBackend } from '../node/file-backend.js';
+import { openNbdBackend } from '../node/nbd-backend.js';
 import { MAX_READ_TIMEOUT_MS } from '../node/unix-socket.js';
 import { DEFAULT_MESSAGE_TIMEOUT_MS, VhostUserServer } from '../node/vhost-user-server.js';
 import { CliUsageError } from './args.js';
@@ -18,9 +22,13 @@ import type { LogSink } from '../log.js';
 
 export const command = defineCommand({
   name: 'serve',
-  summary: 'serve a raw image as a vhost-user-blk device (for QEMU and other vhost-user frontends)',
-  usage: 'IMAGE --socket PATH [options]',
+  summary: 'serve a raw image or an NBD export as a vhost-user-blk device (for QEMU and other vhost-user frontends)',
+  usage: 'SOURCE --socket PATH [options]',
   details: [
+    'SOURCE is a raw image file, or an NBD URI: nbd://HOST[:PORT]/EXPORT,',
+    'nbd+unix:///EXPORT?socket=PATH, nbds://... and nbds+unix://... (TLS). An export\'s size,',
+    'read-only flag, flush/trim/write-zeroes support and block sizes make the disk.',
+    '',
     'QEMU connects with:',
     '  -object memory-backend-memfd,id=mem,size=256M,share=on -numa node,memdev=mem',
     '  -chardev socket,id=c0,path=PATH -device vhost-user-blk-pci,chardev=c0,num-queues=N',
@@ -34,8 +42,8 @@ export const command = defineCommand({
     serial: { kind: 'string', valueName: 'STR', description: 'disk serial (GET_ID), at most 20 bytes', default: 'vblk' },
     queues: { kind: 'integer', valueName: 'N', min: 1, max: 64, default: 16, description: 'request queues offered (the frontend uses as many as it wants: QEMU one per vCPU unless num-queues says)' },
     'queue-size': { kind: 'integer', valueName: 'N', min: 2, max: 32768, default: 256, description: 'largest queue size (a power of two)' },
-    'block-size': { kind: 'choice', choices: ['512', '4096'], default: '512', description: 'logical block size in bytes' },
-    size: { kind: 'size', valueName: 'SIZE', description: 'create the image, or grow it, to SIZE bytes (K/M/G/T suffixes)' },
+    'block-size': { kind: 'choice', choices: ['512', '4096'], description: 'logical block size in bytes (default 512; for an NBD export, the smallest its minimum block allows)' },
+    size: { kind: 'size', valueName: 'SIZE', description: 'create the image, or grow it, to SIZE bytes (K/M/G/T suffixes); not for an NBD export' },
     control: { kind: 'string', valueName: 'PATH', description: 'control socket for `vblk resize`' },
     'socket-mode': { kind: 'string', valueName: 'MODE', default: '600', description: 'file mode of the socket, in octal' },
     cache: { kind: 'choice', choices: ['writeback', 'writethrough'], default: 'writeback', description: 'initial cache mode the guest sees (it may change it)' },
@@ -49,13 +57,25 @@ export const command = defineCommand({
       kind: 'number', valueName: 'SECONDS', default: DEFAULT_MESSAGE_TIMEOUT_MS / 1000,
       description: 'drop a frontend that begins a vhost-user message and does not finish it within SECONDS (time between messages is not limited)',
     },
+    'nbd-connections': {
+      kind: 'integer', valueName: 'N', min: 1, max: 64,
+      description: 'connections to an NBD server that advertises multi-conn (default: --queues, at most 4)',
+    },
+    'nbd-reconnect-timeout': {
+      kind: 'number', valueName: 'SECONDS', default: 60,
+      description: 'when the NBD server is lost, how long requests wait for a reconnection before they fail with an I/O error',
+    },
+    'nbd-tls-certificates': {
+      kind: 'string', valueName: 'DIR',
+      description: 'TLS credentials for nbds:// (ca-cert.pem, client-cert.pem, client-key.pem, as for qemu-nbd and nbdkit)',
+    },
     'allow-unsealed-memory': {
       kind: 'boolean',
       description: 'map guest memory not sealed against shrinking (memory-backend-file); dangerous: a frontend that shrinks it kills vblk with SIGBUS',
     },
   },
   async run({ options, positionals }, io) {
-    if (positionals.length !== 1) throw new CliUsageError(`vblk serve: expected one IMAGE, got ${positionals.length}`);
+    if (positionals.length !== 1) throw new CliUsageError(`vblk serve: expected one SOURCE (an image or an NBD URI), got ${positionals.length}`);
     if (options.socket === undefined) throw new CliUsageError('vblk serve: --socket PATH is required');
     const queueSize = options['queue-size'];
     if ((queueSize & (queueSize - 1)) !== 0) throw new CliUsageError(`vblk serve: --queue-size must be a power of two, got ${queueSize}`);
@@ -68,13 +88,38 @@ export const command = defineCommand({
     const log = logSink(options['log-format'], options.socket, io);
     const metricsAt = options.metrics === undefined ? null : parseHostPort(options.metrics);
 
-    const backend = openFileBackend(positionals[0], { readOnly: options['read-only'], size: options.size, io: options.io });
+    const source = positionals[0];
+    const isNbd = looksLikeNbdUri(source);
+    const requestedBlock = options['block-size'] === undefined ? undefined : options['block-size'] === '4096' ? 4096 : 512;
+    let backend: BlockBackend;
+    let hints: NbdDeviceHints | null = null;
+    if (isNbd) {
+      if (options.size !== undefined) throw new CliUsageError('vblk serve: --size is for image files; an NBD export has its own size');
+      const nbd = await openNbdBackend({
+        uri: source, readOnly: options['read-only'], log,
+        connections: options['nbd-connections'] ?? Math.min(4, options.queues),
+        reconnectTimeoutMs: Math.round(options['nbd-reconnect-timeout'] * 1000),
+        tlsCertificates: options['nbd-tls-certificates'],
+      });
+      try {
+        hints = nbdDeviceHints(nbd.blockSizes, requestedBlock);
+      } catch (e) {
+        await nbd.close();
+        throw new CliUsageError(`vblk serve: ${(e as Error).message}`);
+      }
+      backend = nbd;
+      log(`${nbd.uriText}: ${nbd.size} bytes, ${nbd.connectionsUp} connection${nbd.connectionsUp === 1 ? '' : 's'}, ` +
+        `flags ${describeNbd(nbd)}, blocks ${nbd.blockSizes.minimum}/${nbd.blockSizes.preferred}/${nbd.blockSizes.maximum}`);
+    } else {
+      backend = openFileBackend(source, { readOnly: options['read-only'], size: options.size, io: options.io });
+    }
     const device = new BlkDevice({
       backend,
       serial: options.serial,
       numQueues: options.queues,
       queueSize,
-      blockSize: options['block-size'] === '4096' ? 4096 : 512,
+      blockSize: hints?.blockSize ?? requestedBlock ?? 512,
+      topology: hints?.topology,
       readOnly: options['read-only'],
       cache: options.cache,
       onBackendError: (e) => log(`I/O error: ${e instanceof Error ? e.message : String(e)}`, { level: 'error' }),
@@ -120,7 +165,7 @@ export const command = defineCommand({
       }
       log(`metrics on ${metrics.url}`);
     }
-    log(`serving ${positionals[0]} (${backend.size} bytes${options['read-only'] ? ', read-only' : ''}) on ${options.socket}`);
+    log(`serving ${source} (${backend.size} bytes${backend.readOnly ? ', read-only' : ''}) on ${options.socket}`);
 
     await new Promise<void>((resolve) => {
       const stop = (signal: string): void => {
@@ -137,7 +182,13 @@ export const command = defineCommand({
     control?.close();
     await metrics?.close();
     await server.close();
-    if (!backend.readOnly) await backend.flush();
+    if (!backend.readOnly) {
+      try {
+        await backend.flush();
+      } catch (e) {
+        log(`flush on shutdown failed: ${e instanceof Error ? e.message : String(e)}`, { level: 'error' });
+      }
+    }
     await backend.close();
     log('stopped');
   },
@@ -164,4 +215,16 @@ export function logSink(format: 'text' | 'json', socket: string, io: CliIo): Log
     if (context.queue !== undefined) line.queue = context.queue;
     io.stderr(`${JSON.stringify(line)}\n`);
   };
+}
+
+/** "flush, fua, trim, zeroes": what an export offers, for the log. */
+function describeNbd(b: { readOnly: boolean; canFlush: boolean; canFua: boolean; canDiscard: boolean; canWriteZeroes: boolean; rotational: boolean }): string {
+  const on: string[] = [];
+  if (b.readOnly) on.push('read-only');
+  if (b.canFlush) on.push('flush');
+  if (b.canFua) on.push('fua');
+  if (b.canDiscard) on.push('trim');
+  if (b.canWriteZeroes) on.push('zeroes');
+  if (b.rotational) on.push('rotational (not expressible in virtio-blk)');
+  return on.length > 0 ? on.join(', ') : 'none';
 }
