@@ -16,11 +16,15 @@
  * - **Reconnection.** When a connection drops (or the server breaks the protocol, or
  *   answers `NBD_ESHUTDOWN`), its requests in flight are resubmitted — NBD requests are
  *   idempotent — on another connection, or on this one once it is back: it reconnects
- *   with exponential backoff. A request waits at most `reconnectTimeoutMs` (default a
- *   minute) counted from when the last connection was lost; then it fails, and so does
- *   every request made while no connection is up, until one is back. Reconnecting goes
- *   on for as long as the backend is open. A reconnection that finds the export smaller,
- *   or without a capability in use, is refused like a failed attempt.
+ *   with exponential backoff. A request handed back by a lost connection is resubmitted
+ *   until `reconnectTimeoutMs` (default a minute) has passed since it was first handed
+ *   back; then it fails. Once no connection has been up for that long, new requests
+ *   fail at once too, until one is back. Reconnecting goes on for as long as the backend
+ *   is open. A reconnection that finds the export smaller, or without a capability in
+ *   use, is refused like a failed attempt.
+ * - **Stalls.** A connection with requests in flight from which nothing arrives for
+ *   `stallTimeoutMs` (a server that stopped mid-reply, or stopped answering) is treated
+ *   as lost: its requests are resubmitted elsewhere or after reconnecting.
  * - **Capabilities** follow the export's transmission flags: read-only, flush, FUA,
  *   trim (discard), write zeroes (`NBD_CMD_FLAG_NO_HOLE` when the caller must not
  *   deallocate). Requests are checked against the server's minimum block size and split
@@ -57,6 +61,11 @@ export interface NbdBackendOptions {
   /** Longest a connection may take to reach transmission, in ms (default 10 000). */
   readonly connectTimeoutMs?: number;
   /**
+   * A connection with requests in flight that receives nothing for this long, in ms, is
+   * dropped and its requests resubmitted (default 60 000).
+   */
+  readonly stallTimeoutMs?: number;
+  /**
    * TLS credentials: a directory laid out as QEMU's and nbdkit's `--tls-certificates`
    * (`ca-cert.pem`, and for client authentication `client-cert.pem`,
    * `client-key.pem`). Without it the system's certificate authorities are trusted.
@@ -80,6 +89,9 @@ export class NbdBackendError extends VblkError {
 
 const DEFAULT_RECONNECT_TIMEOUT_MS = 60_000;
 const DEFAULT_CONNECT_TIMEOUT_MS = 10_000;
+const DEFAULT_STALL_TIMEOUT_MS = 60_000;
+/** Stall checks per stall timeout: a stall is noticed after 3/4 to all of it. */
+const STALL_TICKS = 4;
 const DEFAULT_MAX_IN_FLIGHT = 512;
 /** Reconnection backoff: the first retry, and the longest wait between tries. */
 const FIRST_RETRY_MS = 50;
@@ -116,6 +128,8 @@ class Op extends NbdRequest {
   reject: (e: unknown) => void = noop;
   /** The split request this is a piece of, or null. */
   parent: Split | null = null;
+  /** When a lost connection first handed it back (ms, performance.now), 0 if never. */
+  lostAt = 0;
   /** Binds a new promise's settle functions here without a closure per request. */
   readonly executor = (resolve: () => void, reject: (e: unknown) => void): void => {
     this.resolve = resolve;
@@ -164,6 +178,7 @@ export class NbdBackend implements BlockBackend {
   /** No connection is up and the reconnect timeout has passed: requests fail at once. */
   private failFast = false;
   private closed = false;
+  private stallTimer: NodeJS.Timeout | null = null;
   /** Most bytes per read or write request: the server's maximum, on whole minimum blocks. */
   private maxPayload = 1 << 25;
 
@@ -187,6 +202,12 @@ export class NbdBackend implements BlockBackend {
     }
     this.adopt(info);
     first.ready();
+    const stallMs = this.options.stallTimeoutMs ?? DEFAULT_STALL_TIMEOUT_MS;
+    // unref: a library user's process may exit with the backend open.
+    this.stallTimer = setInterval(() => {
+      for (const c of this.connections) c.checkStall();
+    }, Math.max(1, Math.floor(stallMs / STALL_TICKS)));
+    this.stallTimer.unref();
     const extra = (info.flags & NBD_FLAG.CAN_MULTI_CONN) !== 0 ? wanted - 1 : 0;
     if (wanted > 1 && extra === 0) this.log(`${this.uriText}: the server does not advertise multi-conn: using 1 connection, not ${wanted}`, { level: 'warn' });
     const more = Array.from({ length: extra }, (_, i) => new Connection(this, i + 1));
@@ -293,6 +314,7 @@ export class NbdBackend implements BlockBackend {
     if (this.closed) return;
     this.closed = true;
     this.stopOutage();
+    if (this.stallTimer !== null) clearInterval(this.stallTimer);
     this.failPending(new BackendError('CLOSED', `the NBD backend for ${this.uriText} is closed`));
     await Promise.all(this.connections.map((c) => c.disconnect()));
   }
@@ -313,6 +335,7 @@ export class NbdBackend implements BlockBackend {
     const op = this.free.pop() ?? new Op();
     op.set(type, flags, offset, length, buffers);
     op.parent = null;
+    op.lostAt = 0;
     return op;
   }
 
@@ -349,6 +372,7 @@ export class NbdBackend implements BlockBackend {
         const op = this.free.pop() ?? new Op();
         describe(op, i);
         op.parent = s;
+        op.lostAt = 0;
         this.dispatch(op);
       }
     });
@@ -375,13 +399,23 @@ export class NbdBackend implements BlockBackend {
     return best;
   }
 
-  /** Moves waiting requests onto connections with room. */
+  /** Moves waiting requests onto connections with room; fails those that waited too long. */
   pump(): void {
+    let now = 0;
     while (this.pendingHead < this.pending.length) {
       const c = this.pickConnection();
       if (c === null) break;
       const op = this.pending[this.pendingHead];
       (this.pending as (Op | undefined)[])[this.pendingHead++] = undefined;
+      if (op.lostAt !== 0) {
+        // Handed back by a lost connection: bounded however often connections come
+        // back and drop it again (a server that breaks on every request).
+        if (now === 0) now = performance.now();
+        if (now - op.lostAt > this.reconnectTimeoutMs) {
+          this.settle(op, this.gaveUpError());
+          continue;
+        }
+      }
       c.submit(op);
     }
     if (this.pendingHead === this.pending.length && this.pendingHead > 0) {
@@ -402,6 +436,7 @@ export class NbdBackend implements BlockBackend {
     op.resolve = noop;
     op.reject = noop;
     op.parent = null;
+    op.lostAt = 0;
     op.buffers = NO_BUFFERS;
     this.free.push(op);
     if (parent !== null) {
@@ -423,6 +458,8 @@ export class NbdBackend implements BlockBackend {
       for (const op of ops) this.settle(op, new BackendError('CLOSED', `the NBD backend for ${this.uriText} is closed`));
       return;
     }
+    const now = performance.now();
+    for (const op of ops) if (op.lostAt === 0) op.lostAt = now;
     const waiting = this.pending.slice(this.pendingHead);
     this.pending = ops.concat(waiting);
     this.pendingHead = 0;
@@ -455,6 +492,10 @@ export class NbdBackend implements BlockBackend {
         this.failPending(this.goneError());
       }, this.reconnectTimeoutMs);
     }
+  }
+
+  private gaveUpError(): NbdBackendError {
+    return new NbdBackendError('SERVER_GONE', `${this.uriText}: the request was resubmitted for more than ${(this.reconnectTimeoutMs / 1000).toFixed(0)} s without an answer`);
   }
 
   private goneError(): NbdBackendError {
@@ -504,6 +545,11 @@ class Connection {
   private retryTimer: NodeJS.Timeout | null = null;
   private downSince = 0;
   private lastFailure = '';
+  /** Socket reads so far, and as the last stall check saw them. */
+  private reads = 0;
+  private readsSeen = 0;
+  /** Stall checks in a row that found requests in flight and nothing read. */
+  private quietTicks = 0;
   private readonly maxInFlight: number;
 
   private readonly sink = (bytes: Uint8Array): void => {
@@ -533,12 +579,17 @@ class Connection {
       this.drain();
       return;
     }
+    // The server answers: reconnect quickly again the next time it is lost. (Not at the
+    // reconnection itself: one that takes the handshake and then drops every request
+    // would be retried in a tight loop.)
+    this.retryMs = FIRST_RETRY_MS;
     if (op.type === NBD_CMD.WRITE && this.unflushed > 0) this.deferred.push({ op, error });
     else this.backend.completed(op, error);
     if (this.state === ConnState.Draining && this.inFlight === 0) this.drained();
     else this.backend.pump();
   };
   private readonly onBytes = (bytes: Uint8Array): void => {
+    this.reads++;
     if (this.tx !== null) {
       const e = this.tx.receive(bytes);
       if (e !== null) this.lost(`protocol error: ${e.message}`);
@@ -693,22 +744,33 @@ class Connection {
     const again = this.downSince !== 0;
     const downMs = again ? Date.now() - this.downSince : 0;
     this.state = ConnState.Ready;
-    this.retryMs = FIRST_RETRY_MS;
     this.lastFailure = '';
     this.downSince = 0;
     this.backend.connectionUp(this, again, downMs);
   }
 
+  /** Called every stall timeout / STALL_TICKS: drops a connection that keeps requests unanswered. */
+  checkStall(): void {
+    if ((this.state !== ConnState.Ready && this.state !== ConnState.Draining) || this.tx === null || this.tx.inFlight === 0 ||
+        this.reads !== this.readsSeen) {
+      this.readsSeen = this.reads;
+      this.quietTicks = 0;
+      return;
+    }
+    if (++this.quietTicks < STALL_TICKS) return;
+    const ms = this.backend.options.stallTimeoutMs ?? DEFAULT_STALL_TIMEOUT_MS;
+    this.lost(`nothing received for ${(ms / 1000).toFixed(1)} s with ${this.tx.inFlight} requests in flight`);
+  }
+
   /** The connection broke: hand its requests back, and reconnect. */
   private lost(reason: string): void {
     if (this.state === ConnState.Down || this.state === ConnState.Closed) return;
-    const wasDraining = this.state === ConnState.Draining;
     this.state = ConnState.Down;
     this.downSince = Date.now();
+    this.quietTicks = 0;
     this.destroySocket();
     this.backend.requeue(this.takeAll());
-    if (!wasDraining) this.backend.connectionDown(this, reason);
-    else this.backend.connectionDown(this, 'the server shut the connection down');
+    this.backend.connectionDown(this, reason);
     this.scheduleRetry();
   }
 

@@ -12,7 +12,10 @@ export interface NbdServer {
   /** The NBD URI of its export. */
   readonly uri: string;
   log(): string;
-  /** SIGTERM (SIGKILL with `kill`), then waits for the exit. */
+  /**
+   * Sends `signal` (default SIGTERM), then waits for the exit; SIGKILL after 5 s (nbdkit
+   * waits for its clients to hang up first).
+   */
   stop(signal?: NodeJS.Signals): Promise<void>;
   readonly exited: Promise<number | null>;
 }
@@ -65,7 +68,9 @@ async function start(program: string, args: string[], socket: string, uri: strin
     proc, socket, uri, exited, log: () => log,
     stop: async (signal = 'SIGTERM') => {
       if (proc.exitCode === null && proc.signalCode === null) proc.kill(signal);
+      const force = setTimeout(() => proc.kill('SIGKILL'), 5000);
       await exited;
+      clearTimeout(force);
     },
   };
 }
