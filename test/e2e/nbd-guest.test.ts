@@ -86,8 +86,10 @@ if dmesg | grep -i -E 'I/O error|blk_update_request'; then echo IO-ERRORS-LOGGED
     truncateSync(writeEmpty(image), 128 * MiB);
     const socket = join(scratch.dir, 'kill.sock');
     let nbd: NbdServer = await startQemuNbd(image, socket, { shared: 2 });
-    const serve = await startServe(nbd.uri, join(scratch.dir, 'kill-vblk.sock'), ['--queues', '2', '--nbd-connections', '2']);
+    const serve = await startServe(nbd.uri, join(scratch.dir, 'kill-vblk.sock'), ['--queues', '2', '--nbd-connections', '2', '--metrics', '127.0.0.1:0']);
+    const metrics = /metrics on (\S+)/.exec(await serve.waitForLog(/metrics on /))?.[1] as string;
     let guest: Guest | undefined;
+    const caught: number[] = [];
     try {
       guest = await startGuest({
         vhostUserSockets: [{ path: serve.socket, numQueues: 2 }],
@@ -99,6 +101,12 @@ if dmesg | grep -i -E 'I/O error|blk_update_request'; then echo IO-ERRORS-LOGGED
         await guest.waitFor(/^FIO-ROUND \d+/, 300_000);
         const lost = countMatches(serve.log(), /connection \d lost/);
         const back = countMatches(serve.log(), /is back after/);
+        // Stopped, the server answers nothing: the guest's next requests stay in flight
+        // in vblk serve, and the kill finds them there.
+        nbd.proc.kill('SIGSTOP');
+        let inFlight = 0;
+        await waitUntilAsync(async () => (inFlight = await requestsInFlight(metrics)) > 0, 'requests in flight with the server stopped');
+        caught.push(inFlight);
         await nbd.stop('SIGKILL');
         // While the server is away the guest's requests wait in vblk serve.
         await waitUntil(() => countMatches(serve.log(), /connection \d lost/) >= lost + 2, { what: 'vblk serve to lose both connections', timeoutMs: 30_000 });
@@ -113,7 +121,8 @@ if dmesg | grep -i -E 'I/O error|blk_update_request'; then echo IO-ERRORS-LOGGED
       assert.doesNotMatch(r.output, /IO-ERRORS-LOGGED|FIO-FAILED/);
       const log = serve.log();
       const resubmitted = [...log.matchAll(/resubmitting (\d+) requests/g)].reduce((n, m) => n + Number(m[1]), 0);
-      t.diagnostic(`${/FIO-ROUNDS=\d+/.exec(r.output)?.[0] ?? ''}; requests resubmitted: ${resubmitted}`);
+      t.diagnostic(`${/FIO-ROUNDS=\d+/.exec(r.output)?.[0] ?? ''}; in flight at the kills: ${caught.join(', ')}; resubmitted: ${resubmitted}`);
+      assert.ok(resubmitted > 0, `nothing was resubmitted:\n${log}`);
       assert.doesNotMatch(log, /I\/O error/);
     } finally {
       if (guest) await guest.kill();
@@ -225,6 +234,21 @@ echo ALL-GOOD
 function writeEmpty(path: string): string {
   writeFileSync(path, new Uint8Array(0));
   return path;
+}
+
+/** vblk serve's requests in flight, summed over its queues, from its metrics. */
+async function requestsInFlight(url: string): Promise<number> {
+  const text = await (await fetch(url)).text();
+  return [...text.matchAll(/^vblk_inflight_requests\{[^}]*\} (\d+)$/gm)].reduce((n, m) => n + Number(m[1]), 0);
+}
+
+/** waitUntil for a condition that needs I/O to check: polled every 50 ms, bounded at 60 s. */
+async function waitUntilAsync(cond: () => Promise<boolean>, what: string): Promise<void> {
+  const deadline = performance.now() + 60_000;
+  while (!(await cond())) {
+    if (performance.now() > deadline) throw new Error(`timed out after 60 s waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
 }
 
 function countMatches(s: string, re: RegExp): number {
