@@ -36,5 +36,5 @@ test('npm run bench --only loopback prints the table and writes the same rows as
 test('bad options are refused with one line', () => {
   const r = spawnSync(process.execPath, [RUN, '--only', 'nothing'], { encoding: 'utf8', timeout: 30_000 });
   assert.equal(r.status, 1);
-  assert.equal(r.stderr, "bench: unknown section 'nothing' (loopback, peers, versus, fio, scaling)\n");
+  assert.equal(r.stderr, "bench: unknown section 'nothing' (loopback, peers, versus, fio, scaling, nbd)\n");
 });
