@@ -232,6 +232,21 @@ describe('NBD backend against a hostile server', () => {
     }
   });
 
+  test('close() sends NBD_CMD_DISC on every connection, after the requests in flight, and fails later calls', async () => {
+    const fake = await FakeNbdServer.listen(join(scratch.dir, 'disc.sock'), { size: MiB });
+    try {
+      const b = await openNbdBackend({ uri: fake.uri, connections: 3 });
+      assert.equal(b.connectionsUp, 3);
+      await b.write(0, [new Uint8Array(512).fill(3)]);
+      await b.close();
+      await waitUntil(() => fake.disconnects === 3, { what: 'three NBD_CMD_DISC' });
+      assert.equal(fake.disk[0], 3);
+      assert.throws(() => b.read(0, [new Uint8Array(512)]), { code: 'CLOSED' });
+    } finally {
+      await fake.close();
+    }
+  });
+
   test('a handshake that goes wrong on reconnection is retried; an export that shrank is refused', { timeout: 60_000 }, async () => {
     const socket = join(scratch.dir, 'shrink.sock');
     let fake = await FakeNbdServer.listen(socket, { size: 2 * MiB });

@@ -29,6 +29,8 @@ export interface FakeNbdServerOptions {
   readonly flags?: number;
   /** Default: correct answers. */
   readonly answer?: Answer;
+  /** NBD_INFO_BLOCK_SIZE: minimum, preferred, maximum (default 1, 4096, 32 MiB). */
+  readonly blockSizes?: readonly [number, number, number];
   /** Replaces the handshake's last reply (the ACK to GO), e.g. with garbage. */
   readonly handshake?: (conn: FakeConnection) => Uint8Array | null;
 }
@@ -38,6 +40,8 @@ export class FakeNbdServer {
   readonly connections: FakeConnection[] = [];
   /** Every request received, in order. */
   readonly requests: WireRequest[] = [];
+  /** NBD_CMD_DISC requests received (each ends its connection). */
+  disconnects = 0;
   answer: Answer;
   private readonly server: Server;
 
@@ -92,7 +96,8 @@ export class FakeNbdServer {
           if (o.option === OPT.STRUCTURED_REPLY) conn.send(optionReply(OPT.STRUCTURED_REPLY, REP.ACK));
           else if (o.option === OPT.GO) {
             conn.send(optionReply(OPT.GO, REP.INFO, infoExport(this.options.size, this.options.flags ?? ALL_FLAGS)));
-            conn.send(optionReply(OPT.GO, REP.INFO, infoBlockSize(1, 4096, 1 << 25)));
+            const [min, pref, max] = this.options.blockSizes ?? [1, 4096, 1 << 25];
+            conn.send(optionReply(OPT.GO, REP.INFO, infoBlockSize(min, pref, max)));
             const last = this.options.handshake ? this.options.handshake(conn) : optionReply(OPT.GO, REP.ACK);
             if (last !== null) conn.send(last);
             phase = 'transmission';
@@ -108,6 +113,7 @@ export class FakeNbdServer {
         buf = buf.subarray(used);
         for (const r of requests) {
           if (r.type === 2) {
+            this.disconnects++;
             socket.end();
             return;
           }
