@@ -16,7 +16,7 @@ import { join } from 'node:path';
 import { requirePeer } from '../scripts/guest/guest.js';
 import { openNbdBackend, type NbdBackend, type NbdBackendOptions } from '../src/node/nbd-backend.js';
 import { FakeNbdServer } from './support/fake-nbd-server.js';
-import { concat, dataChunk, simpleReply } from './support/nbd-wire.js';
+import { concat, dataChunk, errorChunk, simpleReply } from './support/nbd-wire.js';
 import { startNbdkit, startQemuNbd } from './support/nbd-servers.js';
 import { waitUntil, within } from './support/wait.js';
 import { scratchDir } from './e2e/serve-helpers.js';
@@ -227,6 +227,36 @@ describe('NBD backend against a hostile server', () => {
       await waitUntil(() => b.connectionsUp === 1, { what: 'a connection back' });
       await within(b.write(0, [new Uint8Array(512).fill(1)]), { what: 'a write' });
       assert.equal(fake.disk[0], 1);
+    } finally {
+      await fake.close();
+    }
+  });
+
+  test('a request split at the maximum payload settles only once every piece has: a failed piece does not release buffers others still fill', { timeout: 30_000 }, async () => {
+    const fake = await FakeNbdServer.listen(join(scratch.dir, 'split.sock'), { size: MiB, blockSizes: [512, 4096, 8192] });
+    fake.disk.fill(0x33, 0, 32768);
+    const held: (() => void)[] = [];
+    fake.answer = (req, conn) => {
+      if (req.type !== 0) return conn.correct(req);
+      // The first piece fails at once; the others are answered only when the test says.
+      if (req.offset === 0) return errorChunk(req.cookie, 5, 'injected');
+      held.push(() => conn.send(conn.correct(req)));
+      return null;
+    };
+    try {
+      const b = await open({ uri: fake.uri });
+      const buf = new Uint8Array(32768);
+      let settled = false;
+      const read = b.read(0, [buf]).finally(() => {
+        settled = true;
+      });
+      await waitUntil(() => held.length === 3, { what: 'the three other pieces to reach the server' });
+      // Give a premature settle every chance to show.
+      for (let i = 0; i < 20; i++) await new Promise((r) => setImmediate(r));
+      assert.equal(settled, false, 'settled while pieces were in flight');
+      for (const h of held) h();
+      await assert.rejects(within(read, { what: 'the split read' }), (e: Error & { code?: string }) => e.code === 'SERVER_ERROR' && /injected/.test(e.message));
+      assert.ok(buf.subarray(8192).every((x) => x === 0x33), 'the other pieces landed before the request settled');
     } finally {
       await fake.close();
     }

@@ -77,6 +77,12 @@ export interface NbdBackendOptions {
   readonly log?: LogSink;
 }
 
+/**
+ * `CONNECT_FAILED`: the export could not be opened; `MISALIGNED`: a request off the
+ * server's minimum block; `SERVER_ERROR`: the server failed the request (its error value
+ * in the message); `SERVER_GONE`: no server within the reconnect timeout;
+ * `UNSUPPORTED`: an operation the export does not offer.
+ */
 export type NbdBackendErrorCode = 'CONNECT_FAILED' | 'MISALIGNED' | 'SERVER_ERROR' | 'SERVER_GONE' | 'UNSUPPORTED';
 
 /** Why an NBD export cannot be opened, or a request to it failed. */
@@ -137,10 +143,14 @@ class Op extends NbdRequest {
   };
 }
 
-/** A request cut into pieces (beyond the server's maximum payload): done when all are. */
+/**
+ * A request cut into pieces (beyond the server's maximum payload): settled once every
+ * piece is, with the first failure. Never before: a read's pieces still in flight write
+ * into the caller's buffers, which are the caller's again once it is settled.
+ */
 class Split {
   left: number;
-  failed = false;
+  error: unknown = null;
   constructor(pieces: number, readonly resolve: () => void, readonly reject: (e: unknown) => void) {
     this.left = pieces;
   }
@@ -440,11 +450,10 @@ export class NbdBackend implements BlockBackend {
     op.buffers = NO_BUFFERS;
     this.free.push(op);
     if (parent !== null) {
-      if (error !== null && !parent.failed) {
-        parent.failed = true;
-        parent.reject(error);
-      }
-      if (--parent.left === 0 && !parent.failed) parent.resolve();
+      parent.error ??= error;
+      if (--parent.left > 0) return;
+      if (parent.error === null) parent.resolve();
+      else parent.reject(parent.error);
       return;
     }
     if (error === null) resolve();
@@ -837,20 +846,21 @@ class Connection {
     }, wait);
   }
 
-  /** A soft disconnect when idle and connected; then no more reconnecting. */
+  /**
+   * A soft disconnect (NBD_CMD_DISC) when connected and idle; a hard one when requests
+   * are still in flight (the socket goes first, so none of their buffers is referenced
+   * any more when they fail). Then no more reconnecting.
+   */
   async disconnect(): Promise<void> {
     if (this.retryTimer !== null) clearTimeout(this.retryTimer);
     this.retryTimer = null;
     const s = this.socket;
-    const wasUp = (this.state === ConnState.Ready || this.state === ConnState.Draining) && this.tx !== null;
+    const soft = (this.state === ConnState.Ready || this.state === ConnState.Draining) && this.tx !== null && this.inFlight === 0;
     this.state = ConnState.Closed;
+    if (!soft) this.destroySocket();
     this.backend.requeue(this.takeAll());
     this.socket = null;
-    if (s === null) return;
-    if (!wasUp) {
-      s.destroy();
-      return;
-    }
+    if (s === null || !soft) return;
     await new Promise<void>((resolve) => {
       s.once('close', () => resolve());
       // "A client MUST NOT send anything to the server after sending an NBD_CMD_DISC."

@@ -31,11 +31,13 @@ export const NBD_STRUCTURED_REPLY_MAGIC = 0x668e33ef;
 
 // ---- handshake -------------------------------------------------------------------------
 
-/** Handshake flags (server, 16 bits). */
+/** Handshake flag (server, 16 bits): the server speaks fixed newstyle. */
 export const NBD_FLAG_FIXED_NEWSTYLE = 1 << 0;
+/** Handshake flag: the server can leave out EXPORT_NAME's 124 zero bytes. */
 export const NBD_FLAG_NO_ZEROES = 1 << 1;
-/** Client flags (32 bits). */
+/** Client flag (32 bits): the client speaks fixed newstyle. */
 export const NBD_FLAG_C_FIXED_NEWSTYLE = 1 << 0;
+/** Client flag: leave out EXPORT_NAME's 124 zero bytes (only when the server offered it). */
 export const NBD_FLAG_C_NO_ZEROES = 1 << 1;
 
 /** Option types. */
@@ -50,7 +52,6 @@ export const NBD_OPT = {
   LIST_META_CONTEXT: 9,
   SET_META_CONTEXT: 10,
 } as const;
-export type NbdOptionName = keyof typeof NBD_OPT;
 
 /** Bit 31 marks an error reply type. */
 export const NBD_REP_FLAG_ERROR = 0x8000_0000;
@@ -110,8 +111,9 @@ export const NBD_CMD = {
   BLOCK_STATUS: 7,
 } as const;
 
-/** Command flags (16 bits). */
+/** Command flag (16 bits): reply only once the data is on stable storage. */
 export const NBD_CMD_FLAG_FUA = 1 << 0;
+/** Command flag of WRITE_ZEROES: keep the range allocated (no hole). */
 export const NBD_CMD_FLAG_NO_HOLE = 1 << 1;
 
 /** Structured reply flags. */
