@@ -12,6 +12,7 @@ import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import { randomFillSync } from 'node:crypto';
 import { unlinkSync, writeFileSync } from 'node:fs';
+import { createServer } from 'node:net';
 import { join } from 'node:path';
 import { requirePeer } from '../scripts/guest/guest.js';
 import { openNbdBackend, type NbdBackend, type NbdBackendOptions } from '../src/node/nbd-backend.js';
@@ -259,6 +260,18 @@ describe('NBD backend against a hostile server', () => {
       assert.ok(buf.subarray(8192).every((x) => x === 0x33), 'the other pieces landed before the request settled');
     } finally {
       await fake.close();
+    }
+  });
+
+  test('a server that accepts and never speaks: opening fails after the connect timeout, saying so', async () => {
+    const socket = join(scratch.dir, 'mute.sock');
+    const mute = createServer(() => {});
+    await new Promise<void>((resolve) => mute.listen(socket, resolve));
+    try {
+      await assert.rejects(openNbdBackend({ uri: `nbd+unix:///?socket=${socket}`, connectTimeoutMs: 300 }),
+        (e: Error & { code?: string }) => e.code === 'CONNECT_FAILED' && /no NBD handshake within/.test(e.message));
+    } finally {
+      mute.close();
     }
   });
 
