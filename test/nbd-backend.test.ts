@@ -1,7 +1,7 @@
 // The NBD backend against real servers (qemu-nbd on raw and qcow2 images, nbdkit's
 // memory plugin with its error and delay filters), each result checked with a tool
 // that is not ours: qemu-img compare on the images, nbdcopy out of nbdkit, the image's
-// allocation as stat reports it.
+// allocation as stat reports it. And the flags a scripted server sees on the wire.
 import { after, afterEach, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
@@ -11,6 +11,11 @@ import { join } from 'node:path';
 import { requirePeer } from '../scripts/guest/guest.js';
 import { openNbdBackend, type NbdBackend } from '../src/node/nbd-backend.js';
 import { startNbdkit, startQemuNbd } from './support/nbd-servers.js';
+import { FakeNbdServer } from './support/fake-nbd-server.js';
+import { FLAGS } from './support/nbd-wire.js';
+import { BlkDevice } from '../src/blk/device.js';
+import { VIRTIO_BLK_S, VIRTIO_BLK_T } from '../src/spec/virtio-blk.js';
+import { Harness, framed } from './blk-device-harness.js';
 import { scratchDir } from './e2e/serve-helpers.js';
 
 const MiB = 1024 * 1024;
@@ -241,3 +246,38 @@ describe('NBD backend against nbdkit', { skip: requirePeer('nbdkit', 'nbdcopy') 
   });
 });
 
+
+describe('NBD backend: what goes on the wire', () => {
+  let scratch: { dir: string; cleanup(): void };
+  before(() => {
+    scratch = scratchDir('vblk-nbd-wire-');
+  });
+  after(() => scratch.cleanup());
+
+  test('a write-through device sends FUA writes and no flush; write-zeroes without unmap carries NO_HOLE; an export without FUA gets write + flush', async () => {
+    for (const fua of [true, false]) {
+      const flags = FLAGS.HAS_FLAGS | FLAGS.SEND_FLUSH | FLAGS.SEND_TRIM | FLAGS.SEND_WRITE_ZEROES | (fua ? FLAGS.SEND_FUA : 0);
+      const fake = await FakeNbdServer.listen(join(scratch.dir, `wire-${fua}.sock`), { size: MiB, flags });
+      try {
+        const b = track(await openNbdBackend({ uri: fake.uri }));
+        assert.equal(b.canFua, fua);
+        const device = new BlkDevice({ backend: b, cache: 'writethrough' });
+        const h = new Harness(device, { features: device.deviceFeatures });
+        const t = h.post(0, framed(VIRTIO_BLK_T.OUT, 8, { out: new Uint8Array(512).fill(1) }));
+        h.kick(0);
+        await h.until(() => h.reap(0).includes(t));
+        assert.equal(h.result(0, t).status, VIRTIO_BLK_S.OK);
+        const sent = fake.requests.map((r) => [r.type, r.flags]);
+        assert.deepEqual(sent, fua ? [[1, 1]] : [[1, 0], [3, 0]], 'WRITE with FUA, or WRITE then FLUSH');
+        fake.requests.length = 0;
+        await b.writeZeroes(0, 4096, false);
+        await b.writeZeroes(0, 4096, true);
+        await b.discard(0, 4096);
+        assert.deepEqual(fake.requests.map((r) => [r.type, r.flags]), [[6, 2], [6, 0], [4, 0]], 'NO_HOLE only without unmap');
+        await b.close();
+      } finally {
+        await fake.close();
+      }
+    }
+  });
+});
