@@ -10,6 +10,7 @@ import { closeSync, existsSync, fdatasyncSync, ftruncateSync, openSync, readFile
 import { join } from 'node:path';
 import { CLI, startServe } from '../test/e2e/serve-helpers.js';
 import { startQsd } from '../test/e2e/qsd-helpers.js';
+import { startQemuNbd } from '../test/support/nbd-servers.js';
 
 const US_PER_S = 1e6;
 const MS_PER_S = 1000;
@@ -95,7 +96,13 @@ export function syncImage(path: string): void {
 
 /** The vhost-user backends compared. */
 export const PEER_KINDS = ['vblk-serve', 'vblk-serve-mmap', 'vblk-serve-metrics', 'qsd', 'qsd-io_uring'] as const;
-export type PeerKind = (typeof PEER_KINDS)[number];
+/**
+ * The vhost-user backends on an NBD export: `vblk serve URI` with one connection and
+ * with four, and qemu-storage-daemon's `nbd` block driver (one connection; QEMU 7.2's
+ * NBD client has no multi-conn).
+ */
+export const NBD_PEER_KINDS = ['vblk-serve-nbd', 'vblk-serve-nbd-4', 'qsd-nbd'] as const;
+export type PeerKind = (typeof PEER_KINDS)[number] | (typeof NBD_PEER_KINDS)[number];
 
 /** A vhost-user backend process serving one image. */
 export interface Peer {
@@ -112,7 +119,7 @@ export interface Peer {
  * for an image in the page cache, or with `--metrics` and a scraper reading them every
  * second (a busier Prometheus than any real one).
  */
-export async function startPeer(kind: PeerKind, image: string, dir: string, queues: number): Promise<Peer> {
+export async function startPeer(kind: (typeof PEER_KINDS)[number], image: string, dir: string, queues: number): Promise<Peer> {
   const socket = join(dir, `${kind}.sock`);
   rmSync(socket, { force: true });
   if (kind === 'vblk-serve' || kind === 'vblk-serve-mmap' || kind === 'vblk-serve-metrics') {
@@ -136,6 +143,39 @@ export async function startPeer(kind: PeerKind, image: string, dir: string, queu
     numQueues: queues, writable: true, fileOptions: kind === 'qsd-io_uring' ? 'aio=io_uring' : undefined,
   });
   return { kind, pid: q.proc.pid as number, socket, stop: () => q.stop() };
+}
+
+/**
+ * `qemu-nbd` exporting `image` (raw, in the page cache) as `disk` on a unix socket in
+ * `dir`, with up to eight clients (the backends' 1 + 4 + 1 connections; above one it advertises
+ * multi-conn), writeback cache as qemu's
+ * default. Resolves once it accepts connections.
+ */
+export async function startQemuNbdExport(image: string, dir: string): Promise<{ pid: number; socket: string; uri: string; stop(): Promise<void> }> {
+  const socket = join(dir, 'export.nbd');
+  const s = await startQemuNbd(image, socket, { shared: 8, discard: false });
+  return { pid: s.proc.pid as number, socket, uri: s.uri, stop: () => s.stop() };
+}
+
+/** Starts an NBD-sourced backend (see {@link NBD_PEER_KINDS}) on the export at `nbdSocket`. */
+export async function startNbdPeer(kind: (typeof NBD_PEER_KINDS)[number], nbdSocket: string, dir: string, queues: number): Promise<Peer> {
+  const socket = join(dir, `${kind}.sock`);
+  rmSync(socket, { force: true });
+  if (kind === 'qsd-nbd') {
+    const qmp = join(dir, `${kind}.qmp`);
+    rmSync(qmp, { force: true });
+    const q = await startQsd('', socket, qmp, { numQueues: queues, writable: true, nbd: { socket: nbdSocket, export: 'disk' } });
+    return { kind, pid: q.proc.pid as number, socket, stop: () => q.stop() };
+  }
+  const uri = `nbd+unix:///disk?socket=${nbdSocket}`;
+  const s = await startServe(uri, socket, ['--queues', String(queues), '--nbd-connections', kind === 'vblk-serve-nbd-4' ? '4' : '1']);
+  return {
+    kind, pid: s.proc.pid as number, socket,
+    stop: async () => {
+      const code = await s.stop();
+      if (code !== 0) throw new Error(`vblk serve exited with ${code}:\n${s.log()}`);
+    },
+  };
 }
 
 /** What one `vblk bench --json` run printed (the fields the suite uses). */

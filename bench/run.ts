@@ -21,6 +21,10 @@
  * - filters: the loopback pattern through filter stacks over the memory backend — none,
  *   stats (what a filter costs), and the throttle at two IOPS limits, measured against
  *   the limit (how closely the token buckets hold it).
+ * - nbd: the data image exported by `qemu-nbd`, served over vhost-user by `vblk serve
+ *   nbd+unix://…` with one connection and with four, and by qemu-storage-daemon's `nbd`
+ *   block driver; 4 KiB random reads and writes at iodepth 32, in rounds as in versus:
+ *   IOPS and CPU per I/O of the vhost-user backend as ratios to the daemon's.
  *
  * Prints the tables and a target summary, and writes the same figures as JSON (default
  * bench/results.json). Rows last 2 s by default, the whole suite a few minutes; see
@@ -39,15 +43,15 @@ import { MemoryBackend } from '../src/backends/memory-backend.js';
 import { applyFilters, parseFilterSpec } from '../src/backends/filters/registry.js';
 import { openLoopbackDisk } from '../src/testing/loopback.js';
 import {
-  hasProgram, makeDataImage, makeSparseImage, PEER_KINDS, processCpuUs, processMemory, runClient, runFio, startPeer, syncImage,
-  type ClientResult, type Pattern, type Peer, type PeerKind,
+  hasProgram, makeDataImage, makeSparseImage, NBD_PEER_KINDS, PEER_KINDS, processCpuUs, processMemory, runClient, runFio, startNbdPeer,
+  startPeer, startQemuNbdExport, syncImage, type ClientResult, type Pattern, type Peer, type PeerKind,
 } from './peers.js';
 
 const MS_PER_S = 1000;
 const MIB = 2 ** 20;
 const KIB = 1024;
 const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '../..');
-export const SECTIONS = ['loopback', 'peers', 'versus', 'fio', 'scaling', 'filters'] as const;
+export const SECTIONS = ['loopback', 'peers', 'versus', 'fio', 'scaling', 'filters', 'nbd'] as const;
 type Section = (typeof SECTIONS)[number];
 
 // ---- options ---------------------------------------------------------------------
@@ -57,7 +61,7 @@ const DEFAULT_ROUNDS = 7;
 
 const SPECS = {
   runtime: { kind: 'number', valueName: 'S', description: 'seconds per row' },
-  only: { kind: 'string', valueName: 'LIST', description: 'sections: loopback,peers,versus,fio,scaling,filters' },
+  only: { kind: 'string', valueName: 'LIST', description: 'sections: loopback,peers,versus,fio,scaling,filters,nbd' },
   out: { kind: 'string', valueName: 'PATH', description: 'JSON output' },
   dir: { kind: 'string', valueName: 'DIR', description: 'scratch directory' },
   'image-size': { kind: 'size', description: 'data image size' },
@@ -195,6 +199,28 @@ interface FilterRow {
   readonly cpu_us_per_io: number;
 }
 
+/** One NBD-sourced backend, one pattern, one round. */
+interface NbdRow {
+  readonly round: number;
+  readonly backend: PeerKind;
+  readonly rw: Pattern['rw'];
+  readonly iops: number;
+  readonly lat_us: { readonly p50: number; readonly p99: number };
+  readonly backend_cpu_us_per_io: number;
+  /** qemu-nbd's CPU time per I/O over the same run. */
+  readonly server_cpu_us_per_io: number;
+}
+
+/** A backend against qemu-storage-daemon's nbd driver for one pattern, over the rounds. */
+interface NbdSummary {
+  readonly backend: PeerKind;
+  readonly rw: Pattern['rw'];
+  readonly iops: number;
+  readonly backend_cpu_us_per_io: number;
+  readonly iops_ratio: Spread | null;
+  readonly cpu_ratio: Spread | null;
+}
+
 interface Target {
   readonly name: string;
   readonly value: number | null;
@@ -319,7 +345,7 @@ const PEER_PATTERNS: readonly Pattern[] = [
  * Starts a backend and runs it briefly before anything is measured: a fresh `vblk serve`
  * has not been JIT-compiled yet, and every backend gets the same treatment.
  */
-async function startWarmPeer(kind: PeerKind, image: string, dir: string, queues: number, runtimeS: number): Promise<Peer> {
+async function startWarmPeer(kind: (typeof PEER_KINDS)[number], image: string, dir: string, queues: number, runtimeS: number): Promise<Peer> {
   const peer = await startPeer(kind, image, dir, queues);
   try {
     await runClient(peer.socket, { rw: 'randread', bs: BS, iodepth: QD }, queues, Math.min(WARMUP_S, runtimeS));
@@ -378,7 +404,7 @@ async function peersSection(o: Options, image: string, dir: string): Promise<Pee
  * over a minute: rows measured a minute apart, as in the peers section, can read 0.86 or
  * 1.25 for the same two builds.)
  */
-const VERSUS_KINDS: readonly PeerKind[] = ['vblk-serve', 'vblk-serve-mmap', 'vblk-serve-metrics', 'qsd-io_uring'];
+const VERSUS_KINDS: readonly (typeof PEER_KINDS)[number][] = ['vblk-serve', 'vblk-serve-mmap', 'vblk-serve-metrics', 'qsd-io_uring'];
 const VERSUS_BASE: PeerKind = 'qsd-io_uring';
 
 async function versusSection(o: Options, image: string, dir: string): Promise<VersusRow[]> {
@@ -485,10 +511,82 @@ async function scalingSection(o: Options, images: readonly { name: string; path:
   return rows;
 }
 
+// ---- nbd ---------------------------------------------------------------------------
+
+const NBD_PATTERNS: readonly Pattern[] = [
+  { rw: 'randread', bs: 4 * KIB, iodepth: 32 },
+  { rw: 'randwrite', bs: 4 * KIB, iodepth: 32 },
+];
+const NBD_BASE: PeerKind = 'qsd-nbd';
+
+/**
+ * One qemu-nbd in front of the data image; the three vhost-user backends on its export
+ * side by side, each round driving each of them in turn (rotating order) through every
+ * pattern, so each round's ratios are measured within seconds of each other.
+ */
+async function nbdSection(o: Options, image: string, dir: string): Promise<NbdRow[]> {
+  const server = await startQemuNbdExport(image, dir);
+  const peers: Peer[] = [];
+  const rows: NbdRow[] = [];
+  try {
+    for (const kind of NBD_PEER_KINDS) {
+      const peer = await startNbdPeer(kind, server.socket, dir, 1);
+      peers.push(peer);
+      await runClient(peer.socket, { rw: 'randread', bs: BS, iodepth: QD }, 1, Math.min(WARMUP_S, o.runtimeS));
+    }
+    for (let n = 0; n < o.rounds; n++) {
+      for (let k = 0; k < peers.length; k++) {
+        const peer = peers[(n + k) % peers.length];
+        for (const p of NBD_PATTERNS) {
+          const s0 = processCpuUs(server.pid);
+          const r = await measure(peer, p, 1, o.runtimeS);
+          const s1 = processCpuUs(server.pid);
+          const ios = (r.iops * o.runtimeS) || 1;
+          rows.push({
+            round: n, backend: peer.kind, rw: p.rw, iops: r.iops, lat_us: r.lat_us, backend_cpu_us_per_io: r.backend_cpu_us_per_io,
+            server_cpu_us_per_io: round((s1 - s0) / ios),
+          });
+          log(`nbd round ${n + 1}/${o.rounds} ${peer.kind} ${patternName(p)}: ${r.iops} IOPS, backend ${r.backend_cpu_us_per_io} us/IO`);
+        }
+      }
+    }
+  } finally {
+    for (const peer of peers) await peer.stop();
+    await server.stop();
+  }
+  return rows;
+}
+
+/** Medians per backend and pattern, and per-round ratios to qemu-storage-daemon's nbd driver. */
+function summarizeNbd(rows: readonly NbdRow[]): NbdSummary[] {
+  const out: NbdSummary[] = [];
+  for (const kind of NBD_PEER_KINDS) {
+    for (const p of NBD_PATTERNS) {
+      const mine = rows.filter((r) => r.backend === kind && r.rw === p.rw);
+      if (mine.length === 0) continue;
+      const iops: number[] = [];
+      const cpu: number[] = [];
+      for (const r of mine) {
+        const base = rows.find((b) => b.round === r.round && b.backend === NBD_BASE && b.rw === r.rw);
+        if (base === undefined || base.iops === 0 || base.backend_cpu_us_per_io === 0) continue;
+        iops.push(r.iops / base.iops);
+        cpu.push(r.backend_cpu_us_per_io / base.backend_cpu_us_per_io);
+      }
+      out.push({
+        backend: kind, rw: p.rw, iops: Math.round(median(mine.map((r) => r.iops))),
+        backend_cpu_us_per_io: round(median(mine.map((r) => r.backend_cpu_us_per_io))),
+        iops_ratio: kind === NBD_BASE || iops.length === 0 ? null : spread(iops),
+        cpu_ratio: kind === NBD_BASE || cpu.length === 0 ? null : spread(cpu),
+      });
+    }
+  }
+  return out;
+}
+
 // ---- targets and tables ------------------------------------------------------------
 
 /** The targets; the loopback ratio is reported, not judged (DESIGN.md, Performance). */
-function targets(peers: PeerRow[], versus: VersusSummary[], scaling: ScalingRow[], filters: FilterRow[]): Target[] {
+function targets(peers: PeerRow[], versus: VersusSummary[], scaling: ScalingRow[], filters: FilterRow[], nbd: NbdSummary[]): Target[] {
   const out: Target[] = [];
   const check = (name: string, value: number | null, limit: string, isMet: (v: number) => boolean): void => {
     out.push({ name, value: value === null ? null : round(value, 3), limit, met: value === null ? null : isMet(value) });
@@ -515,6 +613,12 @@ function targets(peers: PeerRow[], versus: VersusSummary[], scaling: ScalingRow[
   for (const f of filters) {
     if (f.ratio_to_limit === null) continue;
     check(`${f.filters}, loopback 4k randread qd32: IOPS / limit`, f.ratio_to_limit, '0.9 to 1.1', (v) => v >= 0.9 && v <= 1.1);
+  }
+  for (const x of nbd) {
+    if (x.iops_ratio === null || x.cpu_ratio === null) continue;
+    const label = `${x.backend === 'vblk-serve-nbd-4' ? 'vblk serve nbd, 4 connections' : 'vblk serve nbd, 1 connection'} / qsd nbd driver`;
+    check(`${label} IOPS, 4k ${x.rw} qd32 (median of rounds)`, x.iops_ratio.median, '>= 1.0', (v) => v >= 1);
+    check(`${label} CPU per I/O, 4k ${x.rw} qd32 (median of rounds)`, x.cpu_ratio.median, '<= 1.0', (v) => v <= 1);
   }
   return out;
 }
@@ -577,6 +681,15 @@ function report(r: Results): string {
       r.filters.map((x) => [x.filters, x.iops, x.ratio_to_limit ?? '', x.lat_us.p50, x.lat_us.p99, x.cpu_us_per_io]),
     ));
   }
+  if (r.nbd_summary.length) {
+    const spreadText = (x: Spread | null): string => (x === null ? '1' : `${x.median.toFixed(2)} (${x.min.toFixed(2)}–${x.max.toFixed(2)})`);
+    parts.push(`NBD: qemu-nbd on the data image, served over vhost-user, 1 queue, ${r.rounds} rounds in rotating order (medians)\n` + table(
+      ['pattern', 'backend', 'IOPS', 'backend CPU us/IO', 'qemu-nbd CPU us/IO', 'IOPS / qsd nbd (range)', 'CPU / qsd nbd (range)'],
+      r.nbd_summary.map((x) => [`${x.rw} 4K qd32`, x.backend, x.iops, x.backend_cpu_us_per_io,
+        round(median(r.nbd.filter((y) => y.backend === x.backend && y.rw === x.rw).map((y) => y.server_cpu_us_per_io))),
+        spreadText(x.iops_ratio), spreadText(x.cpu_ratio)]),
+    ));
+  }
   if (r.targets.length) {
     parts.push('Targets\n' + table(['target', 'measured', 'wanted', 'met'], r.targets.map((t) => [t.name, t.value ?? 'n/a', t.limit, t.met === null ? 'n/a' : t.met ? 'yes' : 'NO'])));
   }
@@ -596,6 +709,8 @@ interface Results {
   fio: FioRow[];
   scaling: ScalingRow[];
   filters: FilterRow[];
+  nbd: NbdRow[];
+  nbd_summary: NbdSummary[];
   targets: Target[];
   skipped: string[];
 }
@@ -613,7 +728,7 @@ const USAGE = `usage: npm run bench [-- options]   (each option also an environm
   --sparse-size SIZE BENCH_SPARSE_SIZE  sparse image of the scaling rows (default 1T)
   --iodepths LIST                       scaling iodepths (default 1,4,16,64,128)
   --queues LIST                         queue counts (default 1,2)
-  --rounds N         BENCH_ROUNDS       rounds of the loopback and versus sections (default ${DEFAULT_ROUNDS})
+  --rounds N         BENCH_ROUNDS       rounds of the loopback, versus and nbd sections (default ${DEFAULT_ROUNDS})
 `;
 
 export async function main(argv: readonly string[], env: NodeJS.ProcessEnv): Promise<Results | null> {
@@ -629,12 +744,12 @@ export async function main(argv: readonly string[], env: NodeJS.ProcessEnv): Pro
       date: new Date(started).toISOString(), runtime_s_per_row: o.runtimeS, node: process.version, kernel: release(),
       cpus: cpus().length, cpu_model: cpus()[0]?.model ?? 'unknown', image_bytes: o.imageSize, sparse_image_bytes: o.sparseSize,
     },
-    loopback: [], peers: [], versus: [], rounds: o.rounds, versus_summary: [], fio: [], scaling: [], filters: [], targets: [], skipped: [],
+    loopback: [], peers: [], versus: [], rounds: o.rounds, versus_summary: [], fio: [], scaling: [], filters: [], nbd: [], nbd_summary: [], targets: [], skipped: [],
   };
   const wants = (s: Section): boolean => o.sections.includes(s);
   if (wants('loopback')) results.loopback = await loopbackSection(o);
 
-  const needsPeers = wants('peers') || wants('versus') || wants('fio') || wants('scaling');
+  const needsPeers = wants('peers') || wants('versus') || wants('fio') || wants('scaling') || wants('nbd');
   const missing = ['qemu-storage-daemon', 'fio'].filter((p) => !hasProgram(p));
   if (needsPeers) {
     const own = o.dir === null;
@@ -666,13 +781,21 @@ export async function main(argv: readonly string[], env: NodeJS.ProcessEnv): Pro
           { name: 'sparse', path: sparse, bytes: o.sparseSize },
         ], dir);
       }
+      if (wants('nbd')) {
+        const absent = ['qemu-storage-daemon', 'qemu-nbd'].filter((p) => !hasProgram(p));
+        if (absent.length) results.skipped.push(`nbd: ${absent.join(' and ')} not installed`);
+        else {
+          results.nbd = await nbdSection(o, image, dir);
+          results.nbd_summary = summarizeNbd(results.nbd);
+        }
+      }
     } finally {
       if (own) rmSync(dir, { recursive: true, force: true });
       else rmSync(image, { force: true });
     }
   }
   if (wants('filters')) results.filters = await filtersSection(o);
-  results.targets = targets(results.peers, results.versus_summary, results.scaling, results.filters);
+  results.targets = targets(results.peers, results.versus_summary, results.scaling, results.filters, results.nbd_summary);
   (results.meta as { total_s?: number }).total_s = round((Date.now() - started) / MS_PER_S, 1);
   mkdirSync(dirname(o.out), { recursive: true });
   writeFileSync(o.out, `${JSON.stringify(results, null, 1)}\n`);

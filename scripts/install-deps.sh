@@ -8,7 +8,9 @@ set -euo pipefail
 packages=(
 	qemu-system-x86    # qemu-system-x86_64: the VM that uses `vblk serve`
 	qemu-system-common # qemu-storage-daemon: the vhost-user-blk device our driver drives
-	qemu-utils         # qemu-img
+	qemu-utils         # qemu-img, and qemu-nbd: an NBD server for the NBD backend's tests
+	nbdkit             # the other NBD server the NBD backend is tested against (memory plugin, delay and error filters)
+	libnbd-bin         # nbdinfo, nbdcopy: an independent NBD client to check what vblk reads and writes
 	busybox-static     # the guest's userland (sh, mount, insmod, fstrim, dd …)
 	e2fsprogs          # mkfs.ext4, e2fsck, debugfs, resize2fs in the guest
 	fio                # I/O with verification, in the guest and on the host

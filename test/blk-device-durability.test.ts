@@ -109,6 +109,28 @@ test('writethrough by negotiation: FLUSH offered, neither FLUSH nor CONFIG_WCE n
   await h.until(() => h.reap(0).includes(t));
 });
 
+test('writethrough with a backend that has FUA: one durable write, no flush; writeback writes stay plain', async () => {
+  const backend = new RecordingBackend();
+  backend.canFua = true;
+  const device = new BlkDevice({ backend, cache: 'writethrough' });
+  const h = new Harness(device, { features: device.deviceFeatures });
+  const t = h.post(0, framed(T.OUT, 4, { out: pattern(512, 4) }));
+  h.kick(0);
+  await h.until(() => h.reap(0).includes(t));
+  assert.equal(h.result(0, t).status, OK);
+  assert.deepEqual(backend.calls, [['write', 4 * 512, 512, true]]);
+  device.writeConfig(VIRTIO_BLK_CONFIG.writeback.offset, new Uint8Array([1]));
+  const u = h.post(0, framed(T.OUT, 5, { out: pattern(512, 5) }));
+  h.kick(0);
+  await h.until(() => h.reap(0).includes(u));
+  assert.deepEqual(backend.calls[1], ['write', 5 * 512, 512]);
+  // A FLUSH is still a flush.
+  const f = h.post(0, framed(T.FLUSH, 0));
+  h.kick(0);
+  await h.until(() => h.reap(0).includes(f));
+  assert.deepEqual(backend.calls.map((c) => c[0]), ['write', 'write', 'flush']);
+});
+
 test('FLUSH negotiated without CONFIG_WCE is writeback', async () => {
   const { backend, h } = make((f) => f & ~WCE);
   const r = await h.run(0, framed(T.OUT, 0, { out: pattern(512, 1) }));

@@ -289,6 +289,8 @@ export class RecordingBackend implements BlockBackend {
   readonly canFlush = true;
   readonly canDiscard = true;
   readonly canWriteZeroes = true;
+  /** Offer FUA writes (set before building the device); a FUA write is recorded as ['write', offset, bytes, true]. */
+  canFua = false;
 
   constructor(size = 1 << 20, readonly readOnly = false) {
     this.inner = new MemoryBackend({ size });
@@ -343,11 +345,11 @@ export class RecordingBackend implements BlockBackend {
     const bytes = buffers.reduce((n, b) => n + b.length, 0);
     return this.do(['read', offset, bytes], () => this.inner.read(offset, buffers));
   }
-  write(offset: number, buffers: readonly Uint8Array[]): BackendResult {
+  write(offset: number, buffers: readonly Uint8Array[], fua?: boolean): BackendResult {
     const bytes = buffers.reduce((n, b) => n + b.length, 0);
     // Copy now: guest buffers are only valid until completion, and the test may hold.
     const copy = buffers.map((b) => b.slice());
-    return this.do(['write', offset, bytes], () => this.inner.write(offset, copy));
+    return this.do(fua === true ? ['write', offset, bytes, true] : ['write', offset, bytes], () => this.inner.write(offset, copy));
   }
   flush(): BackendResult {
     return this.do(['flush'], () => this.inner.flush());

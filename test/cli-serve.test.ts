@@ -5,6 +5,7 @@ import assert from 'node:assert/strict';
 import { statSync, truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { runCli, scratchDir, startServe } from './e2e/serve-helpers.js';
+import { FakeNbdServer } from './support/fake-nbd-server.js';
 
 let scratch: { dir: string; cleanup(): void };
 before(() => {
@@ -73,4 +74,35 @@ test('serve --size creates a sparse image of that size and the socket is mode 06
     assert.equal(await s.stop(), 0);
   }
   assert.match(s.log(), /SIGTERM: stopping/);
+});
+
+test('NBD sources: a bad URI, an unreachable server, --size, and a block size below the export\'s minimum say what is wrong', async () => {
+  const sock = join(scratch.dir, 'nbd.sock');
+  await fails(['serve', 'nbd://host/e?bogus=1', '--socket', sock], /^vblk serve: not a usable NBD URI \(unknown query parameter 'bogus'/);
+  await fails(['serve', 'nbd+unix:///e', '--socket', sock], /^vblk serve: not a usable NBD URI \(nbd\+unix:\/\/ needs \?socket=PATH\)/);
+  const absent = join(scratch.dir, 'absent.nbd');
+  await fails(['serve', `nbd+unix:///e?socket=${absent}`, '--socket', sock], /^vblk serve: cannot use nbd\+unix:\/\/\/e\?socket=.*absent\.nbd: connect ENOENT/);
+  const fake = await FakeNbdServer.listen(join(scratch.dir, 'fake.nbd'), { size: 1 << 20, blockSizes: [4096, 4096, 1 << 20] });
+  try {
+    await fails(['serve', fake.uri, '--socket', sock, '--size', '1M'], /^vblk serve: --size is for image files/);
+    await fails(['serve', fake.uri, '--socket', sock, '--block-size', '512'], /^vblk serve: a 512-byte block is below the export's 4096-byte minimum block/);
+  } finally {
+    await fake.close();
+  }
+});
+
+test('an NBD export with a 4096-byte minimum block is served as a 4096-byte-block disk', async () => {
+  const fake = await FakeNbdServer.listen(join(scratch.dir, 'fake4k.nbd'), { size: 1 << 20, blockSizes: [4096, 65536, 1 << 20] });
+  const s = await startServe(fake.uri, join(scratch.dir, 'fake4k.sock'));
+  try {
+    const r = await runCli(['info', '--socket', s.socket]);
+    assert.equal(r.code, 0, r.stderr);
+    assert.match(r.stdout.toString(), /logical block size 4096, physical block size 65536/);
+    assert.match(r.stdout.toString(), /io_min 65536/);
+    // The fake advertises multi-conn: --queues (16) caps at 4 connections.
+    assert.match(s.log(), /1048576 bytes, 4 connections, flags flush, fua, trim, zeroes, blocks 4096\/65536\/1048576/);
+  } finally {
+    assert.equal(await s.stop(), 0);
+    await fake.close();
+  }
 });

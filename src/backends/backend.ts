@@ -99,8 +99,18 @@ export interface BlockBackend {
 
   /** Fills `buffers`, in order, with exactly their total length of bytes from `offset`. */
   read(offset: number, buffers: readonly Uint8Array[]): BackendResult;
-  /** Writes all of `buffers`, in order, at `offset`. */
-  write(offset: number, buffers: readonly Uint8Array[]): BackendResult;
+  /**
+   * Writes can be made durable one at a time: `write(offset, buffers, true)` completes
+   * only once the data is on stable storage (NBD's FUA). The device then serves a
+   * write-through write that way instead of as a write followed by a flush. Absent: false.
+   */
+  readonly canFua?: boolean;
+
+  /**
+   * Writes all of `buffers`, in order, at `offset`. `fua` is true only when
+   * {@link canFua} is: the write must be durable when it completes.
+   */
+  write(offset: number, buffers: readonly Uint8Array[], fua?: boolean): BackendResult;
   /** Makes every write completed before this call durable. */
   flush(): BackendResult;
   /**

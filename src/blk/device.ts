@@ -183,6 +183,8 @@ class Job extends BlkRequest implements ReusableChain {
   nextOp = 0;
   /** Complete only after a backend flush that starts after the operations are done. */
   flushAfter = false;
+  /** A write made durable by the backend itself (its FUA) rather than by a flush after it. */
+  fua = false;
   /** Bytes written into device-writable buffers on success, the status byte included. */
   written = 0;
   /** When a drain took it off the ring (statistics' clock), when statistics are kept. */
@@ -469,6 +471,8 @@ class Engine {
   capacitySectors: number;
   /** Writes must be durable when they complete (5.2.6.2, stable writes, cases 1 and 2). */
   writethrough = false;
+  /** The backend makes single writes durable (canFua), so write-through writes need no flush. */
+  readonly fua: boolean;
   discardOn = false;
   writeZeroesOn = false;
   secureEraseOn = false;
@@ -490,6 +494,7 @@ class Engine {
   ) {
     this.sectorsPerBlock = blockSize / VIRTIO_BLK_SECTOR_SIZE;
     this.capacitySectors = this.capacityOf(backend.size);
+    this.fua = flushOffered && backend.canFua === true;
   }
 
   /** Sectors of a disk of `size` bytes, counting whole logical blocks only. */
@@ -511,7 +516,9 @@ class Engine {
         if (this.readOnly || !this.checkIo(job)) return job.runner.complete(job, S_IOERR);
         job.offset = job.sector * VIRTIO_BLK_SECTOR_SIZE;
         job.written = 1;
-        return this.begin(job, 1, this.writethrough);
+        // Write-through with a backend that has FUA: one durable write, no flush after.
+        job.fua = this.writethrough && this.fua;
+        return this.begin(job, 1, this.writethrough && !job.fua);
       case VIRTIO_BLK_T.FLUSH:
         if (!this.flushOffered) return job.runner.complete(job, S_UNSUPP);
         job.written = 1;
@@ -614,7 +621,7 @@ class Engine {
       case VIRTIO_BLK_T.IN:
         return b.read(job.offset, job.data);
       case VIRTIO_BLK_T.OUT:
-        return b.write(job.offset, job.data);
+        return job.fua ? b.write(job.offset, job.data, true) : b.write(job.offset, job.data);
       case VIRTIO_BLK_T.DISCARD: {
         const s = (job.segments as DwzSegment[])[i];
         return b.discard(s.sector * VIRTIO_BLK_SECTOR_SIZE, s.numSectors * VIRTIO_BLK_SECTOR_SIZE);

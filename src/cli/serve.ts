@@ -1,18 +1,21 @@
 /**
- * `vblk serve (IMAGE | --backend MODULE) --socket PATH`: the virtio-blk device on a raw
- * image, or on the backend a user's module makes, as a vhost-user backend for QEMU
- * (`-device vhost-user-blk-pci`). Serves one frontend at a time and keeps serving across
- * disconnects (the next frontend waits in the listen backlog); SIGINT/SIGTERM stop it
- * cleanly after the requests in flight complete and the backend is flushed.
+ * `vblk serve (SOURCE | --backend MODULE) --socket PATH`: the virtio-blk device on a raw
+ * image, an NBD export, or the backend a user's module makes, as a vhost-user backend for
+ * QEMU (`-device vhost-user-blk-pci`). Serves one frontend at a time and keeps serving
+ * across disconnects (the next frontend waits in the listen backlog); SIGINT/SIGTERM stop
+ * it cleanly after the requests in flight complete and the backend is flushed.
  */
 import { performance } from 'node:perf_hooks';
 import type { BlockBackend } from '../backends/backend.js';
+import { nbdDeviceHints, type NbdDeviceHints } from '../backends/nbd/device-hints.js';
+import { looksLikeNbdUri } from '../backends/nbd/uri.js';
 import { FILTER_HELP, FilterSpecError, applyFilters, parseFilterSpec, type FilterSpec } from '../backends/filters/index.js';
 import type { LogSink } from '../log.js';
 import { loadBackendModule } from '../node/backend-module.js';
 import { listenControl } from '../node/control.js';
 import { openFileBackend } from '../node/file-backend.js';
 import { listenMetrics, metricsRegistry, type MetricsEndpoint } from '../node/metrics.js';
+import { openNbdBackend } from '../node/nbd-backend.js';
 import { serve, type ServedDisk } from '../node/serve.js';
 import { MAX_READ_TIMEOUT_MS } from '../node/unix-socket.js';
 import { DEFAULT_MESSAGE_TIMEOUT_MS } from '../node/vhost-user-server.js';
@@ -22,9 +25,13 @@ import { parseKeyValues } from './key-values.js';
 
 export const command = defineCommand({
   name: 'serve',
-  summary: 'serve a raw image, or your own backend, as a vhost-user-blk device (for QEMU and other vhost-user frontends)',
-  usage: '(IMAGE | --backend MODULE) --socket PATH [options]',
+  summary: 'serve a raw image, an NBD export or your own backend as a vhost-user-blk device (for QEMU and other vhost-user frontends)',
+  usage: '(SOURCE | --backend MODULE) --socket PATH [options]',
   details: [
+    'SOURCE is a raw image file, or an NBD URI: nbd://HOST[:PORT]/EXPORT,',
+    'nbd+unix:///EXPORT?socket=PATH, nbds://... and nbds+unix://... (TLS). An export\'s size,',
+    'read-only flag, flush/trim/write-zeroes support and block sizes make the disk.',
+    '',
     'QEMU connects with:',
     '  -object memory-backend-memfd,id=mem,size=256M,share=on -numa node,memdev=mem',
     '  -chardev socket,id=c0,path=PATH -device vhost-user-blk-pci,chardev=c0,num-queues=N',
@@ -48,8 +55,8 @@ export const command = defineCommand({
     serial: { kind: 'string', valueName: 'STR', description: 'disk serial (GET_ID), at most 20 bytes', default: 'vblk' },
     queues: { kind: 'integer', valueName: 'N', min: 1, max: 64, default: 16, description: 'request queues offered (the frontend uses as many as it wants: QEMU one per vCPU unless num-queues says)' },
     'queue-size': { kind: 'integer', valueName: 'N', min: 2, max: 32768, default: 256, description: 'largest queue size (a power of two)' },
-    'block-size': { kind: 'choice', choices: ['512', '4096'], default: '512', description: 'logical block size in bytes' },
-    size: { kind: 'size', valueName: 'SIZE', description: 'create the image, or grow it, to SIZE bytes (K/M/G/T suffixes; IMAGE only)' },
+    'block-size': { kind: 'choice', choices: ['512', '4096'], description: 'logical block size in bytes (default 512; for an NBD export, the smallest its minimum block allows)' },
+    size: { kind: 'size', valueName: 'SIZE', description: 'create the image, or grow it, to SIZE bytes (K/M/G/T suffixes; an image file only)' },
     control: { kind: 'string', valueName: 'PATH', description: 'control socket for `vblk resize` and `vblk stats`' },
     'socket-mode': { kind: 'string', valueName: 'MODE', default: '600', description: 'file mode of the socket, in octal' },
     cache: { kind: 'choice', choices: ['writeback', 'writethrough'], default: 'writeback', description: 'initial cache mode the guest sees (it may change it)' },
@@ -63,6 +70,18 @@ export const command = defineCommand({
       kind: 'number', valueName: 'SECONDS', default: DEFAULT_MESSAGE_TIMEOUT_MS / 1000,
       description: 'drop a frontend that begins a vhost-user message and does not finish it within SECONDS (time between messages is not limited)',
     },
+    'nbd-connections': {
+      kind: 'integer', valueName: 'N', min: 1, max: 64,
+      description: 'connections to an NBD server that advertises multi-conn (default: --queues, at most 4)',
+    },
+    'nbd-reconnect-timeout': {
+      kind: 'number', valueName: 'SECONDS', default: 60,
+      description: 'when the NBD server is lost, how long requests wait for a reconnection before they fail with an I/O error',
+    },
+    'nbd-tls-certificates': {
+      kind: 'string', valueName: 'DIR',
+      description: 'TLS credentials for nbds:// (ca-cert.pem, client-cert.pem, client-key.pem, as for qemu-nbd and nbdkit)',
+    },
     'allow-unsealed-memory': {
       kind: 'boolean',
       description: 'map guest memory not sealed against shrinking (memory-backend-file); dangerous: a frontend that shrinks it kills vblk with SIGBUS',
@@ -71,12 +90,12 @@ export const command = defineCommand({
   async run({ options, positionals }, io) {
     const backendModule = options.backend;
     if (backendModule === undefined && positionals.length !== 1) {
-      throw new CliUsageError(`vblk serve: expected one IMAGE or --backend MODULE, got ${positionals.length} arguments`);
+      throw new CliUsageError(`vblk serve: expected one SOURCE (an image or an NBD URI) or --backend MODULE, got ${positionals.length} arguments`);
     }
-    if (backendModule !== undefined && positionals.length > 0) throw new CliUsageError('vblk serve: give an IMAGE or --backend MODULE, not both');
+    if (backendModule !== undefined && positionals.length > 0) throw new CliUsageError('vblk serve: give a SOURCE or --backend MODULE, not both');
     if (backendModule === undefined && options['backend-opt'].length > 0) throw new CliUsageError('vblk serve: --backend-opt needs --backend MODULE');
     if (backendModule !== undefined && options.size !== undefined) {
-      throw new CliUsageError('vblk serve: --size creates or grows an IMAGE; a backend module sizes its own disk (--backend-opt)');
+      throw new CliUsageError('vblk serve: --size creates or grows an image; a backend module sizes its own disk (--backend-opt)');
     }
     const factoryOptions = parseKeyValues('vblk serve: --backend-opt', options['backend-opt']);
     if (options.socket === undefined) throw new CliUsageError('vblk serve: --socket PATH is required');
@@ -92,9 +111,31 @@ export const command = defineCommand({
     const metricsAt = options.metrics === undefined ? null : parseHostPort(options.metrics);
 
     const filters = options.filter.map(parseFilter);
-    const base: BlockBackend = backendModule === undefined
-      ? openFileBackend(positionals[0], { readOnly: options['read-only'], size: options.size, io: options.io })
-      : await loadBackendModule(backendModule, factoryOptions);
+    const requestedBlock = options['block-size'] === undefined ? undefined : options['block-size'] === '4096' ? 4096 : 512;
+    let base: BlockBackend;
+    let hints: NbdDeviceHints | null = null;
+    if (backendModule !== undefined) {
+      base = await loadBackendModule(backendModule, factoryOptions);
+    } else if (looksLikeNbdUri(positionals[0])) {
+      if (options.size !== undefined) throw new CliUsageError('vblk serve: --size is for image files; an NBD export has its own size');
+      const nbd = await openNbdBackend({
+        uri: positionals[0], readOnly: options['read-only'], log,
+        connections: options['nbd-connections'] ?? Math.min(4, options.queues),
+        reconnectTimeoutMs: Math.round(options['nbd-reconnect-timeout'] * 1000),
+        tlsCertificates: options['nbd-tls-certificates'],
+      });
+      try {
+        hints = nbdDeviceHints(nbd.blockSizes, requestedBlock);
+      } catch (e) {
+        await nbd.close();
+        throw new CliUsageError(`vblk serve: ${(e as Error).message}`);
+      }
+      base = nbd;
+      log(`${nbd.uriText}: ${nbd.size} bytes, ${nbd.connectionsUp} connection${nbd.connectionsUp === 1 ? '' : 's'}, ` +
+        `flags ${describeNbd(nbd)}, blocks ${nbd.blockSizes.minimum}/${nbd.blockSizes.preferred}/${nbd.blockSizes.maximum}`);
+    } else {
+      base = openFileBackend(positionals[0], { readOnly: options['read-only'], size: options.size, io: options.io });
+    }
     const backend = applyFilters(base, filters, { openOverlayFile: (path, size) => openFileBackend(path, { size }) });
     let served: ServedDisk;
     try {
@@ -106,7 +147,8 @@ export const command = defineCommand({
           serial: options.serial,
           numQueues: options.queues,
           queueSize,
-          blockSize: options['block-size'] === '4096' ? 4096 : 512,
+          blockSize: hints?.blockSize ?? requestedBlock ?? 512,
+          topology: hints?.topology,
           readOnly: options['read-only'],
           cache: options.cache,
           onWritebackChange: (wb) => log(`cache mode: ${wb ? 'write-back' : 'write-through'}`),
@@ -203,4 +245,16 @@ function parseFilter(text: string): FilterSpec {
     if (e instanceof FilterSpecError) throw new CliUsageError(`vblk serve: --filter ${e.message}`);
     throw e;
   }
+}
+
+/** "flush, fua, trim, zeroes": what an export offers, for the log. */
+function describeNbd(b: { readOnly: boolean; canFlush: boolean; canFua: boolean; canDiscard: boolean; canWriteZeroes: boolean; rotational: boolean }): string {
+  const on: string[] = [];
+  if (b.readOnly) on.push('read-only');
+  if (b.canFlush) on.push('flush');
+  if (b.canFua) on.push('fua');
+  if (b.canDiscard) on.push('trim');
+  if (b.canWriteZeroes) on.push('zeroes');
+  if (b.rotational) on.push('rotational (not expressible in virtio-blk)');
+  return on.length > 0 ? on.join(', ') : 'none';
 }

@@ -1,4 +1,4 @@
-// The whole benchmark suite against real peers (vblk serve, qemu-storage-daemon, fio),
+// The whole benchmark suite against real peers (vblk serve, qemu-storage-daemon, fio, qemu-nbd),
 // shrunk to tiny images and runtimes: it runs, and its JSON is well formed. No figure is
 // asserted: benchmarks are never judged by wall-clock in tests.
 import { test } from 'node:test';
@@ -13,21 +13,22 @@ import { requirePeer } from '../../scripts/guest/guest.js';
 const RUN = fileURLToPath(new URL('../../bench/run.js', import.meta.url));
 
 test('npm run bench: every section runs against real peers and writes well-formed JSON',
-  { skip: requirePeer('qemu-storage-daemon', 'fio'), timeout: 180_000 }, () => {
+  { skip: requirePeer('qemu-storage-daemon', 'fio', 'qemu-nbd'), timeout: 240_000 }, () => {
     const dir = mkdtempSync(join(tmpdir(), 'vblk-bench-smoke-'));
     try {
       const out = join(dir, 'results.json');
       const r = spawnSync(process.execPath, [
         RUN, '--runtime', '0.2', '--image-size', '32M', '--sparse-size', '1G', '--iodepths', '1,8', '--queues', '1', '--rounds', '2',
         '--out', out, '--dir', join(dir, 'scratch'),
-      ], { encoding: 'utf8', timeout: 170_000 });
+      ], { encoding: 'utf8', timeout: 230_000 });
       assert.equal(r.status, 0, r.stderr);
       const results = JSON.parse(readFileSync(out, 'utf8'));
       assert.deepEqual(results.skipped, []);
       assert.equal(results.loopback.length, 4);
-      // 4 backends × 5 patterns, one queue count.
-      assert.equal(results.peers.length, 20);
-      assert.deepEqual(new Set(results.peers.map((x: { backend: string }) => x.backend)), new Set(['vblk-serve', 'vblk-serve-mmap', 'qsd', 'qsd-io_uring']));
+      // 5 backends × 5 patterns, one queue count.
+      assert.equal(results.peers.length, 25);
+      assert.deepEqual(new Set(results.peers.map((x: { backend: string }) => x.backend)),
+        new Set(['vblk-serve', 'vblk-serve-mmap', 'vblk-serve-metrics', 'qsd', 'qsd-io_uring']));
       for (const row of results.peers) {
         assert.ok(row.iops > 0 && row.backend_cpu_us_per_io > 0 && row.driver_cpu_us_per_io > 0 && row.backend_rss_bytes > 0, JSON.stringify(row));
       }
@@ -53,8 +54,15 @@ test('npm run bench: every section runs against real peers and writes well-forme
       assert.deepEqual(results.scaling.map((x: { image: string; iodepth: number }) => `${x.image} ${x.iodepth}`), ['data 1', 'data 8', 'sparse 1', 'sparse 8']);
       // The throttle filter at two limits.
       assert.equal(results.filters.length > 0, true);
-      // IOPS and CPU for serve and for serve --io mmap, metrics on/off, driver CPU, RSS, two throttle limits.
-      assert.equal(results.targets.length, 9);
+      // 2 rounds × 3 NBD-sourced backends × 2 patterns; medians and ratios to qsd's nbd driver.
+      assert.equal(results.nbd.length, 12);
+      for (const row of results.nbd) assert.ok(row.iops > 0 && row.backend_cpu_us_per_io > 0 && row.server_cpu_us_per_io > 0, JSON.stringify(row));
+      assert.deepEqual(results.nbd_summary.map((x: { backend: string; rw: string }) => `${x.backend} ${x.rw}`), [
+        'vblk-serve-nbd randread', 'vblk-serve-nbd randwrite', 'vblk-serve-nbd-4 randread', 'vblk-serve-nbd-4 randwrite', 'qsd-nbd randread', 'qsd-nbd randwrite',
+      ]);
+      // IOPS and CPU for serve and for serve --io mmap, metrics on/off, driver CPU, RSS, two
+      // throttle limits; IOPS and CPU of the two NBD-sourced vblk serves, for reads and writes.
+      assert.equal(results.targets.length, 9 + 8);
       for (const t of results.targets) assert.equal(typeof t.met, 'boolean', JSON.stringify(t));
       assert.match(r.stdout, /^Targets$/m);
     } finally {

@@ -24,14 +24,21 @@ export interface QsdOptions {
    * layer's default, `discard=ignore`, completes every discard and does nothing.
    */
   unmap?: boolean;
+  /**
+   * Serve an NBD export instead of the image (QEMU's `nbd` block driver, one
+   * connection): the image argument is then ignored.
+   */
+  nbd?: { readonly socket: string; readonly export: string };
 }
 
 export async function startQsd(image: string, socket: string, qmpSocket: string, options: QsdOptions = {}): Promise<Qsd> {
   const discard = options.unmap ? ',discard=unmap' : '';
   const file = `driver=file,node-name=f,filename=${image}${discard}${options.fileOptions ? `,${options.fileOptions}` : ''}`;
+  const disk = options.nbd
+    ? ['--blockdev', `driver=nbd,node-name=d,server.type=unix,server.path=${options.nbd.socket},export=${options.nbd.export}`]
+    : ['--blockdev', file, '--blockdev', `driver=raw,node-name=d,file=f${discard}`];
   const args = [
-    '--blockdev', file,
-    '--blockdev', `driver=raw,node-name=d,file=f${discard}`,
+    ...disk,
     '--export', `type=vhost-user-blk,id=e,node-name=d,addr.type=unix,addr.path=${socket},writable=${options.writable === false ? 'off' : 'on'},num-queues=${options.numQueues ?? 1}`,
     '--chardev', `socket,id=m,path=${qmpSocket},server=on,wait=off`,
     '--monitor', 'chardev=m',
