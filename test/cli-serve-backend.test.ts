@@ -104,9 +104,9 @@ test('a module that cannot be served stops vblk serve with one line', async () =
 test('--backend and its options are checked before anything is loaded', async () => {
   const sock = join(scratch.dir, 'y.sock');
   const image = join(scratch.dir, 'disk.img');
-  await fails(['serve', image, '--backend', './m.js', '--socket', sock], 2, /^vblk serve: give an IMAGE or --backend MODULE, not both$/);
-  await fails(['serve', '--socket', sock], 2, /^vblk serve: expected one IMAGE or --backend MODULE, got 0 arguments$/);
+  await fails(['serve', image, '--backend', './m.js', '--socket', sock], 2, /^vblk serve: give a SOURCE or --backend MODULE, not both$/);
+  await fails(['serve', '--socket', sock], 2, /^vblk serve: expected one SOURCE \(an image or an NBD URI\) or --backend MODULE, got 0 arguments$/);
   await fails(['serve', image, '--socket', sock, '--backend-opt', 'a=1'], 2, /^vblk serve: --backend-opt needs --backend MODULE$/);
-  await fails(['serve', '--backend', './m.js', '--socket', sock, '--size', '1M'], 2, /^vblk serve: --size creates or grows an IMAGE/);
+  await fails(['serve', '--backend', './m.js', '--socket', sock, '--size', '1M'], 2, /^vblk serve: --size creates or grows an image/);
   await fails(['serve', '--backend', './m.js', '--socket', sock, '--backend-opt', 'size'], 2, /^vblk serve: --backend-opt must be KEY=VALUE/);
 });

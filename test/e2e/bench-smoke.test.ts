@@ -25,10 +25,10 @@ test('npm run bench: every section runs against real peers and writes well-forme
       const results = JSON.parse(readFileSync(out, 'utf8'));
       assert.deepEqual(results.skipped, []);
       assert.equal(results.loopback.length, 4);
-      // 5 backends × 5 patterns, one queue count.
-      assert.equal(results.peers.length, 25);
+      // 4 backends × 5 patterns, one queue count (metrics on has its row in versus only).
+      assert.equal(results.peers.length, 20);
       assert.deepEqual(new Set(results.peers.map((x: { backend: string }) => x.backend)),
-        new Set(['vblk-serve', 'vblk-serve-mmap', 'vblk-serve-metrics', 'qsd', 'qsd-io_uring']));
+        new Set(['vblk-serve', 'vblk-serve-mmap', 'qsd', 'qsd-io_uring']));
       for (const row of results.peers) {
         assert.ok(row.iops > 0 && row.backend_cpu_us_per_io > 0 && row.driver_cpu_us_per_io > 0 && row.backend_rss_bytes > 0, JSON.stringify(row));
       }

@@ -218,7 +218,7 @@ echo ALL-GOOD
       assert.match(r.output, /READ-FAILED/);
       assert.match(r.output, /WRITE-OK/);
       assert.match(r.output, /ALL-GOOD/);
-      assert.match(e.log(), /I\/O error: .*EIO/);
+      assert.match(e.log(), /I\/O error \(read at sector \d+\): .*EIO/);
       assert.doesNotMatch(e.log(), /lost/, 'an error reply is not a lost connection');
     } finally {
       if (guest) await guest.kill();
