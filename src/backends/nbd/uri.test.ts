@@ -122,3 +122,8 @@ test('property: any string is parsed or refused with an NbdUriError, never anyth
     }
   }), { numRuns: 5000 });
 });
+
+test('a socket path or export name that begins with U+FEFF keeps it (found by the round-trip property, seed -1486950337)', () => {
+  const uri: NbdUri = { scheme: 'nbd+unix', address: { kind: 'unix', socket: '\uFEFF\u0001' }, exportName: '\uFEFFdisk', tls: false, tlsVerifyPeer: true };
+  assert.deepEqual(parseNbdUri(formatNbdUri(uri)), uri);
+});

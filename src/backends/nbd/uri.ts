@@ -66,7 +66,8 @@ function isPchar(c: string): boolean {
   return UNRESERVED.test(c) || SUB_DELIMS.test(c) || c === ':' || c === '@';
 }
 
-const fatalUtf8 = new TextDecoder('utf-8', { fatal: true });
+// ignoreBOM: a path or export name that begins with U+FEFF keeps it (by default the decoder drops it).
+const fatalUtf8 = new TextDecoder('utf-8', { fatal: true, ignoreBOM: true });
 const utf8 = new TextEncoder();
 
 /** Parses `text` as an NBD URI; throws {@link NbdUriError} saying what is wrong. */
