@@ -8,21 +8,9 @@ import { BackendError, type BackendResult, type BlockBackend, type Extent } from
 import { MemoryBackend } from '../memory-backend.js';
 import { CowFilter } from './cow.js';
 import { FilterBackend } from './filter.js';
+import { pattern } from '../../../test/support/pattern.js';
 
 const SECTOR = 512;
-
-/** Recognisable bytes for `seed`. */
-function pattern(length: number, seed: number): Uint8Array {
-  const b = new Uint8Array(length);
-  let x = (seed * 2654435761) >>> 0 || 1;
-  for (let i = 0; i < length; i++) {
-    x ^= x << 13;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    b[i] = x & 0xff;
-  }
-  return b;
-}
 
 /** A base that refuses, and counts, every attempt to change it. */
 class GuardedBase extends FilterBackend {
