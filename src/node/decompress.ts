@@ -117,13 +117,5 @@ export function zstdFrameEnd(data: Uint8Array, clusterSize: number): number {
   return at;
 }
 
-/** qcow2's compression types (header byte 104; 0 when the header is shorter). */
-export const QCOW2_COMPRESSION_DEFLATE = 0;
-export const QCOW2_COMPRESSION_ZSTD = 1;
-
-/** The decompressor for a qcow2 compression type, or null for one this build does not know. */
-export function nodeDecompressor(compressionType: number): ClusterDecompressor | null {
-  if (compressionType === QCOW2_COMPRESSION_DEFLATE) return inflateCluster;
-  if (compressionType === QCOW2_COMPRESSION_ZSTD) return zstdCluster;
-  return null;
-}
+/** The decompressors for the qcow2 driver's `decompressors` option, by compression type. */
+export const nodeDecompressors = { zlib: inflateCluster, zstd: zstdCluster } as const;
