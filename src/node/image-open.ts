@@ -127,14 +127,36 @@ export async function openImage(path: string, options: OpenImageOptions = {}): P
 /**
  * Walks the chain from `path` down, opening each file once (the top as asked, the rest
  * read-only) and parsing each qcow2 header. Nothing is served yet; the caller owns the
- * files ({@link closeChain}). `vblk image info` uses this on its own.
+ * files ({@link closeChain}). Throws on the first problem, closing what it opened.
  */
-export function resolveChain(path: string, options: { format?: ImageFormat; readOnly?: boolean; io?: ImageFileIoMode } = {}): ChainLevel[] {
+export function resolveChain(path: string, options: ChainOptions = {}): ChainLevel[] {
+  const { levels, error } = walkChain(path, options);
+  if (error !== undefined) {
+    closeChain(levels);
+    throw error;
+  }
+  return levels;
+}
+
+/** How {@link resolveChain} and {@link walkChain} open the top image. */
+export interface ChainOptions {
+  /** The top image's format; probed when absent. */
+  readonly format?: ImageFormat;
+  readonly readOnly?: boolean;
+  readonly io?: ImageFileIoMode;
+}
+
+/**
+ * {@link resolveChain} that stops at a problem below the top instead of throwing: the
+ * levels opened so far, and what stopped the walk (`vblk image info` shows both). A
+ * problem with the top image itself still throws.
+ */
+export function walkChain(path: string, options: ChainOptions = {}): { levels: ChainLevel[]; error?: Error } {
   const chain: ChainLevel[] = [];
   const seen = new Map<string, string>();
+  let next: { path: string; storedName?: string; format?: ImageFormat; formatSource: FormatSource; namedBy?: string } =
+    { path, format: options.format, formatSource: 'given' };
   try {
-    let next: { path: string; storedName?: string; format?: ImageFormat; formatSource: FormatSource; namedBy?: string } =
-      { path, format: options.format, formatSource: 'given' };
     for (;;) {
       let file: NodeImageFile;
       try {
@@ -158,7 +180,7 @@ export function resolveChain(path: string, options: { format?: ImageFormat; read
       const formatSource = next.format === undefined ? 'probed' : next.formatSource;
       if (format === 'raw') {
         chain.push({ path: next.path, storedName: next.storedName, format, formatSource, file });
-        return chain;
+        return { levels: chain };
       }
       let header: Qcow2Header;
       try {
@@ -169,7 +191,7 @@ export function resolveChain(path: string, options: { format?: ImageFormat; read
         throw e;
       }
       chain.push({ path: next.path, storedName: next.storedName, format, formatSource, header, file });
-      if (header.backingFile === undefined) return chain;
+      if (header.backingFile === undefined) return { levels: chain };
       if (chain.length > MAX_BACKING_DEPTH) {
         throw new ImageOpenError('BACKING_TOO_DEEP', `backing chain of ${path} is more than ${MAX_BACKING_DEPTH} files deep (at ${next.path})`);
       }
@@ -179,8 +201,8 @@ export function resolveChain(path: string, options: { format?: ImageFormat; read
       };
     }
   } catch (e) {
-    closeChain(chain);
-    throw e;
+    if (chain.length === 0) throw e;
+    return { levels: chain, error: e as Error };
   }
 }
 
