@@ -4,10 +4,11 @@
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync, spawnSync } from 'node:child_process';
-import { rmSync, statSync, writeFileSync } from 'node:fs';
+import { readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { main } from '../src/cli/main.js';
 import type { ImageInfo } from '../src/cli/image-info.js';
+import { progressReporter } from '../src/cli/image-check.js';
 import { requirePeer } from '../scripts/guest/guest.js';
 import { scratchDir } from './e2e/serve-helpers.js';
 
@@ -161,4 +162,62 @@ test('serve: --format is for image files; qcow2 refuses --size and --io mmap; a 
   assert.equal((await vblk('image', 'create', img, '1M')).status, 0);
   await fails(1, /^vblk serve: image .*serve\.qcow2 is qcow2: a size creates or grows raw images only/, 'serve', img, '--size', '2M', '--socket', file('s6'));
   await fails(1, /^vblk serve: image .*serve\.qcow2 is qcow2: I\/O mode mmap serves raw images only/, 'serve', img, '--io', 'mmap', '--socket', file('s7'));
+});
+
+/** Sets the stored refcount of `cluster` in a fresh 16-bit-refcount image (its first refcount block). */
+function setRefcount(path: string, cluster: number, value: number): void {
+  const bytes = readFileSync(path);
+  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  const table = Number(view.getBigUint64(48));
+  const block = Number(view.getBigUint64(table));
+  view.setUint16(block + 2 * cluster, value);
+  writeFileSync(path, bytes);
+}
+
+test('image check: exit 0 clean, 3 leaks only, 2 corruptions, 63 raw — as qemu-img check; problems on stderr', async () => {
+  const clean = file('ck-clean.qcow2');
+  assert.equal((await vblk('image', 'create', clean, '10M')).status, 0);
+  const leaky = file('ck-leak.qcow2');
+  assert.equal((await vblk('image', 'create', leaky, '10M')).status, 0);
+  setRefcount(leaky, 3, 2);
+  const corrupt = file('ck-corrupt.qcow2');
+  assert.equal((await vblk('image', 'create', corrupt, '10M')).status, 0);
+  setRefcount(corrupt, 0, 0);
+  const raw = file('ck.raw');
+  writeFileSync(raw, new Uint8Array(65536));
+
+  const ok = await vblk('image', 'check', clean);
+  assert.equal(ok.status, 0, ok.stderr);
+  assert.equal(ok.stderr, '');
+  assert.match(ok.stdout, /no corruptions, no leaked clusters/);
+  const leak = await vblk('image', 'check', leaky);
+  assert.equal(leak.status, 3);
+  assert.match(leak.stdout, /0 corruptions, 1 leaked cluster,/);
+  assert.match(leak.stderr, /cluster 3/);
+  const bad = await vblk('image', 'check', '--json', corrupt);
+  assert.equal(bad.status, 2);
+  const counts = JSON.parse(bad.stdout) as Record<string, unknown>;
+  assert.equal(counts.corruptions, 1);
+  assert.equal(counts.leaks, 0);
+  assert.equal(counts.format, 'qcow2');
+  await fails(63, /ck\.raw is a raw image/, 'image', 'check', raw);
+  await fails(1, /missing\.qcow2 does not exist/, 'image', 'check', file('missing.qcow2'));
+  if (!qemuSkip) {
+    for (const [path, status] of [[clean, 0], [leaky, 3], [corrupt, 2], [raw, 63]] as const) {
+      assert.equal(spawnSync('qemu-img', ['check', path]).status, status, `qemu-img check ${path}`);
+    }
+  }
+});
+
+test('the check progress line appears only on a terminal, once per percent, and is erased at the end', () => {
+  const written: string[] = [];
+  const tty = progressReporter(true, (t) => written.push(t));
+  for (const f of [0, 0.001, 0.5, 0.502, 1]) tty.update(f);
+  tty.done();
+  assert.deepEqual(written, ['\rchecking: 0%', '\rchecking: 50%', '\rchecking: 100%', '\r\x1b[K']);
+  const none: string[] = [];
+  const pipe = progressReporter(false, (t) => none.push(t));
+  pipe.update(0.5);
+  pipe.done();
+  assert.deepEqual(none, []);
 });
