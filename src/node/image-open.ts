@@ -22,11 +22,13 @@ import { dirname, isAbsolute, resolve } from 'node:path';
 import { BackendError, type BlockBackend } from '../backends/backend.js';
 import type { ImageFile } from '../backends/qcow2/image-file.js';
 import { QCOW2_MAGIC, Qcow2Error, parseHeader, type Qcow2Header } from '../backends/qcow2/header.js';
+import { openQcow2 as openQcow2Driver } from '../backends/qcow2/qcow2.js';
 import { VblkError } from '../errors.js';
 import { VIRTIO_BLK_SECTOR_SIZE } from '../spec/virtio-blk.js';
 import { nodeDecompressors, type ClusterDecompressor } from './decompress.js';
 import { FileBackend, openFileBackend, type FileIoMode } from './file-backend.js';
 import { openImageFile, type ImageFileIoMode, type NodeImageFile } from './image-file.js';
+import * as native from './native.js';
 
 /** The image formats vblk reads and writes. */
 export type ImageFormat = 'raw' | 'qcow2';
@@ -40,7 +42,7 @@ const HEADER_READ_BYTES = 2 * 1024 * 1024;
 
 /** The stable codes of {@link ImageOpenError}. */
 export type ImageOpenErrorCode =
-  | 'BACKING_MISSING' | 'BACKING_LOOP' | 'BACKING_TOO_DEEP' | 'BACKING_UNSUPPORTED' | 'FORMAT_OPTION' | 'QCOW2_DRIVER_MISSING';
+  | 'BACKING_MISSING' | 'BACKING_LOOP' | 'BACKING_TOO_DEEP' | 'BACKING_UNSUPPORTED' | 'FORMAT_OPTION';
 
 /** Why an image or its backing chain cannot be opened; one line naming the files. */
 export class ImageOpenError extends VblkError {
@@ -115,7 +117,7 @@ export async function openImage(path: string, options: OpenImageOptions = {}): P
     throw new ImageOpenError('FORMAT_OPTION', `image ${path} is qcow2: a size creates or grows raw images only (use vblk image create)`);
   }
   if (io === 'mmap') throw new ImageOpenError('FORMAT_OPTION', `image ${path} is qcow2: I/O mode mmap serves raw images only (use auto, sync or async)`);
-  const openQcow2 = options.openQcow2 ?? (await builtInQcow2());
+  const openQcow2 = options.openQcow2 ?? openQcow2Driver;
   const chain = resolveChain(path, { format, readOnly, io });
   const backend = await openChain(chain, openQcow2);
   return {
@@ -235,9 +237,9 @@ function backingFormat(imagePath: string, header: Qcow2Header): { format?: Image
 /** The first bytes of `file`, enough for a qcow2 header area (zeroes past its end). */
 function readStart(file: NodeImageFile): Uint8Array {
   const bytes = new Uint8Array(Math.min(HEADER_READ_BYTES, Math.max(file.size, 8)));
-  // Synchronous mode for this one-off read whatever the file's mode: open is not a hot path.
-  const done = file.read(0, [bytes]);
-  if (done !== undefined) throw new Error('internal: a header read did not complete synchronously');
+  // Read synchronously whatever the file's I/O mode: opening is not a hot path. A short
+  // read leaves the fresh buffer's zeroes past the end of the file.
+  native.preadv(file.fd, [bytes], 0);
   return bytes;
 }
 
@@ -302,18 +304,6 @@ async function openChain(chain: readonly ChainLevel[], openQcow2: Qcow2Opener): 
     for (const b of lower) await b.close();
   };
   return top;
-}
-
-async function builtInQcow2(): Promise<Qcow2Opener> {
-  // Loaded by name so this opener builds before the driver lands; replaced by a static import then.
-  const where = '../backends/qcow2/qcow2.js';
-  try {
-    const driver = (await import(where)) as { openQcow2?: Qcow2Opener };
-    if (driver.openQcow2 !== undefined) return driver.openQcow2;
-  } catch {
-    // fall through to the one-line error
-  }
-  throw new ImageOpenError('QCOW2_DRIVER_MISSING', 'the qcow2 driver is not part of this build');
 }
 
 /** qcow2's magic at the start of a write at offset 0. */

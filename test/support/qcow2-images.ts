@@ -1,47 +1,11 @@
-// Helpers for the qcow2 check/create tests: an in-memory ImageFile, and running
-// qemu-img on bytes written to a temporary file.
+// Helpers for the qcow2 create/check tests: qemu-img and qemu-io on images written to a
+// temporary directory.
 import { execFileSync, spawnSync } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import type { ImageFile } from '../../src/backends/qcow2/image-file.js';
+import { MemoryImageFile } from '../../src/backends/qcow2/memory-image-file.js';
 import { requirePeer } from '../../scripts/guest/guest.js';
-
-/** A growable in-memory file (tests only; the driver's own lives in src/backends/qcow2/). */
-export class BytesFile implements ImageFile {
-  bytes: Uint8Array;
-  readonly readOnly = false;
-  constructor(bytes: Uint8Array = new Uint8Array(0)) {
-    this.bytes = bytes;
-  }
-  get size(): number {
-    return this.bytes.length;
-  }
-  read(offset: number, buffers: readonly Uint8Array[]): void {
-    let at = offset;
-    for (const b of buffers) {
-      b.fill(0);
-      if (at < this.bytes.length) b.set(this.bytes.subarray(at, Math.min(at + b.length, this.bytes.length)));
-      at += b.length;
-    }
-  }
-  write(offset: number, buffers: readonly Uint8Array[]): void {
-    const total = buffers.reduce((n, b) => n + b.length, 0);
-    if (offset + total > this.bytes.length) this.truncate(offset + total);
-    let at = offset;
-    for (const b of buffers) {
-      this.bytes.set(b, at);
-      at += b.length;
-    }
-  }
-  flush(): void {}
-  truncate(size: number): void {
-    const next = new Uint8Array(size);
-    next.set(this.bytes.subarray(0, Math.min(size, this.bytes.length)));
-    this.bytes = next;
-  }
-  close(): void {}
-}
 
 /** Skip message when qemu-img/qemu-io are missing (throws with CI=true), else false. */
 export const qemuSkip = requirePeer('qemu-img', 'qemu-io');
@@ -57,12 +21,12 @@ export function tempDir(): TempDir {
   return { path, file: (name) => join(path, name), remove: () => rmSync(path, { recursive: true, force: true }) };
 }
 
-export function writeImage(path: string, file: BytesFile): void {
-  writeFileSync(path, file.bytes);
+export function writeImage(path: string, file: MemoryImageFile): void {
+  writeFileSync(path, file.bytes());
 }
 
-export function readImage(path: string): BytesFile {
-  return new BytesFile(new Uint8Array(readFileSync(path)));
+export function readImage(path: string): MemoryImageFile {
+  return new MemoryImageFile(new Uint8Array(readFileSync(path)));
 }
 
 /** `qemu-img check --output=json`: its report, whatever the exit status (2: corruptions, 3: leaks). */

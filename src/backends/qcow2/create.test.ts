@@ -1,7 +1,8 @@
 import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { createQcow2, Qcow2CreateError, type Qcow2CreateOptions } from './create.js';
-import { BytesFile, qemuCheck, qemuInfo, qemuSkip, tempDir, writeImage } from '../../../test/support/qcow2-images.js';
+import { MemoryImageFile } from './memory-image-file.js';
+import { qemuCheck, qemuInfo, qemuSkip, tempDir, writeImage } from '../../../test/support/qcow2-images.js';
 
 const TiB = 2 ** 40;
 
@@ -27,13 +28,13 @@ describe('createQcow2 makes images qemu-img accepts', { skip: qemuSkip }, () => 
     test(options.name, async () => {
       const dir = tempDir();
       try {
-        const file = new BytesFile();
+        const file = new MemoryImageFile();
         await createQcow2(file, options);
         const clusterSize = options.clusterSize ?? 65536;
         const l1Bytes = Math.ceil(options.size / ((clusterSize / 8) * clusterSize)) * 8;
         assert.ok(file.size <= 8 * clusterSize + 2 * l1Bytes, `file of ${file.size} bytes`);
         if (options.backingFile) {
-          const backing = new BytesFile();
+          const backing = new MemoryImageFile();
           if (options.backingFormat === 'qcow2') await createQcow2(backing, { size: options.size });
           writeImage(dir.file(options.backingFile), backing);
         }
@@ -43,7 +44,7 @@ describe('createQcow2 makes images qemu-img accepts', { skip: qemuSkip }, () => 
         assert.equal(check['check-errors'] ?? 0, 0);
         assert.equal(check.corruptions ?? 0, 0);
         assert.equal(check.leaks ?? 0, 0);
-        assert.equal(check['image-end-offset'], file.size);
+        assert.equal(check["image-end-offset"], file.size);
         const info = qemuInfo(path);
         const specific = (info['format-specific'] as { data: Record<string, unknown> }).data;
         assert.equal(info.format, 'qcow2');
@@ -62,7 +63,7 @@ describe('createQcow2 makes images qemu-img accepts', { skip: qemuSkip }, () => 
 });
 
 test('a 1 TiB image is a few clusters of metadata', async () => {
-  const file = new BytesFile();
+  const file = new MemoryImageFile();
   await createQcow2(file, { size: TiB });
   assert.equal(file.size, 4 * 65536);
 });
@@ -84,6 +85,6 @@ test('createQcow2 refuses what qemu-img refuses, with a typed error', async () =
     { size: 2 ** 30, clusterSize: 512, backingFile: 'x'.repeat(400), backingFormat: 'raw' },
   ];
   for (const options of bad) {
-    await assert.rejects(createQcow2(new BytesFile(), options), (e: unknown) => e instanceof Qcow2CreateError && e.code === 'BAD_CREATE_OPTION', JSON.stringify(options));
+    await assert.rejects(createQcow2(new MemoryImageFile(), options), (e: unknown) => e instanceof Qcow2CreateError && e.code === 'BAD_OPTION', JSON.stringify(options));
   }
 });

@@ -4,16 +4,17 @@
  * table, the refcount blocks and the L1 table, every one of those clusters counted in the
  * refcounts. This is the layout `qemu-img create` makes, and what it accepts as clean.
  */
-import { VblkError } from '../../errors.js';
+import { UsageError } from '../../errors.js';
 import type { ImageFile } from './image-file.js';
-import { refcountBlockEntries, setRefcount } from './refcount-entry.js';
+import {
+  COMPAT, EXT, MAX_BACKING_FILE_NAME, MAX_L1_BYTES, Qcow2Error, QCOW2_V2_HEADER_LENGTH, QCOW2_V3_HEADER_LENGTH,
+  serializeHeader, setRefcount, writeU64, type HeaderExtension,
+} from './header.js';
 
-export type CreateErrorCode = 'BAD_CREATE_OPTION';
-
-/** Options of a new image that cannot be made (a size too large for the cluster size, a backing name too long …). */
-export class Qcow2CreateError extends VblkError {
+/** Options of a new image that cannot be made (a size too large for the cluster size, a backing name too long …); code `BAD_OPTION`. */
+export class Qcow2CreateError extends UsageError {
   constructor(message: string) {
-    super('BAD_CREATE_OPTION', message);
+    super('BAD_OPTION', message);
   }
 }
 
@@ -36,18 +37,6 @@ export interface Qcow2CreateOptions {
   readonly featureNameTable?: boolean;
 }
 
-const QCOW_MAGIC = 0x514649fb;
-const V2_HEADER_LENGTH = 72;
-/** What QEMU 5.1 and later write for version 3: the fields up to compression_type, padded to 8. */
-const V3_HEADER_LENGTH = 112;
-const EXT_END = 0;
-const EXT_BACKING_FORMAT = 0xe2792aca;
-const EXT_FEATURE_NAMES = 0x6803f857;
-/** QEMU refuses a larger L1 table (QCOW_MAX_L1_SIZE). */
-const MAX_L1_BYTES = 32 * 1024 * 1024;
-/** QEMU refuses a longer backing file name. */
-const MAX_BACKING_NAME = 1023;
-
 /** The features qemu-img names in its feature name table: [type (0 incompatible, 1 compatible, 2 autoclear), bit, name]. */
 const FEATURE_NAMES: readonly (readonly [number, number, string])[] = [
   [0, 0, 'dirty bit'],
@@ -65,22 +54,6 @@ function log2Exact(value: number, min: number, max: number, what: string): numbe
     throw new Qcow2CreateError(`${what} must be a power of two from ${min} to ${max}, not ${value}`);
   }
   return Math.log2(value);
-}
-
-function setU64(view: DataView, offset: number, value: number): void {
-  view.setUint32(offset, Math.floor(value / 2 ** 32));
-  view.setUint32(offset + 4, value >>> 0);
-}
-
-/** Appends one header extension (type, length, data padded to 8 bytes) at `at`; returns the offset after it. */
-function putExtension(bytes: Uint8Array, at: number, type: number, data: Uint8Array): number {
-  const padded = Math.ceil(data.length / 8) * 8;
-  if (at + 8 + padded > bytes.length) throw new Qcow2CreateError('the header extensions and backing file name do not fit in the first cluster; use a larger cluster size');
-  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
-  view.setUint32(at, type);
-  view.setUint32(at + 4, data.length);
-  bytes.set(data, at + 8);
-  return at + 8 + padded;
 }
 
 function featureNameTable(): Uint8Array {
@@ -105,7 +78,7 @@ interface Layout {
 
 function layout(clusterBits: number, refcountOrder: number, l1Entries: number): Layout {
   const clusterSize = 2 ** clusterBits;
-  const perBlock = refcountBlockEntries(clusterBits, refcountOrder);
+  const perBlock = 2 ** (clusterBits + 3 - refcountOrder);
   const l1Clusters = Math.ceil((l1Entries * 8) / clusterSize);
   // The refcount structures count themselves: grow them until they cover every cluster in use.
   let blockCount = 1;
@@ -144,8 +117,8 @@ export async function createQcow2(file: ImageFile, options: Qcow2CreateOptions):
   }
   const encoder = new TextEncoder();
   const backingName = options.backingFile === undefined ? undefined : encoder.encode(options.backingFile);
-  if (backingName !== undefined && (backingName.length === 0 || backingName.length > MAX_BACKING_NAME)) {
-    throw new Qcow2CreateError(`the backing file name must be 1 to ${MAX_BACKING_NAME} bytes long`);
+  if (backingName !== undefined && (backingName.length === 0 || backingName.length > MAX_BACKING_FILE_NAME)) {
+    throw new Qcow2CreateError(`the backing file name must be 1 to ${MAX_BACKING_FILE_NAME} bytes long`);
   }
 
   const plan = layout(clusterBits, refcountOrder, l1Entries);
@@ -153,38 +126,29 @@ export async function createQcow2(file: ImageFile, options: Qcow2CreateOptions):
   const firstBlock = 1 + plan.tableClusters;
   const l1Offset = (firstBlock + plan.blockCount) * clusterSize;
 
-  const header = new Uint8Array(clusterSize);
-  const view = new DataView(header.buffer);
-  view.setUint32(0, QCOW_MAGIC);
-  view.setUint32(4, version);
-  view.setUint32(20, clusterBits);
-  setU64(view, 24, size);
-  view.setUint32(36, l1Entries);
-  setU64(view, 40, l1Offset);
-  setU64(view, 48, tableOffset);
-  view.setUint32(56, plan.tableClusters);
-  let at = V2_HEADER_LENGTH;
-  if (version === 3) {
-    setU64(view, 80, options.lazyRefcounts ? 1 : 0);
-    view.setUint32(96, refcountOrder);
-    view.setUint32(100, V3_HEADER_LENGTH);
-    at = V3_HEADER_LENGTH;
-  }
-  if (options.backingFormat !== undefined) at = putExtension(header, at, EXT_BACKING_FORMAT, encoder.encode(options.backingFormat));
-  if (options.featureNameTable ?? true) at = putExtension(header, at, EXT_FEATURE_NAMES, featureNameTable());
-  at = putExtension(header, at, EXT_END, new Uint8Array(0));
-  if (backingName !== undefined) {
-    if (at + backingName.length > clusterSize) throw new Qcow2CreateError('the backing file name does not fit in the first cluster; use a larger cluster size');
-    header.set(backingName, at);
-    setU64(view, 8, at);
-    view.setUint32(16, backingName.length);
+  const extensions: HeaderExtension[] = [];
+  if (options.backingFormat !== undefined) extensions.push({ type: EXT.BACKING_FORMAT, data: encoder.encode(options.backingFormat) });
+  if (options.featureNameTable ?? true) extensions.push({ type: EXT.FEATURE_NAMES, data: featureNameTable() });
+  let header: Uint8Array;
+  try {
+    header = serializeHeader({
+      version, backingFileOffset: 0, backingFileSize: 0, clusterBits, size, cryptMethod: 0, l1Size: l1Entries,
+      l1TableOffset: l1Offset, refcountTableOffset: tableOffset, refcountTableClusters: plan.tableClusters,
+      nbSnapshots: 0, snapshotsOffset: 0, incompatibleFeatures: 0,
+      compatibleFeatures: options.lazyRefcounts ? COMPAT.LAZY_REFCOUNTS : 0, autoclearFeatures: 0, refcountOrder,
+      headerLength: version === 2 ? QCOW2_V2_HEADER_LENGTH : QCOW2_V3_HEADER_LENGTH, compressionType: 'zlib',
+      extensions, backingFile: options.backingFile, backingFormat: options.backingFormat,
+    });
+  } catch (e) {
+    if (e instanceof Qcow2Error) throw new Qcow2CreateError(`${e.message}; use a larger cluster size or a shorter backing file name`);
+    throw e;
   }
 
   const table = new Uint8Array(plan.tableClusters * clusterSize);
   const tableView = new DataView(table.buffer);
-  for (let i = 0; i < plan.blockCount; i++) setU64(tableView, i * 8, (firstBlock + i) * clusterSize);
+  for (let i = 0; i < plan.blockCount; i++) writeU64(tableView, i * 8, (firstBlock + i) * clusterSize);
   const blocks = new Uint8Array(plan.blockCount * clusterSize);
-  for (let cluster = 0; cluster < plan.used; cluster++) setRefcount(blocks, cluster, refcountOrder, 1);
+  for (let cluster = 0; cluster < plan.used; cluster++) setRefcount(blocks, cluster, 2 ** refcountOrder, 1);
 
   // The header goes last: until it is written, the file is no image at all.
   await file.truncate(0);

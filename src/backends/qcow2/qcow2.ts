@@ -587,7 +587,8 @@ export class Qcow2Backend implements BlockBackend {
       await this.#clearAutoclear();
       const t = await this.#l2ForWrite(c);
       const e = this.#decode(t, c);
-      const keep = mode === 'keep' && e.copied && e.offset !== 0 && e.kind !== 'compressed';
+      // v2 has no zero flag: there the cluster is deallocated (nothing behind it, so it reads zeroes).
+      const keep = this.#v3 && mode === 'keep' && e.copied && e.offset !== 0 && e.kind !== 'compressed';
       if (keep) {
         this.#setEntry(t, c, e.offset, true, 0, this.#ext ? ALL_SUBCLUSTERS : 1);
         return;
