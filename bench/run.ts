@@ -25,6 +25,10 @@
  *   nbd+unix://…` with one connection and with four, and by qemu-storage-daemon's `nbd`
  *   block driver; 4 KiB random reads and writes at iodepth 32, in rounds as in versus:
  *   IOPS and CPU per I/O of the vhost-user backend as ratios to the daemon's.
+ * - qcow2: `vblk serve --format qcow2` against the daemon's qcow2 driver (file
+ *   `aio=io_uring`) on the same images, in rounds: 4 KiB random reads of an allocated
+ *   image, 4 KiB random writes to a fresh empty image per run, 128 KiB sequential reads of
+ *   a zlib-compressed one (bench/qcow2.ts).
  *
  * Prints the tables and a target summary, and writes the same figures as JSON (default
  * bench/results.json). Rows last 2 s by default, the whole suite a few minutes; see
@@ -46,12 +50,13 @@ import {
   hasProgram, makeDataImage, makeSparseImage, NBD_PEER_KINDS, PEER_KINDS, processCpuUs, processMemory, runClient, runFio, startNbdPeer,
   startPeer, startQemuNbdExport, syncImage, type ClientResult, type Pattern, type Peer, type PeerKind,
 } from './peers.js';
+import { qcow2Report, qcow2Section, qcow2Targets, summarizeQcow2, type Qcow2Row, type Qcow2Summary } from './qcow2.js';
 
 const MS_PER_S = 1000;
 const MIB = 2 ** 20;
 const KIB = 1024;
 const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '../..');
-export const SECTIONS = ['loopback', 'peers', 'versus', 'fio', 'scaling', 'filters', 'nbd'] as const;
+export const SECTIONS = ['loopback', 'peers', 'versus', 'fio', 'scaling', 'filters', 'nbd', 'qcow2'] as const;
 type Section = (typeof SECTIONS)[number];
 
 // ---- options ---------------------------------------------------------------------
@@ -61,7 +66,7 @@ const DEFAULT_ROUNDS = 7;
 
 const SPECS = {
   runtime: { kind: 'number', valueName: 'S', description: 'seconds per row' },
-  only: { kind: 'string', valueName: 'LIST', description: 'sections: loopback,peers,versus,fio,scaling,filters,nbd' },
+  only: { kind: 'string', valueName: 'LIST', description: 'sections: loopback,peers,versus,fio,scaling,filters,nbd,qcow2' },
   out: { kind: 'string', valueName: 'PATH', description: 'JSON output' },
   dir: { kind: 'string', valueName: 'DIR', description: 'scratch directory' },
   'image-size': { kind: 'size', description: 'data image size' },
@@ -586,7 +591,7 @@ function summarizeNbd(rows: readonly NbdRow[]): NbdSummary[] {
 // ---- targets and tables ------------------------------------------------------------
 
 /** The targets; the loopback ratio is reported, not judged (DESIGN.md, Performance). */
-function targets(peers: PeerRow[], versus: VersusSummary[], scaling: ScalingRow[], filters: FilterRow[], nbd: NbdSummary[]): Target[] {
+function targets(peers: PeerRow[], versus: VersusSummary[], scaling: ScalingRow[], filters: FilterRow[], nbd: NbdSummary[], qcow2: Qcow2Summary[]): Target[] {
   const out: Target[] = [];
   const check = (name: string, value: number | null, limit: string, isMet: (v: number) => boolean): void => {
     out.push({ name, value: value === null ? null : round(value, 3), limit, met: value === null ? null : isMet(value) });
@@ -620,6 +625,7 @@ function targets(peers: PeerRow[], versus: VersusSummary[], scaling: ScalingRow[
     check(`${label} IOPS, 4k ${x.rw} qd32 (median of rounds)`, x.iops_ratio.median, '>= 1.0', (v) => v >= 1);
     check(`${label} CPU per I/O, 4k ${x.rw} qd32 (median of rounds)`, x.cpu_ratio.median, '<= 1.0', (v) => v <= 1);
   }
+  if (qcow2.length) for (const x of qcow2Targets(qcow2)) check(x.name, x.value, x.limit, x.isMet);
   return out;
 }
 
@@ -690,6 +696,7 @@ function report(r: Results): string {
         spreadText(x.iops_ratio), spreadText(x.cpu_ratio)]),
     ));
   }
+  if (r.qcow2_summary.length) parts.push(qcow2Report(r.qcow2_summary, r.rounds, r.meta.image_bytes as number, table));
   if (r.targets.length) {
     parts.push('Targets\n' + table(['target', 'measured', 'wanted', 'met'], r.targets.map((t) => [t.name, t.value ?? 'n/a', t.limit, t.met === null ? 'n/a' : t.met ? 'yes' : 'NO'])));
   }
@@ -711,6 +718,8 @@ interface Results {
   filters: FilterRow[];
   nbd: NbdRow[];
   nbd_summary: NbdSummary[];
+  qcow2: Qcow2Row[];
+  qcow2_summary: Qcow2Summary[];
   targets: Target[];
   skipped: string[];
 }
@@ -728,7 +737,7 @@ const USAGE = `usage: npm run bench [-- options]   (each option also an environm
   --sparse-size SIZE BENCH_SPARSE_SIZE  sparse image of the scaling rows (default 1T)
   --iodepths LIST                       scaling iodepths (default 1,4,16,64,128)
   --queues LIST                         queue counts (default 1,2)
-  --rounds N         BENCH_ROUNDS       rounds of the loopback, versus and nbd sections (default ${DEFAULT_ROUNDS})
+  --rounds N         BENCH_ROUNDS       rounds of the loopback, versus, nbd and qcow2 sections (default ${DEFAULT_ROUNDS})
 `;
 
 export async function main(argv: readonly string[], env: NodeJS.ProcessEnv): Promise<Results | null> {
@@ -744,12 +753,12 @@ export async function main(argv: readonly string[], env: NodeJS.ProcessEnv): Pro
       date: new Date(started).toISOString(), runtime_s_per_row: o.runtimeS, node: process.version, kernel: release(),
       cpus: cpus().length, cpu_model: cpus()[0]?.model ?? 'unknown', image_bytes: o.imageSize, sparse_image_bytes: o.sparseSize,
     },
-    loopback: [], peers: [], versus: [], rounds: o.rounds, versus_summary: [], fio: [], scaling: [], filters: [], nbd: [], nbd_summary: [], targets: [], skipped: [],
+    loopback: [], peers: [], versus: [], rounds: o.rounds, versus_summary: [], fio: [], scaling: [], filters: [], nbd: [], nbd_summary: [], qcow2: [], qcow2_summary: [], targets: [], skipped: [],
   };
   const wants = (s: Section): boolean => o.sections.includes(s);
   if (wants('loopback')) results.loopback = await loopbackSection(o);
 
-  const needsPeers = wants('peers') || wants('versus') || wants('fio') || wants('scaling') || wants('nbd');
+  const needsPeers = wants('peers') || wants('versus') || wants('fio') || wants('scaling') || wants('nbd') || wants('qcow2');
   const missing = ['qemu-storage-daemon', 'fio'].filter((p) => !hasProgram(p));
   if (needsPeers) {
     const own = o.dir === null;
@@ -789,13 +798,21 @@ export async function main(argv: readonly string[], env: NodeJS.ProcessEnv): Pro
           results.nbd_summary = summarizeNbd(results.nbd);
         }
       }
+      if (wants('qcow2')) {
+        const absent = ['qemu-storage-daemon', 'qemu-img'].filter((p) => !hasProgram(p));
+        if (absent.length) results.skipped.push(`qcow2: ${absent.join(' and ')} not installed`);
+        else {
+          results.qcow2 = await qcow2Section(o, image, dir, log);
+          results.qcow2_summary = summarizeQcow2(results.qcow2);
+        }
+      }
     } finally {
       if (own) rmSync(dir, { recursive: true, force: true });
       else rmSync(image, { force: true });
     }
   }
   if (wants('filters')) results.filters = await filtersSection(o);
-  results.targets = targets(results.peers, results.versus_summary, results.scaling, results.filters, results.nbd_summary);
+  results.targets = targets(results.peers, results.versus_summary, results.scaling, results.filters, results.nbd_summary, results.qcow2_summary);
   (results.meta as { total_s?: number }).total_s = round((Date.now() - started) / MS_PER_S, 1);
   mkdirSync(dirname(o.out), { recursive: true });
   writeFileSync(o.out, `${JSON.stringify(results, null, 1)}\n`);

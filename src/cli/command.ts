@@ -26,6 +26,12 @@ export interface Command<S extends OptionSpecs = OptionSpecs> {
   readonly details?: readonly string[];
   readonly options: S;
   /**
+   * Commands under this one (`vblk image create`): each named `"<this> <sub>"`. The
+   * dispatcher picks one by the first argument and runs it; this command's own `run`
+   * is never called then, and its help lists theirs.
+   */
+  readonly subcommands?: readonly Command[];
+  /**
    * Runs the command with parsed arguments. Resolves to the exit status (0 when nothing
    * is returned). Throw {@link CliUsageError} for a bad command line; any other error is
    * printed as one line and exits with status 1.

@@ -12,7 +12,7 @@ import { CliUsageError, EXIT_FAILURE, EXIT_OK, EXIT_USAGE, formatOptions, isHelp
 import type { CliIo, Command } from './command.js';
 
 /** The subcommands, in the order `vblk --help` lists them. */
-export const SUBCOMMANDS = ['serve', 'info', 'read', 'write', 'bench', 'resize', 'stats'] as const;
+export const SUBCOMMANDS = ['serve', 'info', 'read', 'write', 'bench', 'resize', 'stats', 'image'] as const;
 /** A subcommand of the CLI contract. */
 export type SubcommandName = (typeof SUBCOMMANDS)[number];
 
@@ -33,12 +33,39 @@ async function loadCommand(name: SubcommandName): Promise<Command | null> {
   return module.command ?? null;
 }
 
-/** `vblk <name> --help`. */
+/** `vblk <name> --help`; for a command with subcommands, the help of each of them too. */
 export function commandHelp(command: Command): string {
   const lines = [`Usage: vblk ${command.name} ${command.usage}`, '', command.summary];
   if (command.details) lines.push('', ...command.details);
-  lines.push('', 'Options:', ...formatOptions(command.options));
+  if (command.subcommands) {
+    for (const sub of command.subcommands) {
+      lines.push('', `vblk ${sub.name} ${sub.usage}`, `  ${sub.summary}`);
+      if (sub.details) lines.push(...sub.details.map((d) => (d ? `  ${d}` : d)));
+      if (Object.keys(sub.options).length > 0) lines.push('  Options:', ...formatOptions(sub.options).slice(0, -1).map((l) => `  ${l}`));
+    }
+    lines.push('', 'Options:', '  -h, --help  show this help');
+  } else {
+    lines.push('', 'Options:', ...formatOptions(command.options));
+  }
   return `${lines.join('\n')}\n`;
+}
+
+/**
+ * The command that `rest` (the arguments after `vblk <name>`) asks for: `command`
+ * itself, or one of its subcommands with the arguments after its name. A missing or
+ * unknown subcommand is a usage error.
+ */
+function pickSubcommand(command: Command, rest: readonly string[]): { command: Command; rest: readonly string[] } | 'help' {
+  if (!command.subcommands) return { command, rest };
+  const names = command.subcommands.map((s) => s.name.slice(command.name.length + 1));
+  const [first, ...after] = rest;
+  if (first !== undefined && isHelpFlag(first)) return 'help';
+  if (first === undefined || first.startsWith('-')) {
+    throw new CliUsageError(`vblk ${command.name}: missing subcommand (one of ${names.join(', ')}); see vblk ${command.name} --help`);
+  }
+  const i = names.indexOf(first);
+  if (i < 0) throw new CliUsageError(`vblk ${command.name}: unknown subcommand '${first}' (one of ${names.join(', ')}); see vblk ${command.name} --help`);
+  return { command: command.subcommands[i], rest: after };
 }
 
 async function topLevelHelp(): Promise<string> {
@@ -107,25 +134,38 @@ export async function main(argv: readonly string[], io: CliIo = processIo): Prom
     io.stderr(`vblk: unknown command '${name}' (one of ${SUBCOMMANDS.join(', ')}); see vblk --help\n`);
     return EXIT_USAGE;
   }
-  const command = await loadCommand(name);
-  if (command === null) {
+  const top = await loadCommand(name);
+  if (top === null) {
     io.stderr(`vblk ${name}: not available in this build\n`);
     return EXIT_FAILURE;
   }
-  const dashDash = rest.indexOf('--');
-  if (rest.slice(0, dashDash < 0 ? undefined : dashDash).some(isHelpFlag)) {
+  let picked: ReturnType<typeof pickSubcommand>;
+  try {
+    picked = pickSubcommand(top, rest);
+  } catch (e) {
+    io.stderr(`${oneLine((e as Error).message)}\n`);
+    return EXIT_USAGE;
+  }
+  if (picked === 'help') {
+    io.stdout(commandHelp(top));
+    return EXIT_OK;
+  }
+  const { command } = picked;
+  const args = picked.rest;
+  const dashDash = args.indexOf('--');
+  if (args.slice(0, dashDash < 0 ? undefined : dashDash).some(isHelpFlag)) {
     io.stdout(commandHelp(command));
     return EXIT_OK;
   }
   try {
-    const status = await command.run(parseCommandLine(name, command.options, rest), io);
+    const status = await command.run(parseCommandLine(command.name, command.options, args), io);
     return status ?? EXIT_OK;
   } catch (e) {
     if (e instanceof CliUsageError) {
       io.stderr(`${oneLine(e.message)}\n`);
       return EXIT_USAGE;
     }
-    io.stderr(`vblk ${name}: ${oneLine(e instanceof Error ? e.message : String(e))}\n`);
+    io.stderr(`vblk ${command.name}: ${oneLine(e instanceof Error ? e.message : String(e))}\n`);
     return EXIT_FAILURE;
   }
 }

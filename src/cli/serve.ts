@@ -14,6 +14,7 @@ import type { LogSink } from '../log.js';
 import { loadBackendModule } from '../node/backend-module.js';
 import { listenControl } from '../node/control.js';
 import { openFileBackend } from '../node/file-backend.js';
+import { IMAGE_FORMATS, openImage, type OpenedImage } from '../node/image-open.js';
 import { listenMetrics, metricsRegistry, type MetricsEndpoint } from '../node/metrics.js';
 import { openNbdBackend } from '../node/nbd-backend.js';
 import { serve, type ServedDisk } from '../node/serve.js';
@@ -25,10 +26,12 @@ import { parseKeyValues } from './key-values.js';
 
 export const command = defineCommand({
   name: 'serve',
-  summary: 'serve a raw image, an NBD export or your own backend as a vhost-user-blk device (for QEMU and other vhost-user frontends)',
+  summary: 'serve a raw or qcow2 image, an NBD export or your own backend as a vhost-user-blk device (for QEMU and other vhost-user frontends)',
   usage: '(SOURCE | --backend MODULE) --socket PATH [options]',
   details: [
-    'SOURCE is a raw image file, or an NBD URI: nbd://HOST[:PORT]/EXPORT,',
+    'SOURCE is an image file (raw or qcow2 with its backing chain; the format is probed from the',
+    'first bytes unless --format states it: state it for a raw image whose guest could write a',
+    'qcow2 header), or an NBD URI: nbd://HOST[:PORT]/EXPORT,',
     'nbd+unix:///EXPORT?socket=PATH, nbds://... and nbds+unix://... (TLS). An export\'s size,',
     'read-only flag, flush/trim/write-zeroes support and block sizes make the disk.',
     '',
@@ -51,18 +54,19 @@ export const command = defineCommand({
     backend: { kind: 'string', valueName: 'MODULE', description: 'serve the backend made by MODULE (a path with ./ or /, or a package name) instead of an IMAGE' },
     'backend-opt': { kind: 'list', valueName: 'KEY=VALUE', description: 'an option for the backend module\'s factory' },
     filter: { kind: 'list', valueName: 'NAME[:KEY=VALUE,...]', description: 'a filter in front of the image or backend (cow, error, delay, throttle, stats: see below)' },
+    format: { kind: 'choice', choices: IMAGE_FORMATS, description: 'the image file\'s format (probed from its first bytes when absent; a probed raw image refuses guest writes of the qcow2 magic to its start)' },
     'read-only': { kind: 'boolean', description: 'offer a read-only disk (and open the IMAGE read-only)' },
     serial: { kind: 'string', valueName: 'STR', description: 'disk serial (GET_ID), at most 20 bytes', default: 'vblk' },
     queues: { kind: 'integer', valueName: 'N', min: 1, max: 64, default: 16, description: 'request queues offered (the frontend uses as many as it wants: QEMU one per vCPU unless num-queues says)' },
     'queue-size': { kind: 'integer', valueName: 'N', min: 2, max: 32768, default: 256, description: 'largest queue size (a power of two)' },
     'block-size': { kind: 'choice', choices: ['512', '4096'], description: 'logical block size in bytes (default 512; for an NBD export, the smallest its minimum block allows)' },
-    size: { kind: 'size', valueName: 'SIZE', description: 'create the image, or grow it, to SIZE bytes (K/M/G/T suffixes; an image file only)' },
+    size: { kind: 'size', valueName: 'SIZE', description: 'create the image, or grow it, to SIZE bytes (K/M/G/T suffixes; a raw image file only: vblk image create makes qcow2 images)' },
     control: { kind: 'string', valueName: 'PATH', description: 'control socket for `vblk resize` and `vblk stats`' },
     'socket-mode': { kind: 'string', valueName: 'MODE', default: '600', description: 'file mode of the socket, in octal' },
     cache: { kind: 'choice', choices: ['writeback', 'writethrough'], default: 'writeback', description: 'initial cache mode the guest sees (it may change it)' },
     io: {
       kind: 'choice', choices: ['auto', 'sync', 'async', 'mmap'], default: 'auto',
-      description: 'image I/O (IMAGE only): auto serves page-cache hits at once and the rest on the thread pool; sync blocks on the disk; async always uses the thread pool; mmap reads through a mapping of the image (fastest when it is in the page cache, blocks on the disk otherwise)',
+      description: 'image I/O (IMAGE only): auto serves page-cache hits at once and the rest on the thread pool; sync blocks on the disk; async always uses the thread pool; mmap reads through a mapping of the image (raw only; fastest when it is in the page cache, blocks on the disk otherwise)',
     },
     'log-format': { kind: 'choice', choices: ['text', 'json'], default: 'text', description: 'log lines for people (text), or JSON lines with time, level, msg, socket, frontend and queue keys for log shippers' },
     metrics: { kind: 'string', valueName: 'HOST:PORT', description: 'serve Prometheus metrics at http://HOST:PORT/metrics (port 0: any free port, logged)' },
@@ -94,6 +98,15 @@ export const command = defineCommand({
     }
     if (backendModule !== undefined && positionals.length > 0) throw new CliUsageError('vblk serve: give a SOURCE or --backend MODULE, not both');
     if (backendModule === undefined && options['backend-opt'].length > 0) throw new CliUsageError('vblk serve: --backend-opt needs --backend MODULE');
+    if (options.format !== undefined && (backendModule !== undefined || looksLikeNbdUri(positionals[0] ?? ''))) {
+      throw new CliUsageError('vblk serve: --format is for image files (an NBD export or a backend module has no format)');
+    }
+    if (options.format === 'qcow2' && options.size !== undefined) {
+      throw new CliUsageError('vblk serve: --size creates or grows raw images; make a qcow2 image with vblk image create');
+    }
+    if (options.format === 'qcow2' && options.io === 'mmap') {
+      throw new CliUsageError('vblk serve: --io mmap serves raw images only; use auto, sync or async with qcow2');
+    }
     if (backendModule !== undefined && options.size !== undefined) {
       throw new CliUsageError('vblk serve: --size creates or grows an image; a backend module sizes its own disk (--backend-opt)');
     }
@@ -114,6 +127,7 @@ export const command = defineCommand({
     const requestedBlock = options['block-size'] === undefined ? undefined : options['block-size'] === '4096' ? 4096 : 512;
     let base: BlockBackend;
     let hints: NbdDeviceHints | null = null;
+    let image: OpenedImage | null = null;
     if (backendModule !== undefined) {
       base = await loadBackendModule(backendModule, factoryOptions);
     } else if (looksLikeNbdUri(positionals[0])) {
@@ -134,7 +148,8 @@ export const command = defineCommand({
       log(`${nbd.uriText}: ${nbd.size} bytes, ${nbd.connectionsUp} connection${nbd.connectionsUp === 1 ? '' : 's'}, ` +
         `flags ${describeNbd(nbd)}, blocks ${nbd.blockSizes.minimum}/${nbd.blockSizes.preferred}/${nbd.blockSizes.maximum}`);
     } else {
-      base = openFileBackend(positionals[0], { readOnly: options['read-only'], size: options.size, io: options.io });
+      image = await openImage(positionals[0], { format: options.format, readOnly: options['read-only'], size: options.size, io: options.io });
+      base = image.backend;
     }
     const backend = applyFilters(base, filters, { openOverlayFile: (path, size) => openFileBackend(path, { size }) });
     let served: ServedDisk;
@@ -190,9 +205,10 @@ export const command = defineCommand({
       log(`metrics on ${metrics.url}`);
     }
     const source = backendModule === undefined ? positionals[0] : `backend module ${backendModule}`;
+    const format = image === null ? '' : `${describeImage(image)}, `;
     const readOnly = options['read-only'] || backend.readOnly;
     const through = filters.length ? ` through ${filters.map((f) => f.text).join(' → ')}` : '';
-    log(`serving ${source}${through} (${backend.size} bytes${readOnly ? ', read-only' : ''}) on ${options.socket}`);
+    log(`serving ${source}${through} (${format}${backend.size} bytes${readOnly ? ', read-only' : ''}) on ${options.socket}`);
 
     await new Promise<void>((resolve) => {
       const stop = (signal: string): void => {
@@ -235,6 +251,12 @@ export function logSink(format: 'text' | 'json', socket: string, io: CliIo): Log
     if (context.queue !== undefined) line.queue = context.queue;
     io.stderr(`${JSON.stringify(line)}\n`);
   };
+}
+
+/** "qcow2, backing /d/mid.qcow2 (qcow2) → /d/base.raw (raw, probed)": an image's format and chain, for the startup line. */
+export function describeImage(image: OpenedImage): string {
+  const chain = image.backing.map((b) => `${b.path} (${b.format}${b.formatSource === 'probed' ? ', probed' : ''})`);
+  return `${image.format}${chain.length ? `, backing ${chain.join(' → ')}` : ''}`;
 }
 
 /** One `--filter` value; a bad one is a usage error naming what to fix. */

@@ -122,7 +122,7 @@ export function openFileBackend(path: string, options: FileBackendOptions = {}):
  * every read (a few percent of a page-cache read). Only the file's owner may ask for it
  * (EPERM otherwise), and then the image is opened as usual.
  */
-function openNoAtime(path: string, flags: number): number {
+export function openNoAtime(path: string, flags: number): number {
   const noAtime = constants.O_NOATIME ?? 0;
   if (noAtime !== 0) {
     try {
@@ -134,7 +134,8 @@ function openNoAtime(path: string, flags: number): number {
   return openSync(path, flags, IMAGE_MODE);
 }
 
-function openError(path: string, e: unknown): FileBackendError {
+/** The one-line error for a failed open of image `path`. */
+export function openError(path: string, e: unknown): FileBackendError {
   const code = (e as { code?: unknown }).code;
   if (code === 'ENOENT') return new FileBackendError('IMAGE_MISSING', `image ${path} does not exist`);
   if (code === 'EISDIR') return new FileBackendError('IMAGE_NOT_FILE', `image ${path} is a directory`);
@@ -143,12 +144,12 @@ function openError(path: string, e: unknown): FileBackendError {
 }
 
 /** Errors with which fallocate says "not this mode here" (fallocate(2)): fall back to writing zeroes. */
-function isUnsupported(e: unknown): boolean {
+export function isUnsupported(e: unknown): boolean {
   return native.isNativeError(e) && (e.code === 'EOPNOTSUPP' || e.code === 'ENOTSUP' || e.code === 'EINVAL' || e.code === 'ENOSYS');
 }
 
 /** Fills every byte of `buffers` from byte `from` on with zeroes (what a read past end of file gives). */
-function zeroFrom(buffers: readonly Uint8Array[], from: number): void {
+export function zeroFrom(buffers: readonly Uint8Array[], from: number): void {
   let skip = from;
   for (const b of buffers) {
     if (skip >= b.length) {
@@ -161,14 +162,15 @@ function zeroFrom(buffers: readonly Uint8Array[], from: number): void {
 }
 
 /** `buffers` cut into lists the addon accepts in one call (the addon's limit is far above any chain's). */
-function batches(buffers: readonly Uint8Array[]): (readonly Uint8Array[])[] {
+export function batches(buffers: readonly Uint8Array[]): (readonly Uint8Array[])[] {
   if (buffers.length <= native.MAX_SEGMENTS) return [buffers];
   const out: Uint8Array[][] = [];
   for (let i = 0; i < buffers.length; i += native.MAX_SEGMENTS) out.push(buffers.slice(i, i + native.MAX_SEGMENTS));
   return out;
 }
 
-function zeroes(): Uint8Array {
+/** A shared block of zeroes, for writing zeroes where fallocate cannot (never written into). */
+export function zeroes(): Uint8Array {
   zeroBlock ??= new Uint8Array(ZERO_BLOCK);
   return zeroBlock;
 }

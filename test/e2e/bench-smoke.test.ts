@@ -13,14 +13,14 @@ import { requirePeer } from '../../scripts/guest/guest.js';
 const RUN = fileURLToPath(new URL('../../bench/run.js', import.meta.url));
 
 test('npm run bench: every section runs against real peers and writes well-formed JSON',
-  { skip: requirePeer('qemu-storage-daemon', 'fio', 'qemu-nbd'), timeout: 240_000 }, () => {
+  { skip: requirePeer('qemu-storage-daemon', 'fio', 'qemu-nbd', 'qemu-img'), timeout: 300_000 }, () => {
     const dir = mkdtempSync(join(tmpdir(), 'vblk-bench-smoke-'));
     try {
       const out = join(dir, 'results.json');
       const r = spawnSync(process.execPath, [
         RUN, '--runtime', '0.2', '--image-size', '32M', '--sparse-size', '1G', '--iodepths', '1,8', '--queues', '1', '--rounds', '2',
         '--out', out, '--dir', join(dir, 'scratch'),
-      ], { encoding: 'utf8', timeout: 230_000 });
+      ], { encoding: 'utf8', timeout: 290_000 });
       assert.equal(r.status, 0, r.stderr);
       const results = JSON.parse(readFileSync(out, 'utf8'));
       assert.deepEqual(results.skipped, []);
@@ -60,9 +60,17 @@ test('npm run bench: every section runs against real peers and writes well-forme
       assert.deepEqual(results.nbd_summary.map((x: { backend: string; rw: string }) => `${x.backend} ${x.rw}`), [
         'vblk-serve-nbd randread', 'vblk-serve-nbd randwrite', 'vblk-serve-nbd-4 randread', 'vblk-serve-nbd-4 randwrite', 'qsd-nbd randread', 'qsd-nbd randwrite',
       ]);
+      // 2 rounds × 2 backends × 3 qcow2 workloads; medians and ratios to the daemon's qcow2 driver.
+      assert.equal(results.qcow2.length, 12);
+      for (const row of results.qcow2) assert.ok(row.iops > 0 && row.backend_cpu_us_per_io > 0, JSON.stringify(row));
+      assert.deepEqual(results.qcow2_summary.map((x: { workload: string; backend: string }) => `${x.workload} ${x.backend}`), [
+        'randread vblk-serve-qcow2', 'randread qsd-qcow2-io_uring', 'randwrite vblk-serve-qcow2', 'randwrite qsd-qcow2-io_uring',
+        'read-compressed vblk-serve-qcow2', 'read-compressed qsd-qcow2-io_uring',
+      ]);
       // IOPS and CPU for serve and for serve --io mmap, metrics on/off, driver CPU, RSS, two
-      // throttle limits; IOPS and CPU of the two NBD-sourced vblk serves, for reads and writes.
-      assert.equal(results.targets.length, 9 + 8);
+      // throttle limits; IOPS and CPU of the two NBD-sourced vblk serves, for reads and writes;
+      // IOPS and CPU of vblk serve on qcow2, for random reads and random writes.
+      assert.equal(results.targets.length, 9 + 8 + 4);
       for (const t of results.targets) assert.equal(typeof t.met, 'boolean', JSON.stringify(t));
       assert.match(r.stdout, /^Targets$/m);
     } finally {

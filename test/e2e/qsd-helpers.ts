@@ -24,6 +24,8 @@ export interface QsdOptions {
    * layer's default, `discard=ignore`, completes every discard and does nothing.
    */
   unmap?: boolean;
+  /** The image's format: QEMU's `raw` block driver over the file (default), or its `qcow2` driver. */
+  format?: 'raw' | 'qcow2';
   /**
    * Serve an NBD export instead of the image (QEMU's `nbd` block driver, one
    * connection): the image argument is then ignored.
@@ -36,7 +38,7 @@ export async function startQsd(image: string, socket: string, qmpSocket: string,
   const file = `driver=file,node-name=f,filename=${image}${discard}${options.fileOptions ? `,${options.fileOptions}` : ''}`;
   const disk = options.nbd
     ? ['--blockdev', `driver=nbd,node-name=d,server.type=unix,server.path=${options.nbd.socket},export=${options.nbd.export}`]
-    : ['--blockdev', file, '--blockdev', `driver=raw,node-name=d,file=f${discard}`];
+    : ['--blockdev', file, '--blockdev', `driver=${options.format ?? 'raw'},node-name=d,file=f${discard}`];
   const args = [
     ...disk,
     '--export', `type=vhost-user-blk,id=e,node-name=d,addr.type=unix,addr.path=${socket},writable=${options.writable === false ? 'off' : 'on'},num-queues=${options.numQueues ?? 1}`,

@@ -85,6 +85,13 @@ export class Ledger {
   private flushedUpTo = -1;
   /** Acknowledged writes are stable at once (writethrough cache). */
   writethrough = false;
+  /**
+   * An acknowledged write survives a kill of the process even unflushed: true when the
+   * device keeps no write cache of its own (a raw file: the page cache survives SIGKILL);
+   * false for a format that holds metadata back until a flush (qcow2's L2 and refcount
+   * caches), where only the durability contract applies.
+   */
+  ackedSurvivesKill = true;
   issued = 0;
   acked = 0;
   flushesDone = 0;
@@ -151,7 +158,7 @@ export class Ledger {
         problems.push(`sector ${sector} holds no intact record of itself (torn or stray data)`);
       } else if (!allowed(lastDurable)) {
         problems.push(`sector ${sector} holds generation ${found}, but generation ${lastDurable >= 0 ? list[lastDurable].gen : this.baseline[i]} was flushed and nothing later was issued with ${found}`);
-      } else if (!allowed(lastAcked)) {
+      } else if (this.ackedSurvivesKill && !allowed(lastAcked)) {
         problems.push(`sector ${sector} holds generation ${found}, older than the acknowledged generation ${list[lastAcked].gen}: an acknowledged write was lost when the process died`);
       }
       this.baseline[i] = Math.max(found, 0);

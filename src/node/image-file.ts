@@ -1,0 +1,209 @@
+/**
+ * The {@link ImageFile} an image format (qcow2) runs on, over a file descriptor through
+ * the addon: vectored preadv/pwritev into the caller's views (guest memory, for data
+ * clusters), fdatasync, and fallocate hole punching for discard.
+ *
+ * The addon rather than node:fs for the reason file-backend.ts gives: its thread-pool
+ * calls pin the guest-memory mapping they write into, so a frontend that vanishes
+ * mid-request cannot unmap memory under a running read.
+ *
+ * In `sync` mode reads and writes complete before returning and return nothing, so a
+ * format's hot path pays no promise; `async` runs them on the thread pool; `auto` tries a
+ * read from the page cache first (RWF_NOWAIT) and sends only a miss to the thread pool.
+ * Flush always runs on the thread pool: an fdatasync can take milliseconds.
+ */
+import { closeSync, constants, fstatSync, ftruncateSync } from 'node:fs';
+import type { BackendResult } from '../backends/backend.js';
+import { BackendError, totalLength } from '../backends/backend.js';
+import type { ImageFile } from '../backends/qcow2/image-file.js';
+import { sliceBuffers } from '../virtqueue/chain.js';
+import {
+  FileBackendError, batches, isUnsupported, openError, openNoAtime, zeroFrom, zeroes,
+} from './file-backend.js';
+import * as native from './native.js';
+
+/** How a {@link NodeImageFile} runs reads and writes: the file backend's modes without `mmap`. */
+export type ImageFileIoMode = 'sync' | 'async' | 'auto';
+
+/** How {@link openImageFile} opens a file. */
+export interface ImageFileOptions {
+  /** Open O_RDONLY; every write, truncate and discard then fails. */
+  readonly readOnly?: boolean;
+  /** Default `sync`. */
+  readonly io?: ImageFileIoMode;
+  /** Create the file (empty) when it is missing; only when not read-only. */
+  readonly create?: boolean;
+}
+
+/**
+ * Opens `path` as an {@link ImageFile}. Throws {@link FileBackendError} (`IMAGE_MISSING`,
+ * `IMAGE_UNREADABLE`, `IMAGE_NOT_FILE`) with a one-line message naming the file.
+ */
+export function openImageFile(path: string, options: ImageFileOptions = {}): NodeImageFile {
+  const readOnly = options.readOnly ?? false;
+  const create = (options.create ?? false) && !readOnly;
+  const flags = readOnly ? constants.O_RDONLY : constants.O_RDWR | (create ? constants.O_CREAT : 0);
+  let fd: number;
+  try {
+    fd = openNoAtime(path, flags);
+  } catch (e) {
+    throw openError(path, e);
+  }
+  try {
+    const st = fstatSync(fd);
+    if (!st.isFile()) throw new FileBackendError('IMAGE_NOT_FILE', `image ${path} is not a regular file`);
+    return new NodeImageFile(fd, st.size, { readOnly, io: options.io ?? 'sync' });
+  } catch (e) {
+    closeSync(fd);
+    throw e;
+  }
+}
+
+/** An open file as an {@link ImageFile}; use {@link openImageFile}. */
+export class NodeImageFile implements ImageFile {
+  size: number;
+  readonly readOnly: boolean;
+  readonly io: ImageFileIoMode;
+  /** The descriptor, for fstat (allocation figures); owned by this object. */
+  readonly fd: number;
+  private closed = false;
+  /** Cleared at the filesystem's first refusal of these (see file-backend.ts). */
+  private punchHoles = true;
+  private canTryRead = true;
+
+  /** Takes ownership of `fd`, a file of `size` bytes. */
+  constructor(fd: number, size: number, options: { readonly readOnly: boolean; readonly io: ImageFileIoMode }) {
+    this.fd = fd;
+    this.size = size;
+    this.readOnly = options.readOnly;
+    this.io = options.io;
+  }
+
+  read(offset: number, buffers: readonly Uint8Array[]): BackendResult {
+    const total = totalLength(buffers);
+    this.check(offset, total, false);
+    if (this.io === 'async') return this.readAsync(offset, buffers);
+    if (this.io === 'auto' && this.canTryRead && buffers.length <= native.MAX_SEGMENTS) {
+      const n = this.tryRead(offset, buffers);
+      if (n === total) return;
+      if (n >= 0) return n === 0 ? this.readAsync(offset, buffers) : this.readAsync(offset + n, sliceBuffers(buffers, n, total - n) ?? []);
+    }
+    let pos = offset;
+    for (const batch of batches(buffers)) {
+      const want = totalLength(batch);
+      // Short only at end of file: the rest of a cluster allocated at the end reads as zeroes.
+      const n = native.preadv(this.fd, batch, pos);
+      if (n < want) zeroFrom(batch, n);
+      pos += want;
+    }
+  }
+
+  /** Bytes the page cache held (0 when none), or -1 when the filesystem cannot try (never again). */
+  private tryRead(offset: number, buffers: readonly Uint8Array[]): number {
+    try {
+      return Math.max(0, native.tryPreadv(this.fd, buffers, offset));
+    } catch (e) {
+      if (!isUnsupported(e)) throw e;
+      this.canTryRead = false;
+      return -1;
+    }
+  }
+
+  private async readAsync(offset: number, buffers: readonly Uint8Array[]): Promise<void> {
+    let pos = offset;
+    for (const batch of batches(buffers)) {
+      const want = totalLength(batch);
+      const n = await native.preadvAsync(this.fd, batch, pos);
+      if (n < want) zeroFrom(batch, n);
+      pos += want;
+    }
+  }
+
+  write(offset: number, buffers: readonly Uint8Array[]): BackendResult {
+    const total = totalLength(buffers);
+    this.check(offset, total, true);
+    // The size grows when the write is issued: a format allocates past the end and
+    // expects later requests to see the new length before this one lands.
+    this.size = Math.max(this.size, offset + total);
+    if (this.io === 'async') return this.writeAsync(offset, buffers);
+    let pos = offset;
+    for (const batch of batches(buffers)) pos += native.pwritev(this.fd, batch, pos);
+  }
+
+  private async writeAsync(offset: number, buffers: readonly Uint8Array[]): Promise<void> {
+    let pos = offset;
+    for (const batch of batches(buffers)) pos += await native.pwritevAsync(this.fd, batch, pos);
+  }
+
+  flush(): Promise<void> {
+    this.check(0, 0, false);
+    return native.fdatasyncAsync(this.fd);
+  }
+
+  truncate(size: number): void {
+    this.check(0, 0, true);
+    if (!Number.isSafeInteger(size) || size < 0) throw new BackendError('BAD_SIZE', `file size ${size} is not a non-negative integer`);
+    ftruncateSync(this.fd, size);
+    this.size = size;
+  }
+
+  /** Punches a hole (KEEP_SIZE: the file never changes length); writes zeroes where the filesystem cannot. */
+  discard(offset: number, length: number): BackendResult {
+    this.check(offset, length, true);
+    if (length === 0) return;
+    if (!this.punchHoles) return this.writeZeroBytes(offset, length);
+    const mode = native.FALLOC_FL_PUNCH_HOLE | native.FALLOC_FL_KEEP_SIZE;
+    if (this.io === 'async') return this.punchAsync(mode, offset, length);
+    try {
+      native.fallocate(this.fd, mode, offset, length);
+    } catch (e) {
+      if (!isUnsupported(e)) throw e;
+      this.punchHoles = false;
+      return this.writeZeroBytes(offset, length);
+    }
+  }
+
+  private async punchAsync(mode: number, offset: number, length: number): Promise<void> {
+    try {
+      await native.fallocateAsync(this.fd, mode, offset, length);
+    } catch (e) {
+      if (!isUnsupported(e)) throw e;
+      this.punchHoles = false;
+      await this.writeZeroBytes(offset, length);
+    }
+  }
+
+  /** The fallback, only inside the file: zeroes past its end would grow it, and reads there give zeroes anyway. */
+  private writeZeroBytes(offset: number, length: number): BackendResult {
+    const end = Math.min(offset + length, this.size);
+    if (end <= offset) return;
+    const z = zeroes();
+    if (this.io === 'async') {
+      return (async () => {
+        for (let at = offset; at < end;) at += await native.pwritevAsync(this.fd, [z.subarray(0, Math.min(z.length, end - at))], at);
+      })();
+    }
+    for (let at = offset; at < end;) at += native.pwritev(this.fd, [z.subarray(0, Math.min(z.length, end - at))], at);
+  }
+
+  /** Bytes the file occupies on the host (st_blocks × 512): what `vblk image info` reports as allocated. */
+  allocatedBytes(): number {
+    this.check(0, 0, false);
+    return fstatSync(this.fd).blocks * 512;
+  }
+
+  close(): void {
+    if (this.closed) return;
+    this.closed = true;
+    closeSync(this.fd);
+  }
+
+  private check(offset: number, length: number, writes: boolean): void {
+    if (this.closed) throw new BackendError('CLOSED', 'the image file is closed');
+    if (writes && this.readOnly) throw new BackendError('READ_ONLY', 'the image file is open read-only');
+    // A file has no upper bound to check against (writes grow it), only sane numbers.
+    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0 || offset + length > Number.MAX_SAFE_INTEGER) {
+      throw new BackendError('OUT_OF_RANGE', `range of ${length} bytes at ${offset} is not a valid file range`);
+    }
+  }
+}
