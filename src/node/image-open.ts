@@ -86,17 +86,28 @@ export interface OpenImageOptions {
   readonly io?: FileIoMode;
   /** Raw only: create the image when missing, or grow it, to this many bytes (see {@link openFileBackend}). */
   readonly size?: number;
-  /** The qcow2 driver; the built-in one by default. */
+  /** @internal The qcow2 driver; the built-in one by default (tests pass a stand-in). */
   readonly openQcow2?: Qcow2Opener;
+}
+
+/** One backing file of an {@link OpenedImage}. */
+export interface BackingLevel {
+  /** Where its name resolved. */
+  readonly path: string;
+  /** Its format. */
+  readonly format: ImageFormat;
+  /** How the format was decided. */
+  readonly formatSource: FormatSource;
 }
 
 /** An open image: the backend to serve and the chain it was made of, top first. */
 export interface OpenedImage {
   /** Closing it closes every file of the chain. */
   readonly backend: BlockBackend;
+  /** The top image's format. */
   readonly format: ImageFormat;
-  /** Backing files, top image excluded, top first: what the startup line and `image info` show. */
-  readonly backing: readonly { readonly path: string; readonly format: ImageFormat; readonly formatSource: FormatSource }[];
+  /** Backing files, top image excluded, top first: what the startup line shows. */
+  readonly backing: readonly BackingLevel[];
 }
 
 /**
