@@ -26,7 +26,7 @@ import { openQcow2 as openQcow2Driver } from '../backends/qcow2/qcow2.js';
 import { VblkError } from '../errors.js';
 import { VIRTIO_BLK_SECTOR_SIZE } from '../spec/virtio-blk.js';
 import { nodeDecompressors, type ClusterDecompressor } from './decompress.js';
-import { FileBackend, openFileBackend, type FileIoMode } from './file-backend.js';
+import { FileBackend, FileBackendError, openFileBackend, type FileIoMode } from './file-backend.js';
 import { openImageFile, type ImageFileIoMode, type NodeImageFile } from './image-file.js';
 import * as native from './native.js';
 
@@ -42,7 +42,7 @@ const HEADER_READ_BYTES = 2 * 1024 * 1024;
 
 /** The stable codes of {@link ImageOpenError}. */
 export type ImageOpenErrorCode =
-  | 'BACKING_MISSING' | 'BACKING_LOOP' | 'BACKING_TOO_DEEP' | 'BACKING_UNSUPPORTED' | 'FORMAT_OPTION';
+  | 'BACKING_MISSING' | 'BACKING_UNREADABLE' | 'BACKING_LOOP' | 'BACKING_TOO_DEEP' | 'BACKING_UNSUPPORTED' | 'FORMAT_OPTION';
 
 /** Why an image or its backing chain cannot be opened; one line naming the files. */
 export class ImageOpenError extends VblkError {
@@ -175,10 +175,9 @@ export function walkChain(path: string, options: ChainOptions = {}): { levels: C
       try {
         file = openImageFile(next.path, { readOnly: chain.length > 0 || (options.readOnly ?? false), io: options.io });
       } catch (e) {
-        if (next.namedBy !== undefined && (e as { code?: unknown }).code === 'IMAGE_MISSING') {
-          throw new ImageOpenError('BACKING_MISSING', `backing file ${next.path} of ${next.namedBy} does not exist`);
-        }
-        throw e;
+        if (next.namedBy === undefined || !(e instanceof FileBackendError)) throw e;
+        if (e.code === 'IMAGE_MISSING') throw new ImageOpenError('BACKING_MISSING', `backing file ${next.path} of ${next.namedBy} does not exist`);
+        throw new ImageOpenError('BACKING_UNREADABLE', `backing file of ${next.namedBy}: ${e.message}`);
       }
       const st = fstatSync(file.fd, { bigint: true });
       const identity = `${st.dev}:${st.ino}`;
