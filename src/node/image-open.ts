@@ -290,9 +290,10 @@ async function openChain(chain: readonly ChainLevel[], openQcow2: Qcow2Opener): 
       let backend: BlockBackend;
       if (level.format === 'raw') {
         // A raw backing file of any length: the backend rounds it up to whole sectors
-        // (reads past its end give zeroes) and never writes it. It takes the fd over.
+        // (reads past its end give zeroes) and never writes it. It takes the fd over, and
+        // reads in the chain's I/O mode.
         const size = Math.ceil(level.file.size / VIRTIO_BLK_SECTOR_SIZE) * VIRTIO_BLK_SECTOR_SIZE || VIRTIO_BLK_SECTOR_SIZE;
-        backend = new FileBackend(level.file.fd, size, { readOnly: true, io: 'sync' });
+        backend = new FileBackend(level.file.fd, size, { readOnly: true, io: level.file.io });
       } else {
         backend = await openQcow2(level.file, { readOnly: i > 0 || level.file.readOnly, backing: below, decompressors: nodeDecompressors });
       }
