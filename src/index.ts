@@ -14,6 +14,13 @@ export {
 } from './backends/backend.js';
 export { MemoryBackend, MEMORY_CHUNK_SIZE, type MemoryBackendOptions } from './backends/memory-backend.js';
 export * from './backends/filters/index.js';
+export { openQcow2, Qcow2Backend, type Decompressor, type Qcow2Options } from './backends/qcow2/qcow2.js';
+export { MemoryImageFile, type MemoryImageFileOptions } from './backends/qcow2/memory-image-file.js';
+export type { ImageFile } from './backends/qcow2/image-file.js';
+export {
+  Qcow2Error, parseHeader, serializeHeader, QCOW2_MAGIC, INCOMPAT, COMPAT, AUTOCLEAR, COMPRESSION_TYPE, EXT,
+  type CompressionType, type HeaderExtension, type Qcow2ErrorCode, type Qcow2Header,
+} from './backends/qcow2/header.js';
 
 export { BlkDevice, MAX_RANGE_SEGMENTS, type BlkDeviceOptions, type BlkRangeLimits } from './blk/device.js';
 export {

@@ -1,0 +1,738 @@
+/**
+ * The qcow2 format driver (QEMU docs/interop/qcow2.txt), a {@link BlockBackend} over an
+ * {@link ImageFile}. Sans-IO: it runs on a `Uint8Array` in a browser as well as on a file.
+ *
+ * Hot path: a read, or a write to a cluster this image owns alone (COPIED), whose L2
+ * table is cached, goes straight to the file and returns what the file returns (nothing
+ * when the file is synchronous). Everything else (L2 loads, allocation, copy-on-write,
+ * compressed clusters, discard) takes an async path under one metadata lock, with a
+ * per-guest-cluster lock so that two writers never allocate the same cluster.
+ *
+ * Crash safety: data is written before the L2 entry that points to it is published;
+ * metadata is written back in dependency order (refcount blocks, flush, L2 tables, flush,
+ * L1, flush); refcount decrements are applied only after the metadata that stopped
+ * pointing at a cluster is durable, and after every data I/O that might still target it
+ * has completed. A crash at any point leaves at worst leaked clusters.
+ */
+import {
+  BackendError, checkGrow, checkRange, totalLength,
+  type BackendResult, type BlockBackend, type Extent, type ExtentKind,
+} from '../backend.js';
+import type { ImageFile } from './image-file.js';
+import { TableCache, type CachedTable } from './table-cache.js';
+import { Refcounts } from './refcounts.js';
+import {
+  INCOMPAT, MAX_L1_BYTES, Qcow2Error, decodeL2Entry, entryOffset, l1EntryReserved, parseHeader, writeU64,
+  type CompressionType, type Qcow2Header,
+} from './header.js';
+
+/** Inflates one compressed cluster; returns exactly `clusterSize` bytes. */
+export type Decompressor = (compressed: Uint8Array, clusterSize: number) => Uint8Array | Promise<Uint8Array>;
+
+export interface Qcow2Options {
+  /** Open read-only. Default: the file's own `readOnly`. */
+  readonly readOnly?: boolean;
+  /**
+   * The backing disk, read-only, resolved by the caller from the header's backing file
+   * name and format. Required when the image names one. Reads past its size read zeroes.
+   */
+  readonly backing?: BlockBackend;
+  /** Decompressors by compression type. zlib defaults to `DecompressionStream('deflate-raw')` where the platform has it. */
+  readonly decompressors?: Partial<Record<CompressionType, Decompressor>>;
+  /** Bytes of L2 tables kept in memory (QEMU's l2-cache-size). Default 1 MiB, at least 4 tables. */
+  readonly l2CacheBytes?: number;
+  /** Bytes of refcount blocks kept in memory. Default 256 KiB, at least 4 blocks. */
+  readonly refcountCacheBytes?: number;
+}
+
+/** A decoded L2 entry with its subcluster state: `alloc`/`zero` are bitmaps (bit 0 only without extended L2). */
+interface Entry {
+  readonly kind: 'unallocated' | 'zero' | 'normal' | 'compressed';
+  readonly offset: number;
+  readonly length: number;
+  readonly copied: boolean;
+  readonly alloc: number;
+  readonly zero: number;
+}
+
+const UNALLOCATED: Entry = { kind: 'unallocated', offset: 0, length: 0, copied: false, alloc: 0, zero: 0 };
+const ALL_SUBCLUSTERS = 0xffff_ffff;
+
+/** A promise-chain mutex: one async section at a time, in arrival order. */
+class Mutex {
+  #tail: Promise<void> = Promise.resolve();
+  async run<T>(fn: () => Promise<T>): Promise<T> {
+    const prev = this.#tail;
+    let release!: () => void;
+    this.#tail = new Promise((r) => { release = r; });
+    await prev;
+    try {
+      return await fn();
+    } finally {
+      release();
+    }
+  }
+}
+
+/** Opens a qcow2 image: reads and validates the header, the L1 table and (writable) the refcount table. */
+export async function openQcow2(file: ImageFile, options: Qcow2Options = {}): Promise<Qcow2Backend> {
+  const readOnly = options.readOnly ?? file.readOnly;
+  if (!readOnly && file.readOnly) throw new BackendError('READ_ONLY', 'cannot open a read-only image file writable');
+  const probe = new Uint8Array(Math.min(file.size, 4096));
+  await file.read(0, [probe]);
+  const cb = probe.length >= 24 ? new DataView(probe.buffer).getUint32(20) : 0;
+  let first = probe;
+  if (cb > 12 && cb <= 21 && file.size > probe.length) {
+    first = new Uint8Array(Math.min(file.size, 2 ** cb));
+    await file.read(0, [first]);
+  }
+  const header = parseHeader(first, file.size);
+  if (header.backingFile !== undefined && options.backing === undefined) {
+    throw new Qcow2Error('QCOW2_UNSUPPORTED', `the image has a backing file (${header.backingFile}) and none was given`);
+  }
+  if (!readOnly) {
+    if (header.incompatibleFeatures & INCOMPAT.CORRUPT) {
+      throw new Qcow2Error('QCOW2_CORRUPT', 'the image is marked corrupt: open it read-only, or repair it (qemu-img check -r all)');
+    }
+    if (header.incompatibleFeatures & INCOMPAT.DIRTY) {
+      throw new Qcow2Error('QCOW2_DIRTY', 'the image is marked dirty (lazy refcounts were not written back): repair it (qemu-img check -r all) or open it read-only');
+    }
+  }
+  const l1 = new Uint8Array(header.l1Size * 8);
+  if (l1.length > 0) await file.read(header.l1TableOffset, [l1]);
+  const l1View = new DataView(l1.buffer);
+  for (let i = 0; i < header.l1Size; i++) {
+    const hi = l1View.getUint32(8 * i), lo = l1View.getUint32(8 * i + 4);
+    const off = entryOffset(hi, lo);
+    if (l1EntryReserved(hi, lo) || off % 2 ** header.clusterBits !== 0 || (off !== 0 && (off < 2 ** header.clusterBits || off >= file.size))) {
+      throw new Qcow2Error('QCOW2_BAD_METADATA', `L1 entry ${i} is invalid (reserved bits, unaligned, on the header or past the end of the file)`);
+    }
+  }
+  let table: Uint8Array | undefined;
+  if (!readOnly) {
+    table = new Uint8Array(header.refcountTableClusters * 2 ** header.clusterBits);
+    await file.read(header.refcountTableOffset, [table]);
+  }
+  return new Qcow2Backend(file, header, l1, table, readOnly, options);
+}
+
+export class Qcow2Backend implements BlockBackend {
+  #h: Qcow2Header;
+  readonly #file: ImageFile;
+  readonly #backing: BlockBackend | undefined;
+  readonly #decompressors: Partial<Record<CompressionType, Decompressor>>;
+  readonly #cs: number;
+  readonly #ext: boolean;
+  readonly #v3: boolean;
+  readonly #entryBytes: number;
+  readonly #l2Entries: number;
+  readonly #scSize: number;
+  #l1: Uint8Array;
+  #l1View: DataView;
+  #l1DirtyFrom = Infinity;
+  #l1DirtyTo = 0;
+  readonly #l2: TableCache;
+  readonly #rc: Refcounts | undefined;
+  readonly #lock = new Mutex();
+  readonly #busy = new Map<number, Promise<void>>();
+  #frees: number[] = [];
+  #ioEpoch = 0;
+  readonly #ioCounts = new Map<number, number>();
+  #drainWaiters: { epoch: number; resolve: () => void }[] = [];
+  /** No unknown autoclear bit left to clear before the first write. */
+  #headerClean: boolean;
+  #closed = false;
+
+  size: number;
+  readonly readOnly: boolean;
+  readonly canFlush = true;
+  readonly canDiscard: boolean;
+  readonly canWriteZeroes: boolean;
+  readonly concurrency = 'parallel' as const;
+
+  /** Use {@link openQcow2}. */
+  constructor(file: ImageFile, header: Qcow2Header, l1: Uint8Array, refcountTable: Uint8Array | undefined, readOnly: boolean, options: Qcow2Options) {
+    this.#file = file;
+    this.#h = header;
+    this.#backing = options.backing;
+    this.#decompressors = { ...(defaultInflate ? { zlib: defaultInflate } : {}), ...options.decompressors };
+    this.#cs = 2 ** header.clusterBits;
+    this.#v3 = header.version === 3;
+    this.#ext = (header.incompatibleFeatures & INCOMPAT.EXTL2) !== 0;
+    this.#entryBytes = this.#ext ? 16 : 8;
+    this.#l2Entries = this.#cs / this.#entryBytes;
+    this.#scSize = this.#ext ? this.#cs / 32 : this.#cs;
+    this.#l1 = l1;
+    this.#l1View = new DataView(l1.buffer);
+    this.#l2 = new TableCache(Math.max(4, Math.floor((options.l2CacheBytes ?? 1 << 20) / this.#cs)), this.#cs, (t) => this.#writeBackL2(t));
+    this.size = header.size;
+    this.readOnly = readOnly;
+    this.#headerClean = !this.#v3 || header.autoclearFeatures === 0;
+    // v2 has no zero flag: with a backing file a discarded cluster would show the backing data.
+    this.canDiscard = !readOnly && (this.#v3 || this.#backing === undefined);
+    this.canWriteZeroes = !readOnly;
+    if (refcountTable !== undefined) {
+      this.#rc = new Refcounts({
+        file, clusterBits: header.clusterBits, refcountOrder: header.refcountOrder, tableOffset: header.refcountTableOffset,
+        table: refcountTable, cacheBytes: options.refcountCacheBytes ?? 256 * 1024, reserved: () => this.#reserved(),
+      });
+    }
+  }
+
+  /** The header as it is now on disk (size, L1 and refcount table positions follow resizes and growth). */
+  get header(): Qcow2Header {
+    return { ...this.#h, refcountTableOffset: this.#rc?.tableOffset ?? this.#h.refcountTableOffset,
+      refcountTableClusters: this.#rc ? this.#rc.table.length / this.#cs : this.#h.refcountTableClusters };
+  }
+
+  #reserved(): (readonly [number, number])[] {
+    const cs = this.#cs, h = this.#h, rc = this.#rc;
+    const areas: (readonly [number, number])[] = [[0, 1]];
+    if (h.l1TableOffset !== 0) areas.push([h.l1TableOffset / cs, h.l1TableOffset / cs + Math.ceil(h.l1Size * 8 / cs)]);
+    if (rc !== undefined) areas.push([rc.tableOffset / cs, rc.tableOffset / cs + rc.table.length / cs]);
+    if (h.nbSnapshots > 0) areas.push([h.snapshotsOffset / cs, h.snapshotsOffset / cs + Math.max(1, Math.ceil(h.nbSnapshots * 40 / cs))]);
+    return areas;
+  }
+
+  // ---------------------------------------------------------------- fast path
+
+  /** Host offset of guest cluster `c` when the hot path may use it, else -1. */
+  #fastHost(c: number, write: boolean): number {
+    const l1o = 8 * Math.floor(c / this.#l2Entries);
+    const l1hi = this.#l1View.getUint32(l1o);
+    const t = this.#l2.get(entryOffset(l1hi, this.#l1View.getUint32(l1o + 4)));
+    if (t === undefined) return -1;
+    const o = (c % this.#l2Entries) * this.#entryBytes;
+    const hi = t.view.getUint32(o), lo = t.view.getUint32(o + 4);
+    if ((hi & 0x4000_0000) !== 0) return -1;
+    if (this.#ext ? t.view.getUint32(o + 12) !== ALL_SUBCLUSTERS : (lo & 1) !== 0) return -1;
+    if (write && ((hi & 0x8000_0000) === 0 || (l1hi & 0x8000_0000) === 0)) return -1;
+    const host = entryOffset(hi, lo);
+    return host === 0 ? -1 : host;
+  }
+
+  read(offset: number, buffers: readonly Uint8Array[]): BackendResult {
+    this.#checkOpen();
+    const length = totalLength(buffers);
+    checkRange(this.size, offset, length);
+    if (length === 0) return;
+    const c = Math.floor(offset / this.#cs);
+    if (Math.floor((offset + length - 1) / this.#cs) === c) {
+      const host = this.#fastHost(c, false);
+      if (host > 0) return this.#track(this.#file.read(host + offset - c * this.#cs, buffers));
+    }
+    return this.#readSlow(offset, buffers, length);
+  }
+
+  write(offset: number, buffers: readonly Uint8Array[]): BackendResult {
+    this.#checkWritable();
+    const length = totalLength(buffers);
+    checkRange(this.size, offset, length);
+    if (length === 0) return;
+    const c = Math.floor(offset / this.#cs);
+    if (this.#headerClean && Math.floor((offset + length - 1) / this.#cs) === c) {
+      const host = this.#fastHost(c, true);
+      if (host > 0) return this.#track(this.#file.write(host + offset - c * this.#cs, buffers));
+    }
+    return this.#writeSlow(offset, buffers, length);
+  }
+
+  /** Counts an in-flight data I/O so that freed clusters are reused only once it has completed. */
+  #track(r: BackendResult): BackendResult {
+    if (r === undefined) return r;
+    const epoch = this.#ioEpoch;
+    this.#ioCounts.set(epoch, (this.#ioCounts.get(epoch) ?? 0) + 1);
+    return r.finally(() => {
+      const n = this.#ioCounts.get(epoch)! - 1;
+      if (n === 0) this.#ioCounts.delete(epoch);
+      else this.#ioCounts.set(epoch, n);
+      this.#drainWaiters = this.#drainWaiters.filter((w) => (this.#drained(w.epoch) ? (w.resolve(), false) : true));
+    });
+  }
+
+  #drained(epoch: number): boolean {
+    for (const e of this.#ioCounts.keys()) if (e <= epoch) return false;
+    return true;
+  }
+
+  /** Resolves once every data I/O started before this call has completed. */
+  async #drain(): Promise<void> {
+    const epoch = this.#ioEpoch++;
+    if (this.#drained(epoch)) return;
+    await new Promise<void>((resolve) => this.#drainWaiters.push({ epoch, resolve }));
+  }
+
+  // ---------------------------------------------------------------- slow path
+
+  /** Splits a request into its per-cluster pieces: [guest cluster, offset in it, buffers]. */
+  #pieces(offset: number, buffers: readonly Uint8Array[], length: number): [number, number, Uint8Array[]][] {
+    const out: [number, number, Uint8Array[]][] = [];
+    for (let pos = 0; pos < length;) {
+      const at = offset + pos;
+      const c = Math.floor(at / this.#cs);
+      const inOff = at - c * this.#cs;
+      const n = Math.min(this.#cs - inOff, length - pos);
+      out.push([c, inOff, sliceBuffers(buffers, pos, n)]);
+      pos += n;
+    }
+    return out;
+  }
+
+  async #readSlow(offset: number, buffers: readonly Uint8Array[], length: number): Promise<void> {
+    for (const [c, inOff, bufs] of this.#pieces(offset, buffers, length)) {
+      await this.#readCluster(c, await this.#entry(c), inOff, bufs);
+    }
+  }
+
+  /** Reads `[inOff, inOff + length of bufs)` of guest cluster `c` as described by `e`. */
+  async #readCluster(c: number, e: Entry, inOff: number, bufs: Uint8Array[]): Promise<void> {
+    const length = totalLength(bufs);
+    if (e.kind === 'compressed') {
+      const data = await this.#decompress(e);
+      copyInto(bufs, data.subarray(inOff, inOff + length));
+      return;
+    }
+    // Runs of subclusters in one state: allocated, zero, or from the backing.
+    for (let pos = 0; pos < length;) {
+      const sc = Math.floor((inOff + pos) / this.#scSize);
+      const state = subclusterState(e, sc);
+      let end = (sc + 1) * this.#scSize - inOff;
+      while (end < length && subclusterState(e, Math.floor((inOff + end) / this.#scSize)) === state) end += this.#scSize;
+      const n = Math.min(end, length) - pos;
+      const part = sliceBuffers(bufs, pos, n);
+      if (state === 1) await this.#track(this.#file.read(e.offset + inOff + pos, part));
+      else if (state === 2) for (const b of part) b.fill(0);
+      else await this.#readBacking(c * this.#cs + inOff + pos, part, n);
+      pos += n;
+    }
+  }
+
+  async #readBacking(offset: number, bufs: Uint8Array[], length: number): Promise<void> {
+    const avail = this.#backing === undefined ? 0 : Math.max(0, Math.min(length, this.#backing.size - offset));
+    if (avail > 0) await this.#backing!.read(offset, avail === length ? bufs : sliceBuffers(bufs, 0, avail));
+    if (avail < length) for (const b of sliceBuffers(bufs, avail, length - avail)) b.fill(0);
+  }
+
+  async #decompress(e: Entry): Promise<Uint8Array> {
+    const type = this.#h.compressionType;
+    const inflate = this.#decompressors[type];
+    if (inflate === undefined) throw new Qcow2Error('QCOW2_NO_DECOMPRESSOR', `a compressed cluster needs a ${type} decompressor and none was given`);
+    const compressed = new Uint8Array(e.length);
+    await this.#track(this.#file.read(e.offset, [compressed]));
+    let out: Uint8Array;
+    try {
+      out = await inflate(compressed, this.#cs);
+    } catch (err) {
+      throw new Qcow2Error('QCOW2_BAD_METADATA', `compressed cluster at ${e.offset} does not decompress: ${err instanceof Error ? err.message : String(err)}`);
+    }
+    if (out.length < this.#cs) throw new Qcow2Error('QCOW2_BAD_METADATA', `compressed cluster at ${e.offset} decompresses to ${out.length} bytes, not ${this.#cs}`);
+    return out;
+  }
+
+  /** The entry of guest cluster `c`, loading its L2 table if needed. */
+  async #entry(c: number): Promise<Entry> {
+    const l2off = this.#l2Offset(c);
+    if (l2off === 0) return UNALLOCATED;
+    const cached = this.#l2.get(l2off);
+    if (cached !== undefined) return this.#decode(cached, c);
+    return this.#lock.run(async () => this.#decode(await this.#loadL2(this.#l2Offset(c)), c));
+  }
+
+  #l2Offset(c: number): number {
+    const o = 8 * Math.floor(c / this.#l2Entries);
+    return entryOffset(this.#l1View.getUint32(o), this.#l1View.getUint32(o + 4));
+  }
+
+  #decode(t: CachedTable, c: number): Entry {
+    const o = (c % this.#l2Entries) * this.#entryBytes;
+    const hi = t.view.getUint32(o), lo = t.view.getUint32(o + 4);
+    const d = decodeL2Entry(hi, this.#ext ? lo & ~1 : lo, this.#h.clusterBits, this.#v3);
+    if (typeof d === 'string') throw new Qcow2Error('QCOW2_BAD_METADATA', d);
+    if (d.kind === 'unallocated' && !this.#ext) return UNALLOCATED;
+    const offset = d.kind === 'unallocated' ? 0 : d.offset;
+    const length = d.kind === 'compressed' ? d.length : 0;
+    const copied = d.kind === 'normal' || d.kind === 'zero' ? d.copied : false;
+    if (this.#ext) return { kind: d.kind, offset, length, copied, alloc: t.view.getUint32(o + 12), zero: t.view.getUint32(o + 8) };
+    return { kind: d.kind, offset, length, copied, alloc: d.kind === 'normal' ? 1 : 0, zero: d.kind === 'zero' ? 1 : 0 };
+  }
+
+  /** Loads (under the lock) and validates the L2 table at `off`. */
+  async #loadL2(off: number): Promise<CachedTable> {
+    const cached = this.#l2.get(off);
+    if (cached !== undefined) return cached;
+    if (off % this.#cs !== 0 || off < this.#cs || off >= this.#file.size) {
+      throw new Qcow2Error('QCOW2_BAD_METADATA', `L2 table offset ${off} is unaligned, on the header or past the end of the file`);
+    }
+    const data = new Uint8Array(this.#cs);
+    await this.#file.read(off, [data]);
+    this.#validateL2(data, off);
+    return this.#l2.insert(off, data, false);
+  }
+
+  #validateL2(data: Uint8Array, off: number): void {
+    const view = new DataView(data.buffer);
+    const fileSize = this.#file.size;
+    for (let o = 0; o < data.length; o += this.#entryBytes) {
+      const hi = view.getUint32(o), lo = view.getUint32(o + 4);
+      const d = decodeL2Entry(hi, this.#ext ? lo & ~1 : lo, this.#h.clusterBits, this.#v3);
+      const where = `L2 table at ${off}, entry ${o / this.#entryBytes}`;
+      if (typeof d === 'string') throw new Qcow2Error('QCOW2_BAD_METADATA', `${where}: ${d}`);
+      if (d.kind !== 'unallocated' && d.offset !== 0 && (d.offset < this.#cs || d.offset >= fileSize)) {
+        throw new Qcow2Error('QCOW2_BAD_METADATA', `${where}: cluster offset ${d.offset} is on the header or past the end of the file`);
+      }
+      if (this.#ext && d.kind !== 'compressed') {
+        const zero = view.getUint32(o + 8), alloc = view.getUint32(o + 12);
+        if ((zero & alloc) !== 0 || (alloc !== 0 && d.kind === 'unallocated')) {
+          throw new Qcow2Error('QCOW2_BAD_METADATA', `${where}: invalid subcluster bitmap`);
+        }
+      }
+    }
+  }
+
+  async #writeSlow(offset: number, buffers: readonly Uint8Array[], length: number): Promise<void> {
+    for (const [c, inOff, bufs] of this.#pieces(offset, buffers, length)) await this.#writeCluster(c, inOff, bufs);
+  }
+
+  /** Runs `fn` while no other slow-path operation works on guest cluster `c`. */
+  async #withCluster<T>(c: number, fn: () => Promise<T>): Promise<T> {
+    for (let p = this.#busy.get(c); p !== undefined; p = this.#busy.get(c)) await p;
+    let release!: () => void;
+    this.#busy.set(c, new Promise((r) => { release = r; }));
+    try {
+      return await fn();
+    } finally {
+      this.#busy.delete(c);
+      release();
+    }
+  }
+
+  async #writeCluster(c: number, inOff: number, bufs: Uint8Array[]): Promise<void> {
+    await this.#withCluster(c, async () => {
+      const ready = this.#headerClean ? this.#fastHost(c, true) : -1;
+      if (ready > 0) {
+        await this.#track(this.#file.write(ready + inOff, bufs));
+        return;
+      }
+      let e = UNALLOCATED, host = 0, reuse = false;
+      await this.#lock.run(async () => {
+        await this.#clearAutoclear();
+        e = this.#decode(await this.#l2ForWrite(c), c);
+        reuse = e.copied && e.offset !== 0 && e.kind !== 'compressed';
+        host = reuse ? e.offset : await this.#rc!.allocate(1);
+      });
+      // Data (and the copied-on-write rest of the cluster) before the entry that points to it.
+      if (inOff === 0 && totalLength(bufs) === this.#cs) {
+        await this.#track(this.#file.write(host, bufs));
+      } else {
+        const whole = new Uint8Array(this.#cs);
+        await this.#readCluster(c, e, 0, [whole]);
+        let at = inOff;
+        for (const b of bufs) { whole.set(b, at); at += b.length; }
+        await this.#track(this.#file.write(host, [whole]));
+      }
+      await this.#lock.run(async () => {
+        const t = await this.#l2ForWrite(c);
+        this.#setEntry(t, c, host, true, this.#ext ? ALL_SUBCLUSTERS : 1, 0);
+        if (!reuse) this.#free(e);
+      });
+    });
+  }
+
+  /** Writes an L2 entry: `host` (0 for none) with COPIED, and the subcluster bitmaps (or the zero flag when `zero` is 1 without extended L2). */
+  #setEntry(t: CachedTable, c: number, host: number, copied: boolean, alloc: number, zero: number): void {
+    const o = (c % this.#l2Entries) * this.#entryBytes;
+    const hi = Math.floor(host / 0x1_0000_0000) | (copied && host !== 0 ? 0x8000_0000 : 0);
+    t.view.setUint32(o, hi);
+    t.view.setUint32(o + 4, (host >>> 0) | (!this.#ext && zero !== 0 ? 1 : 0));
+    if (this.#ext) {
+      t.view.setUint32(o + 8, zero);
+      t.view.setUint32(o + 12, host === 0 ? 0 : alloc);
+    }
+    t.dirty = true;
+  }
+
+  /** Queues the host clusters of an entry no longer referenced for release at the next flush. */
+  #free(e: Entry): void {
+    if (e.offset === 0) return;
+    const first = Math.floor(e.offset / this.#cs);
+    const last = e.kind === 'compressed' ? Math.floor((e.offset + e.length - 1) / this.#cs) : first;
+    for (let k = first; k <= last; k++) this.#frees.push(k);
+  }
+
+  /** The L2 table of guest cluster `c`, made writable: allocated when absent, copied when shared. Under the lock. */
+  async #l2ForWrite(c: number): Promise<CachedTable> {
+    const i = Math.floor(c / this.#l2Entries);
+    const hi = this.#l1View.getUint32(8 * i), lo = this.#l1View.getUint32(8 * i + 4);
+    const off = entryOffset(hi, lo);
+    if (off !== 0 && (hi & 0x8000_0000) !== 0) return this.#loadL2(off);
+    const data = off === 0 ? new Uint8Array(this.#cs) : (await this.#loadL2(off)).data.slice();
+    if (off !== 0) {
+      // The copy's entries stay shared with the snapshot: none of them is COPIED.
+      for (let o = 0; o < data.length; o += this.#entryBytes) data[o] &= 0x7f;
+    }
+    const fresh = await this.#rc!.allocate(1);
+    const t = await this.#l2.insert(fresh, data, true);
+    this.#setL1(i, fresh);
+    if (off !== 0) this.#frees.push(off / this.#cs);
+    return t;
+  }
+
+  #setL1(i: number, l2off: number): void {
+    writeU64(this.#l1View, 8 * i, l2off);
+    // Bit 63, COPIED: this L2 table is ours alone.
+    if (l2off !== 0) this.#l1View.setUint32(8 * i, (this.#l1View.getUint32(8 * i) | 0x8000_0000) >>> 0);
+    this.#l1DirtyFrom = Math.min(this.#l1DirtyFrom, i);
+    this.#l1DirtyTo = Math.max(this.#l1DirtyTo, i + 1);
+  }
+
+  /** Clears unknown autoclear bits (durably) before the first change. Under the lock. */
+  async #clearAutoclear(): Promise<void> {
+    if (this.#headerClean) return;
+    await this.#file.write(88, [new Uint8Array(8)]);
+    await this.#file.flush();
+    this.#h = { ...this.#h, autoclearFeatures: 0 };
+    this.#headerClean = true;
+  }
+
+  // ---------------------------------------------------------------- write-back
+
+  /** Evicting a dirty L2 table: the refcounts and data it relies on are made durable first. */
+  async #writeBackL2(t: CachedTable): Promise<void> {
+    await this.#rc?.writeDirty();
+    await this.#file.flush();
+    t.dirty = false;
+    await this.#file.write(t.offset, [t.data]);
+  }
+
+  /** Writes back all metadata in dependency order, then releases the clusters freed since the last flush. Under the lock. */
+  async #flushLocked(): Promise<void> {
+    if (this.#rc !== undefined) {
+      const rcDirty = await this.#rc.writeDirty();
+      const l2Dirty = this.#l2.dirtyTables();
+      const l1Dirty = this.#l1DirtyFrom < this.#l1DirtyTo;
+      if (rcDirty || l2Dirty.length > 0 || l1Dirty) await this.#file.flush();
+      for (const t of l2Dirty) {
+        t.dirty = false;
+        await this.#file.write(t.offset, [t.data]);
+      }
+      if (l1Dirty) {
+        if (l2Dirty.length > 0) await this.#file.flush();
+        const from = this.#l1DirtyFrom, to = this.#l1DirtyTo;
+        this.#l1DirtyFrom = Infinity;
+        this.#l1DirtyTo = 0;
+        await this.#file.write(this.#h.l1TableOffset + 8 * from, [this.#l1.subarray(8 * from, 8 * to)]);
+      }
+    }
+    await this.#file.flush();
+    if (this.#frees.length > 0) {
+      const frees = this.#frees;
+      this.#frees = [];
+      await this.#drain();
+      for (const k of frees) {
+        this.#l2.forget(k * this.#cs);
+        if (await this.#rc!.decrement(k) === 0) await this.#file.discard?.(k * this.#cs, this.#cs);
+      }
+      // Decrements are safe on disk now that nothing durable points at those clusters.
+      if (await this.#rc!.writeDirty()) await this.#file.flush();
+    }
+  }
+
+  flush(): BackendResult {
+    this.#checkOpen();
+    if (this.readOnly) return this.#file.flush();
+    return this.#lock.run(() => this.#flushLocked());
+  }
+
+  // ---------------------------------------------------------------- discard, zeroes
+
+  discard(offset: number, length: number): BackendResult {
+    this.#checkWritable();
+    if (!this.canDiscard) throw new BackendError('UNSUPPORTED', 'discard is not possible on a version 2 image with a backing file');
+    checkRange(this.size, offset, length);
+    return this.#zeroRange(offset, length, 'discard');
+  }
+
+  writeZeroes(offset: number, length: number, unmap: boolean): BackendResult {
+    this.#checkWritable();
+    checkRange(this.size, offset, length);
+    return this.#zeroRange(offset, length, unmap ? 'unmap' : 'keep');
+  }
+
+  async #zeroRange(offset: number, length: number, mode: 'discard' | 'unmap' | 'keep'): Promise<void> {
+    const end = offset + length;
+    for (let at = offset; at < end;) {
+      const c = Math.floor(at / this.#cs);
+      const n = Math.min((c + 1) * this.#cs, end) - at;
+      // Whole clusters through metadata where the format can say "zero"; partial ones (and v2 with a backing) with zeroes.
+      if (n === this.#cs && (this.#v3 || this.#backing === undefined)) await this.#zeroCluster(c, mode);
+      else await this.#writeZeroBytes(at, n);
+      at += n;
+    }
+  }
+
+  async #writeZeroBytes(offset: number, n: number): Promise<void> {
+    const c = Math.floor(offset / this.#cs);
+    const e = await this.#entry(c);
+    const readsZero = (e.kind === 'unallocated' && this.#backing === undefined && e.zero === 0) ||
+      (!this.#ext && e.kind === 'zero');
+    if (readsZero) return;
+    await this.#writeSlow(offset, [new Uint8Array(n)], n);
+  }
+
+  async #zeroCluster(c: number, mode: 'discard' | 'unmap' | 'keep'): Promise<void> {
+    await this.#withCluster(c, () => this.#lock.run(async () => {
+      const needZeroFlag = this.#backing !== undefined;
+      const l2off = this.#l2Offset(c);
+      if (l2off === 0 && !needZeroFlag) return; // unallocated, nothing behind it: reads zeroes already
+      await this.#clearAutoclear();
+      const t = await this.#l2ForWrite(c);
+      const e = this.#decode(t, c);
+      // v2 has no zero flag: there the cluster is deallocated (nothing behind it, so it reads zeroes).
+      const keep = this.#v3 && mode === 'keep' && e.copied && e.offset !== 0 && e.kind !== 'compressed';
+      if (keep) {
+        this.#setEntry(t, c, e.offset, true, 0, this.#ext ? ALL_SUBCLUSTERS : 1);
+        return;
+      }
+      this.#setEntry(t, c, 0, false, 0, needZeroFlag ? (this.#ext ? ALL_SUBCLUSTERS : 1) : 0);
+      this.#free(e);
+    }));
+  }
+
+  // ---------------------------------------------------------------- resize, extents, close
+
+  resize(newSize: number): BackendResult {
+    this.#checkWritable();
+    checkGrow(this.size, newSize);
+    return this.#lock.run(async () => {
+      await this.#clearAutoclear();
+      const need = Math.ceil(newSize / (this.#cs * this.#l2Entries));
+      let l1Offset = this.#h.l1TableOffset;
+      if (need > this.#h.l1Size) {
+        if (need * 8 > MAX_L1_BYTES) throw new Qcow2Error('QCOW2_NO_SPACE', `a disk of ${newSize} bytes needs an L1 table past ${MAX_L1_BYTES} bytes`);
+        const l1 = new Uint8Array(need * 8);
+        l1.set(this.#l1);
+        const haveClusters = l1Offset === 0 ? 0 : Math.ceil(this.#h.l1Size * 8 / this.#cs);
+        if (need * 8 <= haveClusters * this.#cs) {
+          await this.#file.write(l1Offset + this.#h.l1Size * 8, [l1.subarray(this.#h.l1Size * 8)]);
+        } else {
+          // A new table elsewhere: every cached change is written first, so the copy is complete and its refcounts durable.
+          l1Offset = await this.#rc!.allocate(Math.ceil(need * 8 / this.#cs));
+          await this.#flushLocked();
+          await this.#file.write(l1Offset, [l1]);
+          if (this.#h.l1TableOffset !== 0) {
+            const old = this.#h.l1TableOffset / this.#cs;
+            for (let k = 0; k < haveClusters; k++) this.#frees.push(old + k);
+          }
+        }
+        await this.#file.flush();
+        this.#l1 = l1;
+        this.#l1View = new DataView(l1.buffer);
+      }
+      const fields = new Uint8Array(24); // size, crypt_method, l1_size, l1_table_offset: bytes 24..48
+      const v = new DataView(fields.buffer);
+      writeU64(v, 0, newSize);
+      v.setUint32(8, this.#h.cryptMethod);
+      v.setUint32(12, Math.max(need, this.#h.l1Size));
+      writeU64(v, 16, l1Offset);
+      await this.#file.write(24, [fields]);
+      await this.#file.flush();
+      this.#h = { ...this.#h, size: newSize, l1Size: Math.max(need, this.#h.l1Size), l1TableOffset: l1Offset };
+      this.size = newSize;
+    });
+  }
+
+  async extents(offset: number, length: number): Promise<Extent[]> {
+    this.#checkOpen();
+    checkRange(this.size, offset, length);
+    // One L2 table's worth at most per call: the caller asks again from where the runs end.
+    const tableBytes = this.#cs * this.#l2Entries;
+    const end = Math.min(offset + length, (Math.floor(offset / tableBytes) + 1) * tableBytes);
+    const out: { length: number; kind: ExtentKind }[] = [];
+    for (let at = offset; at < end;) {
+      const c = Math.floor(at / this.#cs);
+      const e = await this.#entry(c);
+      const sc = Math.floor((at - c * this.#cs) / this.#scSize);
+      const state = e.kind === 'compressed' ? 1 : subclusterState(e, sc);
+      const kind: ExtentKind = state === 1 ? 'data' : state === 2 ? 'zero' : this.#backing !== undefined ? 'data' : 'hole';
+      const n = Math.min(c * this.#cs + (sc + 1) * this.#scSize, end) - at;
+      const last = out[out.length - 1];
+      if (last !== undefined && last.kind === kind) last.length += n;
+      else out.push({ length: n, kind });
+      at += n;
+    }
+    return out;
+  }
+
+  close(): BackendResult {
+    if (this.#closed) return;
+    const done = (): BackendResult => {
+      this.#closed = true;
+      return this.#file.close();
+    };
+    if (this.readOnly) return done();
+    return this.#lock.run(() => this.#flushLocked()).then(done);
+  }
+
+  #checkOpen(): void {
+    if (this.#closed) throw new BackendError('CLOSED', 'the qcow2 image is closed');
+  }
+
+  #checkWritable(): void {
+    this.#checkOpen();
+    if (this.readOnly) throw new BackendError('READ_ONLY', 'the qcow2 image is open read-only');
+  }
+}
+
+/** 1: allocated data, 2: reads as zeroes, 0: from the backing (or zeroes without one). */
+function subclusterState(e: Entry, sc: number): 0 | 1 | 2 {
+  const bit = 2 ** sc; // sc < 32; ** keeps bit 31 positive
+  if (Math.floor(e.alloc / bit) % 2 === 1) return 1;
+  if (Math.floor(e.zero / bit) % 2 === 1) return 2;
+  return 0;
+}
+
+/** Views of `[start, start + length)` of a buffer list. */
+export function sliceBuffers(buffers: readonly Uint8Array[], start: number, length: number): Uint8Array[] {
+  const out: Uint8Array[] = [];
+  let skip = start, left = length;
+  for (const b of buffers) {
+    if (left === 0) break;
+    if (skip >= b.length) { skip -= b.length; continue; }
+    const n = Math.min(b.length - skip, left);
+    out.push(b.subarray(skip, skip + n));
+    left -= n;
+    skip = 0;
+  }
+  return out;
+}
+
+function copyInto(bufs: readonly Uint8Array[], data: Uint8Array): void {
+  let at = 0;
+  for (const b of bufs) { b.set(data.subarray(at, at + b.length)); at += b.length; }
+}
+
+/** The platform's raw-deflate stream, where there is one: enough output for one cluster, trailing bytes ignored. */
+const defaultInflate: Decompressor | undefined = typeof DecompressionStream === 'undefined' ? undefined : async (compressed, clusterSize) => {
+  const stream = new DecompressionStream('deflate-raw');
+  const writer = stream.writable.getWriter();
+  writer.write(compressed).catch(() => {});
+  writer.close().catch(() => {});
+  const reader = stream.readable.getReader();
+  const out = new Uint8Array(clusterSize);
+  let got = 0;
+  try {
+    while (got < clusterSize) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      const n = Math.min(value.length, clusterSize - got);
+      out.set(value.subarray(0, n), got);
+      got += n;
+    }
+  } catch (e) {
+    // Padding after the deflate stream makes some streams fail once the cluster is complete.
+    if (got < clusterSize) throw e;
+  } finally {
+    reader.cancel().catch(() => {});
+  }
+  return got === clusterSize ? out : out.subarray(0, got);
+};
