@@ -3,9 +3,10 @@ import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
 import { checkQcow2, type Qcow2CheckResult } from './check.js';
 import { createQcow2 } from './create.js';
-import { entryOffset, parseHeader, setRefcount, writeU64, type Qcow2Header } from './header.js';
 import { MemoryImageFile } from './memory-image-file.js';
-import { qemuCheck, qemuImg, qemuIo, qemuSkip, readImage, tempDir, writeImage, type TempDir } from '../../../test/support/qcow2-images.js';
+import {
+  MUTATIONS, Surgery, qemuCheck, qemuImg, qemuIo, qemuSkip, readImage, tempDir, writeImage, type TempDir,
+} from '../../../test/support/qcow2-images.js';
 
 /** The fields both report, in qemu-img's JSON names (absent there means 0). */
 function summary(r: Qcow2CheckResult): Record<string, number> {
@@ -22,44 +23,7 @@ function qemuSummary(path: string): Record<string, number> {
   return Object.fromEntries(keys.map((k) => [k, Number(q[k] ?? 0)]));
 }
 
-/** Direct access to an image's metadata, for corrupting it by hand. */
-export class Surgery {
-  readonly h: Qcow2Header;
-  readonly clusterSize: number;
-  constructor(readonly file: MemoryImageFile) {
-    this.h = parseHeader(file.bytes().subarray(0, 2 ** 21), file.size);
-    this.clusterSize = 2 ** this.h.clusterBits;
-  }
-  u64(offset: number): number {
-    const b = this.file.bytes();
-    const v = new DataView(b.buffer, b.byteOffset);
-    return entryOffset(v.getUint32(offset), v.getUint32(offset + 4));
-  }
-  setU64(offset: number, value: number, flags = 0): void {
-    const b = new Uint8Array(8);
-    writeU64(new DataView(b.buffer), 0, value);
-    b[0] |= flags;
-    this.file.write(offset, [b]);
-  }
-  l2Table(l1Index: number): number {
-    return this.u64(this.h.l1TableOffset + l1Index * 8);
-  }
-  /** Where L2 entry `index` of the table of L1 entry `l1Index` lives. */
-  l2EntryAt(l1Index: number, index: number): number {
-    return this.l2Table(l1Index) + index * 8;
-  }
-  setStoredRefcount(cluster: number, value: number): void {
-    const bits = 2 ** this.h.refcountOrder;
-    const perBlock = (this.clusterSize * 8) / bits;
-    const block = this.u64(this.h.refcountTableOffset + Math.floor(cluster / perBlock) * 8);
-    assert.ok(block > 0, `cluster ${cluster} has a refcount block`);
-    const bytes = this.file.bytes().slice(block, block + this.clusterSize);
-    setRefcount(bytes, cluster % perBlock, bits, value);
-    this.file.write(block, [bytes]);
-  }
-}
-
-async function agrees(path: string): Promise<Qcow2CheckResult> {
+export async function agrees(path: string): Promise<Qcow2CheckResult> {
   const ours = await checkQcow2(readImage(path));
   assert.deepEqual(summary(ours), qemuSummary(path), ours.messages.slice(0, 20).join('\n'));
   return ours;
@@ -117,25 +81,8 @@ describe('checkQcow2 agrees with qemu-img check', { skip: qemuSkip }, () => {
   test('leaks, refcounts of 0, references into the header, past the end, misaligned', async (t) => {
     const dir = tempDir();
     try {
-      const base = build(dir, 'base.qcow2', '64M', 'cluster_size=65536', 'write -P 1 0 128k', 'write -P 2 1M 64k');
-      const cases: [string, (s: Surgery) => void][] = [
-        ['a leaked cluster past the data', (s) => { s.file.truncate(s.file.size + 2 * s.clusterSize); s.setStoredRefcount(s.file.size / s.clusterSize - 1, 1); }],
-        ['a data cluster with refcount 2', (s) => s.setStoredRefcount(s.u64(s.l2EntryAt(0, 0)) / s.clusterSize, 2)],
-        ['a data cluster with refcount 0', (s) => s.setStoredRefcount(s.u64(s.l2EntryAt(0, 1)) / s.clusterSize, 0)],
-        ['an L2 table with refcount 0', (s) => s.setStoredRefcount(s.l2Table(0) / s.clusterSize, 0)],
-        ['an L2 entry into the header', (s) => s.setU64(s.l2EntryAt(0, 5), 0, 0x80)],
-        ['an L2 entry into the refcount table', (s) => s.setU64(s.l2EntryAt(0, 5), s.h.refcountTableOffset, 0x80)],
-        ['an L2 entry past the end of the file', (s) => s.setU64(s.l2EntryAt(0, 6), s.file.size + 10 * s.clusterSize, 0x80)],
-        ['a misaligned L2 entry', (s) => s.setU64(s.l2EntryAt(0, 7), s.file.size - s.clusterSize + 512, 0x80)],
-        ['a misaligned L2 table', (s) => s.setU64(s.h.l1TableOffset + 8, s.l2Table(0) + 4096, 0x80)],
-        ['an L1 entry past the end', (s) => s.setU64(s.h.l1TableOffset + 16, s.file.size + 4 * s.clusterSize, 0x80)],
-        ['COPIED missing on an L1 entry', (s) => s.setU64(s.h.l1TableOffset, s.l2Table(0))],
-        ['COPIED missing on an L2 entry', (s) => s.setU64(s.l2EntryAt(0, 0), s.u64(s.l2EntryAt(0, 0)))],
-        ['a misaligned refcount block', (s) => s.setU64(s.h.refcountTableOffset, s.u64(s.h.refcountTableOffset) + 512)],
-        ['a refcount block past the end', (s) => s.setU64(s.h.refcountTableOffset + 8, s.file.size + s.clusterSize)],
-        ['a second refcount table entry naming the same block', (s) => s.setU64(s.h.refcountTableOffset + 8, s.u64(s.h.refcountTableOffset))],
-      ];
-      for (const [name, mutate] of cases) {
+      const base = build(dir, 'base.qcow2', '4G', 'cluster_size=65536', 'write -P 1 0 128k', 'write -P 2 1M 64k');
+      for (const [name, mutate] of MUTATIONS) {
         const file = readImage(base);
         mutate(new Surgery(file));
         const path = dir.file('mutated.qcow2');

@@ -152,6 +152,13 @@ export class Refcounts {
   async #findFree(n: number): Promise<number> {
     let start = this.#cursor, run = 0;
     for (let c = this.#cursor; ; c++) {
+      if (c >= this.end) {
+        // Past everything in use: free, whatever a (hostile) block there claims. Bounds the scan by the file.
+        if (this.#isReserved(c)) { run = 0; continue; }
+        if (run === 0) start = c;
+        if (++run >= n) return start;
+        continue;
+      }
       const blockIndex = Math.floor(c / this.perBlock);
       const b = await this.#block(blockIndex);
       if (b === undefined && !this.#anyReservedIn(c, (blockIndex + 1) * this.perBlock)) {

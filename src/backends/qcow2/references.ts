@@ -11,7 +11,7 @@
  * are capped, so loops and shared tables cost no more than the file's size.
  */
 import {
-  MAX_L1_BYTES, Qcow2Error, QCOW_OFLAG_ZERO, decodeL2Entry, entryOffset, maxRefcount, type Qcow2Header,
+  MAX_L1_BYTES, Qcow2Error, QCOW_OFLAG_ZERO, decodeL2Entry, entryOffset, l1EntryReserved, maxRefcount, type Qcow2Header,
 } from './header.js';
 import type { ImageFile } from './image-file.js';
 import { readSnapshotTable } from './snapshot-table.js';
@@ -24,6 +24,9 @@ export const MAX_CLUSTERS_PAST_END = 2 ** 20;
 export const MAX_L1_ENTRIES_WALKED = 2 ** 27;
 /** Distinct L2 tables the walk remembers (how many L1 entries name each). */
 export const MAX_DISTINCT_L2_TABLES = 2 ** 23;
+
+/** How far past the end of the file a reference still bounds where a repair may place new structures. */
+export const NEAR_END = 2 ** 30;
 
 /** Findings of a check, in qemu-img's terms, with a bounded list of one-line messages. */
 export class Tally {
@@ -103,6 +106,13 @@ interface L2Use {
 /** The result of {@link scanReferences}. */
 export interface ReferenceScan {
   readonly counts: ClusterCounts;
+  /**
+   * Just past the farthest byte referenced, counted or not, among references ending at
+   * most {@link NEAR_END} past the end of the file: a repair places nothing below it.
+   */
+  readonly referencedEnd: number;
+  /** References that did not fit the refcount width (each also a corruption in the tally). */
+  readonly overflows: number;
   readonly allocatedClusters: number;
   readonly fragmentedClusters: number;
   readonly compressedClusters: number;
@@ -115,20 +125,25 @@ const L1_CHUNK_ENTRIES = 8192;
 
 /**
  * Counts the references to every host cluster, except those from the refcount table to
- * the refcount blocks (the caller checks those against the stored table). Problems found
+ * the refcount blocks (the caller checks those against the stored table), and those to
+ * the refcount table itself when `countRefcountTable` is false (a repair replaces it). Problems found
  * on the way (misaligned tables and clusters, COPIED on compressed clusters, refcount
  * overflow) go to `tally`; malformed structures that cannot be walked throw
  * {@link Qcow2Error}.
  */
-export async function scanReferences(file: ImageFile, h: Qcow2Header, tally: Tally, progress?: ScanProgress): Promise<ReferenceScan> {
+export async function scanReferences(
+  file: ImageFile, h: Qcow2Header, tally: Tally, progress?: ScanProgress, countRefcountTable = true,
+): Promise<ReferenceScan> {
   const clusterSize = 2 ** h.clusterBits;
   const fileClusters = Math.ceil(file.size / clusterSize);
   if (fileClusters > MAX_CHECK_CLUSTERS) {
     throw new Qcow2Error('QCOW2_UNSUPPORTED', `the file has ${fileClusters} clusters; the check counts at most ${MAX_CHECK_CLUSTERS}`);
   }
   const counts = new ClusterCounts(fileClusters, maxRefcount(2 ** h.refcountOrder));
+  let referencedEnd = 0, overflows = 0;
   const inc = (offset: number, bytes: number, times = 1): void => {
     if (bytes <= 0) return;
+    if (offset + bytes <= file.size + NEAR_END) referencedEnd = Math.max(referencedEnd, offset + bytes);
     // Like qemu-img: a region ending a cluster or more past the end of the file is a
     // corruption and counts nowhere; one ending less than that still counts.
     if (offset + bytes - file.size >= clusterSize) {
@@ -138,6 +153,7 @@ export async function scanReferences(file: ImageFile, h: Qcow2Header, tally: Tal
     const last = Math.floor((offset + bytes - 1) / clusterSize);
     for (let c = Math.floor(offset / clusterSize); c <= last; c++) {
       const over = counts.add(c, times);
+      overflows += over;
       if (over > 0) tally.corruption(`ERROR: overflow cluster offset=0x${(c * clusterSize).toString(16)}`, over);
     }
   };
@@ -157,7 +173,9 @@ export async function scanReferences(file: ImageFile, h: Qcow2Header, tally: Tal
       const n = Math.min(L1_CHUNK_ENTRIES, size - first);
       await file.read(offset + first * 8, [chunk.subarray(0, n * 8)]);
       for (let i = 0; i < n; i++) {
-        const l2Offset = entryOffset(view.getUint32(i * 8), view.getUint32(i * 8 + 4));
+        const hi = view.getUint32(i * 8), lo = view.getUint32(i * 8 + 4);
+        if (l1EntryReserved(hi, lo)) tally.corruption(`ERROR found L1 entry with reserved bits set: ${hex(hi, lo)}`);
+        const l2Offset = entryOffset(hi, lo);
         if (l2Offset === 0) continue;
         inc(l2Offset, clusterSize);
         if (l2Offset % clusterSize !== 0) {
@@ -190,7 +208,7 @@ export async function scanReferences(file: ImageFile, h: Qcow2Header, tally: Tal
     }
     inc(h.snapshotsOffset, table.byteLength);
   }
-  inc(h.refcountTableOffset, h.refcountTableClusters * clusterSize);
+  if (countRefcountTable) inc(h.refcountTableOffset, h.refcountTableClusters * clusterSize);
   progress?.(0.1);
 
   // Each L2 table once, in file order, its references weighted by how many L1 entries name it.
@@ -219,6 +237,7 @@ export async function scanReferences(file: ImageFile, h: Qcow2Header, tally: Tal
         fragmentedClusters += active; // compressed clusters are fragmented by nature, as qemu-img counts them
         continue;
       }
+      if ((hi & 0x3f00_0000) !== 0 || (lo & 0x1fe) !== 0) tally.corruption(`ERROR found l2 entry with reserved bits set: ${hex(hi, lo)}`, count);
       const offset = entryOffset(hi, lo);
       if (offset === 0) continue; // unallocated, or zero without a preallocated cluster
       if (offset % clusterSize !== 0) {
@@ -235,7 +254,7 @@ export async function scanReferences(file: ImageFile, h: Qcow2Header, tally: Tal
     if (t % 64 === 0) progress?.(0.1 + (0.6 * t) / offsets.length);
   }
   progress?.(0.7);
-  return { counts, allocatedClusters, fragmentedClusters, compressedClusters };
+  return { counts, referencedEnd, overflows, allocatedClusters, fragmentedClusters, compressedClusters };
 }
 
 /** A 64-bit entry from its halves, in hex, for messages. */
