@@ -19,7 +19,7 @@ import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { existsSync, mkdirSync, writeFileSync } from 'node:fs';
+import { copyFileSync, existsSync, mkdirSync, writeFileSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { GUEST_PEERS, ensureGuest, requirePeer, startGuest, type Guest, type GuestImage, type GuestOptions } from '../../scripts/guest/guest.js';
@@ -277,7 +277,12 @@ describe('live migration of a guest served over vhost-user', { skip: requirePeer
   const downtimes = new Map<string, number[]>();
   before(async () => {
     scratch = scratchDir('vblk-migration-e2e-');
-    guestImage = await ensureGuest();
+    // A copy of our own: every QEMU of a run must boot the same files, and a build started
+    // elsewhere meanwhile (another test run on this checkout) replaces the cached initramfs.
+    const built = await ensureGuest();
+    guestImage = { kernel: join(scratch.dir, 'vmlinuz'), initrd: join(scratch.dir, 'initrd.cpio.zst') };
+    copyFileSync(built.kernel, guestImage.kernel);
+    copyFileSync(built.initrd, guestImage.initrd);
   });
   after(() => {
     const v = downtimes.get('vblk');

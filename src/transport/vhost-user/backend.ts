@@ -331,10 +331,7 @@ export class VhostUserBackendSession implements DeviceHost {
 
   /** SET_LOG_BASE (with LOG_SHMFD): the new log, then the u64 reply QEMU waits for. */
   private async setLogBase(req: FrontendRequestOf<'SET_LOG_BASE'>): Promise<BackendReply> {
-    if (!this.hasProtocol(VHOST_USER_PROTOCOL_F.LOG_SHMFD)) {
-      this.io.closeFd(req.fd);
-      throw new BackendSessionError('NOT_NEGOTIATED', 'SET_LOG_BASE needs VHOST_USER_PROTOCOL_F_LOG_SHMFD, not negotiated');
-    }
+    this.requireLogShmfd('SET_LOG_BASE', req.fd);
     try {
       this.migration.setBase(req.fd, req.mmapSize, req.mmapOffset, this.memoryEnd());
     } catch (e) {
@@ -347,7 +344,14 @@ export class VhostUserBackendSession implements DeviceHost {
     return { request: 'SET_LOG_BASE', success: true };
   }
 
+  private requireLogShmfd(what: string, fd: number): void {
+    if (this.hasProtocol(VHOST_USER_PROTOCOL_F.LOG_SHMFD)) return;
+    this.io.closeFd(fd);
+    throw new BackendSessionError('NOT_NEGOTIATED', `${what} needs protocol feature LOG_SHMFD (bit ${VHOST_USER_PROTOCOL_F.LOG_SHMFD}), not negotiated: the shared-memory log is the only one implemented`);
+  }
+
   private setLogFd(fd: number): void {
+    this.requireLogShmfd('SET_LOG_FD', fd);
     try {
       this.io.checkEventFd(fd);
     } catch (e) {

@@ -77,9 +77,10 @@ export class MigrationLog {
   }
 
   /**
-   * SET_LOG_FD: the spec's "logging file descriptor" (the vhost ioctl's log eventfd). It
-   * is kept and closed at the end; nothing waits for it (QEMU 7.2 never sends one: its
-   * vhost-user frontend has no set_log_fd). The caller checked it is an eventfd.
+   * SET_LOG_FD: the spec's optional eventfd by which a backend "may" tell the frontend
+   * that the log changed. It is kept and closed at the end, never signalled: QEMU reads
+   * the log when it syncs, not on a signal (and 7.2 never sends SET_LOG_FD). The caller
+   * checked it is an eventfd.
    */
   setFd(fd: number): void {
     if (this.logFd !== null && this.logFd !== fd) this.io.closeFd(this.logFd);
