@@ -22,12 +22,12 @@ import { after, before, describe, test } from 'node:test';
 import * as native from '../src/node/native.js';
 import type { UnixConnection } from '../src/node/unix-socket.js';
 import { VIRTQ_DESC_F } from '../src/spec/split-ring.js';
-import { VHOST_USER_F_PROTOCOL_FEATURES, VHOST_USER_PROTOCOL_F } from '../src/spec/vhost-user.js';
+import { VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES, VHOST_USER_PROTOCOL_F, VHOST_VRING_F_LOG } from '../src/spec/vhost-user.js';
 import { VIRTIO_BLK_S, VIRTIO_BLK_T } from '../src/spec/virtio-blk.js';
 import { VIRTIO_F } from '../src/spec/virtio.js';
 import type { FrontendRequest } from '../src/transport/vhost-user/messages.js';
 import { RunningGuest } from './support/hostile-guest.js';
-import { FLAGS, FdFactory, GuestRing, RawFrontend, REQ, SharedRegion, bit, payloadOf, rawMessage } from './support/raw-frontend.js';
+import { FLAGS, FdFactory, GUEST_BASE, GuestRing, RawFrontend, REQ, SharedRegion, bit, payloadOf, rawMessage } from './support/raw-frontend.js';
 import { ServerProcess, describeExit, sleep } from './support/server-process.js';
 import { wellBehavedRoundTrip } from './support/well-behaved.js';
 
@@ -647,7 +647,7 @@ for (const [what, features] of [
 ] as const) {
   add({ name: `features: SET_FEATURES with ${what}`, drop: /frontend accepted features|VIRTIO_F_VERSION_1/, run: sending(rawMessage(REQ.SET_FEATURES, FLAGS, payloadOf([8, features]))) });
 }
-for (const b of [VHOST_USER_PROTOCOL_F.LOG_SHMFD, VHOST_USER_PROTOCOL_F.STATUS, VHOST_USER_PROTOCOL_F.CONFIGURE_MEM_SLOTS, 63]) {
+for (const b of [VHOST_USER_PROTOCOL_F.RARP, VHOST_USER_PROTOCOL_F.STATUS, VHOST_USER_PROTOCOL_F.CONFIGURE_MEM_SLOTS, 63]) {
   add({ name: `features: SET_PROTOCOL_FEATURES with bit ${b}, never offered`, drop: /protocol features .* that were not offered/, run: sending(rawMessage(REQ.SET_PROTOCOL_FEATURES, FLAGS, payloadOf([8, bit(b)]))) });
 }
 add({
@@ -686,6 +686,131 @@ add({
     await f.handshake({ protocol: bit(VHOST_USER_PROTOCOL_F.REPLY_ACK) | bit(VHOST_USER_PROTOCOL_F.BACKEND_REQ) | bit(VHOST_USER_PROTOCOL_F.CONFIG) });
     assert.equal(await f.acked({ request: 'SET_BACKEND_REQ_FD', needReply: true, fd: ctx.fds.file(0) }), true);
     assert.equal(await f.acked({ request: 'SET_BACKEND_REQ_FD', needReply: true, fd: ctx.track('second backend channel') }), true);
+  },
+});
+
+// The migration dirty log (VHOST_USER_PROTOCOL_F_LOG_SHMFD, VHOST_F_LOG_ALL): logs of bad
+// sizes, past the end of their memfd, unsealed or unmappable, too small for guest memory;
+// log flags without a log or pointing past it. Whatever the frontend says, the server
+// writes nothing outside the log bytes it was given: each log here sits inside a larger
+// memfd whose other bytes must stay zero.
+const LOG_PROTOCOL = bit(VHOST_USER_PROTOCOL_F.LOG_SHMFD);
+const LOG_ALL_FEATURES = bit(VIRTIO_F.VERSION_1) | bit(VHOST_USER_F_PROTOCOL_FEATURES) | bit(VHOST_F_LOG_ALL);
+/** Log bytes that cover the hostile guest's memory (1 MiB at GUEST_BASE), one bit per 4 KiB page. */
+const LOG_BYTES = Math.ceil((GUEST_BASE + (1 << 20)) / 4096 / 8);
+/** Where the log starts in its memfd: the bytes before it must stay untouched. */
+const LOG_OFFSET = 4096;
+const logAreas: [string, (ctx: Ctx) => number, number, number, RegExp][] = [
+  ['no bytes', (ctx) => ctx.fds.memfd(LOG_OFFSET + LOG_BYTES, true), 0, 0, /log of 0 bytes/],
+  ['more bytes than any guest needs', (ctx) => ctx.fds.memfd(4096, true), 2 ** 40, 0, /expected 1 to/],
+  ['an area past the end of its memfd', (ctx) => ctx.fds.memfd(LOG_BYTES, true), LOG_BYTES, 4096, /reaches past the end/],
+  ['an area far past the end of its memfd', (ctx) => ctx.fds.memfd(LOG_BYTES, true), LOG_BYTES, 2 ** 40, /reaches past the end/],
+  ['an unsealed memfd', (ctx) => ctx.fds.memfd(LOG_BYTES, false), LOG_BYTES, 0, /not sealed against shrinking/],
+  ['a pipe', (ctx) => ctx.fds.pipe(), LOG_BYTES, 0, /cannot carry seals/],
+  ['a socket', (ctx) => ctx.track('log socket'), LOG_BYTES, 0, /cannot carry seals/],
+  ['a log too small for guest memory', (ctx) => ctx.fds.memfd(LOG_BYTES, true), LOG_BYTES - 1, 0, /covers .* but guest memory reaches/],
+];
+for (const [what, make, mmapSize, mmapOffset, reason] of logAreas) {
+  add({
+    name: `log: SET_LOG_BASE with ${what}`, drop: refused('SET_LOG_BASE'),
+    async run(ctx) {
+      const g = await ctx.guest({ protocol: LOG_PROTOCOL });
+      // QEMU sends no NEED_REPLY here (the reply is the log's own): a refusal ends the connection.
+      g.f.send({ request: 'SET_LOG_BASE', needReply: false, fd: make(ctx), mmapSize, mmapOffset });
+      await ctx.server.waitFor('the refusal to be logged', () => ctx.log().some((l) => reason.test(l)));
+    },
+  });
+}
+add({
+  name: 'log: SET_LOG_FD with a pipe is refused', drop: refused('SET_LOG_FD'),
+  async run(ctx) {
+    const f = await ctx.main();
+    await f.handshake({ protocol: LOG_PROTOCOL });
+    f.send({ request: 'SET_LOG_FD', needReply: false, fd: ctx.fds.pipe() });
+  },
+});
+add({
+  name: 'log: SET_LOG_FD with eventfds is acked, the replaced one and the last closed',
+  async run(ctx) {
+    const f = await ctx.main();
+    await f.handshake({ protocol: LOG_PROTOCOL | bit(VHOST_USER_PROTOCOL_F.REPLY_ACK) });
+    assert.equal(await f.acked({ request: 'SET_LOG_FD', needReply: true, fd: ctx.fds.eventfd() }), true);
+    assert.equal(await f.acked({ request: 'SET_LOG_FD', needReply: true, fd: ctx.fds.eventfd() }), true);
+  },
+});
+
+/**
+ * A running guest with logging on: a log of LOG_BYTES inside a memfd with a page of
+ * zeroes either side, LOG_ALL, and ring 0's log flag with `logAddress` (null: no flag).
+ * One read request completes; returns the log's memfd bytes and the request.
+ */
+async function loggedRead(ctx: Ctx, logAddress: number | null, withLog = true): Promise<{ log: Uint8Array; g: RunningGuest; r: { status: number; data: number } }> {
+  const g = await ctx.guest({ protocol: LOG_PROTOCOL });
+  const logMem = ctx.region(LOG_OFFSET + LOG_BYTES + 4096);
+  if (withLog) {
+    const reply = await g.f.call({ request: 'SET_LOG_BASE', needReply: false, fd: logMem.fd, mmapSize: LOG_BYTES, mmapOffset: LOG_OFFSET });
+    assert.equal(reply?.request, REQ.SET_LOG_BASE, 'SET_LOG_BASE is answered under LOG_SHMFD');
+    assert.equal(reply?.payload.length, 8);
+  }
+  assert.equal(await g.f.acked({ request: 'SET_FEATURES', needReply: true, features: LOG_ALL_FEATURES }), true);
+  const ring = g.rings[0];
+  if (logAddress !== null) {
+    assert.equal(await g.f.acked({ request: 'SET_VRING_ADDR', needReply: true, index: 0, flags: 1 << VHOST_VRING_F_LOG, ...ring.userAddresses, log: logAddress }), true);
+  }
+  const r = ring.blkRequest(VIRTIO_BLK_T.IN, 0, 4096);
+  g.kick(0);
+  assert.ok(await g.waitUsed(0, 1), 'the read completes with logging on');
+  assert.equal(g.mem.bytes[r.status], VIRTIO_BLK_S.OK);
+  return { log: logMem.bytes, g, r };
+}
+
+const pageBit = (log: Uint8Array, gpa: number): boolean => {
+  const page = Math.floor(gpa / 4096);
+  return (log[LOG_OFFSET + (page >> 3)] & (1 << (page & 7))) !== 0;
+};
+const untouchedAround = (log: Uint8Array): void => {
+  assert.ok(log.subarray(0, LOG_OFFSET).every((b) => b === 0), 'bytes before the log were written');
+  assert.ok(log.subarray(LOG_OFFSET + LOG_BYTES).every((b) => b === 0), 'bytes after the log were written');
+};
+
+add({
+  name: 'log: with LOG_ALL and the ring log flag, a read marks its data page, its status page and the used ring at the log address',
+  async run(ctx) {
+    // The used ring logged at an address of its own choosing (the spec allows any the log covers).
+    const usedLog = GUEST_BASE + 200 * 4096;
+    const { log, g, r } = await loggedRead(ctx, usedLog);
+    const ring = g.rings[0];
+    assert.ok(pageBit(log, ring.gpa(r.data)), 'data page');
+    assert.ok(pageBit(log, ring.gpa(r.status)), 'status page');
+    assert.ok(pageBit(log, usedLog), 'used ring, at its log address');
+    untouchedAround(log);
+  },
+});
+add({
+  name: 'log: a ring log address past the end of the log marks nothing outside it',
+  async run(ctx) {
+    const { log, g, r } = await loggedRead(ctx, 2 ** 52);
+    assert.ok(pageBit(log, g.rings[0].gpa(r.data)));
+    untouchedAround(log);
+  },
+});
+add({
+  name: 'log: the log flag and LOG_ALL without a log: requests still complete',
+  async run(ctx) {
+    await loggedRead(ctx, GUEST_BASE, false);
+  },
+});
+add({
+  name: 'log: SET_VRING_ADDR that moves a running ring is NACKed and the ring keeps running',
+  async run(ctx) {
+    const g = await ctx.guest({ protocol: LOG_PROTOCOL });
+    const a = g.rings[0].userAddresses;
+    assert.equal(await g.f.acked({ request: 'SET_VRING_ADDR', needReply: true, index: 0, flags: 0, ...a, used: a.used + 4096, log: 0 }), false);
+    assert.equal(await g.f.acked({ request: 'SET_VRING_ADDR', needReply: true, index: 0, flags: 2, ...a, log: 0 }), false, 'an unknown flag');
+    const r = g.rings[0].blkRequest(VIRTIO_BLK_T.IN, 0, 4096);
+    g.kick(0);
+    assert.ok(await g.waitUsed(0, 1));
+    assert.equal(g.mem.bytes[r.status], VIRTIO_BLK_S.OK);
   },
 });
 

@@ -122,3 +122,12 @@ test('gather views stay right when the same addresses come back with other lengt
     }
   }));
 });
+
+test('guestAddressOf finds the guest address of a view the memory handed out, and -1 for a foreign one', () => {
+  const m = twoRegions();
+  const out: Uint8Array[] = [];
+  assert.ok(m.gather(0x1ff0, 0x20, out));
+  assert.deepEqual(out.map((v) => m.guestAddressOf(v)), [0x1ff0, 0x2000]);
+  assert.equal(m.guestAddressOf(m.view(0x8123, 5) as Uint8Array), 0x8123);
+  assert.equal(m.guestAddressOf(new Uint8Array(4)), -1);
+});

@@ -153,6 +153,21 @@ export class GuestMemory {
   }
 
   /**
+   * The guest address of the first byte of `view`, a view this memory handed out
+   * ({@link view}, {@link gather}), or -1 when it lies in no region. A scan of the
+   * regions: for the migration log's bookkeeping, not for a hot path.
+   */
+  guestAddressOf(view: Uint8Array): number {
+    for (const r of this.regions) {
+      const b = r.bytes;
+      if (view.buffer === b.buffer && view.byteOffset >= b.byteOffset && view.byteOffset + view.length <= b.byteOffset + b.length) {
+        return r.guestAddress + (view.byteOffset - b.byteOffset);
+      }
+    }
+    return -1;
+  }
+
+  /**
    * A view of [addr, addr + length) when the range lies within one region, else null.
    * A zero-length range must still start inside a region.
    */

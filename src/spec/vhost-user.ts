@@ -169,6 +169,13 @@ export const VHOST_USER_VRING_NOFD_MASK = 1 << 8;
 export const VHOST_VRING_F_LOG = 0;
 
 /**
+ * The dirty log ("Migration" → "Dirty log"): one bit per page of guest-physical memory,
+ * bit `page % 8` of byte `page / 8` (the spec's `log_addr + page / 8`), where
+ * `page = guest_address / VHOST_LOG_PAGE`.
+ */
+export const VHOST_LOG_PAGE = 0x1000;
+
+/**
  * `flags` of a config space message ("Virtio device config space"): 0 for a write
  * the guest made, 1 for live migration (which may also write read-only fields).
  */

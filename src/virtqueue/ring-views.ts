@@ -3,6 +3,7 @@
  * up: the hot path then indexes aligned typed arrays, never a DataView or a translation.
  */
 import { VblkError } from '../errors.js';
+import type { DirtyLog } from '../memory/dirty-log.js';
 import type { GuestMemory } from '../memory/guest-memory.js';
 import {
   VIRTQ_AVAIL_ALIGN, VIRTQ_DESC_ALIGN, VIRTQ_USED_ALIGN, availRingSize, descTableSize, isValidQueueSize, usedRingSize,
@@ -20,6 +21,18 @@ export interface SplitQueueConfig {
   readonly eventIdx: boolean;
   /** VIRTIO_RING_F_INDIRECT_DESC negotiated. */
   readonly indirect: boolean;
+  /** Live migration: where the queue marks every write it makes into guest memory. Absent: no marking. */
+  readonly dirtyLog?: QueueDirtyLog | null;
+}
+
+/** A queue's part in the migration dirty log (vhost-user.rst, "Migration"). */
+export interface QueueDirtyLog {
+  readonly log: DirtyLog;
+  /**
+   * Guest-physical address at which used-ring writes are logged: SET_VRING_ADDR's
+   * `log_guest_addr` (which need not be where the used ring is mapped for us).
+   */
+  readonly usedAt: number;
 }
 
 export type QueueSetupErrorCode = 'BAD_QUEUE_SIZE' | 'RING_OUT_OF_BOUNDS' | 'RING_MISALIGNED';

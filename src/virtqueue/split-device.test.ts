@@ -4,6 +4,7 @@ import { SplitDeviceQueue } from './split-device.js';
 import { ChainError } from './chain.js';
 import { QueueSetupError } from './ring-views.js';
 import { RawRing } from './testing.js';
+import { DirtyLog } from '../memory/dirty-log.js';
 import { VIRTQ_DESC_F, VIRTQ_USED_F_NO_NOTIFY, VIRTQ_AVAIL_F_NO_INTERRUPT } from '../spec/split-ring.js';
 
 const { NEXT, WRITE, INDIRECT } = VIRTQ_DESC_F;
@@ -271,4 +272,60 @@ test('a descriptor posted again with the same range gives the same view; a chang
   const d = post(r.dataBase + 512, 0x7fff_ffff);
   assert.ok(d instanceof ChainError);
   assert.equal(d.code, 'OUT_OF_BOUNDS');
+});
+
+/** The pages set in a dirty-log bitmap. */
+function dirtyPages(bits: Uint8Array): number[] {
+  const out: number[] = [];
+  for (let p = 0; p < bits.length * 8; p++) if (bits[p >> 3] & (1 << (p & 7))) out.push(p);
+  return out;
+}
+
+test('with a dirty log, completing a chain marks its writable pages and the used element, publishing marks used.idx', () => {
+  const r = new RawRing(4);
+  const log = new DirtyLog();
+  const bits = new Uint8Array(64);
+  log.replace(bits);
+  // The used ring is logged at SET_VRING_ADDR's log address, here a page of its own.
+  const usedAt = 200 * 4096;
+  const q = SplitDeviceQueue.create(r.memory, { ...r.config, dirtyLog: { log, usedAt } });
+  assert.ok(q instanceof SplitDeviceQueue);
+  const page = (a: number) => Math.floor(a / 4096);
+  const data = r.dataBase + 3 * 4096 + 100;
+  r.desc(0, r.dataBase, 16, NEXT, 1); // readable: never marked
+  r.desc(1, data, 5000, WRITE | NEXT, 2); // two pages
+  r.desc(2, r.dataBase + 9 * 4096, 1, WRITE); // a status byte
+  r.publish(0);
+  const c = q.pop();
+  assert.ok(c && !(c instanceof ChainError));
+  assert.deepEqual(dirtyPages(bits), [], 'nothing is marked before the device wrote it');
+  q.pushUsed(0, 5001);
+  assert.deepEqual(dirtyPages(bits), [page(data), page(data) + 1, page(r.dataBase) + 9, 200]);
+  bits.fill(0);
+  q.publishUsed();
+  assert.deepEqual(dirtyPages(bits), [200], 'used.idx, at the log address');
+});
+
+test('without a dirty log nothing is marked, and the queue says it has none', () => {
+  const r = new RawRing(4);
+  const q = queue(r);
+  assert.equal(q.dirtyLog, null);
+  r.desc(0, r.dataBase, 64, WRITE);
+  r.publish(0);
+  q.pop();
+  q.pushUsed(0, 64);
+  q.publishUsed();
+});
+
+test('with a dirty log and EVENT_IDX, re-arming marks avail_event in the used ring', () => {
+  const r = new RawRing(8);
+  const log = new DirtyLog();
+  const bits = new Uint8Array(64);
+  log.replace(bits);
+  // usedAt at the last byte of page 300: avail_event (offset 4 + 8 * 8) is on page 301.
+  const usedAt = 301 * 4096 - 1;
+  const q = SplitDeviceQueue.create(r.memory, { ...r.config, eventIdx: true, dirtyLog: { log, usedAt } });
+  assert.ok(q instanceof SplitDeviceQueue);
+  q.enableNotifications();
+  assert.deepEqual(dirtyPages(bits), [301]);
 });

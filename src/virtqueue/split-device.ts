@@ -15,7 +15,8 @@ import {
 import { ChainError, type DescriptorChain, type ReusableChain } from './chain.js';
 import { InflightLog, type InflightRecovery } from './inflight.js';
 import { loadIndex, publishIndex } from './ring-index.js';
-import { QueueSetupError, ringViews, type RingViews, type SplitQueueConfig } from './ring-views.js';
+import type { DirtyLog } from '../memory/dirty-log.js';
+import { QueueSetupError, ringViews, type QueueDirtyLog, type RingViews, type SplitQueueConfig } from './ring-views.js';
 
 /** u16 word offsets within the avail and used rings. */
 const FLAGS = 0;
@@ -66,6 +67,15 @@ export class SplitDeviceQueue {
   /** Per descriptor index i: the address at 2i, the length at 2i + 1 (one line holds both). */
   private readonly seenRange: Float64Array;
   private readonly seenView: (Uint8Array | null)[];
+  /**
+   * Migration (vhost-user's dirty log): where every write into guest memory is marked,
+   * after it is made and before the used index that exposes it is published; null while
+   * not migrating, and then the hot path pays one compare per pop, push and publish.
+   */
+  readonly dirtyLog: QueueDirtyLog | null;
+  private readonly dirty: DirtyLog | null;
+  /** With a log, per head: the (guest address, length) pairs its chain lets the device write. */
+  private readonly writes: number[][];
 
   private constructor(private readonly memory: GuestMemory, config: SplitQueueConfig, views: RingViews) {
     this.size = config.size;
@@ -76,6 +86,9 @@ export class SplitDeviceQueue {
     this.ordered = views.ordered;
     this.seenRange = new Float64Array(2 * config.size).fill(-1);
     this.seenView = new Array<Uint8Array | null>(config.size).fill(null);
+    this.dirtyLog = config.dirtyLog ?? null;
+    this.dirty = this.dirtyLog?.log ?? null;
+    this.writes = [];
     this.usedEventAt = RING + config.size;
     this.availEventAt = RING + 4 * config.size;
     // A queue may start on rings that are already in use (vhost-user reconnect, or a
@@ -140,7 +153,9 @@ export class SplitDeviceQueue {
     if (this.brokenBy) return this.brokenBy;
     if (this.resubmit.length > 0) {
       const again = this.walk(this.resubmit.shift()!, into ?? newChain());
-      return again instanceof ChainError ? this.fail(again) : again;
+      if (again instanceof ChainError) return this.fail(again);
+      if (this.dirty !== null) this.recordWrites(again);
+      return again;
     }
     let availIdx = this.availSeen;
     if (availIdx === this.lastAvail) {
@@ -161,7 +176,35 @@ export class SplitDeviceQueue {
     const chain = this.walk(head, into ?? newChain());
     if (chain instanceof ChainError) return this.fail(chain);
     this.inflight?.popped(head);
+    if (this.dirty !== null) this.recordWrites(chain);
     return chain;
+  }
+
+  /**
+   * Remembers which guest ranges `chain` may write, to mark them when it completes: the
+   * device writes them between now and {@link pushUsed}, and marking earlier could be
+   * undone by the frontend's sync (dirty-log.ts).
+   */
+  private recordWrites(chain: DescriptorChain): void {
+    let w = this.writes[chain.head];
+    if (w === undefined) this.writes[chain.head] = w = [];
+    w.length = 0;
+    for (const view of chain.writable) w.push(this.memory.guestAddressOf(view), view.length);
+  }
+
+  /** Marks what completing `head` wrote: its chain's writable ranges and used element `slot`. */
+  private logCompletion(dirty: DirtyLog, head: number, slot: number): void {
+    const w = this.writes[head];
+    if (w !== undefined) {
+      for (let i = 0; i < w.length; i += 2) dirty.mark(w[i], w[i + 1]);
+      w.length = 0;
+    }
+    dirty.mark(this.usedLogAt(4 + 8 * slot), 8);
+  }
+
+  /** Guest address at which the used ring's byte `offset` is logged. */
+  private usedLogAt(offset: number): number {
+    return (this.dirtyLog as QueueDirtyLog).usedAt + offset;
   }
 
   /** Walks and validates the chain at `head` (2.7.5, 2.7.5.3) into `chain`. */
@@ -345,6 +388,7 @@ export class SplitDeviceQueue {
     const slot = this.usedIdx & this.mask;
     this.v.usedU32[1 + 2 * slot] = head;
     this.v.usedU32[2 + 2 * slot] = written;
+    if (this.dirty !== null) this.logCompletion(this.dirty, head, slot);
     this.usedIdx = (this.usedIdx + 1) & 0xffff;
     if (this.inflight) this.batch.push(head);
   }
@@ -358,6 +402,7 @@ export class SplitDeviceQueue {
     const next = this.usedIdx;
     if (old === next) return false;
     publishIndex(this.v.usedU16, IDX, next, this.ordered);
+    if (this.dirty !== null) this.dirty.mark(this.usedLogAt(2 * IDX), 2);
     this.publishedUsed = next;
     if (this.inflight) {
       // After the index store: a crash in between is recovered from the used ring.
@@ -370,7 +415,9 @@ export class SplitDeviceQueue {
 
   /** Asks the driver not to notify us: we are about to drain the ring anyway. */
   disableNotifications(): void {
-    if (!this.eventIdx) publishIndex(this.v.usedU16, FLAGS, VIRTQ_USED_F_NO_NOTIFY, this.ordered);
+    if (this.eventIdx) return;
+    publishIndex(this.v.usedU16, FLAGS, VIRTQ_USED_F_NO_NOTIFY, this.ordered);
+    if (this.dirty !== null) this.dirty.mark(this.usedLogAt(2 * FLAGS), 2);
   }
 
   /**
@@ -378,8 +425,9 @@ export class SplitDeviceQueue {
    * when buffers arrived meanwhile, so the caller must drain again instead of sleeping.
    */
   enableNotifications(): boolean {
-    if (this.eventIdx) publishIndex(this.v.usedU16, this.availEventAt, this.lastAvail, this.ordered);
-    else publishIndex(this.v.usedU16, FLAGS, 0, this.ordered);
+    const at = this.eventIdx ? this.availEventAt : FLAGS;
+    publishIndex(this.v.usedU16, at, this.eventIdx ? this.lastAvail : 0, this.ordered);
+    if (this.dirty !== null) this.dirty.mark(this.usedLogAt(2 * at), 2);
     return !this.brokenBy && (this.resubmit.length > 0 || loadIndex(this.v.availU16, IDX, this.ordered) !== this.lastAvail);
   }
 }

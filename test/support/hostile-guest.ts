@@ -29,6 +29,8 @@ export interface GuestOptions {
    * (negotiating VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD); the guest keeps our fd.
    */
   readonly inflight?: { readonly fd: number; readonly mmapSize: number; readonly numQueues: number; readonly queueSize: number };
+  /** Protocol features to negotiate besides REPLY_ACK, CONFIG and MQ (LOG_SHMFD, say). */
+  readonly protocol?: bigint;
 }
 
 export class RunningGuest {
@@ -52,7 +54,7 @@ export class RunningGuest {
       await f.handshake({
         features: opts.features ?? (bit(VIRTIO_F.VERSION_1) | bit(VHOST_USER_F_PROTOCOL_FEATURES)),
         protocol: bit(VHOST_USER_PROTOCOL_F.REPLY_ACK) | bit(VHOST_USER_PROTOCOL_F.CONFIG) | bit(VHOST_USER_PROTOCOL_F.MQ) |
-          (inflight ? bit(VHOST_USER_PROTOCOL_F.INFLIGHT_SHMFD) : 0n),
+          (inflight ? bit(VHOST_USER_PROTOCOL_F.INFLIGHT_SHMFD) : 0n) | (opts.protocol ?? 0n),
       });
       if (inflight) await g.must({ request: 'SET_INFLIGHT_FD', needReply: true, mmapOffset: 0, ...inflight });
       await g.must({ request: 'SET_MEM_TABLE', needReply: true, regions: [mem.region] });

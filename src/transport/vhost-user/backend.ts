@@ -12,14 +12,17 @@ import { VblkError } from '../../errors.js';
 import type { LogSink } from '../../log.js';
 import { GuestMemory, type MemoryRegion } from '../../memory/guest-memory.js';
 import { VIRTIO_F, features as featureSet, hasFeature } from '../../spec/virtio.js';
-import { VHOST_USER_F_PROTOCOL_FEATURES, VHOST_USER_MAX_CONFIG_SIZE, VHOST_USER_PROTOCOL_F } from '../../spec/vhost-user.js';
+import {
+  VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES, VHOST_USER_MAX_CONFIG_SIZE, VHOST_USER_PROTOCOL_F, VHOST_VRING_F_LOG,
+} from '../../spec/vhost-user.js';
 import type { ChainError } from '../../virtqueue/chain.js';
 import type { DeviceHost, VirtioDevice } from '../../virtqueue/device.js';
-import { QueueSetupError } from '../../virtqueue/ring-views.js';
+import { QueueSetupError, type QueueDirtyLog } from '../../virtqueue/ring-views.js';
 import { inflightQueueBytes } from '../../virtqueue/inflight.js';
 import { SplitDeviceQueue } from '../../virtqueue/split-device.js';
 import { encodeBackendRequest, getConfigReply } from './codec.js';
 import { CONFIG_RECORD_BYTES, readConfigRecord, writeConfigRecord } from './config-record.js';
+import { MigrationLog, MigrationLogError } from './migration-log.js';
 import {
   requestFds,
   type BackendReply, type EncodedMessage, type FrontendRequest, type FrontendRequestOf, type MappedMemoryRegion,
@@ -70,7 +73,8 @@ export type BackendSessionErrorCode =
   | 'BAD_RING'
   | 'BAD_MEMORY_TABLE'
   | 'NO_MEMORY'
-  | 'RING_BUSY';
+  | 'RING_BUSY'
+  | 'BAD_LOG';
 
 /** A frontend request that is well-formed but cannot be honoured in this session's state. */
 export class BackendSessionError extends VblkError {
@@ -87,7 +91,11 @@ export const BACKEND_PROTOCOL_FEATURES = featureSet(
   VHOST_USER_PROTOCOL_F.BACKEND_REQ,
   VHOST_USER_PROTOCOL_F.CONFIG,
   VHOST_USER_PROTOCOL_F.INFLIGHT_SHMFD,
+  VHOST_USER_PROTOCOL_F.LOG_SHMFD,
 );
+
+/** Virtio feature bits that are vhost's, not the device's: never passed to the device model. */
+const VHOST_ONLY_FEATURES = (1n << BigInt(VHOST_USER_F_PROTOCOL_FEATURES)) | (1n << BigInt(VHOST_F_LOG_ALL));
 
 /**
  * The inflight buffer shared with the frontend: one log per queue, `perQueue` bytes apart,
@@ -102,8 +110,11 @@ interface InflightBuffer {
 
 interface Vring {
   num: number;
-  /** Frontend user addresses, as SET_VRING_ADDR gave them; null until then. */
-  addr: { desc: number; avail: number; used: number } | null;
+  /**
+   * Frontend user addresses, as SET_VRING_ADDR gave them, with its flags and the
+   * guest-physical address to log used-ring writes at; null until then.
+   */
+  addr: { desc: number; avail: number; used: number; flags: number; log: number } | null;
   base: number;
   kickFd: number | null;
   kickWatch: Stoppable | null;
@@ -130,6 +141,7 @@ export class VhostUserBackendSession implements DeviceHost {
   private protocol = 0n;
   private backendChannel: number | null = null;
   private inflight: InflightBuffer | null = null;
+  private readonly migration: MigrationLog;
   /**
    * The config space as the frontend holds it (QEMU keeps a copy and never reads ours
    * again: config-record.ts), or null while unknown. Replayed into the device whenever a
@@ -151,12 +163,18 @@ export class VhostUserBackendSession implements DeviceHost {
         num: 0, addr: null, base: 0, kickFd: null, kickWatch: null, callFd: null, errFd: null, enabled: false, queue: null,
       });
     }
+    this.migration = new MigrationLog(io);
     device.attach(this);
   }
 
-  /** Features offered in GET_FEATURES: the device's plus VHOST_USER_F_PROTOCOL_FEATURES. */
+  /**
+   * Features offered in GET_FEATURES: the device's, VHOST_USER_F_PROTOCOL_FEATURES, and
+   * VHOST_F_LOG_ALL when the shared-memory log (LOG_SHMFD, the only kind implemented) is
+   * offered.
+   */
   get offeredFeatures(): bigint {
-    return this.device.deviceFeatures | (1n << BigInt(VHOST_USER_F_PROTOCOL_FEATURES));
+    const log = hasFeature(this.offeredProtocol, VHOST_USER_PROTOCOL_F.LOG_SHMFD) ? 1n << BigInt(VHOST_F_LOG_ALL) : 0n;
+    return this.device.deviceFeatures | (1n << BigInt(VHOST_USER_F_PROTOCOL_FEATURES)) | log;
   }
 
   private hasProtocol(bit: number): boolean {
@@ -194,7 +212,9 @@ export class VhostUserBackendSession implements DeviceHost {
       case 'GET_FEATURES':
         return { request: 'GET_FEATURES', features: this.offeredFeatures };
       case 'SET_FEATURES':
-        return this.setFeatures(req.features);
+        this.setFeatures(req.features);
+        await this.refreshLogging();
+        return null;
       case 'GET_PROTOCOL_FEATURES':
         return { request: 'GET_PROTOCOL_FEATURES', features: this.offeredProtocol };
       case 'SET_PROTOCOL_FEATURES':
@@ -218,7 +238,12 @@ export class VhostUserBackendSession implements DeviceHost {
         this.setVringNum(req.index, req.num);
         return null;
       case 'SET_VRING_ADDR':
-        this.idleVring(req.index, 'SET_VRING_ADDR').addr = { desc: req.desc, avail: req.avail, used: req.used };
+        await this.setVringAddr(req);
+        return null;
+      case 'SET_LOG_BASE':
+        return this.setLogBase(req);
+      case 'SET_LOG_FD':
+        this.setLogFd(req.fd);
         return null;
       case 'SET_VRING_BASE':
         this.idleVring(req.index, 'SET_VRING_BASE').base = req.num & 0xffff;
@@ -268,7 +293,7 @@ export class VhostUserBackendSession implements DeviceHost {
     }
   }
 
-  private setFeatures(features: bigint): null {
+  private setFeatures(features: bigint): void {
     const offered = this.offeredFeatures;
     if ((features & ~offered) !== 0n) {
       throw new BackendSessionError('BAD_FEATURES', `frontend accepted features 0x${(features & ~offered).toString(16)} that were not offered`);
@@ -281,8 +306,97 @@ export class VhostUserBackendSession implements DeviceHost {
       throw new BackendSessionError('RING_BUSY', 'ring features cannot change while rings run');
     }
     this.acked = features;
-    this.device.setDriverFeatures(features & ~(1n << BigInt(VHOST_USER_F_PROTOCOL_FEATURES)));
-    return null;
+    this.device.setDriverFeatures(features & ~VHOST_ONLY_FEATURES);
+  }
+
+  /**
+   * SET_VRING_ADDR. On a running ring only the logging may change (QEMU turns the log
+   * flag on and off this way while the guest runs): the addresses must stay as they are.
+   */
+  private async setVringAddr(req: FrontendRequestOf<'SET_VRING_ADDR'>): Promise<void> {
+    const v = this.vring(req.index);
+    if ((req.flags & ~(1 << VHOST_VRING_F_LOG)) !== 0) {
+      throw new BackendSessionError('BAD_RING', `ring ${req.index}: SET_VRING_ADDR flags 0x${req.flags.toString(16)} set bits other than VHOST_VRING_F_LOG`);
+    }
+    const addr = { desc: req.desc, avail: req.avail, used: req.used, flags: req.flags, log: req.log };
+    if (v.queue) {
+      const a = v.addr;
+      if (a === null || a.desc !== addr.desc || a.avail !== addr.avail || a.used !== addr.used) {
+        throw new BackendSessionError('RING_BUSY', `SET_VRING_ADDR on ring ${req.index} while it runs moves the rings`);
+      }
+    }
+    v.addr = addr;
+    await this.refreshLogging();
+  }
+
+  /** SET_LOG_BASE (with LOG_SHMFD): the new log, then the u64 reply QEMU waits for. */
+  private async setLogBase(req: FrontendRequestOf<'SET_LOG_BASE'>): Promise<BackendReply> {
+    this.requireLogShmfd('SET_LOG_BASE', req.fd);
+    try {
+      this.migration.setBase(req.fd, req.mmapSize, req.mmapOffset, this.memoryEnd());
+    } catch (e) {
+      if (e instanceof MigrationLogError) throw new BackendSessionError('BAD_LOG', e.message);
+      throw e;
+    }
+    await this.refreshLogging();
+    // With LOG_SHMFD, QEMU 7.2 waits for a reply (any payload; libvhost-user sends a u64)
+    // before it relies on the log: it comes once the log is mapped and the rings use it.
+    return { request: 'SET_LOG_BASE', success: true };
+  }
+
+  private requireLogShmfd(what: string, fd: number): void {
+    if (this.hasProtocol(VHOST_USER_PROTOCOL_F.LOG_SHMFD)) return;
+    this.io.closeFd(fd);
+    throw new BackendSessionError('NOT_NEGOTIATED', `${what} needs protocol feature LOG_SHMFD (bit ${VHOST_USER_PROTOCOL_F.LOG_SHMFD}), not negotiated: the shared-memory log is the only one implemented`);
+  }
+
+  private setLogFd(fd: number): void {
+    this.requireLogShmfd('SET_LOG_FD', fd);
+    try {
+      this.io.checkEventFd(fd);
+    } catch (e) {
+      this.io.closeFd(fd);
+      throw new BackendSessionError('BAD_LOG', `SET_LOG_FD: ${e instanceof Error ? e.message : String(e)}`);
+    }
+    this.migration.setFd(fd);
+  }
+
+  /** The highest guest-physical address of the memory table (0 without one). */
+  private memoryEnd(): number {
+    return this.regions.reduce((end, r) => Math.max(end, r.guestAddress + r.size), 0);
+  }
+
+  /**
+   * How ring `v` logs, if it does: while a log is mapped and the frontend asked for
+   * logging, with VHOST_F_LOG_ALL or the ring's VHOST_VRING_F_LOG. Used-ring writes are
+   * logged at the ring's `log` address when its flag says so, else (LOG_ALL alone) where
+   * the used ring is in guest-physical memory.
+   */
+  private queueLogOf(v: Vring): QueueDirtyLog | null {
+    const a = v.addr;
+    if (a === null || !this.migration.dirty.active) return null;
+    const ringFlag = (a.flags & (1 << VHOST_VRING_F_LOG)) !== 0;
+    if (!ringFlag && !hasFeature(this.acked, VHOST_F_LOG_ALL)) return null;
+    return { log: this.migration.dirty, usedAt: ringFlag ? a.log : this.toGuest(a.used) };
+  }
+
+  /**
+   * Restarts every running ring whose logging is not what it should be now. A queue logs
+   * from the requests it pops, so one started before logging began would not mark the
+   * writes of requests already in flight: stopping it waits for them (their writes land
+   * before our reply, and QEMU's first migration pass copies all memory after it).
+   */
+  private async refreshLogging(): Promise<void> {
+    for (let i = 0; i < this.vrings.length; i++) {
+      const v = this.vrings[i];
+      if (!v.queue) continue;
+      const want = this.queueLogOf(v);
+      const have = v.queue.dirtyLog;
+      if (want?.usedAt === have?.usedAt) continue;
+      v.base = await this.device.stopQueue(i);
+      v.queue = null;
+      this.maybeStart(i);
+    }
   }
 
   private requireProtocol(bit: number, what: string): void {
@@ -500,6 +614,7 @@ export class VhostUserBackendSession implements DeviceHost {
       size: v.num, desc, avail, used,
       eventIdx: hasFeature(this.acked, VIRTIO_F.RING_EVENT_IDX),
       indirect: hasFeature(this.acked, VIRTIO_F.RING_INDIRECT_DESC),
+      dirtyLog: this.queueLogOf(v),
     });
     if (queue instanceof QueueSetupError) throw new BackendSessionError('BAD_RING', `ring ${index}: ${queue.message}`);
     queue.nextAvail = v.base;
@@ -607,6 +722,9 @@ export class VhostUserBackendSession implements DeviceHost {
       }
     }
     this.memory = new GuestMemory(parts);
+    if (!this.migration.covers(this.memoryEnd())) {
+      this.io.log(`the migration log (${this.migration.dirty.size} bytes) does not cover guest memory up to 0x${this.memoryEnd().toString(16)}: writes beyond it cannot be logged until the frontend sends a larger one`, { level: 'warn' });
+    }
     // Restart the rings that ran, and start those that had everything but memory (a
     // frontend may set a ring up before its first table). Every ring gets its chance
     // before the first failure is reported.
@@ -654,6 +772,7 @@ export class VhostUserBackendSession implements DeviceHost {
     this.unmapAll();
     this.inflight?.mapping.unmap();
     this.inflight = null;
+    this.migration.close();
     for (const v of this.vrings) {
       for (const fd of [v.callFd, v.errFd]) if (fd !== null) this.io.closeFd(fd);
       v.callFd = null;

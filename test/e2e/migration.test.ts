@@ -1,0 +1,336 @@
+// Live migration of a guest whose disk `vblk serve` serves: a Linux guest running fio
+// --verify=crc32c on two queues moves from one QEMU to another and back (QMP `migrate`
+// to a QEMU started with `-incoming unix:PATH`), with no I/O error and every verify
+// passing. The same run against qemu-storage-daemon gives the downtime to compare with.
+//
+// The dirty log is put to the proof by a probe that only a correct log passes: while the
+// migration runs (slowed down, and unable to converge until the host lets it), the guest
+// reads disk regions into its page cache again and again, dropping the cache between
+// reads. Those page-cache pages are written by the backend alone (the guest CPU never
+// touches them, so QEMU's own dirty tracking cannot see them): after the switchover the
+// guest checksums the region it read last *from the page cache* on the destination. A
+// backend that did not mark the pages leaves the destination with the copies sent
+// before the last read: the checksum is wrong — which the third case shows with a
+// `vblk serve` whose data marks are patched out (test/support/serve-without-data-log.ts).
+//
+// The guest's workloads run until the host tells them to stop, never "until this much
+// is done", and the migration waits on QEMU's own counters, not on the clock.
+import { after, before, describe, it } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import { copyFileSync, existsSync, mkdirSync, writeFileSync } from 'node:fs';
+import { dirname, join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { GUEST_PEERS, ensureGuest, requirePeer, startGuest, type Guest, type GuestImage, type GuestOptions } from '../../scripts/guest/guest.js';
+import { waitUntil } from '../support/wait.js';
+import { launchServe, scratchDir, startServe } from './serve-helpers.js';
+
+const here = dirname(fileURLToPath(import.meta.url));
+const BROKEN_SERVE = resolve(here, '../support/serve-without-data-log.js');
+
+const MiB = 1024 * 1024;
+const IMAGE_SIZE = 128 * MiB;
+/** The probe's regions: 4 × 16 MiB from 64 MiB, each 4 KiB block different; fio stays below. */
+const REGION_START_MIB = 64;
+const REGION_MIB = 16;
+const REGIONS = 4;
+/** While the probe runs: slow enough that the first pass takes a while, and no switchover. */
+const SLOW = { 'max-bandwidth': 16 * MiB, 'downtime-limit': 1 };
+/** Then: converge (QEMU 7.2's default downtime limit, 300 ms). */
+const FAST = { 'max-bandwidth': 1024 * MiB, 'downtime-limit': 300 };
+
+/** Two sockets onto one image, served by vblk or by qemu-storage-daemon. */
+interface DiskServer {
+  readonly sockets: readonly [string, string];
+  log(): string;
+  stop(): Promise<void>;
+}
+
+async function vblkServer(image: string, dir: string, broken = false): Promise<DiskServer> {
+  const sockets = [join(dir, 'a.sock'), join(dir, 'b.sock')] as const;
+  const args = ['--queues', '2'];
+  // Until one `vblk serve` takes several --socket, two processes share the image (raw,
+  // no cache of their own: what one writes the other reads from the same page cache).
+  const start = (s: string) => broken
+    ? launchServe(process.execPath, [BROKEN_SERVE, 'serve', image, '--socket', s, ...args], s)
+    : startServe(image, s, args);
+  const served = [await start(sockets[0]), await start(sockets[1])];
+  return {
+    sockets,
+    log: () => served.map((s) => s.log()).join('\n--- second socket ---\n'),
+    stop: async () => {
+      for (const s of served) await s.stop();
+    },
+  };
+}
+
+/** qemu-storage-daemon with two vhost-user-blk exports of one node. */
+async function qsdServer(image: string, dir: string): Promise<DiskServer> {
+  const sockets = [join(dir, 'qa.sock'), join(dir, 'qb.sock')] as const;
+  const exportOf = (id: string, s: string) =>
+    `type=vhost-user-blk,id=${id},node-name=d,addr.type=unix,addr.path=${s},writable=on,num-queues=2`;
+  const proc = spawn('qemu-storage-daemon', [
+    '--blockdev', `driver=file,node-name=f,filename=${image}`, '--blockdev', 'driver=raw,node-name=d,file=f',
+    '--export', exportOf('ea', sockets[0]), '--export', exportOf('eb', sockets[1]),
+  ], { stdio: ['ignore', 'pipe', 'pipe'] });
+  let log = '';
+  proc.stdout.on('data', (d: Buffer) => (log += d.toString()));
+  proc.stderr.on('data', (d: Buffer) => (log += d.toString()));
+  const exited = new Promise<void>((res) => proc.on('close', () => res()));
+  const started = Date.now();
+  while (!sockets.every((s) => existsSync(s))) {
+    if (proc.exitCode !== null) throw new Error(`qemu-storage-daemon exited with ${proc.exitCode}: ${log}`);
+    if (Date.now() - started > 30_000) throw new Error(`qemu-storage-daemon did not create its sockets: ${log}`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  return {
+    sockets, log: () => log,
+    stop: async () => {
+      if (proc.exitCode === null) proc.kill('SIGTERM');
+      await exited;
+    },
+  };
+}
+
+/** A 128 MiB image whose probe regions hold distinct 4 KiB blocks; their SHA-256, by region. */
+function makeImage(path: string): string[] {
+  const image = Buffer.alloc(IMAGE_SIZE);
+  let x = 0x9e3779b9;
+  for (let at = REGION_START_MIB * MiB; at < IMAGE_SIZE; at += 4) {
+    // xorshift32: cheap, and no two blocks alike.
+    x ^= x << 13; x >>>= 0;
+    x ^= x >>> 17;
+    x ^= x << 5; x >>>= 0;
+    image.writeUInt32LE(x, at);
+  }
+  writeFileSync(path, image);
+  return Array.from({ length: REGIONS }, (_, r) => {
+    const from = (REGION_START_MIB + r * REGION_MIB) * MiB;
+    return createHash('sha256').update(image.subarray(from, from + REGION_MIB * MiB)).digest('hex');
+  });
+}
+
+/**
+ * fio rounds on two queues (one job per vCPU), each verifying all it wrote, until told to
+ * stop; the page-cache probe until told to stop; then, on whichever QEMU runs the guest
+ * by then, the checksum of the region read last, from the page cache.
+ */
+const GUEST_SCRIPT = `set -e
+(
+  n=0
+  while [ ! -e /tmp/stop ]; do
+    n=$((n+1))
+    echo "FIO-ROUND $n"
+    fio --name=m --filename=/dev/vda --direct=1 --ioengine=libaio --iodepth=8 --rw=randwrite --bs=4k \\
+        --size=8M --numjobs=2 --offset_increment=32M --cpus_allowed=0-1 --cpus_allowed_policy=split \\
+        --verify=crc32c --do_verify=1 --verify_fatal=1 --output-format=terse > /tmp/fio.out \\
+      || { echo "FIO-FAILED round $n"; cat /tmp/fio.out; exit 1; }
+  done
+  echo "FIO-ROUNDS=$n"
+) &
+fio_loop=$!
+(
+  i=0
+  while [ ! -e /tmp/stop-reading ]; do
+    r=$((i % ${REGIONS}))
+    echo 3 > /proc/sys/vm/drop_caches
+    dd if=/dev/vda of=/dev/null bs=1M skip=$((${REGION_START_MIB} + r * ${REGION_MIB})) count=${REGION_MIB} 2>/dev/null
+    echo $r > /tmp/last-region
+    i=$((i+1))
+    echo "READ $i"
+  done
+) &
+reader=$!
+echo READY
+read -r line
+touch /tmp/stop-reading
+wait $reader
+echo READ-STOPPED
+read -r line
+r=$(cat /tmp/last-region)
+sum=$(dd if=/dev/vda bs=1M skip=$((${REGION_START_MIB} + r * ${REGION_MIB})) count=${REGION_MIB} 2>/dev/null | sha256sum)
+echo "CHECK region=$r sum=\${sum%% *}"
+read -r line
+touch /tmp/stop
+wait $fio_loop
+if dmesg | grep -i -E 'I/O error|blk_update_request|virtio_blk.*error'; then echo IO-ERRORS-LOGGED; exit 1; fi
+echo FIO-DONE
+`;
+
+/** Where a long run is, on stderr as it happens (the test runner shows diagnostics only at the end). */
+function note(line: string): void {
+  process.stderr.write(`# migration: ${line}\n`);
+}
+
+interface MigrationInfo {
+  status: string;
+  downtime?: number;
+  'total-time'?: number;
+  'error-desc'?: string;
+  ram?: { 'dirty-sync-count'?: number; transferred?: number };
+}
+
+async function queryMigrate(g: Guest): Promise<MigrationInfo> {
+  return (await g.qmp('query-migrate')) as MigrationInfo;
+}
+
+async function pollMigration(g: Guest, until: (i: MigrationInfo) => boolean, what: string, timeoutMs: number): Promise<MigrationInfo> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const info = await queryMigrate(g);
+    if (info.status === 'failed' || info.status === 'cancelled') throw new Error(`migration ${info.status}: ${info['error-desc'] ?? ''}`);
+    if (until(info)) return info;
+    if (Date.now() > deadline) throw new Error(`migration: ${what} not within ${timeoutMs / 1000} s: ${JSON.stringify(info)}`);
+    await new Promise((r) => setTimeout(r, 100));
+  }
+}
+
+/**
+ * Migrates the guest from `src` to `dst` (listening on `uri`). With `during`, the
+ * migration is held slow and short of its switchover until `during` is done.
+ */
+async function migrate(src: Guest, uri: string, during?: () => Promise<void>): Promise<MigrationInfo> {
+  // The destination listens once it has set up its devices (vhost-user handshake included).
+  await waitUntil(() => existsSync(uri.slice('unix:'.length)), { what: `the destination to listen on ${uri}`, timeoutMs: 120_000 });
+  await src.qmp('migrate-set-parameters', during ? SLOW : FAST);
+  await src.qmp('migrate', { uri });
+  note(`migrating to ${uri}`);
+  if (during) {
+    // dirty-sync-count 2: the first pass over all memory is done, and every page the
+    // probe fills from now on was sent before, with other contents.
+    await pollMigration(src, (i) => (i.ram?.['dirty-sync-count'] ?? 0) >= 2, 'the first pass', 300_000);
+    note('first pass done');
+    await during();
+    await src.qmp('migrate-set-parameters', FAST);
+  }
+  return pollMigration(src, (i) => i.status === 'completed', 'completion', 300_000);
+}
+
+interface Outcome {
+  /** query-migrate's downtime, ms: there, and back (absent when the run stopped at the check). */
+  downtimes: number[];
+  check: { region: number; sum: string };
+  expected: string[];
+  output: string;
+  exitCode: number | null;
+}
+
+/**
+ * Boots the guest on QEMU A (socket 0), migrates it to B (socket 1) with the probe
+ * running, checks, migrates it back to a fresh A, and lets it finish — or, with
+ * `checkOnly`, ends at the check.
+ */
+async function scenario(image: GuestImage, dir: string, server: DiskServer, expected: string[], checkOnly = false): Promise<Outcome> {
+  // One image for every QEMU of the run: source and destination must boot the same kernel and initramfs.
+  const base: Omit<GuestOptions, 'vhostUserSockets'> = { script: GUEST_SCRIPT, smp: 2, timeoutMs: 900_000, image };
+  const on = (s: string) => [{ path: s, numQueues: 2 }];
+  const guests: Guest[] = [];
+  try {
+    const a = await startGuest({ ...base, vhostUserSockets: on(server.sockets[0]) });
+    guests.push(a);
+    await a.waitFor('READY', 180_000);
+    await a.waitFor(/^FIO-ROUND 1/, 180_000);
+
+    const toB = `unix:${join(dir, 'mig-b.sock')}`;
+    const b = await startGuest({ ...base, vhostUserSockets: on(server.sockets[1]), extraArgs: ['-incoming', toB] });
+    guests.push(b);
+    const first = await migrate(a, toB, async () => {
+      // Two more reads into pages the first pass already sent, then the probe stops.
+      const seen = await a.waitFor(/^READ \d+/, 120_000);
+      const n = Number(seen.split(' ')[1]);
+      await a.waitFor(new RegExp(`^READ ${n + 2}$`), 300_000);
+      a.send('stop-reading');
+      await a.waitFor('READ-STOPPED', 120_000);
+    });
+    await a.qmp('quit');
+    b.send('check');
+    const line = await b.waitFor(/^CHECK region=\d sum=[0-9a-f]+/, 120_000);
+    const m = /region=(\d) sum=([0-9a-f]+)/.exec(line)!;
+    const check = { region: Number(m[1]), sum: m[2] };
+    note(`there: ${first.downtime} ms downtime; ${line}`);
+    if (checkOnly) {
+      return { downtimes: [first.downtime ?? NaN], check, expected, output: guests.map((g) => g.output()).join('\n=== next QEMU ===\n'), exitCode: null };
+    }
+
+    // And back, to a new QEMU on the first socket.
+    const toA = `unix:${join(dir, 'mig-a.sock')}`;
+    const a2 = await startGuest({ ...base, vhostUserSockets: on(server.sockets[0]), extraArgs: ['-incoming', toA] });
+    guests.push(a2);
+    await b.waitFor(/^FIO-ROUND \d+/, 300_000);
+    const second = await migrate(b, toA);
+    note(`back: ${second.downtime} ms downtime`);
+    await b.qmp('quit');
+    await a2.waitFor(/^FIO-ROUND \d+/, 300_000);
+    a2.send('stop');
+    const r = await a2.done;
+    const output = guests.map((g) => g.output()).join('\n=== next QEMU ===\n');
+    return { downtimes: [first.downtime ?? NaN, second.downtime ?? NaN], check, expected, output, exitCode: r.exitCode };
+  } finally {
+    for (const g of guests) await g.kill();
+  }
+}
+
+describe('live migration of a guest served over vhost-user', { skip: requirePeer(...GUEST_PEERS, 'qemu-storage-daemon') }, () => {
+  let scratch: { dir: string; cleanup(): void };
+  let guestImage: GuestImage;
+  const downtimes = new Map<string, number[]>();
+  before(async () => {
+    scratch = scratchDir('vblk-migration-e2e-');
+    // A copy of our own: every QEMU of a run must boot the same files, and a build started
+    // elsewhere meanwhile (another test run on this checkout) replaces the cached initramfs.
+    const built = await ensureGuest();
+    guestImage = { kernel: join(scratch.dir, 'vmlinuz'), initrd: join(scratch.dir, 'initrd.cpio.zst') };
+    copyFileSync(built.kernel, guestImage.kernel);
+    copyFileSync(built.initrd, guestImage.initrd);
+  });
+  after(() => {
+    const v = downtimes.get('vblk');
+    const q = downtimes.get('qsd');
+    if (v && q) {
+      console.log(`migration downtime (ms), there and back: vblk serve ${v.join(', ')}; qemu-storage-daemon ${q.join(', ')}`);
+    }
+    scratch.cleanup();
+  });
+
+  const run = async (name: string, serverOf: (image: string, dir: string) => Promise<DiskServer>, checkOnly = false): Promise<{ o: Outcome; log: string }> => {
+    const dir = join(scratch.dir, name);
+    mkdirSync(dir);
+    const image = join(dir, 'disk.img');
+    const expected = makeImage(image);
+    const server = await serverOf(image, dir);
+    try {
+      return { o: await scenario(guestImage, dir, server, expected, checkOnly), log: server.log() };
+    } finally {
+      await server.stop();
+    }
+  };
+
+  const assertClean = (o: Outcome, log: string): void => {
+    const tail = o.output.split('\n').slice(-60).join('\n');
+    assert.equal(o.exitCode, 0, `guest failed:\n${tail}\n${log}`);
+    assert.match(o.output, /FIO-DONE/);
+    assert.doesNotMatch(o.output, /IO-ERRORS-LOGGED|FIO-FAILED/);
+  };
+
+  it('vblk serve: there and back with fio verifying on two queues; the pages it filled during the migration arrive', { timeout: 1_200_000 }, async (t) => {
+    const { o, log } = await run('vblk', (image, dir) => vblkServer(image, dir));
+    assertClean(o, log);
+    assert.equal(o.check.sum, o.expected[o.check.region], `region ${o.check.region} read during the migration is wrong on the destination`);
+    downtimes.set('vblk', o.downtimes);
+    t.diagnostic(`downtime (ms): ${o.downtimes.join(', ')}`);
+  });
+
+  it('qemu-storage-daemon, the same run: the reference downtime', { timeout: 1_200_000 }, async (t) => {
+    const { o, log } = await run('qsd', qsdServer);
+    assertClean(o, log);
+    assert.equal(o.check.sum, o.expected[o.check.region]);
+    downtimes.set('qsd', o.downtimes);
+    t.diagnostic(`downtime (ms): ${o.downtimes.join(', ')}`);
+  });
+
+  it('the probe catches a backend that does not log its data writes: the destination sees stale pages', { timeout: 1_200_000 }, async () => {
+    const { o } = await run('broken', (image, dir) => vblkServer(image, dir, true), true);
+    assert.notEqual(o.check.sum, o.expected[o.check.region], 'with data pages unmarked the region still arrived intact: the probe proves nothing');
+  });
+});
