@@ -410,6 +410,11 @@ export class RequestEngine {
     if (this.waiters.length > 0) this.checkWaiters();
   }
 
+  /** Takes every completion the device published (it is gone: nothing will notify). */
+  reapAll(): void {
+    for (const qs of this.queues) this.reapQueue(qs);
+  }
+
   /** Reaps `qs` again after {@link LATE_REAP_MS}, re-arming the queue's one timer. */
   private armLateReap(qs: QueueState): void {
     const t = qs.lateReap as { refresh?: () => unknown } | null;

@@ -3,6 +3,14 @@
  * FEATURES_OK, config, queues, DRIVER_OK), config changes (the seed's
  * `virtblk_config_changed`), freeze and restore, removal, and the loss of the device.
  * It owns the phase and tells the {@link RequestEngine} whether to post, queue or hold.
+ *
+ * Reconnection: when a transport that can reach its device again (a vhost-user backend
+ * restarted on the same socket) loses it, the disk holds every request not completed
+ * and new ones, connects again with backoff, negotiates the features in use (a device
+ * without one of them, or with a different logical block or smaller chains, is refused
+ * like a failed attempt), reads the config (a new capacity is a config change), sets up
+ * fresh rings and sends the held requests again — a block device's requests, flush
+ * included, are idempotent. After `reconnectTimeoutMs` they fail with `DEVICE_GONE`.
  */
 import { UsageError } from '../errors.js';
 import { VIRTIO_BLK_CONFIG, VIRTIO_BLK_F, virtioBlkConfigSize } from '../spec/virtio-blk.js';
@@ -16,7 +24,18 @@ import type { RequestEngine } from './driver-engine.js';
 import { newSizeMessage, type DiskLimits } from './driver-limits.js';
 import type { BlkDriverOptions, BlkLogger, ResizeEvent } from './driver-options.js';
 
-export type Phase = 'probing' | 'running' | 'freezing' | 'frozen' | 'removing' | 'removed' | 'failed';
+export type Phase = 'probing' | 'running' | 'reconnecting' | 'freezing' | 'frozen' | 'removing' | 'removed' | 'failed';
+
+/** Reconnection backoff: the first retry, and the longest wait between tries (ms). */
+const FIRST_RETRY_MS = 20;
+const MAX_RETRY_MS = 1000;
+
+/** What a device reached again after a loss must still offer for the disk to carry on. */
+interface InUse {
+  readonly negotiated: bigint;
+  readonly blockSize: number;
+  readonly maxChainBytes: number;
+}
 
 export class DiskLifecycle {
   phase: Phase = 'probing';
@@ -26,6 +45,13 @@ export class DiskLifecycle {
   readonly resizeListeners: ((e: ResizeEvent) => void)[] = [];
   private removal: Promise<void> | null = null;
   private freezing: Promise<void> | null = null;
+  /** The reconnection under way, if any, and how to cut its wait short when the disk is removed. */
+  private reconnection: Promise<void> | null = null;
+  private isReconnectAborted = false;
+  private wakeReconnect: (() => void) | null = null;
+  /** Why requests fail once reconnecting gave up. */
+  private lostError: RequestError | null = null;
+  private readonly reconnectMs: number;
 
   constructor(
     private readonly name: string,
@@ -39,6 +65,7 @@ export class DiskLifecycle {
     /** Frees the disk's index once it is removed. */
     private readonly releaseIndex: () => void,
   ) {
+    this.reconnectMs = options.reconnectTimeoutMs ?? 0;
     // Listening before DRIVER_OK loses no change; the listener ignores them until running.
     transport.onConfigChange(() => this.configChanged());
     transport.onDeviceLost((reason) => this.deviceLost(reason));
@@ -64,13 +91,15 @@ export class DiskLifecycle {
   /** Why the disk no longer takes requests, or null while it does. */
   goneError(): RequestError | null {
     const phase = this.phase;
-    if (phase === 'running' || phase === 'freezing' || phase === 'frozen') return null;
+    if (phase === 'running' || phase === 'reconnecting' || phase === 'freezing' || phase === 'frozen') return null;
+    if (this.lostError !== null) return this.lostError;
     return new RequestError('DISK_REMOVED', `${this.name}: the disk is ${phase === 'failed' ? 'failed' : 'removed'}`);
   }
 
   // ---- Bring-up ------------------------------------------------------------------
 
-  private async bringUp(): Promise<void> {
+  /** Brings the device up; after a loss, `inUse` is what the new device must still offer. */
+  private async bringUp(inUse: InUse | null = null): Promise<void> {
     const t = this.transport;
     const S = VIRTIO_CONFIG_S;
     try {
@@ -82,7 +111,11 @@ export class DiskLifecycle {
         throw new ProbeError('NO_VERSION_1',
           `${this.name}: the device does not offer VIRTIO_F_VERSION_1; legacy (pre-1.0) devices are not supported`);
       }
-      const negotiated = offered & this.wanted;
+      const negotiated = offered & (inUse?.negotiated ?? this.wanted);
+      if (inUse !== null && negotiated !== inUse.negotiated) {
+        throw new ProbeError('INCOMPATIBLE_DEVICE',
+          `${this.name}: the device came back without features 0x${(inUse.negotiated & ~negotiated).toString(16)} the disk uses`);
+      }
       await t.setDriverFeatures(negotiated);
       await t.setStatus(S.ACKNOWLEDGE | S.DRIVER | S.FEATURES_OK);
       // 3.1.1 step 6: re-read the status; without FEATURES_OK the device refused our subset.
@@ -93,6 +126,11 @@ export class DiskLifecycle {
       if (config instanceof BlkConfigError) throw new ProbeError('BAD_CONFIG', `${this.name}: ${config.message}`, { cause: config });
       this.limits.apply(negotiated, config);
       await this.setupQueues();
+      // Held requests were checked and cut by the old limits: the new device must take them.
+      if (inUse !== null && (this.limits.blockSize !== inUse.blockSize || this.limits.maxChainBytes < inUse.maxChainBytes)) {
+        throw new ProbeError('INCOMPATIBLE_DEVICE', `${this.name}: the device came back with ${this.limits.blockSize}-byte blocks and ` +
+          `${this.limits.maxChainBytes}-byte chains; the disk uses ${inUse.blockSize} and ${inUse.maxChainBytes}`);
+      }
       await t.setStatus(S.ACKNOWLEDGE | S.DRIVER | S.FEATURES_OK | S.DRIVER_OK);
     } catch (e) {
       const err = e instanceof ProbeError ? e
@@ -221,13 +259,73 @@ export class DiskLifecycle {
     engine.mode = 'hold';
   }
 
-  /** The transport lost the device: every request in flight, queued or held fails now, not at its timeout. */
+  /**
+   * The transport lost the device: reconnect when it can and the disk was running (see
+   * the module's comment), else every request in flight, queued or held fails now, not
+   * at its timeout.
+   */
   private deviceLost(reason: Error): void {
+    // The reconnection's own attempts fail as they may: it decides when to give up.
+    if (this.phase === 'reconnecting') return;
+    if (this.phase === 'running' && this.reconnectMs > 0 && this.transport.reconnect !== undefined) {
+      this.reconnection = this.reconnect(reason);
+      return;
+    }
     this.logger.warn(this.name, `device lost: ${reason.message}`);
     for (const qs of this.engine.queues) {
       if (!qs.broken) this.engine.breakQueue(qs, new DriverQueueError('QUEUE_BROKEN', `device lost: ${reason.message}`));
     }
     this.engine.failHeld(new QueueBrokenError(`${this.name}: device lost: ${reason.message}`, { cause: reason }));
+  }
+
+  private async reconnect(reason: Error): Promise<void> {
+    const engine = this.engine;
+    const ms = this.reconnectMs;
+    this.phase = 'reconnecting';
+    engine.mode = 'hold';
+    this.configEnabled = false;
+    this.logger.warn(this.name, `device lost: ${reason.message}; reconnecting for up to ${ms / 1000} s`);
+    const { negotiated, blockSize, maxChainBytes, capacitySectors } = this.limits;
+    const deadline = Date.now() + ms;
+    let last: Error = reason;
+    // What the device completed before it went counts; every other chain goes out again.
+    engine.reapAll();
+    await engine.teardown(true).catch((e: unknown) => (last = e as Error));
+    for (let wait = FIRST_RETRY_MS; !this.isReconnectAborted; wait = Math.min(MAX_RETRY_MS, wait * 2)) {
+      try {
+        await (this.transport.reconnect as () => Promise<void>)();
+        this.transport.onDeviceLost((r) => this.deviceLost(r));
+        await this.bringUp({ negotiated, blockSize, maxChainBytes });
+        this.run();
+        this.logger.notice(this.name, 'device back: resubmitting the requests not completed');
+        engine.releaseHeld();
+        if (this.limits.capacitySectors !== capacitySectors) {
+          this.logger.notice(this.name, newSizeMessage(this.limits.capacitySectors, this.limits.blockSize));
+          this.emitResize(capacitySectors);
+        }
+        return;
+      } catch (e) {
+        last = e as Error;
+      }
+      const left = deadline - Date.now();
+      if (left <= 0 || this.isReconnectAborted) break;
+      await new Promise<void>((resolve) => {
+        const timer = setTimeout(resolve, Math.min(wait, left));
+        this.wakeReconnect = () => {
+          clearTimeout(timer);
+          resolve();
+        };
+      });
+      this.wakeReconnect = null;
+    }
+    const error = this.isReconnectAborted
+      ? new RequestError('DISK_REMOVED', `${this.name}: the disk was removed while reconnecting`)
+      : new RequestError('DEVICE_GONE', `${this.name}: the device was lost and not back within ${ms / 1000} s (${last.message})`);
+    this.logger.warn(this.name, error.message);
+    this.phase = 'failed';
+    this.lostError = error;
+    engine.mode = 'queue';
+    engine.failHeld(error);
   }
 
   /** See {@link BlkDriver.restore}. */
@@ -254,6 +352,11 @@ export class DiskLifecycle {
 
   private async doRemove(): Promise<void> {
     if (this.phase === 'freezing') await this.freezing;
+    if (this.phase === 'reconnecting') {
+      this.isReconnectAborted = true;
+      this.wakeReconnect?.();
+      await this.reconnection;
+    }
     const wasFrozen = this.phase === 'frozen';
     const engine = this.engine;
     this.phase = 'removing';

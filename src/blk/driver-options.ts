@@ -42,6 +42,15 @@ export interface BlkDriverOptions {
    * {@link TimeoutError}. 0 (the default) waits forever, as Linux does.
    */
   timeoutMs?: number;
+  /**
+   * When the transport loses the device and can reach it again (a vhost-user backend
+   * restarted on the same socket), reconnect for up to this many milliseconds: requests
+   * not completed are sent again to the new device, new ones wait (a block device's
+   * requests are idempotent). After that they fail with {@link RequestError}
+   * `DEVICE_GONE`. 0, the default here, fails them at once; `connect` and the CLI
+   * default to {@link DEFAULT_RECONNECT_TIMEOUT_MS}.
+   */
+  reconnectTimeoutMs?: number;
   /** Feature bits not to negotiate even when offered (e.g. VIRTIO_F.RING_EVENT_IDX). */
   excludeFeatures?: readonly number[];
   /** Upper bound on the data bytes of one chain; larger requests are split. Default 1 MiB. */
@@ -49,6 +58,9 @@ export interface BlkDriverOptions {
   /** Where notices (the "new size" line) and warnings (a broken queue) go. Default silent. */
   logger?: BlkLogger;
 }
+
+/** How long `connect` and the CLI wait for a lost vhost-user device to come back (ms). */
+export const DEFAULT_RECONNECT_TIMEOUT_MS = 30_000;
 
 /**
  * How {@link BlkDriver.submitRead} and {@link BlkDriver.submitWrite} report: null on
@@ -98,6 +110,7 @@ export function checkOptions(o: BlkDriverOptions): void {
   positiveInt('queueSize', o.queueSize);
   positiveInt('maxRequestBytes', o.maxRequestBytes);
   nonNegative('timeoutMs', o.timeoutMs);
+  nonNegative('reconnectTimeoutMs', o.reconnectTimeoutMs);
   if (o.excludeFeatures?.includes(VIRTIO_F.VERSION_1)) {
     throw new UsageError('BAD_OPTION', 'BlkDriver cannot do without VIRTIO_F_VERSION_1');
   }

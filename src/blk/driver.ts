@@ -47,7 +47,7 @@ import { DiskIndexError, diskIndexes, diskName } from './naming.js';
 import { splitRange, type RangeLimits } from './range-split.js';
 
 export {
-  BLK_DRIVER_FEATURES, DEFAULT_MAX_REQUEST_BYTES, DEFAULT_QUEUE_SIZE, silentLogger,
+  BLK_DRIVER_FEATURES, DEFAULT_MAX_REQUEST_BYTES, DEFAULT_QUEUE_SIZE, DEFAULT_RECONNECT_TIMEOUT_MS, silentLogger,
   type BlkDriverOptions, type BlkLogger, type CacheMode, type Completion, type RequestOptions, type ResizeEvent, type SectorRange,
 } from './driver-options.js';
 export { MAX_INDIRECT_ENTRIES, newSizeMessage } from './driver-limits.js';
