@@ -57,9 +57,13 @@ export class QueueBrokenError extends VblkError {
 }
 
 /** Why a request was refused before reaching a ring. */
-export type RequestErrorCode = 'MISALIGNED' | 'OUT_OF_RANGE' | 'DISK_REMOVED' | 'BAD_QUEUE_INDEX' | 'NO_DMA_MEMORY';
+export type RequestErrorCode = 'MISALIGNED' | 'OUT_OF_RANGE' | 'DISK_REMOVED' | 'BAD_QUEUE_INDEX' | 'NO_DMA_MEMORY' | 'DEVICE_GONE';
 
-/** A request the driver refuses before it reaches a ring (host-facing misuse or state). */
+/**
+ * A request the driver refuses before it reaches a ring (host-facing misuse or state), or
+ * fails because the device it was sent to was lost and did not come back in time
+ * (`DEVICE_GONE`, see `reconnectTimeoutMs`).
+ */
 export class RequestError extends VblkError {
   /** Why it was refused: {@link RequestErrorCode}. */
   declare readonly code: RequestErrorCode;
@@ -70,7 +74,9 @@ export class RequestError extends VblkError {
 
 /** Why bringing the device up failed. */
 export type ProbeErrorCode =
-  | 'NO_VERSION_1' | 'FEATURES_NOT_ACCEPTED' | 'BAD_CONFIG' | 'QUEUE_SETUP' | 'TRANSPORT' | 'NO_DISK_INDEX';
+  | 'NO_VERSION_1' | 'FEATURES_NOT_ACCEPTED' | 'BAD_CONFIG' | 'QUEUE_SETUP' | 'TRANSPORT' | 'NO_DISK_INDEX'
+  /** A device reached again after a loss cannot carry on the disk: a feature or limit in use is gone. */
+  | 'INCOMPATIBLE_DEVICE';
 
 /** Bringing the device up (probe or restore) failed; the device status has FAILED set. */
 export class ProbeError extends VblkError {

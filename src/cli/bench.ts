@@ -11,7 +11,7 @@ import { MemoryBackend } from '../backends/memory-backend.js';
 import { BlkDevice } from '../blk/device.js';
 import { BlkDriver, type BlkDriverOptions } from '../blk/driver.js';
 import { LoopbackTransport } from '../transport/loopback.js';
-import { openSocketDriver } from './socket-driver.js';
+import { RECONNECT_TIMEOUT_OPTION, openSocketDriver, reconnectTimeoutMs } from './socket-driver.js';
 import { VIRTIO_BLK_SECTOR_SIZE } from '../spec/virtio-blk.js';
 import { CliUsageError, EXIT_FAILURE, formatSizeValue } from './args.js';
 import { bareCopyRate } from './bench-baseline.js';
@@ -71,6 +71,7 @@ export const command = defineCommand({
       description: `bytes of disk to use (loopback: the disk size, default ${formatSizeValue(DEFAULT_LOOPBACK_SIZE)}; socket: default the whole disk)`,
     },
     timeout: { kind: 'number', valueName: 'SECONDS', allowZero: true, default: DEFAULT_TIMEOUT_S, description: 'fail a request after this long (0: never)' },
+    'reconnect-timeout': RECONNECT_TIMEOUT_OPTION,
     bounce: { kind: 'boolean', description: 'use ordinary buffers, copied through bounce buffers (default: DMA buffers, zero copy)' },
     'no-baseline': { kind: 'boolean', description: 'skip the bare copy loop (baseline_iops and ratio are then 0)' },
     json: { kind: 'boolean', description: 'print one JSON object on one line' },
@@ -82,7 +83,7 @@ export const command = defineCommand({
     if (o.size !== undefined && o.size < o.bs) throw new CliUsageError(`vblk bench: --size ${o.size} is smaller than one --bs ${o.bs} block`);
     const timeoutMs = o.timeout * MS_PER_S;
     const target = o.socket !== undefined
-      ? await openSocket(o.socket, o.queues, o.iodepth, o.bs, timeoutMs)
+      ? await openSocket(o.socket, o.queues, o.iodepth, o.bs, timeoutMs, reconnectTimeoutMs(o['reconnect-timeout']))
       : await openLoopback(o.size ?? DEFAULT_LOOPBACK_SIZE, o.queues, o.iodepth, o.bs, timeoutMs);
     try {
       const driver = target.driver;
@@ -146,9 +147,10 @@ export async function openLoopback(size: number, queues: number, iodepth: number
  * driver → vhost-user frontend → the device at `path` (qemu-storage-daemon, `vblk
  * serve`, …): the same loop over real sockets and shared memory.
  */
-async function openSocket(path: string, queues: number, iodepth: number, bs: number, timeoutMs: number): Promise<BenchTarget> {
+async function openSocket(path: string, queues: number, iodepth: number, bs: number, timeoutMs: number,
+  reconnectMs: number): Promise<BenchTarget> {
   const memorySize = Math.min(MAX_LOOPBACK_MEMORY, nextPowerOfTwo(Math.max(MIN_LOOPBACK_MEMORY, 4 * queues * iodepth * bs)));
-  const { driver, close } = await openSocketDriver(path, { queues, timeoutMs, memorySize });
+  const { driver, close } = await openSocketDriver(path, { queues, timeoutMs, memorySize, reconnectTimeoutMs: reconnectMs });
   return { driver, label: path, close };
 }
 

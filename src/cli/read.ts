@@ -4,15 +4,16 @@ import type { Writable } from 'node:stream';
 import { once } from 'node:events';
 import { CliUsageError } from './args.js';
 import { defineCommand } from './command.js';
-import { openSocketDriver } from './socket-driver.js';
+import { RECONNECT_TIMEOUT_OPTION, openSocketDriver, reconnectTimeoutMs } from './socket-driver.js';
 import { CHUNK_BYTES, checkRange, progress, sectorOf } from './transfer.js';
 
 export const command = defineCommand({
   name: 'read',
   summary: 'read bytes from a vhost-user-blk device to a file or standard output',
-  usage: '--socket PATH --offset N --length N [--output FILE]',
+  usage: '--socket PATH --offset N --length N [--output FILE] [--reconnect-timeout SECONDS]',
   options: {
     socket: { kind: 'string', valueName: 'PATH', description: "the device's vhost-user socket (required)" },
+    'reconnect-timeout': RECONNECT_TIMEOUT_OPTION,
     offset: { kind: 'size', valueName: 'N', min: 0, description: 'byte offset, a multiple of the logical block size (required)' },
     length: { kind: 'size', valueName: 'N', min: 0, description: 'bytes to read, a multiple of the logical block size (required)' },
     output: { kind: 'string', valueName: 'FILE', description: 'write to FILE instead of standard output' },
@@ -21,7 +22,7 @@ export const command = defineCommand({
     if (options.socket === undefined) throw new CliUsageError('vblk read: --socket PATH is required');
     if (options.offset === undefined) throw new CliUsageError('vblk read: --offset N is required');
     if (options.length === undefined) throw new CliUsageError('vblk read: --length N is required');
-    const { driver, close } = await openSocketDriver(options.socket);
+    const { driver, close } = await openSocketDriver(options.socket, { reconnectTimeoutMs: reconnectTimeoutMs(options['reconnect-timeout']) });
     try {
       checkRange('read', driver, options.offset, options.length);
       const out: Writable = options.output === undefined ? process.stdout : createWriteStream(options.output);

@@ -4,16 +4,17 @@ import type { Readable } from 'node:stream';
 import { VIRTIO_BLK_F } from '../spec/virtio-blk.js';
 import { CliUsageError } from './args.js';
 import { defineCommand } from './command.js';
-import { openSocketDriver } from './socket-driver.js';
+import { RECONNECT_TIMEOUT_OPTION, openSocketDriver, reconnectTimeoutMs } from './socket-driver.js';
 import { CHUNK_BYTES, checkRange, progress, sectorOf } from './transfer.js';
 
 export const command = defineCommand({
   name: 'write',
   summary: 'write a file or standard input to a vhost-user-blk device',
-  usage: '--socket PATH --offset N [--input FILE]',
+  usage: '--socket PATH --offset N [--input FILE] [--reconnect-timeout SECONDS]',
   details: ['The input length must be a multiple of the logical block size. Writes are flushed before exit.'],
   options: {
     socket: { kind: 'string', valueName: 'PATH', description: "the device's vhost-user socket (required)" },
+    'reconnect-timeout': RECONNECT_TIMEOUT_OPTION,
     offset: { kind: 'size', valueName: 'N', min: 0, description: 'byte offset, a multiple of the logical block size (required)' },
     input: { kind: 'string', valueName: 'FILE', description: 'read from FILE instead of standard input' },
   },
@@ -21,7 +22,7 @@ export const command = defineCommand({
     if (options.socket === undefined) throw new CliUsageError('vblk write: --socket PATH is required');
     if (options.offset === undefined) throw new CliUsageError('vblk write: --offset N is required');
     const knownLength = options.input === undefined ? null : statSync(options.input).size;
-    const { driver, close } = await openSocketDriver(options.socket);
+    const { driver, close } = await openSocketDriver(options.socket, { reconnectTimeoutMs: reconnectTimeoutMs(options['reconnect-timeout']) });
     try {
       if (driver.readOnly) throw new CliUsageError('vblk write: the device is read-only');
       if (knownLength !== null) checkRange('write', driver, options.offset, knownLength);

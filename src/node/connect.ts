@@ -3,11 +3,16 @@
  * the order that never frees memory the device may still use (the driver first, then
  * the frontend, which unmaps last). `vblk info | read | write | bench --socket` use it.
  */
-import { BlkDriver, type BlkDriverOptions } from '../blk/driver.js';
+import { BlkDriver, DEFAULT_RECONNECT_TIMEOUT_MS, type BlkDriverOptions } from '../blk/driver.js';
 import type { VhostUserFrontend } from '../transport/vhost-user/frontend.js';
 import { connectVhostUser, type ConnectOptions } from './vhost-user-client.js';
 
-/** How {@link connect} sets up the socket (memory size, reply timeout) and the driver (queues, timeouts). */
+/**
+ * How {@link connect} sets up the socket (memory size, reply timeout) and the driver
+ * (queues, timeouts). `reconnectTimeoutMs` defaults to {@link DEFAULT_RECONNECT_TIMEOUT_MS}
+ * here: a device restarted on the same socket is reconnected to, and requests not
+ * completed are sent again.
+ */
 export interface ConnectDiskOptions extends BlkDriverOptions, ConnectOptions {}
 
 /** A disk driven over a vhost-user socket by {@link connect}. */
@@ -31,7 +36,7 @@ export async function connect(socketPath: string, options: ConnectDiskOptions = 
   const transport = await connectVhostUser(socketPath, options);
   let driver: BlkDriver;
   try {
-    driver = await BlkDriver.probe(transport, options);
+    driver = await BlkDriver.probe(transport, { reconnectTimeoutMs: DEFAULT_RECONNECT_TIMEOUT_MS, ...options });
   } catch (e) {
     await transport.close();
     throw e;

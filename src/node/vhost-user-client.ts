@@ -150,8 +150,12 @@ class SocketChannel implements FrontendChannel {
 class NodeFrontendIo implements FrontendIo {
   readonly channel: FrontendChannel;
 
-  constructor(conn: UnixConnection, timeoutMs: number) {
+  constructor(conn: UnixConnection, private readonly socketPath: string, private readonly timeoutMs: number) {
     this.channel = new SocketChannel(conn, timeoutMs);
+  }
+
+  async reconnect(): Promise<FrontendChannel> {
+    return new SocketChannel(await connectSocket(this.socketPath), this.timeoutMs);
   }
 
   createNotifier(): Notifier {
@@ -226,11 +230,14 @@ class NodeFrontendIo implements FrontendIo {
  * vhost-user device.
  */
 export async function connectVhostUser(socketPath: string, options: ConnectOptions = {}): Promise<VhostUserFrontend> {
-  let conn: UnixConnection;
+  const conn = await connectSocket(socketPath);
+  return VhostUserFrontend.open(new NodeFrontendIo(conn, socketPath, options.replyTimeoutMs ?? 10_000), options);
+}
+
+async function connectSocket(socketPath: string): Promise<UnixConnection> {
   try {
-    conn = await UnixConnection.connect(socketPath);
+    return await UnixConnection.connect(socketPath);
   } catch (e) {
     throw new VblkError('CONNECT_FAILED', `cannot connect to ${socketPath}: ${(e as Error).message}`);
   }
-  return VhostUserFrontend.open(new NodeFrontendIo(conn, options.replyTimeoutMs ?? 10_000), options);
 }

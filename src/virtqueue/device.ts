@@ -114,6 +114,14 @@ export interface DriverTransport {
    * the transport was closed): nothing in flight will ever complete.
    */
   onDeviceLost(listener: (reason: Error) => void): void;
+  /**
+   * Optional: reaches the device again after it was lost (a vhost-user backend restarted
+   * on the same socket). Afterwards the transport is as a fresh one: status 0, no queue
+   * set up, the device knowing nothing of earlier rings; `memory` and `dma` are the same.
+   * Rejects when the device cannot be reached yet (the caller retries). Listeners given to
+   * {@link onDeviceLost} before the loss have run and are gone; register again.
+   */
+  reconnect?(): Promise<void>;
   /** Releases everything; the transport is unusable afterwards. */
   close(): Promise<void>;
 }

@@ -53,6 +53,11 @@ export interface SharedMemory {
 /** The platform effects a frontend needs. Node's is in `src/node/`. */
 export interface FrontendIo {
   readonly channel: FrontendChannel;
+  /**
+   * Optional: a new connection to the same backend (its socket path), for a backend that
+   * went away and came back. Rejects when nothing answers there yet.
+   */
+  reconnect?(): Promise<FrontendChannel>;
   createNotifier(): Notifier;
   createSharedMemory(size: number): SharedMemory;
   /**
@@ -95,7 +100,7 @@ export class VhostUserFrontend implements DriverTransport {
   readonly memory: GuestMemory;
   readonly dma: DmaAllocator;
   private readonly shared: SharedMemory;
-  private readonly channel: FrontendChannel;
+  private channel: FrontendChannel;
   private backendFeatures = 0n;
   private protocol = 0n;
   private queueCount = 1;
@@ -119,7 +124,7 @@ export class VhostUserFrontend implements DriverTransport {
       throw new UsageError('BAD_OPTION', `configSize must be 1..${VHOST_USER_MAX_CONFIG_SIZE}, got ${this.configSize}`);
     }
     this.channel = io.channel;
-    this.channel.onLost((reason) => this.deviceLost(reason));
+    this.watchChannel(this.channel);
     this.shared = io.createSharedMemory(size);
     this.memory = new GuestMemory([{ guestAddress: this.shared.address, bytes: this.shared.bytes }]);
     this.dma = new DmaAllocator(this.shared.address, size);
@@ -138,6 +143,48 @@ export class VhostUserFrontend implements DriverTransport {
       throw e;
     }
     return f;
+  }
+
+  /** Reports the loss of `channel` while it is the one in use (a replaced one may still end). */
+  private watchChannel(channel: FrontendChannel): void {
+    channel.onLost((reason) => {
+      if (channel === this.channel) this.deviceLost(reason);
+    });
+  }
+
+  /**
+   * Connects to the backend again after it was lost, with a new socket, and runs the
+   * whole session again (ownership, features, backend channel, the same memfd in
+   * SET_MEM_TABLE): a new backend process knows nothing of the old one. Rings still set
+   * up are dropped. Rejects when nobody answers yet, or the new backend fails the
+   * handshake; the frontend then stays lost and may try again.
+   */
+  async reconnect(): Promise<void> {
+    if (this.closed) throw new UsageError('CLOSED', 'the vhost-user frontend is closed');
+    if (this.io.reconnect === undefined) throw new UsageError('NOT_SUPPORTED', 'this vhost-user frontend cannot reconnect');
+    // A connection still up (its backend failed an earlier reconnection's bring-up) is dropped.
+    this.lost ??= new VblkError('DISCONNECTED', 'the vhost-user frontend is reconnecting');
+    await this.teardownQueues();
+    this.backendChannel?.close();
+    this.backendChannel = null;
+    const channel = await this.io.reconnect();
+    this.channel.close();
+    this.channel = channel;
+    this.watchChannel(channel);
+    this.backendFeatures = 0n;
+    this.protocol = 0n;
+    this.queueCount = 1;
+    this.status = 0;
+    this.driverFeatures = 0n;
+    this.configCache = null;
+    try {
+      await this.handshake();
+    } catch (e) {
+      channel.close();
+      throw e;
+    }
+    if (this.closed) throw new UsageError('CLOSED', 'the vhost-user frontend was closed while reconnecting');
+    this.lost = null;
   }
 
   private async handshake(): Promise<void> {
