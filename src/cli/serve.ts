@@ -1,9 +1,10 @@
 /**
  * `vblk serve (SOURCE | --backend MODULE) --socket PATH`: the virtio-blk device on a raw
  * image, an NBD export, or the backend a user's module makes, as a vhost-user backend for
- * QEMU (`-device vhost-user-blk-pci`). Serves one frontend at a time and keeps serving
- * across disconnects (the next frontend waits in the listen backlog); SIGINT/SIGTERM stop
- * it cleanly after the requests in flight complete and the backend is flushed.
+ * QEMU (`-device vhost-user-blk-pci`). Each `--socket` serves one frontend at a time and
+ * keeps serving across disconnects (the next frontend waits in the listen backlog); several
+ * `--socket`s serve the one disk to several frontends at once. SIGINT/SIGTERM stop it
+ * cleanly after the requests in flight complete and the backend is flushed.
  */
 import { performance } from 'node:perf_hooks';
 import type { BlockBackend } from '../backends/backend.js';
@@ -26,7 +27,7 @@ import { parseKeyValues } from './key-values.js';
 export const command = defineCommand({
   name: 'serve',
   summary: 'serve a raw image, an NBD export or your own backend as a vhost-user-blk device (for QEMU and other vhost-user frontends)',
-  usage: '(SOURCE | --backend MODULE) --socket PATH [options]',
+  usage: '(SOURCE | --backend MODULE) --socket PATH [--socket PATH ...] [options]',
   details: [
     'SOURCE is a raw image file, or an NBD URI: nbd://HOST[:PORT]/EXPORT,',
     'nbd+unix:///EXPORT?socket=PATH, nbds://... and nbds+unix://... (TLS). An export\'s size,',
@@ -43,11 +44,15 @@ export const command = defineCommand({
     'Filters (--filter NAME[:KEY=VALUE,...], repeatable; the first is nearest the guest; lists in a value join with +):',
     ...Object.entries(FILTER_HELP).map(([name, help]) => `  ${name.padEnd(9)}${help}`),
     '',
-    'One frontend at a time: one that connects while another is connected (or still being',
-    'cleaned up after hanging up) waits, and is served once the other is gone.',
+    'One frontend at a time on each socket: one that connects while another is connected (or',
+    'still being cleaned up after hanging up) waits, and is served once the other is gone.',
+    'Several --socket serve the one disk to a frontend each, at the same time (each socket',
+    'its own device and queues): a live migration\'s destination QEMU connects to a second',
+    'socket while the source QEMU still runs on the first. `vblk resize` reaches every',
+    'frontend; --metrics and `vblk stats` report each socket apart (a socket label).',
   ],
   options: {
-    socket: { kind: 'string', valueName: 'PATH', description: 'unix socket to listen on (required)' },
+    socket: { kind: 'list', valueName: 'PATH', description: 'unix socket to listen on (required; give it again to serve the disk on several sockets at once)' },
     backend: { kind: 'string', valueName: 'MODULE', description: 'serve the backend made by MODULE (a path with ./ or /, or a package name) instead of an IMAGE' },
     'backend-opt': { kind: 'list', valueName: 'KEY=VALUE', description: 'an option for the backend module\'s factory' },
     filter: { kind: 'list', valueName: 'NAME[:KEY=VALUE,...]', description: 'a filter in front of the image or backend (cow, error, delay, throttle, stats: see below)' },
@@ -98,7 +103,10 @@ export const command = defineCommand({
       throw new CliUsageError('vblk serve: --size creates or grows an image; a backend module sizes its own disk (--backend-opt)');
     }
     const factoryOptions = parseKeyValues('vblk serve: --backend-opt', options['backend-opt']);
-    if (options.socket === undefined) throw new CliUsageError('vblk serve: --socket PATH is required');
+    const sockets = options.socket;
+    if (sockets.length === 0) throw new CliUsageError('vblk serve: --socket PATH is required');
+    const twice = sockets.find((p, i) => sockets.indexOf(p) !== i);
+    if (twice !== undefined) throw new CliUsageError(`vblk serve: --socket ${twice} is given twice`);
     const queueSize = options['queue-size'];
     if ((queueSize & (queueSize - 1)) !== 0) throw new CliUsageError(`vblk serve: --queue-size must be a power of two, got ${queueSize}`);
     if (!/^[0-7]{3,4}$/.test(options['socket-mode'])) throw new CliUsageError(`vblk serve: --socket-mode must be octal like 600, got '${options['socket-mode']}'`);
@@ -107,7 +115,7 @@ export const command = defineCommand({
     if (messageTimeoutMs > MAX_READ_TIMEOUT_MS) {
       throw new CliUsageError(`vblk serve: --message-timeout is at most ${Math.floor(MAX_READ_TIMEOUT_MS / 1000)} seconds`);
     }
-    const log = logSink(options['log-format'], options.socket, io);
+    const log = logSink(options['log-format'], sockets, io);
     const metricsAt = options.metrics === undefined ? null : parseHostPort(options.metrics);
 
     const filters = options.filter.map(parseFilter);
@@ -141,7 +149,7 @@ export const command = defineCommand({
     try {
       served = await serve({
         backend,
-        socketPath: options.socket, socketMode: parseInt(options['socket-mode'], 8), log,
+        socketPath: sockets, socketMode: parseInt(options['socket-mode'], 8), log,
         allowUnsealedMemory: options['allow-unsealed-memory'], messageTimeoutMs,
         device: {
           serial: options.serial,
@@ -151,8 +159,6 @@ export const command = defineCommand({
           topology: hints?.topology,
           readOnly: options['read-only'],
           cache: options.cache,
-          onWritebackChange: (wb) => log(`cache mode: ${wb ? 'write-back' : 'write-through'}`),
-          onLimitExceeded: (queue, message) => log(`ring ${queue}: ${message}`, { queue, level: 'warn' }),
           // Statistics cost a clock read per batch: kept when something can read them.
           statsClock: metricsAt !== null || options.control !== undefined ? () => performance.now() : undefined,
         },
@@ -161,26 +167,24 @@ export const command = defineCommand({
       await backend.close();
       throw e;
     }
-    const { device, server } = served;
-    const socket = options.socket;
     const control = options.control === undefined ? null : await listenControl(options.control, {
       resize: async (size) => {
-        await device.resize(size);
+        await served.resize(size);
         log(`resized to ${size} bytes`);
         return size;
       },
       stats: () => ({
         time: performance.now(),
-        sockets: [{
-          socket, diskSizeBytes: device.capacity * 512, connected: server.isConnected, connections: server.connectionCount,
+        sockets: served.sockets.map(({ socketPath, device, server }) => ({
+          socket: socketPath, diskSizeBytes: device.capacity * 512, connected: server.isConnected, connections: server.connectionCount,
           resubmitted: server.resubmittedRequests, queues: (device.stats ?? []).map((q) => q.snapshot()),
-        }],
+        })),
       }),
     });
     let metrics: MetricsEndpoint | null = null;
     if (metricsAt !== null) {
       try {
-        metrics = await listenMetrics(metricsAt.host, metricsAt.port, metricsRegistry([{ socket, device, frontends: server }]));
+        metrics = await listenMetrics(metricsAt.host, metricsAt.port, metricsRegistry(served.sockets.map((s) => ({ socket: s.socketPath, device: s.device, frontends: s.server }))));
       } catch (e) {
         control?.close();
         await served.close();
@@ -192,7 +196,7 @@ export const command = defineCommand({
     const source = backendModule === undefined ? positionals[0] : `backend module ${backendModule}`;
     const readOnly = options['read-only'] || backend.readOnly;
     const through = filters.length ? ` through ${filters.map((f) => f.text).join(' → ')}` : '';
-    log(`serving ${source}${through} (${backend.size} bytes${readOnly ? ', read-only' : ''}) on ${options.socket}`);
+    log(`serving ${source}${through} (${backend.size} bytes${readOnly ? ', read-only' : ''}) on ${sockets.join(', ')}`);
 
     await new Promise<void>((resolve) => {
       const stop = (signal: string): void => {
@@ -225,12 +229,22 @@ export function parseHostPort(value: string): { host: string; port: number } {
 /**
  * The log of `vblk serve` on stderr: `vblk serve: MESSAGE` lines for people, or one JSON
  * object per line with stable keys (`time`, `level`, `msg`, `socket`, and `frontend`,
- * `queue` where they apply) for log shippers.
+ * `queue` where they apply) for log shippers. With one socket every line names it; with
+ * several, a line about one socket names it (text: `vblk serve: SOCKET: MESSAGE`) and a
+ * line about the whole process has no `socket`.
  */
-export function logSink(format: 'text' | 'json', socket: string, io: CliIo): LogSink {
-  if (format === 'text') return (message) => io.stderr(`vblk serve: ${message}\n`);
+export function logSink(format: 'text' | 'json', sockets: readonly string[], io: CliIo): LogSink {
+  const only = sockets.length === 1 ? sockets[0] : undefined;
+  if (format === 'text') {
+    return (message, context = {}) => {
+      const about = only === undefined && context.socket !== undefined ? `${context.socket}: ` : '';
+      io.stderr(`vblk serve: ${about}${message}\n`);
+    };
+  }
   return (message, context = {}) => {
-    const line: Record<string, string | number> = { time: new Date().toISOString(), level: context.level ?? 'info', msg: message, socket };
+    const line: Record<string, string | number> = { time: new Date().toISOString(), level: context.level ?? 'info', msg: message };
+    const socket = context.socket ?? only;
+    if (socket !== undefined) line.socket = socket;
     if (context.frontend !== undefined) line.frontend = context.frontend;
     if (context.queue !== undefined) line.queue = context.queue;
     io.stderr(`${JSON.stringify(line)}\n`);
