@@ -6,6 +6,7 @@
  * `--socket`s serve the one disk to several frontends at once. SIGINT/SIGTERM stop it
  * cleanly after the requests in flight complete and the backend is flushed.
  */
+import { existsSync } from 'node:fs';
 import { performance } from 'node:perf_hooks';
 import type { BlockBackend } from '../backends/backend.js';
 import { nbdDeviceHints, type NbdDeviceHints } from '../backends/nbd/device-hints.js';
@@ -15,6 +16,7 @@ import type { LogSink } from '../log.js';
 import { loadBackendModule } from '../node/backend-module.js';
 import { listenControl } from '../node/control.js';
 import { openFileBackend } from '../node/file-backend.js';
+import { ImageLockError, lockImage, type ImageLock } from '../node/image-lock.js';
 import { listenMetrics, metricsRegistry, type MetricsEndpoint } from '../node/metrics.js';
 import { openNbdBackend } from '../node/nbd-backend.js';
 import { serve, type ServedDisk } from '../node/serve.js';
@@ -46,6 +48,10 @@ export const command = defineCommand({
     '',
     'One frontend at a time on each socket: one that connects while another is connected (or',
     'still being cleaned up after hanging up) waits, and is served once the other is gone.',
+    'An IMAGE is locked as QEMU locks its images (vblk serve, QEMU and qemu-storage-daemon see',
+    'each other): a writer refuses to start while another process uses the image, and a',
+    '--read-only serve while another process writes it; --read-only serves share it.',
+    '',
     'Several --socket serve the one disk to a frontend each, at the same time (each socket',
     'its own device and queues): a live migration\'s destination QEMU connects to a second',
     'socket while the source QEMU still runs on the first. `vblk resize` reaches every',
@@ -56,7 +62,11 @@ export const command = defineCommand({
     backend: { kind: 'string', valueName: 'MODULE', description: 'serve the backend made by MODULE (a path with ./ or /, or a package name) instead of an IMAGE' },
     'backend-opt': { kind: 'list', valueName: 'KEY=VALUE', description: 'an option for the backend module\'s factory' },
     filter: { kind: 'list', valueName: 'NAME[:KEY=VALUE,...]', description: 'a filter in front of the image or backend (cow, error, delay, throttle, stats: see below)' },
-    'read-only': { kind: 'boolean', description: 'offer a read-only disk (and open the IMAGE read-only)' },
+    'read-only': { kind: 'boolean', description: 'offer a read-only disk (and open the IMAGE read-only, sharing its lock with other readers)' },
+    'force-share': {
+      kind: 'boolean',
+      description: 'serve the IMAGE even when another process holds its lock, and let others take it (a migration between two processes on shared storage); two writers that do not take turns corrupt the disk',
+    },
     serial: { kind: 'string', valueName: 'STR', description: 'disk serial (GET_ID), at most 20 bytes', default: 'vblk' },
     queues: { kind: 'integer', valueName: 'N', min: 1, max: 64, default: 16, description: 'request queues offered (the frontend uses as many as it wants: QEMU one per vCPU unless num-queues says)' },
     'queue-size': { kind: 'integer', valueName: 'N', min: 2, max: 32768, default: 256, description: 'largest queue size (a power of two)' },
@@ -99,6 +109,9 @@ export const command = defineCommand({
     }
     if (backendModule !== undefined && positionals.length > 0) throw new CliUsageError('vblk serve: give a SOURCE or --backend MODULE, not both');
     if (backendModule === undefined && options['backend-opt'].length > 0) throw new CliUsageError('vblk serve: --backend-opt needs --backend MODULE');
+    if (options['force-share'] && (backendModule !== undefined || looksLikeNbdUri(positionals[0]))) {
+      throw new CliUsageError('vblk serve: --force-share is for an image file; an NBD export or a backend module has no lock of ours');
+    }
     if (backendModule !== undefined && options.size !== undefined) {
       throw new CliUsageError('vblk serve: --size creates or grows an image; a backend module sizes its own disk (--backend-opt)');
     }
@@ -121,6 +134,8 @@ export const command = defineCommand({
     const filters = options.filter.map(parseFilter);
     const requestedBlock = options['block-size'] === undefined ? undefined : options['block-size'] === '4096' ? 4096 : 512;
     let base: BlockBackend;
+    // The IMAGE's lock. Failures that end the process drop it with the process.
+    let lock: ImageLock | null = null;
     let hints: NbdDeviceHints | null = null;
     if (backendModule !== undefined) {
       base = await loadBackendModule(backendModule, factoryOptions);
@@ -142,7 +157,13 @@ export const command = defineCommand({
       log(`${nbd.uriText}: ${nbd.size} bytes, ${nbd.connectionsUp} connection${nbd.connectionsUp === 1 ? '' : 's'}, ` +
         `flags ${describeNbd(nbd)}, blocks ${nbd.blockSizes.minimum}/${nbd.blockSizes.preferred}/${nbd.blockSizes.maximum}`);
     } else {
-      base = openFileBackend(positionals[0], { readOnly: options['read-only'], size: options.size, io: options.io });
+      const image = positionals[0];
+      const take = (): ImageLock => lockSource(image, options['read-only'], options['force-share']);
+      // Locked before the image is opened (and perhaps grown by --size); a new one once it exists.
+      lock = existsSync(image) ? take() : null;
+      base = openFileBackend(image, { readOnly: options['read-only'], size: options.size, io: options.io });
+      lock ??= take();
+      if (options['force-share']) log(`--force-share: other processes may use ${image} at the same time`, { level: 'warn' });
     }
     const backend = applyFilters(base, filters, { openOverlayFile: (path, size) => openFileBackend(path, { size }) });
     let served: ServedDisk;
@@ -165,6 +186,7 @@ export const command = defineCommand({
       });
     } catch (e) {
       await backend.close();
+      lock?.release();
       throw e;
     }
     const control = options.control === undefined ? null : await listenControl(options.control, {
@@ -189,6 +211,7 @@ export const command = defineCommand({
         control?.close();
         await served.close();
         await backend.close();
+        lock?.release();
         throw e;
       }
       log(`metrics on ${metrics.url}`);
@@ -214,6 +237,7 @@ export const command = defineCommand({
     await metrics?.close();
     await served.close();
     await backend.close();
+    lock?.release();
     log('stopped');
   },
 });
@@ -249,6 +273,16 @@ export function logSink(format: 'text' | 'json', sockets: readonly string[], io:
     if (context.queue !== undefined) line.queue = context.queue;
     io.stderr(`${JSON.stringify(line)}\n`);
   };
+}
+
+/** The IMAGE's lock; a conflict's one line names the image and the option that overrides it. */
+function lockSource(image: string, readOnly: boolean, share: boolean): ImageLock {
+  try {
+    return lockImage(image, { readOnly, share });
+  } catch (e) {
+    if (e instanceof ImageLockError) throw new ImageLockError(image, `${e.message}; --force-share serves it anyway`);
+    throw e;
+  }
 }
 
 /** One `--filter` value; a bad one is a usage error naming what to fix. */
