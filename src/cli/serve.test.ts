@@ -14,7 +14,7 @@ test('--socket may be given several times, and --help says so', async () => {
   assert.equal(await main(['serve', '--help'], c.io), 0);
   const help = c.out.join('');
   assert.match(help, /^Usage: vblk serve \(SOURCE \| --backend MODULE\) --socket PATH \[--socket PATH \.\.\.\]/);
-  assert.match(help, /--socket PATH +unix socket to listen on \(required; give it again to serve the disk on several sockets at once\) \(may be repeated\)/);
+  assert.match(help, /--socket PATH +unix socket to listen on \(required; several serve the disk to a frontend each, at once\) \(may be repeated\)/);
   assert.match(help, /Several --socket serve the one disk to a frontend each, at the same time/);
 });
 
