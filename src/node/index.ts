@@ -3,8 +3,8 @@
  * other vhost-user frontends ({@link serve}), drive a vhost-user-blk device
  * ({@link connect}), load a backend module as `vblk serve --backend` does
  * ({@link loadBackendModule}), the file backend for raw images and the image lock
- * `vblk serve` takes ({@link lockImage}). Needs the native
- * addon, which `npm install` builds.
+ * `vblk serve` takes ({@link lockImage}). Needs the native addon, which `npm install`
+ * builds.
  */
 export { serve, type ServeOptions, type ServedDisk, type ServedSocket } from './serve.js';
 export { connect, type ConnectDiskOptions, type ConnectedDisk } from './connect.js';
