@@ -220,9 +220,10 @@ export const command = defineCommand({
     const source = backendModule === undefined ? positionals[0] : `backend module ${backendModule}`;
     const readOnly = options['read-only'] || backend.readOnly;
     const through = filters.length ? ` through ${filters.map((f) => f.text).join(' → ')}` : '';
-    log(`serving ${source}${through} (${backend.size} bytes${readOnly ? ', read-only' : ''}) on ${sockets.join(', ')}`);
-
-    await new Promise<void>((resolve) => {
+    // The handlers go in before the line that says we serve: a script that stops us as soon
+    // as it reads it would otherwise race them, and a signal with no handler kills the
+    // process without the flush.
+    const stopped = new Promise<void>((resolve) => {
       const stop = (signal: string): void => {
         log(`${signal}: stopping`);
         process.off('SIGINT', onInt);
@@ -234,6 +235,8 @@ export const command = defineCommand({
       process.on('SIGINT', onInt);
       process.on('SIGTERM', onTerm);
     });
+    log(`serving ${source}${through} (${backend.size} bytes${readOnly ? ', read-only' : ''}) on ${sockets.join(', ')}`);
+    await stopped;
     control?.close();
     await metrics?.close();
     await served.close();
