@@ -3,12 +3,13 @@
 // QEMU's own tools (qemu-storage-daemon, qemu-io) and vblk see each other's locks.
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFile } from 'node:child_process';
-import { truncateSync, writeFileSync } from 'node:fs';
+import { execFile, spawn } from 'node:child_process';
+import { readFileSync, statSync, truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { requirePeer } from '../scripts/guest/guest.js';
 import { connect } from '../src/node/connect.js';
 import { pattern } from './support/pattern.js';
+import { waitUntil } from './support/wait.js';
 import { runCli, scratchDir, startServe, type Served } from './e2e/serve-helpers.js';
 import { startQsd, type Qsd } from './e2e/qsd-helpers.js';
 
@@ -112,7 +113,28 @@ function qemuIo(image: string, command: string): Promise<{ code: number; output:
   });
 }
 
-describe('vblk and QEMU 7.2 see each other\'s image locks', { skip: requirePeer('qemu-storage-daemon', 'qemu-io') }, () => {
+/** A stopped QEMU (-S, no guest) with `image` as a virtio -drive, holding its locks. */
+async function withQemuDrive(image: string, drive: string, body: () => Promise<void>): Promise<void> {
+  const args = ['-accel', 'tcg', '-nodefaults', '-display', 'none', '-S', '-drive', `file=${image},format=raw,if=virtio${drive}`];
+  const qemu = spawn('qemu-system-x86_64', args, { stdio: ['ignore', 'ignore', 'pipe'] });
+  let stderr = '';
+  qemu.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+  const exited = new Promise<void>((resolve) => qemu.on('close', () => resolve()));
+  try {
+    const ino = statSync(image).ino;
+    // Its lock on byte 100, taken as the drive opens, says QEMU is ready.
+    await waitUntil(() => qemu.exitCode !== null || readFileSync('/proc/locks', 'utf8').split('\n').some((l) => l.includes(`:${ino} 100 `)), {
+      what: 'QEMU to lock its -drive', timeoutMs: 30_000,
+    });
+    assert.equal(qemu.exitCode, null, stderr);
+    await body();
+  } finally {
+    qemu.kill('SIGKILL');
+    await exited;
+  }
+}
+
+describe('vblk and QEMU 7.2 see each other\'s image locks', { skip: requirePeer('qemu-storage-daemon', 'qemu-io', 'qemu-system-x86_64') }, () => {
   const withQsd = async (image: string, writable: boolean, body: (q: Qsd) => Promise<void>): Promise<void> => {
     const name = `qsd${images}${writable ? 'w' : 'r'}`;
     const q = await startQsd(image, sock(name), sock(`${name}-qmp`), { writable });
@@ -142,6 +164,24 @@ describe('vblk and QEMU 7.2 see each other\'s image locks', { skip: requirePeer(
         assert.match(w.output, /Failed to get "write" lock/);
       });
     }
+  });
+
+  test('QEMU refuses a -drive on an image vblk serve holds, and vblk serve one a QEMU -drive holds (a read-only one too)', async () => {
+    const image = newImage();
+    await withServes([[image, sock('d1'), []]], async () => {
+      const r = await new Promise<string>((resolve) => {
+        execFile('qemu-system-x86_64', ['-accel', 'tcg', '-nodefaults', '-display', 'none', '-S', '-drive', `file=${image},format=raw,if=virtio`],
+          { timeout: 30_000 }, (_e, _out, err) => resolve(err));
+      });
+      assert.match(r, /Failed to get "write" lock/);
+    });
+    await withQemuDrive(image, '', async () => {
+      await refused([image, '--socket', sock('d2')], lockedLine(image, 'writes to it'));
+    });
+    await withQemuDrive(image, ',readonly=on', async () => {
+      await refused([image, '--socket', sock('d3')], lockedLine(image, 'lets no other process write to it'));
+      await withServes([[image, sock('d3'), ['--read-only']]], async () => {});
+    });
   });
 
   test('a read-only qemu-storage-daemon export and a read-only vblk serve share an image, in either order', async () => {
