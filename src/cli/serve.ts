@@ -176,7 +176,13 @@ export const command = defineCommand({
       const take = (): ImageLock => lockSource(path, options['read-only'], options['force-share']);
       // Locked before the image is opened (and perhaps grown by --size); a new one once it exists.
       lock = existsSync(path) ? take() : null;
-      image = await openImage(path, { format: options.format, readOnly: options['read-only'], size: options.size, io: options.io });
+      try {
+        image = await openImage(path, { format: options.format, readOnly: options['read-only'], size: options.size, io: options.io });
+      } catch (e) {
+        // Dropped now, not with the process: a program that runs the CLI in-process goes on.
+        lock?.release();
+        throw e;
+      }
       base = image.backend;
       lock ??= take();
       if (options['force-share']) log(`--force-share: other processes may use ${path} at the same time`, { level: 'warn' });
