@@ -370,3 +370,19 @@ test('property: a header with random bytes changed opens, or fails with a typed 
     t.done();
   }
 });
+
+test('the driver\'s refusal names the file: a dirty image opened writable', async () => {
+  const t = tempDir();
+  try {
+    const path = join(t.dir, 'dirty.qcow2');
+    await makeQcow2(path, { size: 1 << 20 });
+    const bytes = readFileSync(path);
+    bytes[79] |= 1; // incompatible_features, dirty bit
+    writeFileSync(path, bytes);
+    await assert.rejects(openImage(path), (e: unknown) => e instanceof VblkError && e.code === 'QCOW2_DIRTY' && e.message.startsWith(`${path}: `));
+    const ro = await openImage(path, { readOnly: true });
+    await ro.backend.close();
+  } finally {
+    t.done();
+  }
+});

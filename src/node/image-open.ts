@@ -303,6 +303,8 @@ async function openChain(chain: readonly ChainLevel[], openQcow2: Qcow2Opener): 
   } catch (e) {
     for (const b of opened) await b.close();
     closeChain(chain.slice(0, i + 1));
+    // The driver's messages say what is wrong, not with which file of the chain.
+    if (e instanceof Qcow2Error) throw new Qcow2Error(e.code, `${chain[i].path}: ${e.message}`);
     throw e;
   }
   const top = below as BlockBackend;
