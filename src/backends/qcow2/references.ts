@@ -25,8 +25,8 @@ export const MAX_L1_ENTRIES_WALKED = 2 ** 27;
 /** Distinct L2 tables the walk remembers (how many L1 entries name each). */
 export const MAX_DISTINCT_L2_TABLES = 2 ** 23;
 
-/** How far past the end of the file a reference still bounds where a repair may place new structures. */
-export const NEAR_END = 2 ** 30;
+/** How far past the end of the file a repair grows it to cover what is referenced there. */
+export const NEAR_END = 64 * 1024 * 1024;
 
 /** Findings of a check, in qemu-img's terms, with a bounded list of one-line messages. */
 export class Tally {
@@ -108,7 +108,8 @@ export interface ReferenceScan {
   readonly counts: ClusterCounts;
   /**
    * Just past the farthest byte referenced, counted or not, among references ending at
-   * most {@link NEAR_END} past the end of the file: a repair places nothing below it.
+   * most {@link NEAR_END} past the end of the file: a repair grows the file to cover them
+   * (so they count, and nothing new is placed under them).
    */
   readonly referencedEnd: number;
   /** References that did not fit the refcount width (each also a corruption in the tally). */

@@ -73,13 +73,11 @@ function planLayout(h: Qcow2Header, counts: ClusterCounts, start: number): Refco
 }
 
 /** Writes new refcount structures for `counts` and switches the header to them. */
-async function rebuildRefcounts(file: ImageFile, h: Qcow2Header, counts: ClusterCounts, referencedEnd: number): Promise<void> {
+async function rebuildRefcounts(file: ImageFile, h: Qcow2Header, counts: ClusterCounts): Promise<void> {
   const clusterSize = 2 ** h.clusterBits;
   const bits = 2 ** h.refcountOrder;
   const perBlock = (clusterSize * 8) / bits;
-  // Past everything referenced near the end, even what the check could not count, so
-  // that no broken entry points into the new structures.
-  const start = Math.max(Math.ceil(file.size / clusterSize), counts.highest + 1, Math.ceil(referencedEnd / clusterSize));
+  const start = Math.max(Math.ceil(file.size / clusterSize), counts.highest + 1);
   const plan = planLayout(h, counts, start);
   const firstBlock = plan.start + plan.tableClusters;
   const structuresEnd = firstBlock + plan.blocks.length;
@@ -185,11 +183,19 @@ export async function repairQcow2(file: ImageFile, options: Qcow2CheckOptions = 
   }
   let rebuilt = false;
   if (before.corruptions > 0 || before.leaks > 0 || before.checkErrors > 0) {
-    const scan = await scanReferences(file, h, new Tally(0), progress && ((f) => progress(0.4 + f * 0.3)), false);
+    const scanProgress = progress && ((f: number) => progress(0.4 + f * 0.3));
+    let scan = await scanReferences(file, h, new Tally(0), scanProgress, false);
+    const clusterSize = 2 ** h.clusterBits;
+    if (scan.referencedEnd > file.size) {
+      // References just past the end count once the file covers them: grow it (zeroes,
+      // which nothing trusts until the header switch) and count again.
+      await file.truncate(Math.ceil(scan.referencedEnd / clusterSize) * clusterSize);
+      scan = await scanReferences(file, h, new Tally(0), scanProgress, false);
+    }
     if (scan.overflows > 0) {
       throw new Qcow2Error('QCOW2_UNSUPPORTED', `${scan.overflows} references do not fit ${2 ** h.refcountOrder}-bit refcounts; convert the image to one with wider refcounts`);
     }
-    await rebuildRefcounts(file, h, scan.counts, scan.referencedEnd);
+    await rebuildRefcounts(file, h, scan.counts);
     await fixCopiedFlags(file, h, scan.counts);
     rebuilt = true;
   }
