@@ -370,3 +370,47 @@ test('property: a header with random bytes changed opens, or fails with a typed 
     t.done();
   }
 });
+
+test('the driver\'s refusal names the file: a dirty image opened writable', async () => {
+  const t = tempDir();
+  try {
+    const path = join(t.dir, 'dirty.qcow2');
+    await makeQcow2(path, { size: 1 << 20 });
+    const bytes = readFileSync(path);
+    bytes[79] |= 1; // incompatible_features, dirty bit
+    writeFileSync(path, bytes);
+    await assert.rejects(openImage(path), (e: unknown) => e instanceof VblkError && e.code === 'QCOW2_DIRTY' && e.message.startsWith(`${path}: `));
+    const ro = await openImage(path, { readOnly: true });
+    await ro.backend.close();
+  } finally {
+    t.done();
+  }
+});
+
+test('a backing file on procfs or sysfs is refused: an image cannot make the guest read the host\'s state', async () => {
+  const t = tempDir();
+  try {
+    const top = join(t.dir, 'top.qcow2');
+    for (const name of ['/proc/self/environ', '/sys/kernel/mm/transparent_hugepage/enabled']) {
+      await makeQcow2(top, { size: 65536, backingFile: name, backingFormat: 'raw' });
+      await assert.rejects(openImage(top, { readOnly: true }), (e: unknown) =>
+        e instanceof ImageOpenError && e.code === 'BACKING_UNSUPPORTED' && e.message === `backing file ${name} of ${top} is on ${name.startsWith('/proc') ? 'procfs' : 'sysfs'}, not a disk image`);
+    }
+  } finally {
+    t.done();
+  }
+});
+
+test('an empty raw backing file reads as zeroes', async () => {
+  const t = tempDir();
+  try {
+    writeFileSync(join(t.dir, 'empty.raw'), '');
+    const top = join(t.dir, 'top.qcow2');
+    await makeQcow2(top, { size: 65536, backingFile: 'empty.raw', backingFormat: 'raw' });
+    const opened = await openImage(top, { readOnly: true });
+    assert.deepEqual(await readAll(opened.backend, 0, 4096), new Uint8Array(4096));
+    await opened.backend.close();
+  } finally {
+    t.done();
+  }
+});

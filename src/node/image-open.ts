@@ -17,7 +17,7 @@
  * image that was probed as raw refuses guest writes that would put the qcow2 magic at
  * its start (QEMU restricts a probed raw image's first sector the same way).
  */
-import { fstatSync } from 'node:fs';
+import { fstatSync, statfsSync } from 'node:fs';
 import { dirname, isAbsolute, resolve } from 'node:path';
 import { BackendError, type BlockBackend } from '../backends/backend.js';
 import type { ImageFile } from '../backends/qcow2/image-file.js';
@@ -179,6 +179,7 @@ export function walkChain(path: string, options: ChainOptions = {}): { levels: C
         if (e.code === 'IMAGE_MISSING') throw new ImageOpenError('BACKING_MISSING', `backing file ${next.path} of ${next.namedBy} does not exist`);
         throw new ImageOpenError('BACKING_UNREADABLE', `backing file of ${next.namedBy}: ${e.message}`);
       }
+      if (next.namedBy !== undefined) refusePseudoFile(next.path, next.namedBy, file);
       const st = fstatSync(file.fd, { bigint: true });
       const identity = `${st.dev}:${st.ino}`;
       const again = seen.get(identity);
@@ -216,6 +217,24 @@ export function walkChain(path: string, options: ChainOptions = {}): { levels: C
     if (chain.length === 0) throw e;
     return { levels: chain, error: e as Error };
   }
+}
+
+/**
+ * Kernel filesystems whose "regular files" hold the host's state (procfs, sysfs,
+ * debugfs, tracefs, securityfs, configfs; statfs(2) magic numbers). A name in an image
+ * is the image's author's choice: none may make the guest read /proc/self/environ.
+ */
+const PSEUDO_FILESYSTEMS: ReadonlyMap<number, string> = new Map([
+  [0x9fa0, 'procfs'], [0x62656572, 'sysfs'], [0x64626720, 'debugfs'], [0x74726163, 'tracefs'],
+  [0x73636673, 'securityfs'], [0x62656570, 'configfs'],
+]);
+
+/** Closes `file` and throws when the backing file at `path` lies on a kernel pseudo filesystem. */
+function refusePseudoFile(path: string, namedBy: string, file: NodeImageFile): void {
+  const kind = PSEUDO_FILESYSTEMS.get(Number(statfsSync(path).type));
+  if (kind === undefined) return;
+  file.close();
+  throw new ImageOpenError('BACKING_UNSUPPORTED', `backing file ${path} of ${namedBy} is on ${kind}, not a disk image`);
 }
 
 /** Closes every file of a chain that {@link resolveChain} opened (idempotent). */
@@ -290,9 +309,9 @@ async function openChain(chain: readonly ChainLevel[], openQcow2: Qcow2Opener): 
       let backend: BlockBackend;
       if (level.format === 'raw') {
         // A raw backing file of any length: the backend rounds it up to whole sectors
-        // (reads past its end give zeroes) and never writes it. It takes the fd over, and
-        // reads in the chain's I/O mode.
-        const size = Math.ceil(level.file.size / VIRTIO_BLK_SECTOR_SIZE) * VIRTIO_BLK_SECTOR_SIZE || VIRTIO_BLK_SECTOR_SIZE;
+        // (reads past its end give zeroes; an empty file stays empty) and never writes it.
+        // It takes the fd over, and reads in the chain's I/O mode.
+        const size = Math.ceil(level.file.size / VIRTIO_BLK_SECTOR_SIZE) * VIRTIO_BLK_SECTOR_SIZE;
         backend = new FileBackend(level.file.fd, size, { readOnly: true, io: level.file.io });
       } else {
         backend = await openQcow2(level.file, { readOnly: i > 0 || level.file.readOnly, backing: below, decompressors: nodeDecompressors });
@@ -303,6 +322,8 @@ async function openChain(chain: readonly ChainLevel[], openQcow2: Qcow2Opener): 
   } catch (e) {
     for (const b of opened) await b.close();
     closeChain(chain.slice(0, i + 1));
+    // The driver's messages say what is wrong, not with which file of the chain.
+    if (e instanceof Qcow2Error) throw new Qcow2Error(e.code, `${chain[i].path}: ${e.message}`);
     throw e;
   }
   const top = below as BlockBackend;

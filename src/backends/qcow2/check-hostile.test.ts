@@ -86,3 +86,79 @@ for (const [version, refcountBits] of [[3, 16], [3, 1], [2, 16], [3, 64]] as con
     }), { numRuns: 150 });
   });
 }
+
+/** Writes a big-endian u64 (below 2^53) at `at`, with `flags` or'ed into its top byte. */
+function putU64(file: MemoryImageFile, at: number, value: number, flags = 0): void {
+  const b = new Uint8Array(8);
+  const v = new DataView(b.buffer);
+  v.setUint32(0, Math.floor(value / 2 ** 32));
+  v.setUint32(4, value >>> 0);
+  b[0] |= flags;
+  file.write(at, [b]);
+}
+
+function u64At(file: MemoryImageFile, at: number): number {
+  const v = new DataView(file.bytes().buffer);
+  return v.getUint32(at) * 2 ** 32 + v.getUint32(at + 4);
+}
+
+test('every L1 entry naming one L2 table whose entries all name one cluster: counted once per table, overflow reported', async () => {
+  const file = new MemoryImageFile();
+  await createQcow2(file, { size: 8 * 2 ** 30, clusterSize: CS }); // 4096 L1 entries
+  const l1 = u64At(file, 40);
+  const l2 = file.size, data = file.size + CS;
+  file.truncate(data + CS);
+  for (let i = 0; i < CS / 8; i++) putU64(file, l2 + i * 8, data, 0x80);
+  for (let i = 0; i < 4096; i++) putU64(file, l1 + i * 8, l2, 0x80);
+  const r = await checkQcow2(file);
+  // 4096 x 512 references to one 16-bit refcount: all but 65535 overflow.
+  assert.ok(r.corruptions >= 4096 * 512 - 65535, `${r.corruptions} corruptions`);
+  assert.ok(r.messages.length <= 1000);
+});
+
+test('snapshots whose L1 tables add up past the walk limit: a typed error, not a hang', async () => {
+  const file = new MemoryImageFile();
+  await createQcow2(file, { size: 2 ** 30, clusterSize: CS });
+  const table = file.size;
+  const count = 40;
+  file.truncate(table + CS);
+  for (let i = 0; i < count; i++) {
+    putU64(file, table + i * 40, 16 * CS); // any aligned offset; past the end reads zeroes
+    const v = new Uint8Array(4);
+    new DataView(v.buffer).setUint32(0, 4 * 1024 * 1024); // QEMU's largest L1
+    file.write(table + i * 40 + 8, [v]);
+  }
+  const header = new Uint8Array(12);
+  new DataView(header.buffer).setUint32(0, count);
+  new DataView(header.buffer).setUint32(8, table);
+  file.write(60, [header]);
+  await assert.rejects(checkQcow2(file), { code: 'QCOW2_BAD_METADATA' });
+});
+
+test('a snapshot entry with too much extra data is a typed error', async () => {
+  const file = new MemoryImageFile();
+  await createQcow2(file, { size: 2 ** 20, clusterSize: CS });
+  const table = file.size;
+  file.truncate(table + CS);
+  const entry = new Uint8Array(40);
+  new DataView(entry.buffer).setUint32(36, 1 << 20);
+  file.write(table, [entry]);
+  const header = new Uint8Array(12);
+  new DataView(header.buffer).setUint32(0, 1);
+  new DataView(header.buffer).setUint32(8, table);
+  file.write(60, [header]);
+  await assert.rejects(checkQcow2(file), { code: 'QCOW2_BAD_METADATA' });
+});
+
+test('a refcount table whose entries all name one block: corruptions, and a repair gives each range its own block', async () => {
+  const file = new MemoryImageFile();
+  await createQcow2(file, { size: 2 ** 20, clusterSize: CS });
+  const table = u64At(file, 48);
+  const block = u64At(file, table);
+  for (let i = 1; i < CS / 8; i++) putU64(file, table + i * 8, block);
+  const r = await checkQcow2(file);
+  assert.equal(r.needsRebuild, true);
+  assert.ok(r.corruptions >= CS / 8 - 1);
+  const repaired = await repairQcow2(file);
+  assert.deepEqual([repaired.after.corruptions, repaired.after.leaks, repaired.after.checkErrors], [0, 0, 0]);
+});

@@ -52,6 +52,18 @@ describe('checkQcow2 agrees with qemu-img check', { skip: qemuSkip }, () => {
     }
   });
 
+  test('a sparse 1 TiB image written at both ends', async () => {
+    const dir = tempDir();
+    try {
+      const path = build(dir, 't.qcow2', '1T', 'cluster_size=65536', 'write -P 1 0 64k', `write -P 2 ${2 ** 40 - 65536} 64k`);
+      const r = await agrees(path);
+      assert.equal(r.allocatedClusters, 2);
+      assert.equal(r.totalClusters, 2 ** 24);
+    } finally {
+      dir.remove();
+    }
+  });
+
   test('internal snapshots share clusters, and COPIED follows', async () => {
     const dir = tempDir();
     try {

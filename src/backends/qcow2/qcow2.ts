@@ -413,16 +413,18 @@ export class Qcow2Backend implements BlockBackend {
         await this.#track(this.#file.write(ready + inOff, bufs));
         return;
       }
-      let e = UNALLOCATED, host = 0, reuse = false;
+      let e = UNALLOCATED, host = 0, reuse = false, fresh = false;
       await this.#lock.run(async () => {
         await this.#clearAutoclear();
         e = this.#decode(await this.#l2ForWrite(c), c);
         reuse = e.copied && e.offset !== 0 && e.kind !== 'compressed';
         host = reuse ? e.offset : await this.#rc!.allocate(1);
+        // A cluster past the end of the file reads as zeroes: when the old content is zeroes too, only the new data need be written.
+        fresh = !reuse && host >= this.#file.size && this.#readsZero(e);
       });
       // Data (and the copied-on-write rest of the cluster) before the entry that points to it.
-      if (inOff === 0 && totalLength(bufs) === this.#cs) {
-        await this.#track(this.#file.write(host, bufs));
+      if (fresh || (inOff === 0 && totalLength(bufs) === this.#cs)) {
+        await this.#track(this.#file.write(host + inOff, bufs));
       } else {
         const whole = new Uint8Array(this.#cs);
         await this.#readCluster(c, e, 0, [whole]);
@@ -436,6 +438,13 @@ export class Qcow2Backend implements BlockBackend {
         if (!reuse) this.#free(e);
       });
     });
+  }
+
+  /** The whole cluster described by `e` reads as zeroes. */
+  #readsZero(e: Entry): boolean {
+    if (e.kind === 'compressed') return false;
+    if (!this.#ext) return e.kind === 'zero' || (e.kind === 'unallocated' && this.#backing === undefined);
+    return e.alloc === 0 && (e.zero === ALL_SUBCLUSTERS || this.#backing === undefined);
   }
 
   /** Writes an L2 entry: `host` (0 for none) with COPIED, and the subcluster bitmaps (or the zero flag when `zero` is 1 without extended L2). */
@@ -572,10 +581,7 @@ export class Qcow2Backend implements BlockBackend {
 
   async #writeZeroBytes(offset: number, n: number): Promise<void> {
     const c = Math.floor(offset / this.#cs);
-    const e = await this.#entry(c);
-    const readsZero = (e.kind === 'unallocated' && this.#backing === undefined && e.zero === 0) ||
-      (!this.#ext && e.kind === 'zero');
-    if (readsZero) return;
+    if (this.#readsZero(await this.#entry(c))) return;
     await this.#writeSlow(offset, [new Uint8Array(n)], n);
   }
 
