@@ -27,8 +27,11 @@ export interface Qcow2CheckResult {
   readonly imageEndOffset: number;
   /** Clusters of the virtual disk. */
   readonly totalClusters: number;
+  /** Clusters of the virtual disk the active L1 maps to host clusters (data, preallocated zero, compressed). */
   readonly allocatedClusters: number;
+  /** Allocated clusters not right after the previous one in their L2 table (compressed ones always count). */
   readonly fragmentedClusters: number;
+  /** Compressed clusters in the active tables. */
   readonly compressedClusters: number;
   /** One line per problem, like qemu-img's, at most {@link Qcow2CheckOptions.maxMessages}. */
   readonly messages: readonly string[];
@@ -38,6 +41,7 @@ export interface Qcow2CheckResult {
   readonly dirty: boolean;
 }
 
+/** How {@link checkQcow2} (and `repairQcow2`) report as they go. */
 export interface Qcow2CheckOptions {
   /** Called with the fraction done, 0 to 1, now and then (for a progress bar). */
   readonly onProgress?: (fraction: number) => void;

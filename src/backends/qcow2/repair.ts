@@ -18,12 +18,15 @@ import {
 import type { ImageFile } from './image-file.js';
 import { scanReferences, Tally, type ClusterCounts } from './references.js';
 
+/** What {@link repairQcow2} found and fixed. */
 export interface Qcow2RepairResult {
   /** The check before the repair. */
   readonly before: Qcow2CheckResult;
   /** The check after it: what could not be repaired (misaligned entries, references past the end …). */
   readonly after: Qcow2CheckResult;
+  /** Leaks before less leaks after. */
   readonly leaksFixed: number;
+  /** Corruptions before less corruptions after. */
   readonly corruptionsFixed: number;
   /** New refcount structures were written. */
   readonly rebuilt: boolean;
