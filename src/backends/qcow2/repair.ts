@@ -8,7 +8,7 @@
  * Crash-safe order: the new refcount table and blocks go past everything in use and are
  * flushed before one header write (refcount_table_offset and refcount_table_clusters, 12
  * bytes in one sector) switches to them; until then the old structures stand untouched.
- * The driver calls this when it opens a dirty (lazy refcounts) image writable.
+ * Meant also for the driver, on a writable open of a dirty (lazy refcounts) image.
  */
 import { BackendError } from '../backend.js';
 import { checkQcow2, readHeader, type Qcow2CheckOptions, type Qcow2CheckResult } from './check.js';
@@ -22,7 +22,7 @@ import { scanReferences, Tally, type ClusterCounts } from './references.js';
 export interface Qcow2RepairResult {
   /** The check before the repair. */
   readonly before: Qcow2CheckResult;
-  /** The check after it: what could not be repaired (misaligned entries, references past the end …). */
+  /** The check after it: what could not be repaired (misaligned entries, reserved bits, references far past the end …). */
   readonly after: Qcow2CheckResult;
   /** Leaks before less leaks after. */
   readonly leaksFixed: number;
