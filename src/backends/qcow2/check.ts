@@ -13,7 +13,7 @@ import {
   AUTOCLEAR, EXT, INCOMPAT, Qcow2Error, entryOffset, getRefcount, parseHeader, type Qcow2Header,
 } from './header.js';
 import type { ImageFile } from './image-file.js';
-import { hex, scanReferences, Tally, type ReferenceScan } from './references.js';
+import { hex, l2EntryBytes, scanReferences, Tally, type ReferenceScan } from './references.js';
 
 /** What a check found, named as `qemu-img check --output=json` names it. */
 export interface Qcow2CheckResult {
@@ -243,6 +243,7 @@ async function checkCopiedFlags(file: ImageFile, h: Qcow2Header, stored: StoredR
   const l2 = new Uint8Array(clusterSize);
   const l2View = new DataView(l2.buffer);
   const perTable = new Map<number, number>();
+  const stride = l2EntryBytes(h);
   for (let i = 0; i < h.l1Size; i++) {
     const slot = i % L1_CHUNK_ENTRIES;
     if (slot === 0) await file.read(h.l1TableOffset + i * 8, [l1.subarray(0, Math.min(L1_CHUNK_ENTRIES, h.l1Size - i) * 8)]);
@@ -260,7 +261,7 @@ async function checkCopiedFlags(file: ImageFile, h: Qcow2Header, stored: StoredR
     }
     await file.read(l2Offset, [l2]);
     let mismatches = 0;
-    for (let at = 0; at < clusterSize; at += 8) {
+    for (let at = 0; at < clusterSize; at += stride) {
       const ehi = l2View.getUint32(at), elo = l2View.getUint32(at + 4);
       if (ehi & 0x4000_0000) continue; // compressed: the scan checked their flag
       const dataOffset = entryOffset(ehi, elo);
