@@ -13,6 +13,7 @@
 import {
   INCOMPAT, MAX_L1_BYTES, Qcow2Error, QCOW_OFLAG_ZERO, decodeL2Entry, entryOffset, l1EntryReserved, maxRefcount, type Qcow2Header,
 } from './header.js';
+import { forEachBitmapRegion } from './bitmaps.js';
 import type { ImageFile } from './image-file.js';
 import { readSnapshotTable } from './snapshot-table.js';
 
@@ -211,6 +212,7 @@ export async function scanReferences(
     inc(h.snapshotsOffset, table.byteLength);
   }
   if (mode === 'check') inc(h.refcountTableOffset, h.refcountTableClusters * clusterSize);
+  await forEachBitmapRegion(file, h, inc, (offset) => tally.corruption(`ERROR bitmap data cluster offset=0x${offset.toString(16)} is not cluster aligned`));
   progress?.(0.1);
 
   // Each L2 table once, in file order, its references weighted by how many L1 entries name it.
