@@ -52,6 +52,53 @@ describe('checkQcow2 agrees with qemu-img check', { skip: qemuSkip }, () => {
     }
   });
 
+  test('extended L2 entries: subclusters, and broken subcluster bitmaps', async (t) => {
+    const dir = tempDir();
+    try {
+      const path = build(dir, 'x.qcow2', '1G', 'extended_l2=on,cluster_size=65536', 'write -P 1 0 4k', 'write -P 2 68k 8k', 'write -z 200k 8k',
+        'write -c -P 3 1M 64k', 'write -P 4 600M 64k', 'discard 68k 4k');
+      const r = await agrees(path);
+      assert.equal(r.corruptions + r.leaks, 0);
+      const bitmap = (s: Surgery, index: number, zero: number, alloc: number): void => {
+        const b = new Uint8Array(8);
+        new DataView(b.buffer).setUint32(0, zero);
+        new DataView(b.buffer).setUint32(4, alloc);
+        s.file.write(s.l2Table(0) + index * 16 + 8, [b]);
+      };
+      const cases: [string, (s: Surgery) => void][] = [
+        ['a subcluster both allocated and zero', (s) => bitmap(s, 0, 1, 1)],
+        ['an unallocated cluster with allocated subclusters', (s) => bitmap(s, 5, 0, 3)],
+        ['a compressed cluster with a bitmap', (s) => bitmap(s, 16, 0, 1)],
+      ];
+      for (const [name, mutate] of cases) {
+        const file = readImage(path);
+        mutate(new Surgery(file));
+        const mutated = dir.file('mutated.qcow2');
+        writeImage(mutated, file);
+        await t.test(name, async () => {
+          const ours = await agrees(mutated);
+          assert.ok(ours.corruptions > 0);
+        });
+      }
+    } finally {
+      dir.remove();
+    }
+  });
+
+  test('persistent dirty bitmaps hold clusters', async () => {
+    const dir = tempDir();
+    try {
+      const path = build(dir, 'b.qcow2', '1G', 'cluster_size=65536');
+      qemuImg('bitmap', '--add', path, 'b0');
+      qemuImg('bitmap', '--add', '-g', '512', path, 'b1');
+      qemuIo(path, 'write -P 1 0 1M', 'write -P 2 500M 64k');
+      const r = await agrees(path);
+      assert.equal(r.corruptions + r.leaks, 0);
+    } finally {
+      dir.remove();
+    }
+  });
+
   test('a sparse 1 TiB image written at both ends', async () => {
     const dir = tempDir();
     try {

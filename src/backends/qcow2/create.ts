@@ -18,6 +18,7 @@ export class Qcow2CreateError extends UsageError {
   }
 }
 
+/** What {@link createQcow2} makes: the virtual size and the image's geometry and features. */
 export interface Qcow2CreateOptions {
   /** Virtual disk size in bytes, a multiple of 512. */
   readonly size: number;

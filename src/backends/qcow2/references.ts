@@ -11,8 +11,9 @@
  * are capped, so loops and shared tables cost no more than the file's size.
  */
 import {
-  MAX_L1_BYTES, Qcow2Error, QCOW_OFLAG_ZERO, decodeL2Entry, entryOffset, l1EntryReserved, maxRefcount, type Qcow2Header,
+  INCOMPAT, MAX_L1_BYTES, Qcow2Error, QCOW_OFLAG_ZERO, decodeL2Entry, entryOffset, l1EntryReserved, maxRefcount, type Qcow2Header,
 } from './header.js';
+import { forEachBitmapRegion } from './bitmaps.js';
 import type { ImageFile } from './image-file.js';
 import { readSnapshotTable } from './snapshot-table.js';
 
@@ -126,14 +127,15 @@ const L1_CHUNK_ENTRIES = 8192;
 
 /**
  * Counts the references to every host cluster, except those from the refcount table to
- * the refcount blocks (the caller checks those against the stored table), and those to
- * the refcount table itself when `countRefcountTable` is false (a repair replaces it). Problems found
+ * the refcount blocks (the caller checks those against the stored table). In `repair`
+ * mode the old refcount table is not counted (the repair replaces it), and neither are
+ * references skipped that qemu-img's check skips but a cluster allocator must not reuse. Problems found
  * on the way (misaligned tables and clusters, COPIED on compressed clusters, refcount
  * overflow) go to `tally`; malformed structures that cannot be walked throw
  * {@link Qcow2Error}.
  */
 export async function scanReferences(
-  file: ImageFile, h: Qcow2Header, tally: Tally, progress?: ScanProgress, countRefcountTable = true,
+  file: ImageFile, h: Qcow2Header, tally: Tally, progress?: ScanProgress, mode: 'check' | 'repair' = 'check',
 ): Promise<ReferenceScan> {
   const clusterSize = 2 ** h.clusterBits;
   const fileClusters = Math.ceil(file.size / clusterSize);
@@ -209,20 +211,25 @@ export async function scanReferences(
     }
     inc(h.snapshotsOffset, table.byteLength);
   }
-  if (countRefcountTable) inc(h.refcountTableOffset, h.refcountTableClusters * clusterSize);
+  if (mode === 'check') inc(h.refcountTableOffset, h.refcountTableClusters * clusterSize);
+  await forEachBitmapRegion(file, h, inc, (offset) => tally.corruption(`ERROR bitmap data cluster offset=0x${offset.toString(16)} is not cluster aligned`));
   progress?.(0.1);
 
   // Each L2 table once, in file order, its references weighted by how many L1 entries name it.
   let allocatedClusters = 0, fragmentedClusters = 0, compressedClusters = 0;
   const table = new Uint8Array(clusterSize);
   const view = new DataView(table.buffer);
+  const extendedL2 = (h.incompatibleFeatures & INCOMPAT.EXTL2) !== 0;
+  const stride = l2EntryBytes(h);
   const offsets = [...l2s.keys()].sort((a, b) => a - b);
   for (let t = 0; t < offsets.length; t++) {
     const { count, active } = l2s.get(offsets[t])!;
     await file.read(offsets[t], [table]);
     let nextContiguous = 0;
-    for (let at = 0; at < clusterSize; at += 8) {
+    for (let at = 0; at < clusterSize; at += stride) {
       const hi = view.getUint32(at), lo = view.getUint32(at + 4);
+      // Extended L2: bits 0..31 of the bitmap say which subclusters are allocated, 32..63 which read as zeroes.
+      const allocBits = extendedL2 ? view.getUint32(at + 12) : 0, zeroBits = extendedL2 ? view.getUint32(at + 8) : 0;
       if (hi & 0x4000_0000) {
         const entry = decodeL2Entry(hi, lo, h.clusterBits, true);
         if (typeof entry === 'string' || entry.kind !== 'compressed') {
@@ -232,6 +239,12 @@ export async function scanReferences(
         if (hi & 0x8000_0000) {
           tally.corruption(`ERROR: coffset=0x${entry.offset.toString(16)}: copied flag must never be set for compressed clusters`, count);
         }
+        if (allocBits !== 0 || zeroBits !== 0) {
+          // qemu-img counts such an entry as nothing but this corruption: its clusters then look leaked.
+          tally.corruption(`ERROR compressed cluster with a non-zero subcluster bitmap: l2_entry=${hex(hi, lo)}`, count);
+          // A repair still counts them: freeing a cluster an entry names would let new data overwrite it.
+          if (mode === 'check') continue;
+        }
         inc(entry.offset, entry.length, count);
         allocatedClusters += active;
         compressedClusters += active;
@@ -240,9 +253,16 @@ export async function scanReferences(
       }
       if ((hi & 0x3f00_0000) !== 0 || (lo & 0x1fe) !== 0) tally.corruption(`ERROR found l2 entry with reserved bits set: ${hex(hi, lo)}`, count);
       const offset = entryOffset(hi, lo);
-      if (offset === 0) continue; // unallocated, or zero without a preallocated cluster
+      if (offset === 0) {
+        // Unallocated, or zero without a preallocated cluster: no subcluster may claim a host cluster.
+        if (allocBits !== 0) tally.corruption(`ERROR unallocated cluster with a non-zero subcluster allocation bitmap: l2_entry=${hex(hi, lo)}`, count);
+        continue;
+      }
+      if ((zeroBits & allocBits) !== 0) {
+        tally.corruption(`ERROR offset=${offset.toString(16)}: Allocated cluster has corrupted subcluster allocation bitmap`, count);
+      }
       if (offset % clusterSize !== 0) {
-        const what = lo & QCOW_OFLAG_ZERO ? 'Preallocated cluster' : 'Data cluster';
+        const what = (extendedL2 ? allocBits === 0 : (lo & QCOW_OFLAG_ZERO) !== 0) ? 'Preallocated cluster' : 'Data cluster';
         tally.corruption(`ERROR offset=${offset.toString(16)}: ${what} is not properly aligned; L2 entry corrupted.`, count);
       }
       if (active > 0) {
@@ -256,6 +276,11 @@ export async function scanReferences(
   }
   progress?.(0.7);
   return { counts, referencedEnd, overflows, allocatedClusters, fragmentedClusters, compressedClusters };
+}
+
+/** Bytes of one L2 entry: 16 with extended L2 entries (the entry and its subcluster bitmap), else 8. */
+export function l2EntryBytes(h: Qcow2Header): number {
+  return (h.incompatibleFeatures & INCOMPAT.EXTL2) !== 0 ? 16 : 8;
 }
 
 /** A 64-bit entry from its halves, in hex, for messages. */

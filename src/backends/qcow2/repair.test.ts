@@ -60,6 +60,49 @@ describe('repairQcow2 leaves images qemu-img check finds clean', { skip: qemuSki
     }
   });
 
+  test('an image with extended L2 entries and refcounts of 0 and 5', async () => {
+    const dir = tempDir();
+    try {
+      const path = dir.file('x.qcow2');
+      qemuImg('create', '-q', '-f', 'qcow2', '-o', 'extended_l2=on', path, '1G');
+      qemuIo(path, 'write -P 1 0 4k', 'write -P 2 68k 8k', 'write -z 200k 8k', 'write -P 4 600M 64k');
+      const file = readImage(path);
+      const s = new Surgery(file);
+      s.setStoredRefcount(s.u64(s.l2Table(0)) / s.clusterSize, 0);
+      s.setStoredRefcount(s.u64(s.l2Table(0) + 16) / s.clusterSize, 5);
+      const mutated = dir.file('mutated.qcow2');
+      writeImage(mutated, file);
+      assert.ok(qemuCounts(mutated).corruptions > 0);
+      const after = await repairAndCompare(mutated, dir.file('repaired.qcow2'));
+      assert.deepEqual(counts(after), { corruptions: 0, leaks: 0, checkErrors: 0 });
+    } finally {
+      dir.remove();
+    }
+  });
+
+  test('a leaky image with persistent dirty bitmaps keeps them', async () => {
+    const dir = tempDir();
+    try {
+      const path = dir.file('b.qcow2');
+      qemuImg('create', '-q', '-f', 'qcow2', path, '1G');
+      qemuImg('bitmap', '--add', '-g', '512', path, 'b1');
+      qemuIo(path, 'write -P 1 0 1M', 'write -P 2 500M 64k');
+      const file = readImage(path);
+      const s = new Surgery(file);
+      file.truncate(file.size + s.clusterSize);
+      s.setStoredRefcount(Math.ceil(file.size / s.clusterSize) - 1, 1);
+      const mutated = dir.file('mutated.qcow2');
+      writeImage(mutated, file);
+      assert.equal(qemuCounts(mutated).leaks, 1);
+      const out = dir.file('repaired.qcow2');
+      const after = await repairAndCompare(mutated, out);
+      assert.deepEqual(counts(after), { corruptions: 0, leaks: 0, checkErrors: 0 });
+      assert.match(qemuImg('info', out), /name: b1/);
+    } finally {
+      dir.remove();
+    }
+  });
+
   test('a lazy_refcounts image left dirty by a crash, with snapshots', async () => {
     const dir = tempDir();
     try {

@@ -8,7 +8,7 @@
  * Crash-safe order: the new refcount table and blocks go past everything in use and are
  * flushed before one header write (refcount_table_offset and refcount_table_clusters, 12
  * bytes in one sector) switches to them; until then the old structures stand untouched.
- * The driver calls this when it opens a dirty (lazy refcounts) image writable.
+ * Meant also for the driver, on a writable open of a dirty (lazy refcounts) image.
  */
 import { BackendError } from '../backend.js';
 import { checkQcow2, readHeader, type Qcow2CheckOptions, type Qcow2CheckResult } from './check.js';
@@ -16,14 +16,17 @@ import {
   INCOMPAT, MAX_REFTABLE_BYTES, Qcow2Error, entryOffset, setRefcount, writeU64, type Qcow2Header,
 } from './header.js';
 import type { ImageFile } from './image-file.js';
-import { scanReferences, Tally, type ClusterCounts } from './references.js';
+import { l2EntryBytes, scanReferences, Tally, type ClusterCounts } from './references.js';
 
+/** What {@link repairQcow2} found and fixed. */
 export interface Qcow2RepairResult {
   /** The check before the repair. */
   readonly before: Qcow2CheckResult;
-  /** The check after it: what could not be repaired (misaligned entries, references past the end …). */
+  /** The check after it: what could not be repaired (misaligned entries, reserved bits, references far past the end …). */
   readonly after: Qcow2CheckResult;
+  /** Leaks before less leaks after. */
   readonly leaksFixed: number;
+  /** Corruptions before less corruptions after. */
   readonly corruptionsFixed: number;
   /** New refcount structures were written. */
   readonly rebuilt: boolean;
@@ -121,6 +124,7 @@ async function fixCopiedFlags(file: ImageFile, h: Qcow2Header, counts: ClusterCo
   const l2 = new Uint8Array(clusterSize);
   const l2View = new DataView(l2.buffer);
   const done = new Set<number>();
+  const stride = l2EntryBytes(h);
   for (let i = 0; i < h.l1Size; i++) {
     const hi = l1View.getUint32(i * 8), lo = l1View.getUint32(i * 8 + 4);
     const l2Offset = entryOffset(hi, lo);
@@ -134,7 +138,7 @@ async function fixCopiedFlags(file: ImageFile, h: Qcow2Header, counts: ClusterCo
     done.add(l2Offset);
     await file.read(l2Offset, [l2]);
     let l2Changed = false;
-    for (let at = 0; at < clusterSize; at += 8) {
+    for (let at = 0; at < clusterSize; at += stride) {
       const ehi = l2View.getUint32(at), elo = l2View.getUint32(at + 4);
       let want: boolean;
       if (ehi & 0x4000_0000) {
@@ -184,13 +188,13 @@ export async function repairQcow2(file: ImageFile, options: Qcow2CheckOptions = 
   let rebuilt = false;
   if (before.corruptions > 0 || before.leaks > 0 || before.checkErrors > 0) {
     const scanProgress = progress && ((f: number) => progress(0.4 + f * 0.3));
-    let scan = await scanReferences(file, h, new Tally(0), scanProgress, false);
+    let scan = await scanReferences(file, h, new Tally(0), scanProgress, 'repair');
     const clusterSize = 2 ** h.clusterBits;
     if (scan.referencedEnd > file.size) {
       // References just past the end count once the file covers them: grow it (zeroes,
       // which nothing trusts until the header switch) and count again.
       await file.truncate(Math.ceil(scan.referencedEnd / clusterSize) * clusterSize);
-      scan = await scanReferences(file, h, new Tally(0), scanProgress, false);
+      scan = await scanReferences(file, h, new Tally(0), scanProgress, 'repair');
     }
     if (scan.overflows > 0) {
       throw new Qcow2Error('QCOW2_UNSUPPORTED', `${scan.overflows} references do not fit ${2 ** h.refcountOrder}-bit refcounts; convert the image to one with wider refcounts`);
