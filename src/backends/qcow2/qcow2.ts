@@ -21,6 +21,7 @@ import {
 import type { ImageFile } from './image-file.js';
 import { TableCache, type CachedTable } from './table-cache.js';
 import { Refcounts } from './refcounts.js';
+import { repairQcow2 } from './repair.js';
 import {
   INCOMPAT, MAX_L1_BYTES, Qcow2Error, decodeL2Entry, entryOffset, l1EntryReserved, parseHeader, writeU64,
   type CompressionType, type Qcow2Header,
@@ -41,6 +42,11 @@ export interface Qcow2Options {
   readonly decompressors?: Partial<Record<CompressionType, Decompressor>>;
   /** Bytes of L2 tables kept in memory (QEMU's l2-cache-size). Default 1 MiB, at least 4 tables. */
   readonly l2CacheBytes?: number;
+  /**
+   * A dirty image (lazy refcounts not written back) opened writable has its refcounts
+   * rebuilt from its tables first ({@link repairQcow2}); false refuses it instead. Default true.
+   */
+  readonly repairDirty?: boolean;
   /** Bytes of refcount blocks kept in memory. Default 256 KiB, at least 4 blocks. */
   readonly refcountCacheBytes?: number;
 }
@@ -78,15 +84,7 @@ class Mutex {
 export async function openQcow2(file: ImageFile, options: Qcow2Options = {}): Promise<Qcow2Backend> {
   const readOnly = options.readOnly ?? file.readOnly;
   if (!readOnly && file.readOnly) throw new BackendError('READ_ONLY', 'cannot open a read-only image file writable');
-  const probe = new Uint8Array(Math.min(file.size, 4096));
-  await file.read(0, [probe]);
-  const cb = probe.length >= 24 ? new DataView(probe.buffer).getUint32(20) : 0;
-  let first = probe;
-  if (cb > 12 && cb <= 21 && file.size > probe.length) {
-    first = new Uint8Array(Math.min(file.size, 2 ** cb));
-    await file.read(0, [first]);
-  }
-  const header = parseHeader(first, file.size);
+  let header = await readFirstCluster(file);
   if (header.backingFile !== undefined && options.backing === undefined) {
     throw new Qcow2Error('QCOW2_UNSUPPORTED', `the image has a backing file (${header.backingFile}) and none was given`);
   }
@@ -95,7 +93,13 @@ export async function openQcow2(file: ImageFile, options: Qcow2Options = {}): Pr
       throw new Qcow2Error('QCOW2_CORRUPT', 'the image is marked corrupt: open it read-only, or repair it (qemu-img check -r all)');
     }
     if (header.incompatibleFeatures & INCOMPAT.DIRTY) {
-      throw new Qcow2Error('QCOW2_DIRTY', 'the image is marked dirty (lazy refcounts were not written back): repair it (qemu-img check -r all) or open it read-only');
+      // Lazy refcounts were not written back: the refcounts cannot be trusted until rebuilt from the tables.
+      if (options.repairDirty === false) {
+        throw new Qcow2Error('QCOW2_DIRTY', 'the image is marked dirty (lazy refcounts were not written back): repair it (vblk image check --repair) or open it read-only');
+      }
+      await repairQcow2(file);
+      header = await readFirstCluster(file);
+      if (header.incompatibleFeatures & INCOMPAT.DIRTY) throw new Qcow2Error('QCOW2_DIRTY', 'the image is marked dirty and its repair did not complete');
     }
   }
   const l1 = new Uint8Array(header.l1Size * 8);
@@ -114,6 +118,18 @@ export async function openQcow2(file: ImageFile, options: Qcow2Options = {}): Pr
     await file.read(header.refcountTableOffset, [table]);
   }
   return new Qcow2Backend(file, header, l1, table, readOnly, options);
+}
+
+async function readFirstCluster(file: ImageFile): Promise<Qcow2Header> {
+  const probe = new Uint8Array(Math.min(file.size, 4096));
+  await file.read(0, [probe]);
+  const cb = probe.length >= 24 ? new DataView(probe.buffer).getUint32(20) : 0;
+  let first = probe;
+  if (cb > 12 && cb <= 21 && file.size > probe.length) {
+    first = new Uint8Array(Math.min(file.size, 2 ** cb));
+    await file.read(0, [first]);
+  }
+  return parseHeader(first, file.size);
 }
 
 export class Qcow2Backend implements BlockBackend {
