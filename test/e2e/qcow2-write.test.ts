@@ -108,6 +108,22 @@ const CASES: readonly WriteCase[] = [
     },
   },
   {
+    name: 'an empty image with 4 KiB clusters and 1-bit refcounts (many L2 tables and refcount blocks)',
+    build: (dir) => {
+      const image = join(dir, 'disk.qcow2');
+      qemuImg('create', '-q', '-f', 'qcow2', '-o', 'cluster_size=4096,refcount_bits=1', image, String(SIZE));
+      return { image, backing: [] };
+    },
+  },
+  {
+    name: 'an empty version 2 image (compat=0.10) with 2 MiB clusters',
+    build: (dir) => {
+      const image = join(dir, 'disk.qcow2');
+      qemuImg('create', '-q', '-f', 'qcow2', '-o', 'compat=0.10,cluster_size=2M', image, String(SIZE));
+      return { image, backing: [] };
+    },
+  },
+  {
     name: 'an overlay of a raw base full of data',
     build: (dir) => {
       const base = join(dir, 'base.raw');
