@@ -17,6 +17,9 @@ export * from './backends/filters/index.js';
 export { openQcow2, Qcow2Backend, type Decompressor, type Qcow2Options } from './backends/qcow2/qcow2.js';
 export { MemoryImageFile, type MemoryImageFileOptions } from './backends/qcow2/memory-image-file.js';
 export type { ImageFile } from './backends/qcow2/image-file.js';
+export { createQcow2, Qcow2CreateError, type Qcow2CreateOptions } from './backends/qcow2/create.js';
+export { checkQcow2, type Qcow2CheckOptions, type Qcow2CheckResult } from './backends/qcow2/check.js';
+export { repairQcow2, type Qcow2RepairResult } from './backends/qcow2/repair.js';
 export {
   Qcow2Error, parseHeader, serializeHeader, QCOW2_MAGIC, INCOMPAT, COMPAT, AUTOCLEAR, COMPRESSION_TYPE, EXT,
   type CompressionType, type HeaderExtension, type Qcow2ErrorCode, type Qcow2Header,

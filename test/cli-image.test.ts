@@ -221,3 +221,27 @@ test('the check progress line appears only on a terminal, once per percent, and 
   pipe.done();
   assert.deepEqual(none, []);
 });
+
+test('image check --repair fixes leaks and corruptions: exit 0, the counts fixed in the JSON, qemu-img check clean after', async () => {
+  const leaky = file('rp-leak.qcow2');
+  assert.equal((await vblk('image', 'create', leaky, '10M')).status, 0);
+  setRefcount(leaky, 3, 2);
+  const corrupt = file('rp-corrupt.qcow2');
+  assert.equal((await vblk('image', 'create', corrupt, '10M')).status, 0);
+  setRefcount(corrupt, 0, 0);
+  const fixed = await vblk('image', 'check', '--repair', leaky);
+  assert.equal(fixed.status, 0, fixed.stderr);
+  assert.match(fixed.stdout, /^repaired 1 leaked cluster and 0 corruptions .*\n.*no corruptions, no leaked clusters/);
+  const json = await vblk('image', 'check', '--repair', '--json', corrupt);
+  assert.equal(json.status, 0, json.stderr);
+  const report = JSON.parse(json.stdout) as { corruptions: number; repaired: { corruptions: number }; before: { corruptions: number } };
+  assert.equal(report.corruptions, 0);
+  assert.equal(report.before.corruptions, 1);
+  assert.equal(report.repaired.corruptions, 1);
+  assert.equal((await vblk('image', 'check', corrupt)).status, 0);
+  const again = await vblk('image', 'check', '--repair', corrupt);
+  assert.match(again.stdout, /^nothing to repair\n/);
+  if (!qemuSkip) {
+    for (const path of [leaky, corrupt]) assert.equal(spawnSync('qemu-img', ['check', path]).status, 0, `qemu-img check ${path}`);
+  }
+});

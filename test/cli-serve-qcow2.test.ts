@@ -78,3 +78,21 @@ test('serve --read-only a qcow2 image leaves the file byte for byte unchanged', 
   }
   assert.deepEqual(readFileSync(image), before);
 });
+
+test('serve --format raw serves a raw image holding the qcow2 magic as raw; probing it is refused with one line', async () => {
+  const image = join(scratch.dir, 'magic.raw');
+  const bytes = new Uint8Array(1 << 20);
+  bytes.set([0x51, 0x46, 0x49, 0xfb, 0, 0, 0, 3]);
+  writeFileSync(image, bytes);
+  const probed = await runCli(['serve', image, '--socket', join(scratch.dir, 'm1.sock')]);
+  assert.equal(probed.code, 1);
+  assert.match(probed.stderr, /^vblk serve: .*magic\.raw: .*\n$/);
+  const sock = join(scratch.dir, 'm2.sock');
+  const served = await startServe(image, sock, ['--format', 'raw']);
+  try {
+    assert.match(served.log(), /\(raw, 1048576 bytes\)/);
+    assert.deepEqual(new Uint8Array(await cli('read', '--socket', sock, '--offset', '0', '--length', '512')), bytes.subarray(0, 512));
+  } finally {
+    assert.equal(await served.stop(), 0);
+  }
+});

@@ -287,7 +287,6 @@ class QueueRunner {
     const q = this.queue;
     const taken = this.taken;
     // One clock read per batch: requests taken together share their start.
-    // One clock read per batch: requests taken together share their start.
     const takenAt = this.stats !== null ? this.stats.now() : 0;
     while (taken.length < budget) {
       const job = this.free.pop() ?? new Job(this);

@@ -1,10 +1,12 @@
 /**
- * `vblk image check IMAGE [--json]`: the refcount consistency check of a qcow2 image
- * (../backends/qcow2/check.ts), reported and exited as `qemu-img check` does, so scripts
- * written for one work with the other.
+ * `vblk image check IMAGE [--repair] [--json]`: the refcount consistency check of a qcow2
+ * image (../backends/qcow2/check.ts) and its repair (repair.ts, as `qemu-img check -r
+ * all`), reported and exited as `qemu-img check` does, so scripts written for one work
+ * with the other.
  */
 import { CliUsageError } from './args.js';
 import { checkQcow2, type Qcow2CheckResult } from '../backends/qcow2/check.js';
+import { repairQcow2, type Qcow2RepairResult } from '../backends/qcow2/repair.js';
 import { closeChain, walkChain } from '../node/image-open.js';
 import { defineCommand } from './command.js';
 
@@ -22,13 +24,15 @@ export const CHECK_UNSUPPORTED = 63;
 export const command = defineCommand({
   name: 'image check',
   summary: 'check a qcow2 image\'s refcounts and copied flags, as qemu-img check does',
-  usage: 'IMAGE [--json]',
+  usage: 'IMAGE [--repair] [--json]',
   details: [
     'Exit status as qemu-img check\'s: 0 clean, 1 the check could not complete, 2 corruptions,',
-    '3 leaked clusters only, 63 the image is raw (nothing to check). Problems are listed on',
-    'stderr, one per line; on a terminal a progress line shows how far the check is.',
+    '3 leaked clusters only, 63 the image is raw (nothing to check); after --repair, of the',
+    'check that follows the repair. Problems are listed on stderr, one per line; on a terminal',
+    'a progress line shows how far it is. Never check or repair an image while it is served.',
   ],
   options: {
+    repair: { kind: 'boolean', description: 'rebuild the refcounts from the metadata that uses clusters (frees leaks, fixes under-counted clusters and copied flags, clears the dirty and corrupt bits), as qemu-img check -r all' },
     json: { kind: 'boolean', description: 'print the counts as one JSON object on one line' },
   },
   async run({ options, positionals }, io) {
@@ -36,9 +40,10 @@ export const command = defineCommand({
     const path = positionals[0];
     // The image alone matters (a check reads no backing file, and a missing one does not
     // stop it). Its format is probed, which is safe: the check only reads.
-    const chain = walkChain(path, { readOnly: true }).levels;
+    const chain = walkChain(path, { readOnly: !options.repair }).levels;
     const top = chain[0];
     let result: Qcow2CheckResult;
+    let repaired: Qcow2RepairResult | undefined;
     try {
       if (top.format === 'raw') {
         io.stderr(`vblk image check: ${path} is a raw image: it has no metadata to check\n`);
@@ -46,15 +51,30 @@ export const command = defineCommand({
       }
       const progress = progressReporter(process.stderr.isTTY === true, (t) => io.stderr(t));
       try {
-        result = await checkQcow2(top.file, { onProgress: progress.update });
+        if (options.repair) {
+          repaired = await repairQcow2(top.file, { onProgress: progress.update });
+          result = repaired.after;
+        } else {
+          result = await checkQcow2(top.file, { onProgress: progress.update });
+        }
       } finally {
         progress.done();
       }
     } finally {
       closeChain(chain);
     }
+    if (repaired !== undefined) {
+      for (const m of repaired.before.messages) io.stderr(`${m}\n`);
+      if (!options.json) io.stdout(formatRepair(repaired));
+    }
     for (const m of result.messages) io.stderr(`${m}\n`);
-    io.stdout(options.json ? `${JSON.stringify({ filename: path, format: 'qcow2', ...summary(result) })}\n` : formatCheck(path, result));
+    const json = {
+      filename: path, format: 'qcow2', ...summary(result),
+      ...(repaired === undefined ? {} : {
+        repaired: { leaks: repaired.leaksFixed, corruptions: repaired.corruptionsFixed, rebuilt: repaired.rebuilt }, before: summary(repaired.before),
+      }),
+    };
+    io.stdout(options.json ? `${JSON.stringify(json)}\n` : formatCheck(path, result));
     return checkStatus(result);
   },
 });
@@ -71,6 +91,13 @@ export function checkStatus(r: Qcow2CheckResult): number {
   if (r.corruptions > 0) return CHECK_CORRUPT;
   if (r.leaks > 0) return CHECK_LEAKS;
   return CHECK_CLEAN;
+}
+
+/** What a repair did, before the report of the check after it. */
+export function formatRepair(r: Qcow2RepairResult): string {
+  if (!r.rebuilt && r.leaksFixed === 0 && r.corruptionsFixed === 0) return 'nothing to repair\n';
+  return `repaired ${r.leaksFixed} leaked cluster${r.leaksFixed === 1 ? '' : 's'} and ${r.corruptionsFixed} corruption${r.corruptionsFixed === 1 ? '' : 's'}` +
+    `${r.rebuilt ? ' (refcounts rebuilt)' : ''}; checked again:\n`;
 }
 
 /** The text report. */

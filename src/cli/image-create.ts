@@ -23,7 +23,7 @@ export const command = defineCommand({
     'IMAGE must not exist yet.',
   ],
   options: {
-    format: { kind: 'choice', choices: ['qcow2', 'raw'], default: 'qcow2', description: 'image format' },
+    format: { kind: 'choice', choices: ['qcow2', 'raw'], valueName: 'FORMAT', default: 'qcow2', description: 'image format' },
     backing: { kind: 'string', valueName: 'FILE', description: 'qcow2 only: reads of clusters the image does not hold come from FILE (never written)' },
     'backing-format': {
       kind: 'choice', choices: IMAGE_FORMATS, valueName: 'FMT',

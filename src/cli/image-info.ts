@@ -51,7 +51,7 @@ export const command = defineCommand({
   summary: 'show an image\'s format, sizes, qcow2 header fields and backing chain',
   usage: 'IMAGE [--format raw|qcow2] [--json]',
   options: {
-    format: { kind: 'choice', choices: IMAGE_FORMATS, description: 'the image\'s format (probed from its first bytes when absent)' },
+    format: { kind: 'choice', choices: IMAGE_FORMATS, valueName: 'FORMAT', description: 'the image\'s format (probed from its first bytes when absent)' },
     json: { kind: 'boolean', description: 'print one JSON object on one line' },
   },
   async run({ options, positionals }, io) {

@@ -54,7 +54,7 @@ export const command = defineCommand({
     backend: { kind: 'string', valueName: 'MODULE', description: 'serve the backend made by MODULE (a path with ./ or /, or a package name) instead of an IMAGE' },
     'backend-opt': { kind: 'list', valueName: 'KEY=VALUE', description: 'an option for the backend module\'s factory' },
     filter: { kind: 'list', valueName: 'NAME[:KEY=VALUE,...]', description: 'a filter in front of the image or backend (cow, error, delay, throttle, stats: see below)' },
-    format: { kind: 'choice', choices: IMAGE_FORMATS, description: 'the image file\'s format (probed from its first bytes when absent; a probed raw image refuses guest writes of the qcow2 magic to its start)' },
+    format: { kind: 'choice', choices: IMAGE_FORMATS, valueName: 'FORMAT', description: 'the image file\'s format (probed from its first bytes when absent; a probed raw image refuses guest writes of the qcow2 magic to its start)' },
     'read-only': { kind: 'boolean', description: 'offer a read-only disk (and open the IMAGE read-only)' },
     serial: { kind: 'string', valueName: 'STR', description: 'disk serial (GET_ID), at most 20 bytes', default: 'vblk' },
     queues: { kind: 'integer', valueName: 'N', min: 1, max: 64, default: 16, description: 'request queues offered (the frontend uses as many as it wants: QEMU one per vCPU unless num-queues says)' },

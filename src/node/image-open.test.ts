@@ -7,10 +7,12 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
-import { mkdirSync, mkdtempSync, readFileSync, renameSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, readFileSync, readdirSync, renameSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, relative } from 'node:path';
+import fc from 'fast-check';
 import { BackendError, type BlockBackend } from '../backends/backend.js';
+import { VblkError } from '../errors.js';
 import { createQcow2, type Qcow2CreateOptions } from '../backends/qcow2/create.js';
 import { parseHeader } from '../backends/qcow2/header.js';
 import type { ImageFile } from '../backends/qcow2/image-file.js';
@@ -199,6 +201,12 @@ test('a missing backing file is one line naming it and the image that references
     await makeQcow2(top, { size: 65536, backingFile: 'gone.qcow2', backingFormat: 'qcow2' });
     await assert.rejects(openImage(top, { openQcow2: passThrough }), (e: unknown) =>
       e instanceof ImageOpenError && e.code === 'BACKING_MISSING' && e.message === `backing file ${join(t.dir, 'gone.qcow2')} of ${top} does not exist`);
+    // A directory, or a device, is no backing file: a hostile image cannot make vblk read one.
+    mkdirSync(join(t.dir, 'gone.qcow2'));
+    await assert.rejects(openImage(top, { openQcow2: passThrough }), (e: unknown) =>
+      e instanceof ImageOpenError && e.code === 'BACKING_UNREADABLE' && e.message.startsWith(`backing file of ${top}: `));
+    await makeQcow2(top, { size: 65536, backingFile: '/dev/null', backingFormat: 'raw' });
+    assert.throws(() => resolveChain(top), (e: unknown) => e instanceof ImageOpenError && /not a regular file/.test(e.message));
   } finally {
     t.done();
   }
@@ -330,6 +338,78 @@ test('writes through the real driver over a backing file land in the top image o
     const want = new Uint8Array(2 << 20).fill(0x55);
     want.fill(0x66, 4096, 4096 + 8192);
     assert.deepEqual(got, want);
+  } finally {
+    t.done();
+  }
+});
+
+test('property: a header with random bytes changed opens, or fails with a typed one-line error, and leaks no descriptor', async () => {
+  const t = tempDir();
+  try {
+    writeFileSync(join(t.dir, 'base.raw'), new Uint8Array(65536));
+    const good = join(t.dir, 'good.qcow2');
+    await makeQcow2(good, { size: 1 << 20, backingFile: 'base.raw', backingFormat: 'raw' });
+    const pristine = readFileSync(good);
+    const fdsBefore = readdirSync('/proc/self/fd').length;
+    await fc.assert(fc.asyncProperty(fc.array(fc.tuple(fc.nat(511), fc.nat(255)), { minLength: 1, maxLength: 8 }), async (edits) => {
+      const bytes = Uint8Array.from(pristine);
+      for (const [at, value] of edits) bytes[at] = value;
+      const path = join(t.dir, 'fuzzed.qcow2');
+      writeFileSync(path, bytes);
+      try {
+        const opened = await openImage(path, { readOnly: true });
+        await opened.backend.read(0, [new Uint8Array(4096)]);
+        await opened.backend.close();
+      } catch (e) {
+        assert.ok(e instanceof VblkError, `not a VblkError: ${String(e)}`);
+        assert.ok(!e.message.includes('\n'), e.message);
+      }
+    }), { numRuns: 300 });
+    assert.equal(readdirSync('/proc/self/fd').length, fdsBefore, 'every descriptor closed');
+  } finally {
+    t.done();
+  }
+});
+
+test('the driver\'s refusal names the file: a dirty image opened writable', async () => {
+  const t = tempDir();
+  try {
+    const path = join(t.dir, 'dirty.qcow2');
+    await makeQcow2(path, { size: 1 << 20 });
+    const bytes = readFileSync(path);
+    bytes[79] |= 1; // incompatible_features, dirty bit
+    writeFileSync(path, bytes);
+    await assert.rejects(openImage(path), (e: unknown) => e instanceof VblkError && e.code === 'QCOW2_DIRTY' && e.message.startsWith(`${path}: `));
+    const ro = await openImage(path, { readOnly: true });
+    await ro.backend.close();
+  } finally {
+    t.done();
+  }
+});
+
+test('a backing file on procfs or sysfs is refused: an image cannot make the guest read the host\'s state', async () => {
+  const t = tempDir();
+  try {
+    const top = join(t.dir, 'top.qcow2');
+    for (const name of ['/proc/self/environ', '/sys/kernel/mm/transparent_hugepage/enabled']) {
+      await makeQcow2(top, { size: 65536, backingFile: name, backingFormat: 'raw' });
+      await assert.rejects(openImage(top, { readOnly: true }), (e: unknown) =>
+        e instanceof ImageOpenError && e.code === 'BACKING_UNSUPPORTED' && e.message === `backing file ${name} of ${top} is on ${name.startsWith('/proc') ? 'procfs' : 'sysfs'}, not a disk image`);
+    }
+  } finally {
+    t.done();
+  }
+});
+
+test('an empty raw backing file reads as zeroes', async () => {
+  const t = tempDir();
+  try {
+    writeFileSync(join(t.dir, 'empty.raw'), '');
+    const top = join(t.dir, 'top.qcow2');
+    await makeQcow2(top, { size: 65536, backingFile: 'empty.raw', backingFormat: 'raw' });
+    const opened = await openImage(top, { readOnly: true });
+    assert.deepEqual(await readAll(opened.backend, 0, 4096), new Uint8Array(4096));
+    await opened.backend.close();
   } finally {
     t.done();
   }

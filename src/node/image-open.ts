@@ -17,7 +17,7 @@
  * image that was probed as raw refuses guest writes that would put the qcow2 magic at
  * its start (QEMU restricts a probed raw image's first sector the same way).
  */
-import { fstatSync } from 'node:fs';
+import { fstatSync, statfsSync } from 'node:fs';
 import { dirname, isAbsolute, resolve } from 'node:path';
 import { BackendError, type BlockBackend } from '../backends/backend.js';
 import type { ImageFile } from '../backends/qcow2/image-file.js';
@@ -26,7 +26,7 @@ import { openQcow2 as openQcow2Driver } from '../backends/qcow2/qcow2.js';
 import { VblkError } from '../errors.js';
 import { VIRTIO_BLK_SECTOR_SIZE } from '../spec/virtio-blk.js';
 import { nodeDecompressors, type ClusterDecompressor } from './decompress.js';
-import { FileBackend, openFileBackend, type FileIoMode } from './file-backend.js';
+import { FileBackend, FileBackendError, openFileBackend, type FileIoMode } from './file-backend.js';
 import { openImageFile, type ImageFileIoMode, type NodeImageFile } from './image-file.js';
 import * as native from './native.js';
 
@@ -42,7 +42,7 @@ const HEADER_READ_BYTES = 2 * 1024 * 1024;
 
 /** The stable codes of {@link ImageOpenError}. */
 export type ImageOpenErrorCode =
-  | 'BACKING_MISSING' | 'BACKING_LOOP' | 'BACKING_TOO_DEEP' | 'BACKING_UNSUPPORTED' | 'FORMAT_OPTION';
+  | 'BACKING_MISSING' | 'BACKING_UNREADABLE' | 'BACKING_LOOP' | 'BACKING_TOO_DEEP' | 'BACKING_UNSUPPORTED' | 'FORMAT_OPTION';
 
 /** Why an image or its backing chain cannot be opened; one line naming the files. */
 export class ImageOpenError extends VblkError {
@@ -86,17 +86,28 @@ export interface OpenImageOptions {
   readonly io?: FileIoMode;
   /** Raw only: create the image when missing, or grow it, to this many bytes (see {@link openFileBackend}). */
   readonly size?: number;
-  /** The qcow2 driver; the built-in one by default. */
+  /** @internal The qcow2 driver; the built-in one by default (tests pass a stand-in). */
   readonly openQcow2?: Qcow2Opener;
+}
+
+/** One backing file of an {@link OpenedImage}. */
+export interface BackingLevel {
+  /** Where its name resolved. */
+  readonly path: string;
+  /** Its format. */
+  readonly format: ImageFormat;
+  /** How the format was decided. */
+  readonly formatSource: FormatSource;
 }
 
 /** An open image: the backend to serve and the chain it was made of, top first. */
 export interface OpenedImage {
   /** Closing it closes every file of the chain. */
   readonly backend: BlockBackend;
+  /** The top image's format. */
   readonly format: ImageFormat;
-  /** Backing files, top image excluded, top first: what the startup line and `image info` show. */
-  readonly backing: readonly { readonly path: string; readonly format: ImageFormat; readonly formatSource: FormatSource }[];
+  /** Backing files, top image excluded, top first: what the startup line shows. */
+  readonly backing: readonly BackingLevel[];
 }
 
 /**
@@ -164,11 +175,11 @@ export function walkChain(path: string, options: ChainOptions = {}): { levels: C
       try {
         file = openImageFile(next.path, { readOnly: chain.length > 0 || (options.readOnly ?? false), io: options.io });
       } catch (e) {
-        if (next.namedBy !== undefined && (e as { code?: unknown }).code === 'IMAGE_MISSING') {
-          throw new ImageOpenError('BACKING_MISSING', `backing file ${next.path} of ${next.namedBy} does not exist`);
-        }
-        throw e;
+        if (next.namedBy === undefined || !(e instanceof FileBackendError)) throw e;
+        if (e.code === 'IMAGE_MISSING') throw new ImageOpenError('BACKING_MISSING', `backing file ${next.path} of ${next.namedBy} does not exist`);
+        throw new ImageOpenError('BACKING_UNREADABLE', `backing file of ${next.namedBy}: ${e.message}`);
       }
+      if (next.namedBy !== undefined) refusePseudoFile(next.path, next.namedBy, file);
       const st = fstatSync(file.fd, { bigint: true });
       const identity = `${st.dev}:${st.ino}`;
       const again = seen.get(identity);
@@ -206,6 +217,24 @@ export function walkChain(path: string, options: ChainOptions = {}): { levels: C
     if (chain.length === 0) throw e;
     return { levels: chain, error: e as Error };
   }
+}
+
+/**
+ * Kernel filesystems whose "regular files" hold the host's state (procfs, sysfs,
+ * debugfs, tracefs, securityfs, configfs; statfs(2) magic numbers). A name in an image
+ * is the image's author's choice: none may make the guest read /proc/self/environ.
+ */
+const PSEUDO_FILESYSTEMS: ReadonlyMap<number, string> = new Map([
+  [0x9fa0, 'procfs'], [0x62656572, 'sysfs'], [0x64626720, 'debugfs'], [0x74726163, 'tracefs'],
+  [0x73636673, 'securityfs'], [0x62656570, 'configfs'],
+]);
+
+/** Closes `file` and throws when the backing file at `path` lies on a kernel pseudo filesystem. */
+function refusePseudoFile(path: string, namedBy: string, file: NodeImageFile): void {
+  const kind = PSEUDO_FILESYSTEMS.get(Number(statfsSync(path).type));
+  if (kind === undefined) return;
+  file.close();
+  throw new ImageOpenError('BACKING_UNSUPPORTED', `backing file ${path} of ${namedBy} is on ${kind}, not a disk image`);
 }
 
 /** Closes every file of a chain that {@link resolveChain} opened (idempotent). */
@@ -280,9 +309,10 @@ async function openChain(chain: readonly ChainLevel[], openQcow2: Qcow2Opener): 
       let backend: BlockBackend;
       if (level.format === 'raw') {
         // A raw backing file of any length: the backend rounds it up to whole sectors
-        // (reads past its end give zeroes) and never writes it. It takes the fd over.
-        const size = Math.ceil(level.file.size / VIRTIO_BLK_SECTOR_SIZE) * VIRTIO_BLK_SECTOR_SIZE || VIRTIO_BLK_SECTOR_SIZE;
-        backend = new FileBackend(level.file.fd, size, { readOnly: true, io: 'sync' });
+        // (reads past its end give zeroes; an empty file stays empty) and never writes it.
+        // It takes the fd over, and reads in the chain's I/O mode.
+        const size = Math.ceil(level.file.size / VIRTIO_BLK_SECTOR_SIZE) * VIRTIO_BLK_SECTOR_SIZE;
+        backend = new FileBackend(level.file.fd, size, { readOnly: true, io: level.file.io });
       } else {
         backend = await openQcow2(level.file, { readOnly: i > 0 || level.file.readOnly, backing: below, decompressors: nodeDecompressors });
       }
@@ -292,6 +322,8 @@ async function openChain(chain: readonly ChainLevel[], openQcow2: Qcow2Opener): 
   } catch (e) {
     for (const b of opened) await b.close();
     closeChain(chain.slice(0, i + 1));
+    // The driver's messages say what is wrong, not with which file of the chain.
+    if (e instanceof Qcow2Error) throw new Qcow2Error(e.code, `${chain[i].path}: ${e.message}`);
     throw e;
   }
   const top = below as BlockBackend;

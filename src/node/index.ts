@@ -2,7 +2,8 @@
  * `vblk/node`: vblk on Node.js (Linux). Serve any `BlockBackend` to QEMU and
  * other vhost-user frontends ({@link serve}), drive a vhost-user-blk device
  * ({@link connect}), load a backend module as `vblk serve --backend` does
- * ({@link loadBackendModule}), and the file backend for raw images. Needs the native
+ * ({@link loadBackendModule}), the file backend for raw images, and images with their
+ * backing chains, raw or qcow2 ({@link openImage}). Needs the native
  * addon, which `npm install` builds.
  */
 export { serve, type ServeOptions, type ServedDisk } from './serve.js';
@@ -15,6 +16,10 @@ export {
   FileBackend, FileBackendError, openFileBackend,
   type FileBackendErrorCode, type FileBackendOptions, type FileIoMode,
 } from './file-backend.js';
+export {
+  ImageOpenError, MAX_BACKING_DEPTH, openImage,
+  type BackingLevel, type FormatSource, type ImageFormat, type ImageOpenErrorCode, type OpenImageOptions, type OpenedImage,
+} from './image-open.js';
 export { VhostUserServer, type VhostUserServerOptions } from './vhost-user-server.js';
 export { connectVhostUser, type ConnectOptions } from './vhost-user-client.js';
 export type { VhostUserFrontend } from '../transport/vhost-user/frontend.js';

@@ -3,9 +3,10 @@ import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
 import { checkQcow2, type Qcow2CheckResult } from './check.js';
 import { createQcow2 } from './create.js';
-import { entryOffset, parseHeader, setRefcount, writeU64, type Qcow2Header } from './header.js';
 import { MemoryImageFile } from './memory-image-file.js';
-import { qemuCheck, qemuImg, qemuIo, qemuSkip, readImage, tempDir, writeImage, type TempDir } from '../../../test/support/qcow2-images.js';
+import {
+  MUTATIONS, Surgery, qemuCheck, qemuImg, qemuIo, qemuSkip, readImage, tempDir, writeImage, type TempDir,
+} from '../../../test/support/qcow2-images.js';
 
 /** The fields both report, in qemu-img's JSON names (absent there means 0). */
 function summary(r: Qcow2CheckResult): Record<string, number> {
@@ -22,44 +23,7 @@ function qemuSummary(path: string): Record<string, number> {
   return Object.fromEntries(keys.map((k) => [k, Number(q[k] ?? 0)]));
 }
 
-/** Direct access to an image's metadata, for corrupting it by hand. */
-export class Surgery {
-  readonly h: Qcow2Header;
-  readonly clusterSize: number;
-  constructor(readonly file: MemoryImageFile) {
-    this.h = parseHeader(file.bytes().subarray(0, 2 ** 21), file.size);
-    this.clusterSize = 2 ** this.h.clusterBits;
-  }
-  u64(offset: number): number {
-    const b = this.file.bytes();
-    const v = new DataView(b.buffer, b.byteOffset);
-    return entryOffset(v.getUint32(offset), v.getUint32(offset + 4));
-  }
-  setU64(offset: number, value: number, flags = 0): void {
-    const b = new Uint8Array(8);
-    writeU64(new DataView(b.buffer), 0, value);
-    b[0] |= flags;
-    this.file.write(offset, [b]);
-  }
-  l2Table(l1Index: number): number {
-    return this.u64(this.h.l1TableOffset + l1Index * 8);
-  }
-  /** Where L2 entry `index` of the table of L1 entry `l1Index` lives. */
-  l2EntryAt(l1Index: number, index: number): number {
-    return this.l2Table(l1Index) + index * 8;
-  }
-  setStoredRefcount(cluster: number, value: number): void {
-    const bits = 2 ** this.h.refcountOrder;
-    const perBlock = (this.clusterSize * 8) / bits;
-    const block = this.u64(this.h.refcountTableOffset + Math.floor(cluster / perBlock) * 8);
-    assert.ok(block > 0, `cluster ${cluster} has a refcount block`);
-    const bytes = this.file.bytes().slice(block, block + this.clusterSize);
-    setRefcount(bytes, cluster % perBlock, bits, value);
-    this.file.write(block, [bytes]);
-  }
-}
-
-async function agrees(path: string): Promise<Qcow2CheckResult> {
+export async function agrees(path: string): Promise<Qcow2CheckResult> {
   const ours = await checkQcow2(readImage(path));
   assert.deepEqual(summary(ours), qemuSummary(path), ours.messages.slice(0, 20).join('\n'));
   return ours;
@@ -83,6 +47,51 @@ describe('checkQcow2 agrees with qemu-img check', { skip: qemuSkip }, () => {
         const r = await agrees(path);
         assert.equal(r.corruptions + r.leaks, 0, options);
       }
+    } finally {
+      dir.remove();
+    }
+  });
+
+  test('extended L2 entries: subclusters, and broken subcluster bitmaps', async (t) => {
+    const dir = tempDir();
+    try {
+      const path = build(dir, 'x.qcow2', '1G', 'extended_l2=on,cluster_size=65536', 'write -P 1 0 4k', 'write -P 2 68k 8k', 'write -z 200k 8k',
+        'write -c -P 3 1M 64k', 'write -P 4 600M 64k', 'discard 68k 4k');
+      const r = await agrees(path);
+      assert.equal(r.corruptions + r.leaks, 0);
+      const bitmap = (s: Surgery, index: number, zero: number, alloc: number): void => {
+        const b = new Uint8Array(8);
+        new DataView(b.buffer).setUint32(0, zero);
+        new DataView(b.buffer).setUint32(4, alloc);
+        s.file.write(s.l2Table(0) + index * 16 + 8, [b]);
+      };
+      const cases: [string, (s: Surgery) => void][] = [
+        ['a subcluster both allocated and zero', (s) => bitmap(s, 0, 1, 1)],
+        ['an unallocated cluster with allocated subclusters', (s) => bitmap(s, 5, 0, 3)],
+        ['a compressed cluster with a bitmap', (s) => bitmap(s, 16, 0, 1)],
+      ];
+      for (const [name, mutate] of cases) {
+        const file = readImage(path);
+        mutate(new Surgery(file));
+        const mutated = dir.file('mutated.qcow2');
+        writeImage(mutated, file);
+        await t.test(name, async () => {
+          const ours = await agrees(mutated);
+          assert.ok(ours.corruptions > 0);
+        });
+      }
+    } finally {
+      dir.remove();
+    }
+  });
+
+  test('a sparse 1 TiB image written at both ends', async () => {
+    const dir = tempDir();
+    try {
+      const path = build(dir, 't.qcow2', '1T', 'cluster_size=65536', 'write -P 1 0 64k', `write -P 2 ${2 ** 40 - 65536} 64k`);
+      const r = await agrees(path);
+      assert.equal(r.allocatedClusters, 2);
+      assert.equal(r.totalClusters, 2 ** 24);
     } finally {
       dir.remove();
     }
@@ -117,25 +126,8 @@ describe('checkQcow2 agrees with qemu-img check', { skip: qemuSkip }, () => {
   test('leaks, refcounts of 0, references into the header, past the end, misaligned', async (t) => {
     const dir = tempDir();
     try {
-      const base = build(dir, 'base.qcow2', '64M', 'cluster_size=65536', 'write -P 1 0 128k', 'write -P 2 1M 64k');
-      const cases: [string, (s: Surgery) => void][] = [
-        ['a leaked cluster past the data', (s) => { s.file.truncate(s.file.size + 2 * s.clusterSize); s.setStoredRefcount(s.file.size / s.clusterSize - 1, 1); }],
-        ['a data cluster with refcount 2', (s) => s.setStoredRefcount(s.u64(s.l2EntryAt(0, 0)) / s.clusterSize, 2)],
-        ['a data cluster with refcount 0', (s) => s.setStoredRefcount(s.u64(s.l2EntryAt(0, 1)) / s.clusterSize, 0)],
-        ['an L2 table with refcount 0', (s) => s.setStoredRefcount(s.l2Table(0) / s.clusterSize, 0)],
-        ['an L2 entry into the header', (s) => s.setU64(s.l2EntryAt(0, 5), 0, 0x80)],
-        ['an L2 entry into the refcount table', (s) => s.setU64(s.l2EntryAt(0, 5), s.h.refcountTableOffset, 0x80)],
-        ['an L2 entry past the end of the file', (s) => s.setU64(s.l2EntryAt(0, 6), s.file.size + 10 * s.clusterSize, 0x80)],
-        ['a misaligned L2 entry', (s) => s.setU64(s.l2EntryAt(0, 7), s.file.size - s.clusterSize + 512, 0x80)],
-        ['a misaligned L2 table', (s) => s.setU64(s.h.l1TableOffset + 8, s.l2Table(0) + 4096, 0x80)],
-        ['an L1 entry past the end', (s) => s.setU64(s.h.l1TableOffset + 16, s.file.size + 4 * s.clusterSize, 0x80)],
-        ['COPIED missing on an L1 entry', (s) => s.setU64(s.h.l1TableOffset, s.l2Table(0))],
-        ['COPIED missing on an L2 entry', (s) => s.setU64(s.l2EntryAt(0, 0), s.u64(s.l2EntryAt(0, 0)))],
-        ['a misaligned refcount block', (s) => s.setU64(s.h.refcountTableOffset, s.u64(s.h.refcountTableOffset) + 512)],
-        ['a refcount block past the end', (s) => s.setU64(s.h.refcountTableOffset + 8, s.file.size + s.clusterSize)],
-        ['a second refcount table entry naming the same block', (s) => s.setU64(s.h.refcountTableOffset + 8, s.u64(s.h.refcountTableOffset))],
-      ];
-      for (const [name, mutate] of cases) {
+      const base = build(dir, 'base.qcow2', '4G', 'cluster_size=65536', 'write -P 1 0 128k', 'write -P 2 1M 64k');
+      for (const [name, mutate] of MUTATIONS) {
         const file = readImage(base);
         mutate(new Surgery(file));
         const path = dir.file('mutated.qcow2');

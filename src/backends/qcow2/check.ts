@@ -13,7 +13,7 @@ import {
   AUTOCLEAR, EXT, INCOMPAT, Qcow2Error, entryOffset, getRefcount, parseHeader, type Qcow2Header,
 } from './header.js';
 import type { ImageFile } from './image-file.js';
-import { hex, scanReferences, Tally, type ReferenceScan } from './references.js';
+import { hex, l2EntryBytes, scanReferences, Tally, type ReferenceScan } from './references.js';
 
 /** What a check found, named as `qemu-img check --output=json` names it. */
 export interface Qcow2CheckResult {
@@ -27,8 +27,11 @@ export interface Qcow2CheckResult {
   readonly imageEndOffset: number;
   /** Clusters of the virtual disk. */
   readonly totalClusters: number;
+  /** Clusters of the virtual disk the active L1 maps to host clusters (data, preallocated zero, compressed). */
   readonly allocatedClusters: number;
+  /** Allocated clusters not right after the previous one in their L2 table (compressed ones always count). */
   readonly fragmentedClusters: number;
+  /** Compressed clusters in the active tables. */
   readonly compressedClusters: number;
   /** One line per problem, like qemu-img's, at most {@link Qcow2CheckOptions.maxMessages}. */
   readonly messages: readonly string[];
@@ -38,6 +41,7 @@ export interface Qcow2CheckResult {
   readonly dirty: boolean;
 }
 
+/** How {@link checkQcow2} (and `repairQcow2`) report as they go. */
 export interface Qcow2CheckOptions {
   /** Called with the fraction done, 0 to 1, now and then (for a progress bar). */
   readonly onProgress?: (fraction: number) => void;
@@ -101,11 +105,13 @@ export class StoredRefcounts {
     return hi * 2 ** 32 + ((lo & ~0x1ff) >>> 0);
   }
 
-  /** The stored refcount of `cluster`, or undefined when its refcount block is misaligned. */
-  async get(cluster: number): Promise<number | undefined> {
-    const index = Math.floor(cluster / this.perBlock);
+  /**
+   * Refcount block `index`: its bytes, `null` when the table names none (all refcounts
+   * 0), or undefined when its offset is misaligned (unreadable, as in qemu-img).
+   */
+  async block(index: number): Promise<Uint8Array | null | undefined> {
     const offset = this.blockOffset(index);
-    if (offset === 0 || offset === Infinity) return 0; // none, or past any file: reads as zeroes
+    if (offset === 0 || offset === Infinity) return null; // none, or past any file: reads as zeroes
     if (offset % this.#clusterSize !== 0) return undefined;
     let block = this.#cache.get(index);
     if (block === undefined) {
@@ -116,7 +122,18 @@ export class StoredRefcounts {
       this.#cache.delete(index);
     }
     this.#cache.set(index, block);
-    return getRefcount(block, cluster % this.perBlock, this.#bits);
+    return block;
+  }
+
+  /** The stored refcount of `cluster`, or undefined when its refcount block is misaligned. */
+  async get(cluster: number): Promise<number | undefined> {
+    const block = await this.block(Math.floor(cluster / this.perBlock));
+    return block ? getRefcount(block, cluster % this.perBlock, this.#bits) : block === null ? 0 : undefined;
+  }
+
+  /** {@link get} for a block already in hand (from {@link block}). */
+  refcountIn(block: Uint8Array | null, cluster: number): number {
+    return block === null ? 0 : getRefcount(block, cluster % this.perBlock, this.#bits);
   }
 }
 
@@ -188,25 +205,28 @@ async function compareRefcounts(
 ): Promise<{ highest: number; needsRebuild: boolean }> {
   const { counts } = scan;
   let highest = 0, needsRebuild = false;
-  const compare = async (cluster: number): Promise<void> => {
-    const has = await stored.get(cluster);
-    const want = counts.get(cluster);
-    if (has === undefined) {
+  const compare = (cluster: number, block: Uint8Array | null | undefined): void => {
+    if (block === undefined) {
       tally.error(`Can't get refcount for cluster ${cluster}: Input/output error`);
       return;
     }
+    const has = stored.refcountIn(block, cluster);
+    const want = counts.get(cluster);
     if (has > 0 || want > 0) highest = cluster;
     if (has === want) return;
     if (has === 0) needsRebuild = true;
     if (has < want) tally.corruption(`ERROR cluster ${cluster} refcount=${has} reference=${want}`);
     else tally.leak(`Leaked cluster ${cluster} refcount=${has} reference=${want}`);
   };
-  const step = Math.max(stored.perBlock, 65536);
-  for (let cluster = 0; cluster < counts.fileClusters; cluster++) {
-    await compare(cluster);
-    if (cluster % step === 0) progress?.(0.7 + (0.25 * cluster) / counts.fileClusters);
+  // A block at a time: one read, then its clusters without awaiting each.
+  const { perBlock } = stored;
+  for (let first = 0; first < counts.fileClusters; first += perBlock) {
+    const block = await stored.block(first / perBlock);
+    const end = Math.min(first + perBlock, counts.fileClusters);
+    for (let cluster = first; cluster < end; cluster++) compare(cluster, block);
+    progress?.(0.7 + (0.25 * end) / counts.fileClusters);
   }
-  for (const cluster of counts.pastEnd()) await compare(cluster);
+  for (const cluster of counts.pastEnd()) compare(cluster, await stored.block(Math.floor(cluster / perBlock)));
   return { highest, needsRebuild };
 }
 
@@ -223,6 +243,7 @@ async function checkCopiedFlags(file: ImageFile, h: Qcow2Header, stored: StoredR
   const l2 = new Uint8Array(clusterSize);
   const l2View = new DataView(l2.buffer);
   const perTable = new Map<number, number>();
+  const stride = l2EntryBytes(h);
   for (let i = 0; i < h.l1Size; i++) {
     const slot = i % L1_CHUNK_ENTRIES;
     if (slot === 0) await file.read(h.l1TableOffset + i * 8, [l1.subarray(0, Math.min(L1_CHUNK_ENTRIES, h.l1Size - i) * 8)]);
@@ -240,7 +261,7 @@ async function checkCopiedFlags(file: ImageFile, h: Qcow2Header, stored: StoredR
     }
     await file.read(l2Offset, [l2]);
     let mismatches = 0;
-    for (let at = 0; at < clusterSize; at += 8) {
+    for (let at = 0; at < clusterSize; at += stride) {
       const ehi = l2View.getUint32(at), elo = l2View.getUint32(at + 4);
       if (ehi & 0x4000_0000) continue; // compressed: the scan checked their flag
       const dataOffset = entryOffset(ehi, elo);

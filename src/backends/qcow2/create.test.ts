@@ -23,6 +23,7 @@ describe('createQcow2 makes images qemu-img accepts', { skip: qemuSkip }, () => 
     { name: 'v2 with a backing file', size: 2 ** 30, version: 2, backingFile: 'base.qcow2', backingFormat: 'qcow2' },
     { name: 'v3 with a raw backing file, lazy refcounts', size: 2 ** 30, backingFile: 'base.raw', backingFormat: 'raw', lazyRefcounts: true },
     { name: 'no feature name table, 1 KiB clusters', size: 2 ** 20, clusterSize: 1024, featureNameTable: false },
+    { name: '512 B clusters and a backing file: no room for the feature name table', size: 2 ** 20, clusterSize: 512, backingFile: 'base.qcow2', backingFormat: 'qcow2' },
   ];
   for (const options of cases) {
     test(options.name, async () => {

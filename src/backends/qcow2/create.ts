@@ -18,6 +18,7 @@ export class Qcow2CreateError extends UsageError {
   }
 }
 
+/** What {@link createQcow2} makes: the virtual size and the image's geometry and features. */
 export interface Qcow2CreateOptions {
   /** Virtual disk size in bytes, a multiple of 512. */
   readonly size: number;
@@ -33,7 +34,7 @@ export interface Qcow2CreateOptions {
   readonly backingFormat?: string;
   /** Sets the lazy_refcounts compatible feature (version 3 only). */
   readonly lazyRefcounts?: boolean;
-  /** Writes the feature name table extension, as qemu-img does; default true. */
+  /** Writes the feature name table extension, as qemu-img does; default: when it fits in the first cluster. */
   readonly featureNameTable?: boolean;
 }
 
@@ -65,6 +66,13 @@ function featureNameTable(): Uint8Array {
     table.set(encoder.encode(name), i * 48 + 2);
   });
   return table;
+}
+
+/** Whether the header, `extensions`, the end marker and the backing file name fit in one cluster. */
+function fits(clusterSize: number, version: 2 | 3, extensions: readonly HeaderExtension[], backingName: Uint8Array | undefined): boolean {
+  let bytes = version === 2 ? QCOW2_V2_HEADER_LENGTH : QCOW2_V3_HEADER_LENGTH;
+  for (const e of extensions) bytes += 8 + Math.ceil(e.data.length / 8) * 8;
+  return bytes + 8 + (backingName?.length ?? 0) <= clusterSize;
 }
 
 /** Where each piece of a new image goes, in clusters. */
@@ -128,7 +136,9 @@ export async function createQcow2(file: ImageFile, options: Qcow2CreateOptions):
 
   const extensions: HeaderExtension[] = [];
   if (options.backingFormat !== undefined) extensions.push({ type: EXT.BACKING_FORMAT, data: encoder.encode(options.backingFormat) });
-  if (options.featureNameTable ?? true) extensions.push({ type: EXT.FEATURE_NAMES, data: featureNameTable() });
+  // The feature name table is optional: by default it goes only where it fits, as qemu-img does.
+  const names = { type: EXT.FEATURE_NAMES, data: featureNameTable() };
+  if (options.featureNameTable ?? fits(clusterSize, version, [...extensions, names], backingName)) extensions.push(names);
   let header: Uint8Array;
   try {
     header = serializeHeader({

@@ -152,6 +152,13 @@ export class Refcounts {
   async #findFree(n: number): Promise<number> {
     let start = this.#cursor, run = 0;
     for (let c = this.#cursor; ; c++) {
+      if (c >= this.end) {
+        // Past everything in use: free, whatever a (hostile) block there claims. Bounds the scan by the file.
+        if (this.#isReserved(c)) { run = 0; continue; }
+        if (run === 0) start = c;
+        if (++run >= n) return start;
+        continue;
+      }
       const blockIndex = Math.floor(c / this.perBlock);
       const b = await this.#block(blockIndex);
       if (b === undefined && !this.#anyReservedIn(c, (blockIndex + 1) * this.perBlock)) {
@@ -197,6 +204,7 @@ export class Refcounts {
     const offset = home * this.clusterSize;
     // The block reaches the disk before the table entry that points to it.
     await this.file.write(offset, [data]);
+    await this.file.flush();
     writeU64(this.#tableView, 8 * i, offset);
     await this.file.write(this.tableOffset + 8 * i, [this.table.subarray(8 * i, 8 * i + 8)]);
     await this.blocks.insert(offset, data, false);

@@ -11,7 +11,7 @@
  * are capped, so loops and shared tables cost no more than the file's size.
  */
 import {
-  MAX_L1_BYTES, Qcow2Error, QCOW_OFLAG_ZERO, decodeL2Entry, entryOffset, maxRefcount, type Qcow2Header,
+  INCOMPAT, MAX_L1_BYTES, Qcow2Error, QCOW_OFLAG_ZERO, decodeL2Entry, entryOffset, l1EntryReserved, maxRefcount, type Qcow2Header,
 } from './header.js';
 import type { ImageFile } from './image-file.js';
 import { readSnapshotTable } from './snapshot-table.js';
@@ -24,6 +24,9 @@ export const MAX_CLUSTERS_PAST_END = 2 ** 20;
 export const MAX_L1_ENTRIES_WALKED = 2 ** 27;
 /** Distinct L2 tables the walk remembers (how many L1 entries name each). */
 export const MAX_DISTINCT_L2_TABLES = 2 ** 23;
+
+/** How far past the end of the file a repair grows it to cover what is referenced there. */
+export const NEAR_END = 64 * 1024 * 1024;
 
 /** Findings of a check, in qemu-img's terms, with a bounded list of one-line messages. */
 export class Tally {
@@ -103,6 +106,14 @@ interface L2Use {
 /** The result of {@link scanReferences}. */
 export interface ReferenceScan {
   readonly counts: ClusterCounts;
+  /**
+   * Just past the farthest byte referenced, counted or not, among references ending at
+   * most {@link NEAR_END} past the end of the file: a repair grows the file to cover them
+   * (so they count, and nothing new is placed under them).
+   */
+  readonly referencedEnd: number;
+  /** References that did not fit the refcount width (each also a corruption in the tally). */
+  readonly overflows: number;
   readonly allocatedClusters: number;
   readonly fragmentedClusters: number;
   readonly compressedClusters: number;
@@ -115,20 +126,26 @@ const L1_CHUNK_ENTRIES = 8192;
 
 /**
  * Counts the references to every host cluster, except those from the refcount table to
- * the refcount blocks (the caller checks those against the stored table). Problems found
+ * the refcount blocks (the caller checks those against the stored table). In `repair`
+ * mode the old refcount table is not counted (the repair replaces it), and neither are
+ * references skipped that qemu-img's check skips but a cluster allocator must not reuse. Problems found
  * on the way (misaligned tables and clusters, COPIED on compressed clusters, refcount
  * overflow) go to `tally`; malformed structures that cannot be walked throw
  * {@link Qcow2Error}.
  */
-export async function scanReferences(file: ImageFile, h: Qcow2Header, tally: Tally, progress?: ScanProgress): Promise<ReferenceScan> {
+export async function scanReferences(
+  file: ImageFile, h: Qcow2Header, tally: Tally, progress?: ScanProgress, mode: 'check' | 'repair' = 'check',
+): Promise<ReferenceScan> {
   const clusterSize = 2 ** h.clusterBits;
   const fileClusters = Math.ceil(file.size / clusterSize);
   if (fileClusters > MAX_CHECK_CLUSTERS) {
     throw new Qcow2Error('QCOW2_UNSUPPORTED', `the file has ${fileClusters} clusters; the check counts at most ${MAX_CHECK_CLUSTERS}`);
   }
   const counts = new ClusterCounts(fileClusters, maxRefcount(2 ** h.refcountOrder));
+  let referencedEnd = 0, overflows = 0;
   const inc = (offset: number, bytes: number, times = 1): void => {
     if (bytes <= 0) return;
+    if (offset + bytes <= file.size + NEAR_END) referencedEnd = Math.max(referencedEnd, offset + bytes);
     // Like qemu-img: a region ending a cluster or more past the end of the file is a
     // corruption and counts nowhere; one ending less than that still counts.
     if (offset + bytes - file.size >= clusterSize) {
@@ -138,6 +155,7 @@ export async function scanReferences(file: ImageFile, h: Qcow2Header, tally: Tal
     const last = Math.floor((offset + bytes - 1) / clusterSize);
     for (let c = Math.floor(offset / clusterSize); c <= last; c++) {
       const over = counts.add(c, times);
+      overflows += over;
       if (over > 0) tally.corruption(`ERROR: overflow cluster offset=0x${(c * clusterSize).toString(16)}`, over);
     }
   };
@@ -157,7 +175,9 @@ export async function scanReferences(file: ImageFile, h: Qcow2Header, tally: Tal
       const n = Math.min(L1_CHUNK_ENTRIES, size - first);
       await file.read(offset + first * 8, [chunk.subarray(0, n * 8)]);
       for (let i = 0; i < n; i++) {
-        const l2Offset = entryOffset(view.getUint32(i * 8), view.getUint32(i * 8 + 4));
+        const hi = view.getUint32(i * 8), lo = view.getUint32(i * 8 + 4);
+        if (l1EntryReserved(hi, lo)) tally.corruption(`ERROR found L1 entry with reserved bits set: ${hex(hi, lo)}`);
+        const l2Offset = entryOffset(hi, lo);
         if (l2Offset === 0) continue;
         inc(l2Offset, clusterSize);
         if (l2Offset % clusterSize !== 0) {
@@ -190,20 +210,24 @@ export async function scanReferences(file: ImageFile, h: Qcow2Header, tally: Tal
     }
     inc(h.snapshotsOffset, table.byteLength);
   }
-  inc(h.refcountTableOffset, h.refcountTableClusters * clusterSize);
+  if (mode === 'check') inc(h.refcountTableOffset, h.refcountTableClusters * clusterSize);
   progress?.(0.1);
 
   // Each L2 table once, in file order, its references weighted by how many L1 entries name it.
   let allocatedClusters = 0, fragmentedClusters = 0, compressedClusters = 0;
   const table = new Uint8Array(clusterSize);
   const view = new DataView(table.buffer);
+  const extendedL2 = (h.incompatibleFeatures & INCOMPAT.EXTL2) !== 0;
+  const stride = l2EntryBytes(h);
   const offsets = [...l2s.keys()].sort((a, b) => a - b);
   for (let t = 0; t < offsets.length; t++) {
     const { count, active } = l2s.get(offsets[t])!;
     await file.read(offsets[t], [table]);
     let nextContiguous = 0;
-    for (let at = 0; at < clusterSize; at += 8) {
+    for (let at = 0; at < clusterSize; at += stride) {
       const hi = view.getUint32(at), lo = view.getUint32(at + 4);
+      // Extended L2: bits 0..31 of the bitmap say which subclusters are allocated, 32..63 which read as zeroes.
+      const allocBits = extendedL2 ? view.getUint32(at + 12) : 0, zeroBits = extendedL2 ? view.getUint32(at + 8) : 0;
       if (hi & 0x4000_0000) {
         const entry = decodeL2Entry(hi, lo, h.clusterBits, true);
         if (typeof entry === 'string' || entry.kind !== 'compressed') {
@@ -213,16 +237,30 @@ export async function scanReferences(file: ImageFile, h: Qcow2Header, tally: Tal
         if (hi & 0x8000_0000) {
           tally.corruption(`ERROR: coffset=0x${entry.offset.toString(16)}: copied flag must never be set for compressed clusters`, count);
         }
+        if (allocBits !== 0 || zeroBits !== 0) {
+          // qemu-img counts such an entry as nothing but this corruption: its clusters then look leaked.
+          tally.corruption(`ERROR compressed cluster with a non-zero subcluster bitmap: l2_entry=${hex(hi, lo)}`, count);
+          // A repair still counts them: freeing a cluster an entry names would let new data overwrite it.
+          if (mode === 'check') continue;
+        }
         inc(entry.offset, entry.length, count);
         allocatedClusters += active;
         compressedClusters += active;
         fragmentedClusters += active; // compressed clusters are fragmented by nature, as qemu-img counts them
         continue;
       }
+      if ((hi & 0x3f00_0000) !== 0 || (lo & 0x1fe) !== 0) tally.corruption(`ERROR found l2 entry with reserved bits set: ${hex(hi, lo)}`, count);
       const offset = entryOffset(hi, lo);
-      if (offset === 0) continue; // unallocated, or zero without a preallocated cluster
+      if (offset === 0) {
+        // Unallocated, or zero without a preallocated cluster: no subcluster may claim a host cluster.
+        if (allocBits !== 0) tally.corruption(`ERROR unallocated cluster with a non-zero subcluster allocation bitmap: l2_entry=${hex(hi, lo)}`, count);
+        continue;
+      }
+      if ((zeroBits & allocBits) !== 0) {
+        tally.corruption(`ERROR offset=${offset.toString(16)}: Allocated cluster has corrupted subcluster allocation bitmap`, count);
+      }
       if (offset % clusterSize !== 0) {
-        const what = lo & QCOW_OFLAG_ZERO ? 'Preallocated cluster' : 'Data cluster';
+        const what = (extendedL2 ? allocBits === 0 : (lo & QCOW_OFLAG_ZERO) !== 0) ? 'Preallocated cluster' : 'Data cluster';
         tally.corruption(`ERROR offset=${offset.toString(16)}: ${what} is not properly aligned; L2 entry corrupted.`, count);
       }
       if (active > 0) {
@@ -235,7 +273,12 @@ export async function scanReferences(file: ImageFile, h: Qcow2Header, tally: Tal
     if (t % 64 === 0) progress?.(0.1 + (0.6 * t) / offsets.length);
   }
   progress?.(0.7);
-  return { counts, allocatedClusters, fragmentedClusters, compressedClusters };
+  return { counts, referencedEnd, overflows, allocatedClusters, fragmentedClusters, compressedClusters };
+}
+
+/** Bytes of one L2 entry: 16 with extended L2 entries (the entry and its subcluster bitmap), else 8. */
+export function l2EntryBytes(h: Qcow2Header): number {
+  return (h.incompatibleFeatures & INCOMPAT.EXTL2) !== 0 ? 16 : 8;
 }
 
 /** A 64-bit entry from its halves, in hex, for messages. */
