@@ -1,10 +1,12 @@
 // The write oracle: our driver writes, discards and zeroes through a real `vblk serve` on
-// qcow2 images (empty, and overlays of backing files with data in them) — whole
+// qcow2 images (empty ones of several layouts, one whose clusters an internal snapshot
+// shares, one of compressed clusters, overlays of backing files with data) — whole
 // clusters, partial clusters over backing data, ranges across cluster boundaries, and
 // seeded random batches of disjoint requests in flight together, many of them sharing
 // clusters. The same operations are applied to a raw copy. Then QEMU judges: `qemu-img
 // check` finds no errors and no leaks, `qemu-img compare` finds the image identical to
-// the raw copy, and the backing files are byte for byte what they were.
+// the raw copy, the backing files are byte for byte what they were, and a snapshot still
+// reads as it was taken.
 import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomFillSync } from 'node:crypto';
@@ -88,7 +90,7 @@ function applyToDisk(driver: BlkDriver, op: Op): Promise<void> {
 interface WriteCase {
   readonly name: string;
   /** Makes the image to serve in `dir`, and returns it with the files under it. */
-  build(dir: string): { image: string; backing: string[] };
+  build(dir: string): { image: string; backing: string[]; snapshot?: { name: string; raw: string } };
 }
 
 /** Random data over most of the first 16 MiB of a raw image, so that overlays write over data. */
@@ -104,6 +106,44 @@ const CASES: readonly WriteCase[] = [
     build: (dir) => {
       const image = join(dir, 'disk.qcow2');
       qemuImg('create', '-q', '-f', 'qcow2', image, String(SIZE));
+      return { image, backing: [] };
+    },
+  },
+  {
+    name: 'an empty image with 4 KiB clusters and 1-bit refcounts (many L2 tables and refcount blocks)',
+    build: (dir) => {
+      const image = join(dir, 'disk.qcow2');
+      qemuImg('create', '-q', '-f', 'qcow2', '-o', 'cluster_size=4096,refcount_bits=1', image, String(SIZE));
+      return { image, backing: [] };
+    },
+  },
+  {
+    name: 'an empty version 2 image (compat=0.10) with 2 MiB clusters',
+    build: (dir) => {
+      const image = join(dir, 'disk.qcow2');
+      qemuImg('create', '-q', '-f', 'qcow2', '-o', 'compat=0.10,cluster_size=2M', image, String(SIZE));
+      return { image, backing: [] };
+    },
+  },
+  {
+    name: 'an image with an internal snapshot sharing every cluster (writes copy shared clusters and L2 tables)',
+    build: (dir) => {
+      const raw = join(dir, 'snapshot.raw');
+      const image = join(dir, 'disk.qcow2');
+      filledRaw(raw);
+      qemuImg('convert', '-O', 'qcow2', raw, image);
+      qemuImg('snapshot', '-c', 'before', image);
+      return { image, backing: [], snapshot: { name: 'before', raw } };
+    },
+  },
+  {
+    name: 'an image of compressed clusters (qemu-img convert -c), written over',
+    build: (dir) => {
+      const raw = join(dir, 'source.raw');
+      const image = join(dir, 'disk.qcow2');
+      qemuImg('create', '-q', '-f', 'raw', raw, String(SIZE));
+      qemuIo(raw, 'raw', ['write -P 0x71 0 4M', 'write -P 0x72 4M 4M', `write -P 0x73 ${8 * MiB} 8M`, `write -P 0x74 ${SIZE - MiB} 1M`]);
+      qemuImg('convert', '-c', '-O', 'qcow2', raw, image);
       return { image, backing: [] };
     },
   },
@@ -143,7 +183,7 @@ describe('writes through vblk serve to qcow2 images leave what qemu-img check an
     it(c.name, { timeout: 180_000 }, async (t) => {
       const dir = join(scratch.dir, `case-${i}`);
       mkdirSync(dir);
-      const { image, backing } = c.build(dir);
+      const { image, backing, snapshot } = c.build(dir);
       const expectedPath = join(dir, 'expected.raw');
       qemuImg('convert', '-O', 'raw', image, expectedPath);
       const expected = new Uint8Array(readFileSync(expectedPath));
@@ -185,6 +225,12 @@ describe('writes through vblk serve to qcow2 images leave what qemu-img check an
       const cmp = qemuImgCompare(image, 'qcow2', expectedPath, 'raw');
       assert.ok(cmp.identical, `qemu-img compare: ${cmp.text}`);
       assert.deepEqual(backing.map(sha256File), backingHashes, 'a backing file changed');
+      if (snapshot) {
+        // The snapshot still reads as it was taken.
+        const taken = join(dir, 'snapshot-now.raw');
+        qemuImg('convert', '-O', 'raw', '-l', `snapshot.name=${snapshot.name}`, image, taken);
+        assert.equal(sha256File(taken), sha256File(snapshot.raw), `snapshot ${snapshot.name} changed`);
+      }
       t.diagnostic(`${FIXED.length} fixed and ${RANDOM_BATCHES * BATCH} random operations; qemu-img check clean, compare identical`);
     });
   });
