@@ -131,6 +131,7 @@ bool vblk_register_eventfd(napi_env env, napi_value exports);
 bool vblk_register_watch(napi_env env, napi_value exports);
 bool vblk_register_fileio(napi_env env, napi_value exports);
 bool vblk_register_mapfile(napi_env env, napi_value exports);
+bool vblk_register_filelock(napi_env env, napi_value exports);
 
 // Mapping registry (memory.c), used by the asynchronous file I/O to refuse unmapping a
 // region that a thread-pool request still reads or writes.

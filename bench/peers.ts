@@ -124,7 +124,9 @@ export async function startPeer(kind: (typeof PEER_KINDS)[number], image: string
   rmSync(socket, { force: true });
   if (kind === 'vblk-serve' || kind === 'vblk-serve-mmap' || kind === 'vblk-serve-metrics') {
     const extra = kind === 'vblk-serve-mmap' ? ['--io', 'mmap'] : kind === 'vblk-serve-metrics' ? ['--metrics', '127.0.0.1:0'] : [];
-    const s = await startServe(image, socket, ['--queues', String(queues), ...extra]);
+    // --force-share: the versus section runs every peer side by side on the one image,
+    // which the image lock refuses otherwise (qemu-storage-daemon's exports share it).
+    const s = await startServe(image, socket, ['--queues', String(queues), '--force-share', ...extra]);
     await s.waitForLog(/serving /);
     const url = /metrics on (\S+)/.exec(s.log())?.[1];
     const scraper = url === undefined ? null : setInterval(() => void fetch(url).then((r) => r.text(), () => ''), 1000);

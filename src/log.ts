@@ -5,6 +5,8 @@
 
 /** The fields a log line carries besides its message, where they apply. */
 export interface LogContext {
+  /** The vhost-user socket the line is about, in a process that serves one disk on several. */
+  readonly socket?: string;
   /** The frontend connection, numbered from 1 in the order they connected. */
   readonly frontend?: number;
   /** The virtqueue (ring) index. */

@@ -36,13 +36,16 @@ test('an image too small or not a multiple of 512 is refused', async () => {
 });
 
 test('a socket path already served by a live process is refused', async () => {
-  const image = join(scratch.dir, 'busy.img');
-  writeFileSync(image, '');
-  truncateSync(image, 1 << 20);
+  // Two images: one image twice is refused by its lock before the socket is tried.
+  const [image, other] = ['busy.img', 'busy-other.img'].map((name) => join(scratch.dir, name));
+  for (const file of [image, other]) {
+    writeFileSync(file, '');
+    truncateSync(file, 1 << 20);
+  }
   const sock = join(scratch.dir, 'busy.sock');
   const first = await startServe(image, sock);
   try {
-    await fails(['serve', image, '--socket', sock], /^vblk serve: .*(in use|EADDRINUSE)/i);
+    await fails(['serve', other, '--socket', sock], /^vblk serve: .*(address already in use|EADDRINUSE)/i);
   } finally {
     assert.equal(await first.stop(), 0);
   }

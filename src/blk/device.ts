@@ -934,7 +934,16 @@ export class BlkDevice implements VirtioDevice {
       throw new UsageError('BAD_SIZE', `cannot resize a ${backend.size}-byte disk to ${newSize} bytes: the new size must be a multiple of 512, no smaller`);
     }
     await backend.resize(newSize);
-    this.engine.capacitySectors = this.engine.capacityOf(backend.size);
+    this.backendResized();
+  }
+
+  /**
+   * Takes up the backend's size after someone else grew it — another device serving the
+   * same backend (one disk on several vhost-user sockets) — and raises a configuration
+   * change notification, as {@link resize} does.
+   */
+  backendResized(): void {
+    this.engine.capacitySectors = this.engine.capacityOf(this.engine.backend.size);
     setU64(this.configView, CFG.capacity.offset, this.engine.capacitySectors);
     this.host.configChanged();
   }

@@ -1,10 +1,12 @@
 /**
  * `vblk serve (SOURCE | --backend MODULE) --socket PATH`: the virtio-blk device on a raw
  * image, an NBD export, or the backend a user's module makes, as a vhost-user backend for
- * QEMU (`-device vhost-user-blk-pci`). Serves one frontend at a time and keeps serving
- * across disconnects (the next frontend waits in the listen backlog); SIGINT/SIGTERM stop
- * it cleanly after the requests in flight complete and the backend is flushed.
+ * QEMU (`-device vhost-user-blk-pci`). Each `--socket` serves one frontend at a time and
+ * keeps serving across disconnects (the next frontend waits in the listen backlog); several
+ * `--socket`s serve the one disk to several frontends at once. SIGINT/SIGTERM stop it
+ * cleanly after the requests in flight complete and the backend is flushed.
  */
+import { existsSync } from 'node:fs';
 import { performance } from 'node:perf_hooks';
 import type { BlockBackend } from '../backends/backend.js';
 import { nbdDeviceHints, type NbdDeviceHints } from '../backends/nbd/device-hints.js';
@@ -14,6 +16,7 @@ import type { LogSink } from '../log.js';
 import { loadBackendModule } from '../node/backend-module.js';
 import { listenControl } from '../node/control.js';
 import { openFileBackend } from '../node/file-backend.js';
+import { ImageLockError, lockImage, type ImageLock } from '../node/image-lock.js';
 import { listenMetrics, metricsRegistry, type MetricsEndpoint } from '../node/metrics.js';
 import { openNbdBackend } from '../node/nbd-backend.js';
 import { serve, type ServedDisk } from '../node/serve.js';
@@ -26,7 +29,7 @@ import { parseKeyValues } from './key-values.js';
 export const command = defineCommand({
   name: 'serve',
   summary: 'serve a raw image, an NBD export or your own backend as a vhost-user-blk device (for QEMU and other vhost-user frontends)',
-  usage: '(SOURCE | --backend MODULE) --socket PATH [options]',
+  usage: '(SOURCE | --backend MODULE) --socket PATH [--socket PATH ...] [options]',
   details: [
     'SOURCE is a raw image file, or an NBD URI: nbd://HOST[:PORT]/EXPORT,',
     'nbd+unix:///EXPORT?socket=PATH, nbds://... and nbds+unix://... (TLS). An export\'s size,',
@@ -43,15 +46,28 @@ export const command = defineCommand({
     'Filters (--filter NAME[:KEY=VALUE,...], repeatable; the first is nearest the guest; lists in a value join with +):',
     ...Object.entries(FILTER_HELP).map(([name, help]) => `  ${name.padEnd(9)}${help}`),
     '',
-    'One frontend at a time: one that connects while another is connected (or still being',
-    'cleaned up after hanging up) waits, and is served once the other is gone.',
+    'One frontend at a time on each socket: one that connects while another is connected (or',
+    'still being cleaned up after hanging up) waits, and is served once the other is gone.',
+    'An IMAGE is locked as QEMU locks its images (vblk serve, QEMU and qemu-storage-daemon see',
+    'each other): a writer refuses to start while another process writes the image or keeps',
+    'writers out (as readers do), and a --read-only serve while another process writes it;',
+    '--read-only serves share it. --force-share overrides the lock.',
+    '',
+    'Several --socket serve the one disk to a frontend each, at the same time (each socket',
+    'its own device and queues): a live migration\'s destination QEMU connects to a second',
+    'socket while the source QEMU still runs on the first. `vblk resize` reaches every',
+    'frontend; --metrics and `vblk stats` report each socket apart (a socket label).',
   ],
   options: {
-    socket: { kind: 'string', valueName: 'PATH', description: 'unix socket to listen on (required)' },
+    socket: { kind: 'list', valueName: 'PATH', description: 'unix socket to listen on (required; several serve the disk to a frontend each, at once)' },
     backend: { kind: 'string', valueName: 'MODULE', description: 'serve the backend made by MODULE (a path with ./ or /, or a package name) instead of an IMAGE' },
     'backend-opt': { kind: 'list', valueName: 'KEY=VALUE', description: 'an option for the backend module\'s factory' },
     filter: { kind: 'list', valueName: 'NAME[:KEY=VALUE,...]', description: 'a filter in front of the image or backend (cow, error, delay, throttle, stats: see below)' },
-    'read-only': { kind: 'boolean', description: 'offer a read-only disk (and open the IMAGE read-only)' },
+    'read-only': { kind: 'boolean', description: 'offer a read-only disk (and open the IMAGE read-only, sharing its lock with other readers)' },
+    'force-share': {
+      kind: 'boolean',
+      description: 'serve the IMAGE even when another process holds its lock, and let others take it (a migration between two processes on shared storage); two writers that do not take turns corrupt the disk',
+    },
     serial: { kind: 'string', valueName: 'STR', description: 'disk serial (GET_ID), at most 20 bytes', default: 'vblk' },
     queues: { kind: 'integer', valueName: 'N', min: 1, max: 64, default: 16, description: 'request queues offered (the frontend uses as many as it wants: QEMU one per vCPU unless num-queues says)' },
     'queue-size': { kind: 'integer', valueName: 'N', min: 2, max: 32768, default: 256, description: 'largest queue size (a power of two)' },
@@ -94,11 +110,17 @@ export const command = defineCommand({
     }
     if (backendModule !== undefined && positionals.length > 0) throw new CliUsageError('vblk serve: give a SOURCE or --backend MODULE, not both');
     if (backendModule === undefined && options['backend-opt'].length > 0) throw new CliUsageError('vblk serve: --backend-opt needs --backend MODULE');
+    if (options['force-share'] && (backendModule !== undefined || looksLikeNbdUri(positionals[0]))) {
+      throw new CliUsageError('vblk serve: --force-share is for an image file; an NBD export or a backend module has no lock of ours');
+    }
     if (backendModule !== undefined && options.size !== undefined) {
       throw new CliUsageError('vblk serve: --size creates or grows an image; a backend module sizes its own disk (--backend-opt)');
     }
     const factoryOptions = parseKeyValues('vblk serve: --backend-opt', options['backend-opt']);
-    if (options.socket === undefined) throw new CliUsageError('vblk serve: --socket PATH is required');
+    const sockets = options.socket;
+    if (sockets.length === 0) throw new CliUsageError('vblk serve: --socket PATH is required');
+    const twice = sockets.find((p, i) => sockets.indexOf(p) !== i);
+    if (twice !== undefined) throw new CliUsageError(`vblk serve: --socket ${twice} is given twice`);
     const queueSize = options['queue-size'];
     if ((queueSize & (queueSize - 1)) !== 0) throw new CliUsageError(`vblk serve: --queue-size must be a power of two, got ${queueSize}`);
     if (!/^[0-7]{3,4}$/.test(options['socket-mode'])) throw new CliUsageError(`vblk serve: --socket-mode must be octal like 600, got '${options['socket-mode']}'`);
@@ -107,12 +129,14 @@ export const command = defineCommand({
     if (messageTimeoutMs > MAX_READ_TIMEOUT_MS) {
       throw new CliUsageError(`vblk serve: --message-timeout is at most ${Math.floor(MAX_READ_TIMEOUT_MS / 1000)} seconds`);
     }
-    const log = logSink(options['log-format'], options.socket, io);
+    const log = logSink(options['log-format'], sockets, io);
     const metricsAt = options.metrics === undefined ? null : parseHostPort(options.metrics);
 
     const filters = options.filter.map(parseFilter);
     const requestedBlock = options['block-size'] === undefined ? undefined : options['block-size'] === '4096' ? 4096 : 512;
     let base: BlockBackend;
+    // The IMAGE's lock. Failures that end the process drop it with the process.
+    let lock: ImageLock | null = null;
     let hints: NbdDeviceHints | null = null;
     if (backendModule !== undefined) {
       base = await loadBackendModule(backendModule, factoryOptions);
@@ -134,14 +158,20 @@ export const command = defineCommand({
       log(`${nbd.uriText}: ${nbd.size} bytes, ${nbd.connectionsUp} connection${nbd.connectionsUp === 1 ? '' : 's'}, ` +
         `flags ${describeNbd(nbd)}, blocks ${nbd.blockSizes.minimum}/${nbd.blockSizes.preferred}/${nbd.blockSizes.maximum}`);
     } else {
-      base = openFileBackend(positionals[0], { readOnly: options['read-only'], size: options.size, io: options.io });
+      const image = positionals[0];
+      const take = (): ImageLock => lockSource(image, options['read-only'], options['force-share']);
+      // Locked before the image is opened (and perhaps grown by --size); a new one once it exists.
+      lock = existsSync(image) ? take() : null;
+      base = openFileBackend(image, { readOnly: options['read-only'], size: options.size, io: options.io });
+      lock ??= take();
+      if (options['force-share']) log(`--force-share: other processes may use ${image} at the same time`, { level: 'warn' });
     }
     const backend = applyFilters(base, filters, { openOverlayFile: (path, size) => openFileBackend(path, { size }) });
     let served: ServedDisk;
     try {
       served = await serve({
         backend,
-        socketPath: options.socket, socketMode: parseInt(options['socket-mode'], 8), log,
+        socketPath: sockets, socketMode: parseInt(options['socket-mode'], 8), log,
         allowUnsealedMemory: options['allow-unsealed-memory'], messageTimeoutMs,
         device: {
           serial: options.serial,
@@ -151,40 +181,38 @@ export const command = defineCommand({
           topology: hints?.topology,
           readOnly: options['read-only'],
           cache: options.cache,
-          onWritebackChange: (wb) => log(`cache mode: ${wb ? 'write-back' : 'write-through'}`),
-          onLimitExceeded: (queue, message) => log(`ring ${queue}: ${message}`, { queue, level: 'warn' }),
           // Statistics cost a clock read per batch: kept when something can read them.
           statsClock: metricsAt !== null || options.control !== undefined ? () => performance.now() : undefined,
         },
       });
     } catch (e) {
       await backend.close();
+      lock?.release();
       throw e;
     }
-    const { device, server } = served;
-    const socket = options.socket;
     const control = options.control === undefined ? null : await listenControl(options.control, {
       resize: async (size) => {
-        await device.resize(size);
+        await served.resize(size);
         log(`resized to ${size} bytes`);
         return size;
       },
       stats: () => ({
         time: performance.now(),
-        sockets: [{
-          socket, diskSizeBytes: device.capacity * 512, connected: server.isConnected, connections: server.connectionCount,
+        sockets: served.sockets.map(({ socketPath, device, server }) => ({
+          socket: socketPath, diskSizeBytes: device.capacity * 512, connected: server.isConnected, connections: server.connectionCount,
           resubmitted: server.resubmittedRequests, queues: (device.stats ?? []).map((q) => q.snapshot()),
-        }],
+        })),
       }),
     });
     let metrics: MetricsEndpoint | null = null;
     if (metricsAt !== null) {
       try {
-        metrics = await listenMetrics(metricsAt.host, metricsAt.port, metricsRegistry([{ socket, device, frontends: server }]));
+        metrics = await listenMetrics(metricsAt.host, metricsAt.port, metricsRegistry(served.sockets.map((s) => ({ socket: s.socketPath, device: s.device, frontends: s.server }))));
       } catch (e) {
         control?.close();
         await served.close();
         await backend.close();
+        lock?.release();
         throw e;
       }
       log(`metrics on ${metrics.url}`);
@@ -192,9 +220,10 @@ export const command = defineCommand({
     const source = backendModule === undefined ? positionals[0] : `backend module ${backendModule}`;
     const readOnly = options['read-only'] || backend.readOnly;
     const through = filters.length ? ` through ${filters.map((f) => f.text).join(' → ')}` : '';
-    log(`serving ${source}${through} (${backend.size} bytes${readOnly ? ', read-only' : ''}) on ${options.socket}`);
-
-    await new Promise<void>((resolve) => {
+    // The handlers go in before the line that says we serve: a script that stops us as soon
+    // as it reads it would otherwise race them, and a signal with no handler kills the
+    // process without the flush.
+    const stopped = new Promise<void>((resolve) => {
       const stop = (signal: string): void => {
         log(`${signal}: stopping`);
         process.off('SIGINT', onInt);
@@ -206,10 +235,13 @@ export const command = defineCommand({
       process.on('SIGINT', onInt);
       process.on('SIGTERM', onTerm);
     });
+    log(`serving ${source}${through} (${backend.size} bytes${readOnly ? ', read-only' : ''}) on ${sockets.join(', ')}`);
+    await stopped;
     control?.close();
     await metrics?.close();
     await served.close();
     await backend.close();
+    lock?.release();
     log('stopped');
   },
 });
@@ -225,16 +257,36 @@ export function parseHostPort(value: string): { host: string; port: number } {
 /**
  * The log of `vblk serve` on stderr: `vblk serve: MESSAGE` lines for people, or one JSON
  * object per line with stable keys (`time`, `level`, `msg`, `socket`, and `frontend`,
- * `queue` where they apply) for log shippers.
+ * `queue` where they apply) for log shippers. With one socket every line names it; with
+ * several, a line about one socket names it (text: `vblk serve: SOCKET: MESSAGE`) and a
+ * line about the whole process has no `socket`.
  */
-export function logSink(format: 'text' | 'json', socket: string, io: CliIo): LogSink {
-  if (format === 'text') return (message) => io.stderr(`vblk serve: ${message}\n`);
+export function logSink(format: 'text' | 'json', sockets: readonly string[], io: CliIo): LogSink {
+  const only = sockets.length === 1 ? sockets[0] : undefined;
+  if (format === 'text') {
+    return (message, context = {}) => {
+      const about = only === undefined && context.socket !== undefined ? `${context.socket}: ` : '';
+      io.stderr(`vblk serve: ${about}${message}\n`);
+    };
+  }
   return (message, context = {}) => {
-    const line: Record<string, string | number> = { time: new Date().toISOString(), level: context.level ?? 'info', msg: message, socket };
+    const line: Record<string, string | number> = { time: new Date().toISOString(), level: context.level ?? 'info', msg: message };
+    const socket = context.socket ?? only;
+    if (socket !== undefined) line.socket = socket;
     if (context.frontend !== undefined) line.frontend = context.frontend;
     if (context.queue !== undefined) line.queue = context.queue;
     io.stderr(`${JSON.stringify(line)}\n`);
   };
+}
+
+/** The IMAGE's lock; a conflict's one line names the image and the option that overrides it. */
+function lockSource(image: string, readOnly: boolean, share: boolean): ImageLock {
+  try {
+    return lockImage(image, { readOnly, share });
+  } catch (e) {
+    if (e instanceof ImageLockError) throw new ImageLockError(image, `${e.message}; --force-share serves it anyway`);
+    throw e;
+  }
 }
 
 /** One `--filter` value; a bad one is a usage error naming what to fix. */

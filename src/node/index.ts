@@ -2,10 +2,11 @@
  * `vblk/node`: vblk on Node.js (Linux). Serve any `BlockBackend` to QEMU and
  * other vhost-user frontends ({@link serve}), drive a vhost-user-blk device
  * ({@link connect}), load a backend module as `vblk serve --backend` does
- * ({@link loadBackendModule}), and the file backend for raw images. Needs the native
- * addon, which `npm install` builds.
+ * ({@link loadBackendModule}), the file backend for raw images and the image lock
+ * `vblk serve` takes ({@link lockImage}). Needs the native addon, which `npm install`
+ * builds.
  */
-export { serve, type ServeOptions, type ServedDisk } from './serve.js';
+export { serve, type ServeOptions, type ServedDisk, type ServedSocket } from './serve.js';
 export { connect, type ConnectDiskOptions, type ConnectedDisk } from './connect.js';
 export {
   BackendModuleError, loadBackendModule,
@@ -15,6 +16,7 @@ export {
   FileBackend, FileBackendError, openFileBackend,
   type FileBackendErrorCode, type FileBackendOptions, type FileIoMode,
 } from './file-backend.js';
+export { ImageLockError, lockImage, type ImageLock, type ImageLockOptions } from './image-lock.js';
 export { VhostUserServer, type VhostUserServerOptions } from './vhost-user-server.js';
 export { connectVhostUser, type ConnectOptions } from './vhost-user-client.js';
 export type { VhostUserFrontend } from '../transport/vhost-user/frontend.js';

@@ -72,6 +72,14 @@ export type WatchHandle = { readonly [watchHandleBrand]: true };
 export type WatchCallback = (status: number, events: number) => void;
 
 /** The addon's exports, as built from addon/*.c. */
+/** What F_OFD_GETLK says of a lock in the way. */
+interface RawLockHolder {
+  type: number;
+  start: number;
+  length: number;
+  pid: number;
+}
+
 interface Binding {
   listen(path: string, backlog: number): number;
   accept(fd: number): number;
@@ -108,6 +116,11 @@ interface Binding {
   mapFile(fd: number, length: number): FileMap;
   mappedRead(map: FileMap, position: number, buffers: readonly Uint8Array[]): number;
   unmapFile(map: FileMap): void;
+  ofdLock(fd: number, start: number, length: number, type: number): boolean;
+  ofdTestLock(fd: number, start: number, length: number, type: number): RawLockHolder | null;
+  readonly F_RDLCK: number;
+  readonly F_WRLCK: number;
+  readonly F_UNLCK: number;
   readonly SEND_MAX_FDS: number;
   readonly RECV_MAX_FDS: number;
   readonly PAGE_SIZE: number;
@@ -152,7 +165,7 @@ function load(): Binding {
     );
   }
   // A build from older sources loads but lacks functions: say so now, not at first use.
-  if (typeof binding.fallocateAsync !== 'function' || typeof binding.watchRef !== 'function' || typeof binding.socketError !== 'function') {
+  if (typeof binding.ofdLock !== 'function' || typeof binding.fallocateAsync !== 'function' || typeof binding.watchRef !== 'function' || typeof binding.socketError !== 'function') {
     throw new Error(`vblk: the native addon ${path} is out of date; rebuild it with \`npm rebuild vblk\` (in vblk's repository: \`npm run install\`).`);
   }
   return binding;
@@ -390,3 +403,42 @@ export const fallocate: (fd: number, mode: number, offset: number, length: numbe
 /** {@link fallocate} on the libuv thread pool. */
 export const fallocateAsync: (fd: number, mode: number, offset: number, length: number) => Promise<void> =
   binding.fallocateAsync;
+
+/** A byte-range lock's kind: shared (`read`) or exclusive (`write`). */
+export type LockKind = 'read' | 'write';
+
+/** A lock in the way of another, as F_OFD_GETLK reports one of them. */
+export interface LockHolder {
+  readonly kind: LockKind;
+  /** First byte and length (0: to the end of the file and beyond). */
+  readonly start: number;
+  readonly length: number;
+  /** The holder's process for a classic POSIX lock; null for an OFD lock, whose owner the kernel does not tell. */
+  readonly pid: number | null;
+}
+
+/**
+ * Sets an open-file-description lock on `length` bytes at `start` of the file `fd` is
+ * open on (0 bytes: to the end and beyond), without waiting: true when set, false when
+ * another open file holds a conflicting lock. QEMU locks image files this way; a `read`
+ * lock needs `fd` open for reading, a `write` lock open for writing. The lock lasts until
+ * {@link ofdUnlock} or until the last fd of this open file is closed.
+ */
+export function ofdLock(fd: number, start: number, length: number, kind: LockKind): boolean {
+  return binding.ofdLock(fd, start, length, kind === 'read' ? binding.F_RDLCK : binding.F_WRLCK);
+}
+
+/** Removes this open file's locks on the range. */
+export function ofdUnlock(fd: number, start: number, length: number): void {
+  binding.ofdLock(fd, start, length, binding.F_UNLCK);
+}
+
+/**
+ * Whether a lock of `kind` on the range could be set through `fd`: null when it could,
+ * else one lock of another open file in the way. This open file's own locks never are.
+ */
+export function ofdTestLock(fd: number, start: number, length: number, kind: LockKind): LockHolder | null {
+  const held = binding.ofdTestLock(fd, start, length, kind === 'read' ? binding.F_RDLCK : binding.F_WRLCK);
+  if (held === null) return null;
+  return { kind: held.type === binding.F_WRLCK ? 'write' : 'read', start: held.start, length: held.length, pid: held.pid > 0 ? held.pid : null };
+}
