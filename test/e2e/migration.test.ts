@@ -49,7 +49,7 @@ interface DiskServer {
 
 async function vblkServer(image: string, dir: string, broken = false): Promise<DiskServer> {
   const sockets = [join(dir, 'a.sock'), join(dir, 'b.sock')] as const;
-  // One `vblk serve`, both sockets: the image is locked once, and both QEMUs see one device model.
+  // One `vblk serve` on both sockets: the image opened and locked once, a device per socket.
   const args = ['--socket', sockets[1], '--queues', '2'];
   const served = broken
     ? await launchServe(process.execPath, [BROKEN_SERVE, 'serve', image, '--socket', sockets[0], ...args], sockets[0])
