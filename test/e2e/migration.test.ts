@@ -238,7 +238,13 @@ async function scenario(image: GuestImage, dir: string, server: DiskServer, expe
     });
     await a.qmp('quit');
     b.send('check');
-    const line = await b.waitFor(/^CHECK region=\d sum=[0-9a-f]+/, 120_000);
+    const line = await b.waitFor(/^CHECK region=\d sum=[0-9a-f]+/, 120_000).catch((e: unknown) => {
+      // The waitFor error shows the console's last lines; a guest that crashed on the
+      // destination says what broke in its first ones.
+      const out = b.output();
+      const crash = out.search(/BUG:|Oops|general protection|Kernel panic|WARNING:/);
+      throw new Error(`${(e as Error).message}${crash >= 0 ? `\n--- from the first crash line ---\n${out.slice(crash).split('\n').slice(0, 40).join('\n')}` : ''}`);
+    });
     const m = /region=(\d) sum=([0-9a-f]+)/.exec(line)!;
     const check = { region: Number(m[1]), sum: m[2] };
     note(`there: ${first.downtime} ms downtime; ${line}`);
