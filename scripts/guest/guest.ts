@@ -151,6 +151,8 @@ export interface GuestOptions {
   reconnect?: number;
   /** Appended to the QEMU command line. */
   extraArgs?: string[];
+  /** Appended to the guest kernel's command line (`init_on_alloc=0`, say). */
+  kernelArgs?: string[];
   /** Every console line as it arrives (QEMU's own stderr lines start with "qemu: "). */
   onOutput?: (line: string) => void;
   /** Where to put the QMP socket; default a temporary directory of the run. */
@@ -263,7 +265,7 @@ function qemuArgv(opts: GuestOptions, kernel: string, initrd: string, qmpSocket:
   argv.push(
     '-kernel', kernel, '-initrd', initrd,
     // panic=-1: a panic reboots at once, which under -no-reboot ends QEMU instead of hanging.
-    '-append', 'console=ttyS0 quiet panic=-1 vblk.handshake',
+    '-append', ['console=ttyS0 quiet panic=-1 vblk.handshake', ...(opts.kernelArgs ?? [])].join(' '),
   );
   if (!reboots) argv.push('-no-reboot');
   argv.push(...(opts.extraArgs ?? []));
