@@ -70,7 +70,7 @@ function device(kind: Kind, image: string, socket: string): Restartable {
   return {
     async start() {
       if (kind === 'qemu-storage-daemon') {
-        // What a supervisor restarting the daemon does: the dead one's socket files stay behind.
+        // The daemon replaces a dead one's socket files, but startQsd waits for them to appear.
         rmSync(socket, { force: true });
         rmSync(`${socket}.qmp`, { force: true });
         const q = await startQsd(image, socket, `${socket}.qmp`, { numQueues: 2 });
