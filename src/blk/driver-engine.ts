@@ -9,15 +9,15 @@
  */
 import { UsageError } from '../errors.js';
 import { VIRTIO_BLK_REQ_HEADER, VIRTIO_BLK_S, VIRTIO_BLK_SECTOR_SIZE, VIRTIO_BLK_T } from '../spec/virtio-blk.js';
-import type { DriverQueueBinding, DriverTransport } from '../virtqueue/device.js';
+import type { DriverTransport } from '../virtqueue/device.js';
 import { copyFromBuffers, copyToBuffers } from '../virtqueue/chain.js';
 import { DriverQueueError, type Segment } from '../virtqueue/split-driver.js';
 import { soon } from '../soon.js';
 import { BouncePool, type DmaBlock } from './driver-dma.js';
-import { ProbeError, QueueBrokenError, RequestError, TimeoutError, statusToError } from './driver-errors.js';
+import { QueueBrokenError, RequestError, TimeoutError, statusToError } from './driver-errors.js';
 import { CHAIN_OVERHEAD_DESCS, type DiskLimits } from './driver-limits.js';
 import type { BlkLogger, Completion, RequestOptions } from './driver-options.js';
-import { QueueState, SLOT_STRIDE, Slot } from './driver-queue.js';
+import { QueueState, type Slot } from './driver-queue.js';
 import { Req, SPARE_REQS, callBack, callBackSoon, describe } from './driver-request.js';
 
 /** Written into the status byte before posting: no status the spec defines, so a device
@@ -568,30 +568,9 @@ export class RequestEngine {
 
   /** Sets up queue `index` of `size` entries at the transport and adds it. */
   async addQueue(index: number, size: number, indirectEntries: number): Promise<void> {
-    const t = this.transport;
-    const bytes = size * SLOT_STRIDE;
-    const headerArea = t.dma.alloc(bytes);
-    const area = headerArea < 0 ? null : t.memory.view(headerArea, bytes);
-    // Headers are written as u32 words (no byte copy per request): the area must be word aligned in host memory.
-    if (area === null || area.byteOffset % Uint32Array.BYTES_PER_ELEMENT !== 0) {
-      if (headerArea >= 0) t.dma.release(headerArea);
-      throw new ProbeError('QUEUE_SETUP', `${this.name}: no word-aligned DMA memory for the request headers of queue ${index}`);
-    }
-    const holder: { state: QueueState | null } = { state: null };
-    let binding: DriverQueueBinding<Slot>;
-    try {
-      binding = await t.setupQueue<Slot>(index, size, indirectEntries, () => holder.state?.reap());
-    } catch (e) {
-      t.dma.release(headerArea);
-      throw new ProbeError('QUEUE_SETUP', `${this.name}: setting up queue ${index} failed: ${(e as Error).message}`, { cause: e });
-    }
-    const slots: Slot[] = [];
-    for (let i = 0; i < size; i++) slots.push(new Slot(i, headerArea + i * SLOT_STRIDE));
-    const state = new QueueState(index, binding, slots, headerArea,
-      new Uint32Array(area.buffer, area.byteOffset, bytes / Uint32Array.BYTES_PER_ELEMENT), area);
+    const state = await QueueState.create(this.name, this.transport, index, size, indirectEntries);
     state.reap = () => this.reapQueue(state);
     state.kick = () => this.kickQueue(state);
-    holder.state = state;
     this.queues.push(state);
   }
 

@@ -2,12 +2,13 @@
 // serve` killed with SIGKILL in the middle of a write-then-verify workload and started
 // again on the same socket and image. The driver reconnects, sets up fresh rings and
 // sends again every request that had not completed; the workload sees no error and the
-// disk holds exactly what was written. Kills land after a count of completed requests,
-// never after a time. A device that never comes back fails the requests, after the
-// bounded wait, with DEVICE_GONE — from the library and from `vblk write`.
+// disk holds exactly what was written; `vblk bench --socket` and `vblk write` run on
+// with no error. Kills land after a count of completed requests, never after a time. A
+// device that never comes back fails the requests, after the bounded wait, with
+// DEVICE_GONE — from the library and from `vblk write` (one line, non-zero exit).
 import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import { readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
+import { readFileSync, rmSync, statSync, truncateSync, writeFileSync } from 'node:fs';
 import { spawn } from 'node:child_process';
 import { join } from 'node:path';
 import { requirePeer } from '../../scripts/guest/guest.js';
@@ -16,6 +17,7 @@ import { RequestError } from '../../src/blk/driver-errors.js';
 import { connect } from '../../src/node/connect.js';
 import { pattern } from '../support/pattern.js';
 import { waitUntil, within } from '../support/wait.js';
+import { controlStats } from '../../src/node/control.js';
 import { CLI, scratchDir, startServe } from './serve-helpers.js';
 import { startQsd } from './qsd-helpers.js';
 
@@ -39,13 +41,36 @@ interface Restartable {
 
 type Kind = 'qemu-storage-daemon' | 'vblk serve';
 
+/**
+ * Requests of a write workload the device has completed, at least: what `vblk serve`
+ * counts; for the daemon (whose exports count nothing in QMP) the 4 KiB blocks written
+ * into the sparse image, each by a completed write.
+ */
+async function served(kind: Kind, socket: string, image: string): Promise<number> {
+  if (kind === 'qemu-storage-daemon') return Math.floor((statSync(image).blocks * SECTOR) / 4096);
+  const stats = await controlStats(`${socket}.ctl`);
+  let n = 0;
+  for (const s of stats.sockets) for (const q of s.queues) for (const v of q.requests) n += v;
+  return n;
+}
+
+/** Waits until the device has completed `n` requests (a hang guard bounds it; so does `hasEnded`). */
+async function waitForServed(kind: Kind, socket: string, image: string, n: number, hasEnded: () => boolean): Promise<void> {
+  const deadline = Date.now() + HANG_MS;
+  for (let count = await served(kind, socket, image); count < n; count = await served(kind, socket, image)) {
+    if (hasEnded()) throw new Error(`the workload ended after ${count} requests, before the kill point (${n})`);
+    if (Date.now() > deadline) throw new Error(`timed out waiting for the device to complete ${n} requests (${count} so far)`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
 function device(kind: Kind, image: string, socket: string): Restartable {
   let stop: () => Promise<void> = async () => {};
   let kill: () => Promise<void> = async () => {};
   return {
     async start() {
       if (kind === 'qemu-storage-daemon') {
-        // What a supervisor restarting the daemon does: the dead one's socket files stay behind.
+        // The daemon replaces a dead one's socket files, but startQsd waits for them to appear.
         rmSync(socket, { force: true });
         rmSync(`${socket}.qmp`, { force: true });
         const q = await startQsd(image, socket, `${socket}.qmp`, { numQueues: 2 });
@@ -55,7 +80,7 @@ function device(kind: Kind, image: string, socket: string): Restartable {
           await q.stop();
         };
       } else {
-        const s = await startServe(image, socket, ['--queues', '2']);
+        const s = await startServe(image, socket, ['--queues', '2', '--control', `${socket}.ctl`]);
         stop = async () => void (await s.stop());
         kill = async () => {
           s.proc.kill('SIGKILL');
@@ -138,6 +163,35 @@ for (const kind of ['qemu-storage-daemon', 'vblk serve'] as const) {
         assert.equal(log.filter((l) => l.startsWith('notice: device back')).length, 2, log.join('\n'));
       } finally {
         await disk.close().catch(() => {});
+        await dev.stop();
+      }
+    });
+
+    it('vblk bench --socket keeps going across the restart: exit 0, no request failed', async () => {
+      const image = join(scratch.dir, 'bench.img');
+      const socket = join(scratch.dir, 'bench.sock');
+      writeFileSync(image, '');
+      truncateSync(image, DISK);
+      const dev = device(kind, image, socket);
+      await dev.start();
+      try {
+        const bench = spawn(process.execPath, [CLI, 'bench', '--socket', socket, '--rw', 'randwrite', '--iodepth', '16', '--queues', '2',
+          '--runtime', '5', '--no-baseline', '--json', '--reconnect-timeout', '60'], { stdio: ['ignore', 'pipe', 'pipe'] });
+        let out = '';
+        let err = '';
+        bench.stdout.on('data', (d: Buffer) => (out += d.toString()));
+        bench.stderr.on('data', (d: Buffer) => (err += d.toString()));
+        const exited = new Promise<number | null>((res) => bench.on('close', (code) => res(code)));
+        // The kill point: a count of requests the device completed, polled (each poll is a QMP or control round trip).
+        await waitForServed(kind, socket, image, 256, () => bench.exitCode !== null);
+        await dev.kill();
+        await dev.start();
+        const code = await within(exited, { what: 'vblk bench to exit', timeoutMs: HANG_MS });
+        assert.equal(code, 0, err);
+        const result = JSON.parse(out) as { errors: number; ios: number };
+        assert.equal(result.errors, 0);
+        assert.ok(result.ios >= 256);
+      } finally {
         await dev.stop();
       }
     });
