@@ -9,7 +9,7 @@ import { VblkError } from '../../errors.js';
 import { MemoryBackend } from '../memory-backend.js';
 import { MemoryImageFile } from './memory-image-file.js';
 import { openQcow2 } from './qcow2.js';
-import { freshImage } from '../../../test/support/qcow2-image.js';
+import { freshImage, verifyRefcounts } from '../../../test/support/qcow2-image.js';
 import { pattern } from '../../../test/support/pattern.js';
 
 const CS = 4096;
@@ -84,14 +84,37 @@ for (const [version, order, withBacking] of [[3, 4, false], [3, 0, true], [2, 4,
   });
 }
 
-test('a dirty image is refused writable and opens read-only; a corrupt one likewise', async () => {
-  for (const [bit, code] of [[1, 'QCOW2_DIRTY'], [2, 'QCOW2_CORRUPT']] as const) {
+test('a corrupt image is refused writable and opens read-only; a dirty one likewise with repairDirty false', async () => {
+  for (const [bit, code, options] of [[2, 'QCOW2_CORRUPT', {}], [1, 'QCOW2_DIRTY', { repairDirty: false }]] as const) {
     const bytes = freshImage({ size: SIZE, clusterBits: 12 });
     bytes[79] |= bit;
-    await assert.rejects(openQcow2(new MemoryImageFile(bytes)), { code });
+    await assert.rejects(openQcow2(new MemoryImageFile(bytes), options), { code });
     const q = await openQcow2(new MemoryImageFile(bytes), { readOnly: true });
     assert.equal(q.readOnly, true);
   }
+});
+
+test('a dirty image opened writable has its refcounts rebuilt first: leaks and missing refcounts fixed, dirty bit cleared', async () => {
+  const file = new MemoryImageFile(freshImage({ size: SIZE, clusterBits: 12 }));
+  const q = await openQcow2(file);
+  await q.write(0, [pattern(8 * CS, 1)]);
+  await q.close();
+  const bytes = file.bytes();
+  // Lazy refcounts: the data clusters were never counted, and a stray cluster is.
+  const block = 2 * CS;
+  bytes.fill(0, block + 2 * 5, block + CS);
+  bytes[block + 2 * 60 + 1] = 1;
+  bytes[79] |= 1;
+  assert.ok(verifyRefcounts(bytes).errors.length > 0, 'the damage is real');
+  const dirty = new MemoryImageFile(bytes);
+  const r = await openQcow2(dirty);
+  assert.equal(dirty.bytes()[79] & 1, 0, 'dirty bit cleared');
+  const out = new Uint8Array(8 * CS);
+  await r.read(0, [out]);
+  assert.deepEqual(out, pattern(8 * CS, 1));
+  await r.write(20 * CS, [pattern(CS, 2)]);
+  await r.close();
+  assert.deepEqual(verifyRefcounts(dirty.bytes()), { errors: [], leaks: 0 });
 });
 
 test('unknown autoclear bits are cleared on the first write, and only then', async () => {

@@ -21,6 +21,7 @@ import {
 import type { ImageFile } from './image-file.js';
 import { TableCache, type CachedTable } from './table-cache.js';
 import { Refcounts } from './refcounts.js';
+import { repairQcow2 } from './repair.js';
 import {
   INCOMPAT, MAX_L1_BYTES, Qcow2Error, decodeL2Entry, entryOffset, l1EntryReserved, parseHeader, writeU64,
   type CompressionType, type Qcow2Header,
@@ -41,6 +42,11 @@ export interface Qcow2Options {
   readonly decompressors?: Partial<Record<CompressionType, Decompressor>>;
   /** Bytes of L2 tables kept in memory (QEMU's l2-cache-size). Default 1 MiB, at least 4 tables. */
   readonly l2CacheBytes?: number;
+  /**
+   * A dirty image (lazy refcounts not written back) opened writable has its refcounts
+   * rebuilt from its tables first ({@link repairQcow2}); false refuses it instead. Default true.
+   */
+  readonly repairDirty?: boolean;
   /** Bytes of refcount blocks kept in memory. Default 256 KiB, at least 4 blocks. */
   readonly refcountCacheBytes?: number;
 }
@@ -78,15 +84,7 @@ class Mutex {
 export async function openQcow2(file: ImageFile, options: Qcow2Options = {}): Promise<Qcow2Backend> {
   const readOnly = options.readOnly ?? file.readOnly;
   if (!readOnly && file.readOnly) throw new BackendError('READ_ONLY', 'cannot open a read-only image file writable');
-  const probe = new Uint8Array(Math.min(file.size, 4096));
-  await file.read(0, [probe]);
-  const cb = probe.length >= 24 ? new DataView(probe.buffer).getUint32(20) : 0;
-  let first = probe;
-  if (cb > 12 && cb <= 21 && file.size > probe.length) {
-    first = new Uint8Array(Math.min(file.size, 2 ** cb));
-    await file.read(0, [first]);
-  }
-  const header = parseHeader(first, file.size);
+  let header = await readFirstCluster(file);
   if (header.backingFile !== undefined && options.backing === undefined) {
     throw new Qcow2Error('QCOW2_UNSUPPORTED', `the image has a backing file (${header.backingFile}) and none was given`);
   }
@@ -95,7 +93,13 @@ export async function openQcow2(file: ImageFile, options: Qcow2Options = {}): Pr
       throw new Qcow2Error('QCOW2_CORRUPT', 'the image is marked corrupt: open it read-only, or repair it (qemu-img check -r all)');
     }
     if (header.incompatibleFeatures & INCOMPAT.DIRTY) {
-      throw new Qcow2Error('QCOW2_DIRTY', 'the image is marked dirty (lazy refcounts were not written back): repair it (qemu-img check -r all) or open it read-only');
+      // Lazy refcounts were not written back: the refcounts cannot be trusted until rebuilt from the tables.
+      if (options.repairDirty === false) {
+        throw new Qcow2Error('QCOW2_DIRTY', 'the image is marked dirty (lazy refcounts were not written back): repair it (vblk image check --repair) or open it read-only');
+      }
+      await repairQcow2(file);
+      header = await readFirstCluster(file);
+      if (header.incompatibleFeatures & INCOMPAT.DIRTY) throw new Qcow2Error('QCOW2_DIRTY', 'the image is marked dirty and its repair did not complete');
     }
   }
   const l1 = new Uint8Array(header.l1Size * 8);
@@ -114,6 +118,18 @@ export async function openQcow2(file: ImageFile, options: Qcow2Options = {}): Pr
     await file.read(header.refcountTableOffset, [table]);
   }
   return new Qcow2Backend(file, header, l1, table, readOnly, options);
+}
+
+async function readFirstCluster(file: ImageFile): Promise<Qcow2Header> {
+  const probe = new Uint8Array(Math.min(file.size, 4096));
+  await file.read(0, [probe]);
+  const cb = probe.length >= 24 ? new DataView(probe.buffer).getUint32(20) : 0;
+  let first = probe;
+  if (cb > 12 && cb <= 21 && file.size > probe.length) {
+    first = new Uint8Array(Math.min(file.size, 2 ** cb));
+    await file.read(0, [first]);
+  }
+  return parseHeader(first, file.size);
 }
 
 export class Qcow2Backend implements BlockBackend {
@@ -413,16 +429,18 @@ export class Qcow2Backend implements BlockBackend {
         await this.#track(this.#file.write(ready + inOff, bufs));
         return;
       }
-      let e = UNALLOCATED, host = 0, reuse = false;
+      let e = UNALLOCATED, host = 0, reuse = false, fresh = false;
       await this.#lock.run(async () => {
         await this.#clearAutoclear();
         e = this.#decode(await this.#l2ForWrite(c), c);
         reuse = e.copied && e.offset !== 0 && e.kind !== 'compressed';
         host = reuse ? e.offset : await this.#rc!.allocate(1);
+        // A cluster past the end of the file reads as zeroes: when the old content is zeroes too, only the new data need be written.
+        fresh = !reuse && host >= this.#file.size && this.#readsZero(e);
       });
       // Data (and the copied-on-write rest of the cluster) before the entry that points to it.
-      if (inOff === 0 && totalLength(bufs) === this.#cs) {
-        await this.#track(this.#file.write(host, bufs));
+      if (fresh || (inOff === 0 && totalLength(bufs) === this.#cs)) {
+        await this.#track(this.#file.write(host + inOff, bufs));
       } else {
         const whole = new Uint8Array(this.#cs);
         await this.#readCluster(c, e, 0, [whole]);
@@ -436,6 +454,13 @@ export class Qcow2Backend implements BlockBackend {
         if (!reuse) this.#free(e);
       });
     });
+  }
+
+  /** The whole cluster described by `e` reads as zeroes. */
+  #readsZero(e: Entry): boolean {
+    if (e.kind === 'compressed') return false;
+    if (!this.#ext) return e.kind === 'zero' || (e.kind === 'unallocated' && this.#backing === undefined);
+    return e.alloc === 0 && (e.zero === ALL_SUBCLUSTERS || this.#backing === undefined);
   }
 
   /** Writes an L2 entry: `host` (0 for none) with COPIED, and the subcluster bitmaps (or the zero flag when `zero` is 1 without extended L2). */
@@ -572,10 +597,7 @@ export class Qcow2Backend implements BlockBackend {
 
   async #writeZeroBytes(offset: number, n: number): Promise<void> {
     const c = Math.floor(offset / this.#cs);
-    const e = await this.#entry(c);
-    const readsZero = (e.kind === 'unallocated' && this.#backing === undefined && e.zero === 0) ||
-      (!this.#ext && e.kind === 'zero');
-    if (readsZero) return;
+    if (this.#readsZero(await this.#entry(c))) return;
     await this.#writeSlow(offset, [new Uint8Array(n)], n);
   }
 

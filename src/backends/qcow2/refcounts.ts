@@ -204,6 +204,7 @@ export class Refcounts {
     const offset = home * this.clusterSize;
     // The block reaches the disk before the table entry that points to it.
     await this.file.write(offset, [data]);
+    await this.file.flush();
     writeU64(this.#tableView, 8 * i, offset);
     await this.file.write(this.tableOffset + 8 * i, [this.table.subarray(8 * i, 8 * i + 8)]);
     await this.blocks.insert(offset, data, false);
