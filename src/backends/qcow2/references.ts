@@ -1,8 +1,8 @@
 /**
  * What the refcounts of a qcow2 image should be: every host cluster counted once per
  * reference to it from the header, the active and snapshot L1 tables, the L2 tables they
- * name, the data clusters those name, the snapshot table and the refcount table
- * (docs/interop/qcow2.txt, "Host cluster management"). The walk follows what
+ * name, the data clusters those name, the snapshot table, the refcount table and the
+ * persistent bitmaps (docs/interop/qcow2.txt, "Host cluster management"). The walk follows what
  * `qemu-img check` counts, so that the two agree on corruptions and leaks.
  *
  * Bounded on hostile input: the dense count array has one u16 per cluster of the file
