@@ -35,6 +35,9 @@ export type { Decompressor } from './inflate.js';
 // The opener lives beside the class (it builds one); both are this module's API.
 export { openQcow2, type Qcow2Options } from './open.js';
 
+/** Codes of the hot path's cluster lookup beside host offsets (which are positive). */
+const NOT_FAST = -1, READS_ZERO = -2, READS_BACKING = -3;
+
 export class Qcow2Backend implements BlockBackend {
   #h: Qcow2Header;
   readonly #file: ImageFile;
@@ -61,6 +64,8 @@ export class Qcow2Backend implements BlockBackend {
   #drainWaiters: { epoch: number; resolve: () => void }[] = [];
   /** No unknown autoclear bit left to clear before the first write. */
   #headerClean: boolean;
+  /** What an unallocated cluster reads as: {@link READS_BACKING} or {@link READS_ZERO}. */
+  readonly #unallocatedReads: number;
   #closed = false;
   #inflated: { offset: number; data: Uint8Array } | undefined;
 
@@ -90,6 +95,7 @@ export class Qcow2Backend implements BlockBackend {
     this.size = header.size;
     this.readOnly = readOnly;
     this.#headerClean = !this.#v3 || header.autoclearFeatures === 0;
+    this.#unallocatedReads = this.#backing === undefined ? READS_ZERO : READS_BACKING;
     // v2 has no zero flag: with a backing file a discarded cluster would show the backing data.
     this.canDiscard = !readOnly && (this.#v3 || this.#backing === undefined);
     this.canWriteZeroes = !readOnly;
@@ -118,19 +124,34 @@ export class Qcow2Backend implements BlockBackend {
 
   // ---------------------------------------------------------------- fast path
 
-  /** Host offset of guest cluster `c` when the hot path may use it, else -1. */
+  /**
+   * Where the hot path finds guest cluster `c`: its host offset, {@link READS_ZERO} or
+   * {@link READS_BACKING} (reads only), or {@link NOT_FAST} when the async path must decide
+   * (L2 table not cached, compressed, partly allocated subclusters, shared on a write).
+   */
   #fastHost(c: number, write: boolean): number {
     const l1o = 8 * Math.floor(c / this.#l2Entries);
     const l1hi = this.#l1View.getUint32(l1o);
-    const t = this.#l2.get(entryOffset(l1hi, this.#l1View.getUint32(l1o + 4)));
-    if (t === undefined) return -1;
+    const l2off = entryOffset(l1hi, this.#l1View.getUint32(l1o + 4));
+    if (l2off === 0) return write ? NOT_FAST : this.#unallocatedReads;
+    const t = this.#l2.get(l2off);
+    if (t === undefined) return NOT_FAST;
     const o = (c % this.#l2Entries) * this.#entryBytes;
     const hi = t.view.getUint32(o), lo = t.view.getUint32(o + 4);
-    if ((hi & 0x4000_0000) !== 0) return -1;
-    if (this.#ext ? t.view.getUint32(o + 12) !== ALL_SUBCLUSTERS : (lo & 1) !== 0) return -1;
-    if (write && ((hi & 0x8000_0000) === 0 || (l1hi & 0x8000_0000) === 0)) return -1;
+    if ((hi & 0x4000_0000) !== 0) return NOT_FAST;
+    if (this.#ext) {
+      const alloc = t.view.getUint32(o + 12);
+      if (alloc !== ALL_SUBCLUSTERS) {
+        if (write || alloc !== 0) return NOT_FAST;
+        const zero = t.view.getUint32(o + 8);
+        return zero === ALL_SUBCLUSTERS ? READS_ZERO : zero === 0 ? this.#unallocatedReads : NOT_FAST;
+      }
+    } else if ((lo & 1) !== 0) {
+      return write ? NOT_FAST : READS_ZERO;
+    }
+    if (write && ((hi & 0x8000_0000) === 0 || (l1hi & 0x8000_0000) === 0)) return NOT_FAST;
     const host = entryOffset(hi, lo);
-    return host === 0 ? -1 : host;
+    return host !== 0 ? host : write ? NOT_FAST : this.#unallocatedReads;
   }
 
   read(offset: number, buffers: readonly Uint8Array[]): BackendResult {
@@ -142,6 +163,12 @@ export class Qcow2Backend implements BlockBackend {
     if (Math.floor((offset + length - 1) / this.#cs) === c) {
       const host = this.#fastHost(c, false);
       if (host > 0) return this.#track(this.#file.read(host + offset - c * this.#cs, buffers));
+      if (host === READS_ZERO) {
+        for (let i = 0; i < buffers.length; i++) buffers[i].fill(0);
+        return;
+      }
+      // The backing never frees what it holds: no tracking. Past its end, the async path pads with zeroes.
+      if (host === READS_BACKING && offset + length <= this.#backing!.size) return this.#backing!.read(offset, buffers);
     } else if (this.#allFast(offset, length, false)) {
       return this.#fastPieces(offset, buffers, length, false);
     }
