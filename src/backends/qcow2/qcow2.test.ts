@@ -33,6 +33,8 @@ test('reads and overwrites of allocated clusters with a cached L2 complete synch
   assert.equal(q.write(65536 + 512, [new Uint8Array(4096).fill(7)]), undefined);
   assert.equal(q.read(65536 + 512, [out]), undefined);
   assert.deepEqual(out, new Uint8Array(4096).fill(7));
+  assert.equal(q.read(3 << 20, [out]), undefined, 'an unallocated cluster reads zeroes at once');
+  assert.deepEqual(out, new Uint8Array(4096));
   const first = q.write(2 << 20, [out]);
   assert.ok(first instanceof Promise, 'allocating is asynchronous');
   await first;
