@@ -41,7 +41,7 @@ import {
   BLK_DRIVER_FEATURES, checkOptions, silentLogger,
   type BlkDriverOptions, type CacheMode, type Completion, type RequestOptions, type ResizeEvent, type SectorRange,
 } from './driver-options.js';
-import { Req, TYPE_NAMES, ZERO_COPY, callBackSoon, rangePayloads, type MaybeZeroCopy, type ZeroCopyBuffer } from './driver-request.js';
+import { Req, TYPE_NAMES, ZERO_COPY, rangePayloads, type MaybeZeroCopy, type ZeroCopyBuffer } from './driver-request.js';
 import { diskGeometry } from './geometry.js';
 import { DiskIndexError, diskIndexes, diskName } from './naming.js';
 import { splitRange, type RangeLimits } from './range-split.js';
@@ -249,13 +249,13 @@ export class BlkDriver {
 
   /** Reads from `sector` into `buffers` (their total length is the request's length). */
   read(sector: number, buffers: readonly Uint8Array[], options?: RequestOptions): Promise<void> {
-    return this.promised(this.prepareReadWrite(VIRTIO_BLK_T.IN, sector, buffers, options));
+    return this.engine.promised(this.prepareReadWrite(VIRTIO_BLK_T.IN, sector, buffers, options));
   }
 
   /** Writes `buffers` (concatenated) at `sector`. */
   write(sector: number, buffers: readonly Uint8Array[], options?: RequestOptions): Promise<void> {
     if (this.limits.isReadOnly) return this.refuseReadOnly('write', sector);
-    return this.promised(this.prepareReadWrite(VIRTIO_BLK_T.OUT, sector, buffers, options));
+    return this.engine.promised(this.prepareReadWrite(VIRTIO_BLK_T.OUT, sector, buffers, options));
   }
 
   /**
@@ -264,16 +264,16 @@ export class BlkDriver {
    * thrown by `done` does not disturb the driver; it is rethrown from a microtask.
    */
   submitRead(sector: number, buffers: readonly Uint8Array[], done: Completion, options?: RequestOptions): void {
-    this.submitted(this.prepareReadWrite(VIRTIO_BLK_T.IN, sector, buffers, options), done);
+    this.engine.submitted(this.prepareReadWrite(VIRTIO_BLK_T.IN, sector, buffers, options), done);
   }
 
   /** {@link write} with a callback instead of a promise (see {@link submitRead}). */
   submitWrite(sector: number, buffers: readonly Uint8Array[], done: Completion, options?: RequestOptions): void {
     if (this.limits.isReadOnly) {
-      this.submitted(this.readOnlyError('write', sector), done);
+      this.engine.submitted(this.readOnlyError('write', sector), done);
       return;
     }
-    this.submitted(this.prepareReadWrite(VIRTIO_BLK_T.OUT, sector, buffers, options), done);
+    this.engine.submitted(this.prepareReadWrite(VIRTIO_BLK_T.OUT, sector, buffers, options), done);
   }
 
   /**
@@ -354,23 +354,6 @@ export class BlkDriver {
     return new ReadOnlyError(`${this.name}: ${what} at sector ${sector} refused: the disk is read-only (VIRTIO_BLK_F_RO)`);
   }
 
-  /** Launches a prepared request (null: nothing to do) and returns its promise. */
-  private promised(prepared: Req | Error | null): Promise<void> {
-    if (prepared === null) return Promise.resolve();
-    if (prepared instanceof Error) return Promise.reject(prepared);
-    return this.engine.promised(prepared);
-  }
-
-  /** Launches a prepared request (null: nothing to do) that reports to `done`. */
-  private submitted(prepared: Req | Error | null, done: Completion): void {
-    if (typeof done !== 'function') throw new UsageError('BAD_CALLBACK', `${this.name}: a submitted request needs a completion function`);
-    if (prepared === null || prepared instanceof Error) {
-      callBackSoon(done, prepared);
-      return;
-    }
-    this.engine.submitted(prepared, done);
-  }
-
   /** A rejected promise when the disk no longer takes requests, else null. */
   private refuseIfGone(): Promise<never> | null {
     const gone = this.life.goneError();
@@ -391,7 +374,8 @@ export class BlkDriver {
     if (total === 0) return null;
     const queue = this.engine.pickQueue(options);
     if (typeof queue !== 'number') return queue;
-    const root = this.engine.newRoot(type, sector, buffers, Math.min(this.limits.maxChainBytes, total), type === VIRTIO_BLK_T.IN, queue);
+    const root = (this.engine.spareReqs.pop() ?? new Req()).init(null, type, sector, buffers, 0, Math.min(this.limits.maxChainBytes, total),
+      null, type === VIRTIO_BLK_T.IN, queue);
     root.zc = buffers.length === 1 ? this.zeroCopyOf(buffers[0]) : null;
     root.opBytes = total;
     return root;

@@ -15,9 +15,9 @@ import { requirePeer } from '../../scripts/guest/guest.js';
 import type { BlkDriver, BlkLogger } from '../../src/blk/driver.js';
 import { RequestError } from '../../src/blk/driver-errors.js';
 import { connect } from '../../src/node/connect.js';
+import { controlStats } from '../../src/node/control.js';
 import { pattern } from '../support/pattern.js';
 import { waitUntil, within } from '../support/wait.js';
-import { controlStats } from '../../src/node/control.js';
 import { CLI, scratchDir, startServe } from './serve-helpers.js';
 import { startQsd } from './qsd-helpers.js';
 
@@ -117,9 +117,10 @@ async function pipeline(count: number, killAfter: number, onKill: () => Promise<
   await killing;
 }
 
-const skip = requirePeer('qemu-storage-daemon');
+const needsQsd = requirePeer('qemu-storage-daemon');
 
 for (const kind of ['qemu-storage-daemon', 'vblk serve'] as const) {
+  const skip = kind === 'qemu-storage-daemon' ? needsQsd : false;
   describe(`driver reconnect: ${kind} killed and restarted`, { skip, timeout: 300_000 }, () => {
     let scratch: ReturnType<typeof scratchDir>;
     before(() => {
