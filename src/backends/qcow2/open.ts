@@ -9,6 +9,7 @@ import { repairQcow2 } from './repair.js';
 import { Qcow2Backend } from './qcow2.js';
 import { INCOMPAT, Qcow2Error, entryOffset, l1EntryReserved, parseHeader, type CompressionType, type Qcow2Header } from './header.js';
 
+/** How {@link openQcow2} opens an image. */
 export interface Qcow2Options {
   /** Open read-only. Default: the file's own `readOnly`. */
   readonly readOnly?: boolean;
