@@ -4,19 +4,20 @@
  * Big-endian throughout; u64 fields go through {@link readU64}, which refuses anything
  * past 2^53.
  *
- * Planned public API of the driver (src/backends/qcow2/qcow2.ts):
+ * The driver's public API (src/backends/qcow2/qcow2.ts, opener in open.ts):
  *
  * ```ts
  * openQcow2(file: ImageFile, options?: Qcow2Options): Promise<Qcow2Backend>
  * interface Qcow2Options {
  *   readOnly?: boolean;                     // default file.readOnly
- *   backing?: BlockBackend;                 // read-only; the Node opener resolves it
+ *   backing?: BlockBackend;                 // read-only; required when the header names one
  *   decompressors?: { zlib?: Decompressor; zstd?: Decompressor };
- *   l2CacheBytes?: number;                  // default 1 MiB, clamped to at least 2 tables
- *   refcountCacheBytes?: number;            // default 256 KiB
+ *   l2CacheBytes?: number;                  // default 1 MiB, at least 4 tables
+ *   refcountCacheBytes?: number;            // default 256 KiB, at least 4 blocks
+ *   repairDirty?: boolean;                  // default true: rebuild refcounts of a dirty image opened writable
  * }
  * type Decompressor = (compressed: Uint8Array, clusterSize: number) => Uint8Array | Promise<Uint8Array>;
- * class Qcow2Backend implements BlockBackend { header: Qcow2Header; ... }
+ * class Qcow2Backend implements BlockBackend { readonly header: Qcow2Header; ... }
  * ```
  */
 import { VblkError } from '../../errors.js';
