@@ -9,6 +9,7 @@ import { repairQcow2 } from './repair.js';
 import { Qcow2Backend } from './qcow2.js';
 import { INCOMPAT, Qcow2Error, entryOffset, l1EntryReserved, parseHeader, type CompressionType, type Qcow2Header } from './header.js';
 
+/** How {@link openQcow2} opens an image. */
 export interface Qcow2Options {
   /** Open read-only. Default: the file's own `readOnly`. */
   readonly readOnly?: boolean;
@@ -45,7 +46,8 @@ export async function openQcow2(file: ImageFile, options: Qcow2Options = {}): Pr
     }
     if (header.incompatibleFeatures & INCOMPAT.DIRTY) {
       // Lazy refcounts were not written back: the refcounts cannot be trusted until rebuilt from the tables.
-      if (options.repairDirty === false) {
+      // check.ts does not read extended L2 entries yet: a rebuild from them would be wrong.
+      if (options.repairDirty === false || (header.incompatibleFeatures & INCOMPAT.EXTL2) !== 0) {
         throw new Qcow2Error('QCOW2_DIRTY', 'the image is marked dirty (lazy refcounts were not written back): repair it (vblk image check --repair) or open it read-only');
       }
       await repairQcow2(file);

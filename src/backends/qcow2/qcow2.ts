@@ -516,12 +516,23 @@ export class Qcow2Backend implements BlockBackend {
 
   async #zeroRange(offset: number, length: number, mode: 'discard' | 'unmap' | 'keep'): Promise<void> {
     const end = offset + length;
+    const tableBytes = this.#cs * this.#l2Entries;
     for (let at = offset; at < end;) {
       const c = Math.floor(at / this.#cs);
+      if (this.#backing === undefined && at % tableBytes === 0 && end - at >= tableBytes && this.#l2Offset(c) === 0) {
+        at += tableBytes; // a whole L2 table's range, unallocated and nothing behind it: reads zeroes already
+        continue;
+      }
       const n = Math.min((c + 1) * this.#cs, end) - at;
-      // Whole clusters through metadata where the format can say "zero"; partial ones (and v2 with a backing) with zeroes.
-      if (n === this.#cs && (this.#v3 || this.#backing === undefined)) await this.#zeroCluster(c, mode);
-      else await this.#writeZeroBytes(at, n);
+      if (n === this.#cs && (this.#v3 || this.#backing === undefined)) {
+        // Whole clusters through metadata where the format can say "zero", a table's worth under one lock.
+        const count = Math.floor((Math.min(end, (Math.floor(at / tableBytes) + 1) * tableBytes) - at) / this.#cs);
+        await this.#zeroClusters(c, count, mode);
+        at += count * this.#cs;
+        continue;
+      }
+      // Partial clusters (and v2 with a backing) are written with zeroes.
+      await this.#writeZeroBytes(at, n);
       at += n;
     }
   }
@@ -532,23 +543,35 @@ export class Qcow2Backend implements BlockBackend {
     await this.#writeSlow(offset, [new Uint8Array(n)], n);
   }
 
-  async #zeroCluster(c: number, mode: 'discard' | 'unmap' | 'keep'): Promise<void> {
-    await this.#withCluster(c, () => this.#lock.run(async () => {
-      const needZeroFlag = this.#backing !== undefined;
-      const l2off = this.#l2Offset(c);
-      if (l2off === 0 && !needZeroFlag) return; // unallocated, nothing behind it: reads zeroes already
+  /** Zeroes `count` whole clusters from `first`, all in one L2 table. */
+  async #zeroClusters(first: number, count: number, mode: 'discard' | 'unmap' | 'keep'): Promise<void> {
+    const busy: number[] = [];
+    await this.#lock.run(async () => {
+      if (this.#l2Offset(first) === 0 && this.#backing === undefined) return; // unallocated, nothing behind it: zeroes already
       await this.#clearAutoclear();
-      const t = await this.#l2ForWrite(c);
-      const e = this.#entryOf(t, c);
-      // v2 has no zero flag: there the cluster is deallocated (nothing behind it, so it reads zeroes).
-      const keep = this.#v3 && mode === 'keep' && e.copied && e.offset !== 0 && e.kind !== 'compressed';
-      if (keep) {
-        this.#setEntry(t, c, e.offset, true, 0, this.#ext ? ALL_SUBCLUSTERS : 1);
-        return;
+      const t = await this.#l2ForWrite(first);
+      // Nothing below awaits, so the table stays cached; a cluster a writer holds is done after it, on its own.
+      for (let c = first; c < first + count; c++) {
+        if (this.#busy.has(c)) busy.push(c);
+        else this.#zeroEntry(t, c, mode);
       }
-      this.#setEntry(t, c, 0, false, 0, needZeroFlag ? (this.#ext ? ALL_SUBCLUSTERS : 1) : 0);
-      this.#free(e);
-    }));
+    });
+    for (const c of busy) {
+      await this.#withCluster(c, () => this.#lock.run(async () => this.#zeroEntry(await this.#l2ForWrite(c), c, mode)));
+    }
+  }
+
+  #zeroEntry(t: CachedTable, c: number, mode: 'discard' | 'unmap' | 'keep'): void {
+    const e = this.#entryOf(t, c);
+    // v2 has no zero flag: there the cluster is deallocated (nothing behind it, so it reads zeroes).
+    if (this.#v3 && mode === 'keep' && e.copied && e.offset !== 0 && e.kind !== 'compressed') {
+      this.#setEntry(t, c, e.offset, true, 0, this.#ext ? ALL_SUBCLUSTERS : 1);
+      return;
+    }
+    const zeroFlag = this.#backing !== undefined ? (this.#ext ? ALL_SUBCLUSTERS : 1) : 0;
+    if (e.kind === 'unallocated' && e.offset === 0 && e.zero === zeroFlag && e.alloc === 0) return; // already so: stay clean
+    this.#setEntry(t, c, 0, false, 0, zeroFlag);
+    this.#free(e);
   }
 
   // ---------------------------------------------------------------- resize, extents, close
