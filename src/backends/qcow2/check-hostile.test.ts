@@ -7,6 +7,7 @@ import fc from 'fast-check';
 import { VblkError } from '../../errors.js';
 import { checkQcow2 } from './check.js';
 import { createQcow2 } from './create.js';
+import { AUTOCLEAR, EXT, parseHeader, serializeHeader } from './header.js';
 import { MemoryImageFile } from './memory-image-file.js';
 import { openQcow2 } from './qcow2.js';
 import { repairQcow2 } from './repair.js';
@@ -161,4 +162,19 @@ test('a refcount table whose entries all name one block: corruptions, and a repa
   assert.ok(r.corruptions >= CS / 8 - 1);
   const repaired = await repairQcow2(file);
   assert.deepEqual([repaired.after.corruptions, repaired.after.leaks, repaired.after.checkErrors], [0, 0, 0]);
+});
+
+test('a bitmaps extension claiming too many bitmaps, or a directory past its limit, is a typed error', async () => {
+  for (const [nb, size] of [[70000, 0], [1, 2 ** 30]]) {
+    const file = new MemoryImageFile();
+    await createQcow2(file, { size: 2 ** 20, clusterSize: CS });
+    const h = parseHeader(file.bytes().subarray(0, CS), file.size);
+    const data = new Uint8Array(24);
+    const v = new DataView(data.buffer);
+    v.setUint32(0, nb);
+    v.setUint32(12, size);
+    v.setUint32(20, CS);
+    file.write(0, [serializeHeader({ ...h, autoclearFeatures: AUTOCLEAR.BITMAPS, extensions: [...h.extensions, { type: EXT.BITMAPS, data }] })]);
+    await assert.rejects(checkQcow2(file), { code: 'QCOW2_BAD_METADATA' });
+  }
 });

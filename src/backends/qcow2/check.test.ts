@@ -85,6 +85,20 @@ describe('checkQcow2 agrees with qemu-img check', { skip: qemuSkip }, () => {
     }
   });
 
+  test('persistent dirty bitmaps hold clusters', async () => {
+    const dir = tempDir();
+    try {
+      const path = build(dir, 'b.qcow2', '1G', 'cluster_size=65536');
+      qemuImg('bitmap', '--add', path, 'b0');
+      qemuImg('bitmap', '--add', '-g', '512', path, 'b1');
+      qemuIo(path, 'write -P 1 0 1M', 'write -P 2 500M 64k');
+      const r = await agrees(path);
+      assert.equal(r.corruptions + r.leaks, 0);
+    } finally {
+      dir.remove();
+    }
+  });
+
   test('a sparse 1 TiB image written at both ends', async () => {
     const dir = tempDir();
     try {

@@ -10,7 +10,7 @@
  * kilobytes of tables.
  */
 import {
-  AUTOCLEAR, EXT, INCOMPAT, Qcow2Error, entryOffset, getRefcount, parseHeader, type Qcow2Header,
+  INCOMPAT, entryOffset, getRefcount, parseHeader, type Qcow2Header,
 } from './header.js';
 import type { ImageFile } from './image-file.js';
 import { hex, l2EntryBytes, scanReferences, Tally, type ReferenceScan } from './references.js';
@@ -57,12 +57,7 @@ const CACHED_BLOCKS = 16;
 export async function readHeader(file: ImageFile): Promise<Qcow2Header> {
   const head = new Uint8Array(Math.min(file.size, 2 * 1024 * 1024));
   await file.read(0, [head]);
-  const h = parseHeader(head, file.size);
-  if ((h.autoclearFeatures & AUTOCLEAR.BITMAPS) && h.extensions.some((e) => e.type === EXT.BITMAPS)) {
-    // Their clusters would look leaked, and a repair would free them under the bitmaps.
-    throw new Qcow2Error('QCOW2_UNSUPPORTED', 'images with persistent dirty bitmaps cannot be checked or repaired here; use qemu-img check');
-  }
-  return h;
+  return parseHeader(head, file.size);
 }
 
 /**

@@ -4,19 +4,20 @@
  * Big-endian throughout; u64 fields go through {@link readU64}, which refuses anything
  * past 2^53.
  *
- * Planned public API of the driver (src/backends/qcow2/qcow2.ts):
+ * The driver's public API (src/backends/qcow2/qcow2.ts, opener in open.ts):
  *
  * ```ts
  * openQcow2(file: ImageFile, options?: Qcow2Options): Promise<Qcow2Backend>
  * interface Qcow2Options {
  *   readOnly?: boolean;                     // default file.readOnly
- *   backing?: BlockBackend;                 // read-only; the Node opener resolves it
+ *   backing?: BlockBackend;                 // read-only; required when the header names one
  *   decompressors?: { zlib?: Decompressor; zstd?: Decompressor };
- *   l2CacheBytes?: number;                  // default 1 MiB, clamped to at least 2 tables
- *   refcountCacheBytes?: number;            // default 256 KiB
+ *   l2CacheBytes?: number;                  // default 1 MiB, at least 4 tables
+ *   refcountCacheBytes?: number;            // default 256 KiB, at least 4 blocks
+ *   repairDirty?: boolean;                  // default true: rebuild refcounts of a dirty image opened writable
  * }
  * type Decompressor = (compressed: Uint8Array, clusterSize: number) => Uint8Array | Promise<Uint8Array>;
- * class Qcow2Backend implements BlockBackend { header: Qcow2Header; ... }
+ * class Qcow2Backend implements BlockBackend { readonly header: Qcow2Header; ... }
  * ```
  */
 import { VblkError } from '../../errors.js';
@@ -39,7 +40,8 @@ export class Qcow2Error extends VblkError {
   }
 }
 
-export const QCOW2_MAGIC = 0x514649fb; // "QFI\xfb"
+/** The first four bytes of every qcow2 image: "QFI\xfb". */
+export const QCOW2_MAGIC = 0x514649fb;
 export const QCOW2_V2_HEADER_LENGTH = 72;
 /** The v3 header length without the compression type byte (QEMU writes 112). */
 export const QCOW2_V3_MIN_HEADER_LENGTH = 104;
@@ -56,20 +58,56 @@ export const MAX_SNAPSHOTS = 65536;
 /** Host offsets are 56 bits wide in L1/L2/refcount table entries. */
 export const MAX_HOST_OFFSET = 2 ** 53 - 1;
 
-export const INCOMPAT = { DIRTY: 1, CORRUPT: 2, DATA_FILE: 4, COMPRESSION: 8, EXTL2: 16 } as const;
+/** Incompatible feature bits (header offset 72): an image with an unknown one must not be opened. */
+export const INCOMPAT = {
+  /** Refcounts may be stale (lazy refcounts): rebuild them before trusting them. */
+  DIRTY: 1,
+  /** Metadata is known to be corrupt: no writes. */
+  CORRUPT: 2,
+  /** Data lives in an external data file. */
+  DATA_FILE: 4,
+  /** The compression_type field is used. */
+  COMPRESSION: 8,
+  /** L2 entries are 128 bits with subcluster bitmaps. */
+  EXTL2: 16,
+} as const;
 export const INCOMPAT_KNOWN = 0x1f;
-export const COMPAT = { LAZY_REFCOUNTS: 1 } as const;
-export const AUTOCLEAR = { BITMAPS: 1, DATA_FILE_RAW: 2 } as const;
+/** Compatible feature bits (header offset 80). */
+export const COMPAT = {
+  /** Refcount updates may be deferred; the dirty bit says when they were. */
+  LAZY_REFCOUNTS: 1,
+} as const;
+/** Autoclear feature bits (header offset 88): a writer that does not maintain one clears it. */
+export const AUTOCLEAR = {
+  /** The bitmaps extension is consistent. */
+  BITMAPS: 1,
+  /** The external data file is a raw image. */
+  DATA_FILE_RAW: 2,
+} as const;
 
-export const COMPRESSION_TYPE = { zlib: 0, zstd: 1 } as const;
+/** The compression_type byte (header offset 104) by name. */
+export const COMPRESSION_TYPE = {
+  /** Raw deflate (RFC 1951), the only type before the field existed. */
+  zlib: 0,
+  /** Zstandard. */
+  zstd: 1,
+} as const;
+/** A compression type by name. */
 export type CompressionType = keyof typeof COMPRESSION_TYPE;
 
+/** Header extension types. */
 export const EXT = {
+  /** End of the extension area. */
   END: 0,
+  /** The backing file's format name. */
   BACKING_FORMAT: 0xe2792aca,
+  /** Names of the feature bits. */
   FEATURE_NAMES: 0x6803f857,
+  /** Persistent dirty bitmaps. */
   BITMAPS: 0x23852875,
+  /** Full disk encryption header. */
   CRYPTO: 0x0537be77,
+  /** External data file name. */
   DATA_FILE: 0x44415441,
 } as const;
 
@@ -80,31 +118,51 @@ export const QCOW_OFLAG_ZERO = 1;
 
 /** One header extension, kept byte-exact so a header rewrite preserves it. */
 export interface HeaderExtension {
+  /** The extension type ({@link EXT}, or one unknown here). */
   readonly type: number;
+  /** Its data, without the padding to 8 bytes. */
   readonly data: Uint8Array;
 }
 
 /** The decoded header. Feature words are split in two u32 halves (hi, lo): no BigInt. */
 export interface Qcow2Header {
+  /** 2 (compat 0.10) or 3 (compat 1.1). */
   readonly version: 2 | 3;
+  /** Offset of the backing file name in the first cluster, 0 for none. */
   readonly backingFileOffset: number;
+  /** Length of the backing file name in bytes. */
   readonly backingFileSize: number;
+  /** log2 of the cluster size, 9 to 21. */
   readonly clusterBits: number;
+  /** Virtual disk size in bytes. */
   readonly size: number;
+  /** 0: no encryption (the only method supported). */
   readonly cryptMethod: number;
+  /** Entries in the active L1 table. */
   readonly l1Size: number;
+  /** Offset of the active L1 table. */
   readonly l1TableOffset: number;
+  /** Offset of the refcount table. */
   readonly refcountTableOffset: number;
+  /** Clusters the refcount table occupies. */
   readonly refcountTableClusters: number;
+  /** Internal snapshots. */
   readonly nbSnapshots: number;
+  /** Offset of the snapshot table. */
   readonly snapshotsOffset: number;
-  /** Low 32 bits of the feature words; the high halves must be 0 (refused otherwise where it matters). */
+  /** Incompatible feature bits ({@link INCOMPAT}), low 32 bits; a set high bit is refused at parse. */
   readonly incompatibleFeatures: number;
+  /** Compatible feature bits ({@link COMPAT}), low 32 bits. */
   readonly compatibleFeatures: number;
+  /** Autoclear feature bits ({@link AUTOCLEAR}), low 32 bits. */
   readonly autoclearFeatures: number;
+  /** log2 of the refcount width in bits, 0 to 6 (4 in version 2). */
   readonly refcountOrder: number;
+  /** Bytes of the fixed header (72 in version 2). */
   readonly headerLength: number;
+  /** How compressed clusters are compressed. */
   readonly compressionType: CompressionType;
+  /** Header extensions in on-disk order, kept byte for byte. */
   readonly extensions: readonly HeaderExtension[];
   /** The backing file name, or undefined. */
   readonly backingFile?: string;

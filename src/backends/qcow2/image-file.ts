@@ -8,6 +8,7 @@
  */
 import type { BackendResult } from '../backend.js';
 
+/** A byte-addressed file: see the module comment. */
 export interface ImageFile {
   /** Length of the file in bytes; grows with writes past the end and with {@link truncate}. */
   readonly size: number;

@@ -5,17 +5,21 @@
 import { BackendError, totalLength } from '../backend.js';
 import type { ImageFile } from './image-file.js';
 
+/** How a {@link MemoryImageFile} behaves. */
 export interface MemoryImageFileOptions {
+  /** Every write, truncate and discard fails. Default false. */
   readonly readOnly?: boolean;
   /** Refuse to grow past this many bytes (a write or truncate past it fails). Default 2^32. */
   readonly maxSize?: number;
 }
 
+/** An {@link ImageFile} in memory: a growable byte array, every call synchronous. */
 export class MemoryImageFile implements ImageFile {
   #data: Uint8Array;
   #size: number;
   #closed = false;
   readonly readOnly: boolean;
+  /** The file never grows past this many bytes. */
   readonly maxSize: number;
   /** Number of flush() calls, for tests of write ordering. */
   flushes = 0;

@@ -33,6 +33,8 @@ test('reads and overwrites of allocated clusters with a cached L2 complete synch
   assert.equal(q.write(65536 + 512, [new Uint8Array(4096).fill(7)]), undefined);
   assert.equal(q.read(65536 + 512, [out]), undefined);
   assert.deepEqual(out, new Uint8Array(4096).fill(7));
+  assert.equal(q.read(3 << 20, [out]), undefined, 'an unallocated cluster reads zeroes at once');
+  assert.deepEqual(out, new Uint8Array(4096));
   const first = q.write(2 << 20, [out]);
   assert.ok(first instanceof Promise, 'allocating is asynchronous');
   await first;
@@ -84,6 +86,10 @@ test('metadata caches stay bounded however much of a large sparse disk is touche
     await q.read(at, [out]);
     assert.equal(out[0], k + 1);
   }
+  // A whole-disk discard (mkfs does one) skips the unallocated tables' ranges.
+  await q.discard(0, 2 ** 40);
+  await q.read(2 ** 39, [out]);
+  assert.equal(out[0], 0);
   await q.close();
   assert.deepEqual(verifyRefcounts(mem.bytes()).errors, []);
   // 64 L2 tables + 64 data clusters + the fixed metadata, not a table per GiB of disk.

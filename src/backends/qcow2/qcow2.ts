@@ -21,116 +21,22 @@ import {
 import type { ImageFile } from './image-file.js';
 import { TableCache, type CachedTable } from './table-cache.js';
 import { Refcounts } from './refcounts.js';
-import { repairQcow2 } from './repair.js';
+import { Mutex, copyInto, sliceBuffers } from './buffers.js';
+import { defaultInflate, type Decompressor } from './inflate.js';
+import { ALL_SUBCLUSTERS, UNALLOCATED, decodeEntry, subclusterState, validateL2Table, type Entry, type L2Geometry } from './l2-entry.js';
+
+import type { Qcow2Options } from './open.js';
 import {
-  INCOMPAT, MAX_L1_BYTES, Qcow2Error, decodeL2Entry, entryOffset, l1EntryReserved, parseHeader, writeU64,
+  INCOMPAT, MAX_L1_BYTES, Qcow2Error, entryOffset, writeU64,
   type CompressionType, type Qcow2Header,
 } from './header.js';
 
-/** Inflates one compressed cluster; returns exactly `clusterSize` bytes. */
-export type Decompressor = (compressed: Uint8Array, clusterSize: number) => Uint8Array | Promise<Uint8Array>;
+export type { Decompressor } from './inflate.js';
+// The opener lives beside the class (it builds one); both are this module's API.
+export { openQcow2, type Qcow2Options } from './open.js';
 
-export interface Qcow2Options {
-  /** Open read-only. Default: the file's own `readOnly`. */
-  readonly readOnly?: boolean;
-  /**
-   * The backing disk, read-only, resolved by the caller from the header's backing file
-   * name and format. Required when the image names one. Reads past its size read zeroes.
-   */
-  readonly backing?: BlockBackend;
-  /** Decompressors by compression type. zlib defaults to `DecompressionStream('deflate-raw')` where the platform has it. */
-  readonly decompressors?: Partial<Record<CompressionType, Decompressor>>;
-  /** Bytes of L2 tables kept in memory (QEMU's l2-cache-size). Default 1 MiB, at least 4 tables. */
-  readonly l2CacheBytes?: number;
-  /**
-   * A dirty image (lazy refcounts not written back) opened writable has its refcounts
-   * rebuilt from its tables first ({@link repairQcow2}); false refuses it instead. Default true.
-   */
-  readonly repairDirty?: boolean;
-  /** Bytes of refcount blocks kept in memory. Default 256 KiB, at least 4 blocks. */
-  readonly refcountCacheBytes?: number;
-}
-
-/** A decoded L2 entry with its subcluster state: `alloc`/`zero` are bitmaps (bit 0 only without extended L2). */
-interface Entry {
-  readonly kind: 'unallocated' | 'zero' | 'normal' | 'compressed';
-  readonly offset: number;
-  readonly length: number;
-  readonly copied: boolean;
-  readonly alloc: number;
-  readonly zero: number;
-}
-
-const UNALLOCATED: Entry = { kind: 'unallocated', offset: 0, length: 0, copied: false, alloc: 0, zero: 0 };
-const ALL_SUBCLUSTERS = 0xffff_ffff;
-
-/** A promise-chain mutex: one async section at a time, in arrival order. */
-class Mutex {
-  #tail: Promise<void> = Promise.resolve();
-  async run<T>(fn: () => Promise<T>): Promise<T> {
-    const prev = this.#tail;
-    let release!: () => void;
-    this.#tail = new Promise((r) => { release = r; });
-    await prev;
-    try {
-      return await fn();
-    } finally {
-      release();
-    }
-  }
-}
-
-/** Opens a qcow2 image: reads and validates the header, the L1 table and (writable) the refcount table. */
-export async function openQcow2(file: ImageFile, options: Qcow2Options = {}): Promise<Qcow2Backend> {
-  const readOnly = options.readOnly ?? file.readOnly;
-  if (!readOnly && file.readOnly) throw new BackendError('READ_ONLY', 'cannot open a read-only image file writable');
-  let header = await readFirstCluster(file);
-  if (header.backingFile !== undefined && options.backing === undefined) {
-    throw new Qcow2Error('QCOW2_UNSUPPORTED', `the image has a backing file (${header.backingFile}) and none was given`);
-  }
-  if (!readOnly) {
-    if (header.incompatibleFeatures & INCOMPAT.CORRUPT) {
-      throw new Qcow2Error('QCOW2_CORRUPT', 'the image is marked corrupt: open it read-only, or repair it (qemu-img check -r all)');
-    }
-    if (header.incompatibleFeatures & INCOMPAT.DIRTY) {
-      // Lazy refcounts were not written back: the refcounts cannot be trusted until rebuilt from the tables.
-      if (options.repairDirty === false) {
-        throw new Qcow2Error('QCOW2_DIRTY', 'the image is marked dirty (lazy refcounts were not written back): repair it (vblk image check --repair) or open it read-only');
-      }
-      await repairQcow2(file);
-      header = await readFirstCluster(file);
-      if (header.incompatibleFeatures & INCOMPAT.DIRTY) throw new Qcow2Error('QCOW2_DIRTY', 'the image is marked dirty and its repair did not complete');
-    }
-  }
-  const l1 = new Uint8Array(header.l1Size * 8);
-  if (l1.length > 0) await file.read(header.l1TableOffset, [l1]);
-  const l1View = new DataView(l1.buffer);
-  for (let i = 0; i < header.l1Size; i++) {
-    const hi = l1View.getUint32(8 * i), lo = l1View.getUint32(8 * i + 4);
-    const off = entryOffset(hi, lo);
-    if (l1EntryReserved(hi, lo) || off % 2 ** header.clusterBits !== 0 || (off !== 0 && (off < 2 ** header.clusterBits || off >= file.size))) {
-      throw new Qcow2Error('QCOW2_BAD_METADATA', `L1 entry ${i} is invalid (reserved bits, unaligned, on the header or past the end of the file)`);
-    }
-  }
-  let table: Uint8Array | undefined;
-  if (!readOnly) {
-    table = new Uint8Array(header.refcountTableClusters * 2 ** header.clusterBits);
-    await file.read(header.refcountTableOffset, [table]);
-  }
-  return new Qcow2Backend(file, header, l1, table, readOnly, options);
-}
-
-async function readFirstCluster(file: ImageFile): Promise<Qcow2Header> {
-  const probe = new Uint8Array(Math.min(file.size, 4096));
-  await file.read(0, [probe]);
-  const cb = probe.length >= 24 ? new DataView(probe.buffer).getUint32(20) : 0;
-  let first = probe;
-  if (cb > 12 && cb <= 21 && file.size > probe.length) {
-    first = new Uint8Array(Math.min(file.size, 2 ** cb));
-    await file.read(0, [first]);
-  }
-  return parseHeader(first, file.size);
-}
+/** Codes of the hot path's cluster lookup beside host offsets (which are positive). */
+const NOT_FAST = -1, READS_ZERO = -2, READS_BACKING = -3;
 
 export class Qcow2Backend implements BlockBackend {
   #h: Qcow2Header;
@@ -143,6 +49,7 @@ export class Qcow2Backend implements BlockBackend {
   readonly #entryBytes: number;
   readonly #l2Entries: number;
   readonly #scSize: number;
+  readonly #geometry: L2Geometry;
   #l1: Uint8Array;
   #l1View: DataView;
   #l1DirtyFrom = Infinity;
@@ -157,7 +64,10 @@ export class Qcow2Backend implements BlockBackend {
   #drainWaiters: { epoch: number; resolve: () => void }[] = [];
   /** No unknown autoclear bit left to clear before the first write. */
   #headerClean: boolean;
+  /** What an unallocated cluster reads as: {@link READS_BACKING} or {@link READS_ZERO}. */
+  readonly #unallocatedReads: number;
   #closed = false;
+  #inflated: { offset: number; data: Uint8Array } | undefined;
 
   size: number;
   readonly readOnly: boolean;
@@ -178,12 +88,14 @@ export class Qcow2Backend implements BlockBackend {
     this.#entryBytes = this.#ext ? 16 : 8;
     this.#l2Entries = this.#cs / this.#entryBytes;
     this.#scSize = this.#ext ? this.#cs / 32 : this.#cs;
+    this.#geometry = { clusterBits: header.clusterBits, v3: this.#v3, extended: this.#ext };
     this.#l1 = l1;
     this.#l1View = new DataView(l1.buffer);
     this.#l2 = new TableCache(Math.max(4, Math.floor((options.l2CacheBytes ?? 1 << 20) / this.#cs)), this.#cs, (t) => this.#writeBackL2(t));
     this.size = header.size;
     this.readOnly = readOnly;
     this.#headerClean = !this.#v3 || header.autoclearFeatures === 0;
+    this.#unallocatedReads = this.#backing === undefined ? READS_ZERO : READS_BACKING;
     // v2 has no zero flag: with a backing file a discarded cluster would show the backing data.
     this.canDiscard = !readOnly && (this.#v3 || this.#backing === undefined);
     this.canWriteZeroes = !readOnly;
@@ -212,19 +124,34 @@ export class Qcow2Backend implements BlockBackend {
 
   // ---------------------------------------------------------------- fast path
 
-  /** Host offset of guest cluster `c` when the hot path may use it, else -1. */
+  /**
+   * Where the hot path finds guest cluster `c`: its host offset, {@link READS_ZERO} or
+   * {@link READS_BACKING} (reads only), or {@link NOT_FAST} when the async path must decide
+   * (L2 table not cached, compressed, partly allocated subclusters, shared on a write).
+   */
   #fastHost(c: number, write: boolean): number {
     const l1o = 8 * Math.floor(c / this.#l2Entries);
     const l1hi = this.#l1View.getUint32(l1o);
-    const t = this.#l2.get(entryOffset(l1hi, this.#l1View.getUint32(l1o + 4)));
-    if (t === undefined) return -1;
+    const l2off = entryOffset(l1hi, this.#l1View.getUint32(l1o + 4));
+    if (l2off === 0) return write ? NOT_FAST : this.#unallocatedReads;
+    const t = this.#l2.get(l2off);
+    if (t === undefined) return NOT_FAST;
     const o = (c % this.#l2Entries) * this.#entryBytes;
     const hi = t.view.getUint32(o), lo = t.view.getUint32(o + 4);
-    if ((hi & 0x4000_0000) !== 0) return -1;
-    if (this.#ext ? t.view.getUint32(o + 12) !== ALL_SUBCLUSTERS : (lo & 1) !== 0) return -1;
-    if (write && ((hi & 0x8000_0000) === 0 || (l1hi & 0x8000_0000) === 0)) return -1;
+    if ((hi & 0x4000_0000) !== 0) return NOT_FAST;
+    if (this.#ext) {
+      const alloc = t.view.getUint32(o + 12);
+      if (alloc !== ALL_SUBCLUSTERS) {
+        if (write || alloc !== 0) return NOT_FAST;
+        const zero = t.view.getUint32(o + 8);
+        return zero === ALL_SUBCLUSTERS ? READS_ZERO : zero === 0 ? this.#unallocatedReads : NOT_FAST;
+      }
+    } else if ((lo & 1) !== 0) {
+      return write ? NOT_FAST : READS_ZERO;
+    }
+    if (write && ((hi & 0x8000_0000) === 0 || (l1hi & 0x8000_0000) === 0)) return NOT_FAST;
     const host = entryOffset(hi, lo);
-    return host === 0 ? -1 : host;
+    return host !== 0 ? host : write ? NOT_FAST : this.#unallocatedReads;
   }
 
   read(offset: number, buffers: readonly Uint8Array[]): BackendResult {
@@ -236,6 +163,14 @@ export class Qcow2Backend implements BlockBackend {
     if (Math.floor((offset + length - 1) / this.#cs) === c) {
       const host = this.#fastHost(c, false);
       if (host > 0) return this.#track(this.#file.read(host + offset - c * this.#cs, buffers));
+      if (host === READS_ZERO) {
+        for (let i = 0; i < buffers.length; i++) buffers[i].fill(0);
+        return;
+      }
+      // The backing never frees what it holds: no tracking. Past its end, the async path pads with zeroes.
+      if (host === READS_BACKING && offset + length <= this.#backing!.size) return this.#backing!.read(offset, buffers);
+    } else if (this.#allFast(offset, length, false)) {
+      return this.#fastPieces(offset, buffers, length, false);
     }
     return this.#readSlow(offset, buffers, length);
   }
@@ -249,8 +184,29 @@ export class Qcow2Backend implements BlockBackend {
     if (this.#headerClean && Math.floor((offset + length - 1) / this.#cs) === c) {
       const host = this.#fastHost(c, true);
       if (host > 0) return this.#track(this.#file.write(host + offset - c * this.#cs, buffers));
+    } else if (this.#headerClean && this.#allFast(offset, length, true)) {
+      return this.#fastPieces(offset, buffers, length, true);
     }
     return this.#writeSlow(offset, buffers, length);
+  }
+
+  /** Every cluster of a request spanning several (up to 64) can take the hot path. */
+  #allFast(offset: number, length: number, write: boolean): boolean {
+    const first = Math.floor(offset / this.#cs), last = Math.floor((offset + length - 1) / this.#cs);
+    if (last - first > 64) return false;
+    for (let c = first; c <= last; c++) if (this.#fastHost(c, write) <= 0) return false;
+    return true;
+  }
+
+  /** A multi-cluster request on the hot path: one file call per cluster, synchronous when the file is. */
+  #fastPieces(offset: number, buffers: readonly Uint8Array[], length: number, write: boolean): BackendResult {
+    let pending: Promise<void>[] | undefined;
+    for (const [c, inOff, bufs] of this.#pieces(offset, buffers, length)) {
+      const at = this.#fastHost(c, write) + inOff;
+      const r = write ? this.#file.write(at, bufs) : this.#file.read(at, bufs);
+      if (r !== undefined) (pending ??= []).push(r);
+    }
+    return pending === undefined ? undefined : this.#track(Promise.all(pending).then(() => undefined));
   }
 
   /** Counts an in-flight data I/O so that freed clusters are reused only once it has completed. */
@@ -330,6 +286,8 @@ export class Qcow2Backend implements BlockBackend {
   }
 
   async #decompress(e: Entry): Promise<Uint8Array> {
+    // Small reads walk a compressed cluster piece by piece: keep the last one inflated.
+    if (this.#inflated !== undefined && this.#inflated.offset === e.offset) return this.#inflated.data;
     const type = this.#h.compressionType;
     const inflate = this.#decompressors[type];
     if (inflate === undefined) throw new Qcow2Error('QCOW2_NO_DECOMPRESSOR', `a compressed cluster needs a ${type} decompressor and none was given`);
@@ -342,6 +300,7 @@ export class Qcow2Backend implements BlockBackend {
       throw new Qcow2Error('QCOW2_BAD_METADATA', `compressed cluster at ${e.offset} does not decompress: ${err instanceof Error ? err.message : String(err)}`);
     }
     if (out.length < this.#cs) throw new Qcow2Error('QCOW2_BAD_METADATA', `compressed cluster at ${e.offset} decompresses to ${out.length} bytes, not ${this.#cs}`);
+    this.#inflated = { offset: e.offset, data: out };
     return out;
   }
 
@@ -350,8 +309,8 @@ export class Qcow2Backend implements BlockBackend {
     const l2off = this.#l2Offset(c);
     if (l2off === 0) return UNALLOCATED;
     const cached = this.#l2.get(l2off);
-    if (cached !== undefined) return this.#decode(cached, c);
-    return this.#lock.run(async () => this.#decode(await this.#loadL2(this.#l2Offset(c)), c));
+    if (cached !== undefined) return this.#entryOf(cached, c);
+    return this.#lock.run(async () => this.#entryOf(await this.#loadL2(this.#l2Offset(c)), c));
   }
 
   #l2Offset(c: number): number {
@@ -359,17 +318,8 @@ export class Qcow2Backend implements BlockBackend {
     return entryOffset(this.#l1View.getUint32(o), this.#l1View.getUint32(o + 4));
   }
 
-  #decode(t: CachedTable, c: number): Entry {
-    const o = (c % this.#l2Entries) * this.#entryBytes;
-    const hi = t.view.getUint32(o), lo = t.view.getUint32(o + 4);
-    const d = decodeL2Entry(hi, this.#ext ? lo & ~1 : lo, this.#h.clusterBits, this.#v3);
-    if (typeof d === 'string') throw new Qcow2Error('QCOW2_BAD_METADATA', d);
-    if (d.kind === 'unallocated' && !this.#ext) return UNALLOCATED;
-    const offset = d.kind === 'unallocated' ? 0 : d.offset;
-    const length = d.kind === 'compressed' ? d.length : 0;
-    const copied = d.kind === 'normal' || d.kind === 'zero' ? d.copied : false;
-    if (this.#ext) return { kind: d.kind, offset, length, copied, alloc: t.view.getUint32(o + 12), zero: t.view.getUint32(o + 8) };
-    return { kind: d.kind, offset, length, copied, alloc: d.kind === 'normal' ? 1 : 0, zero: d.kind === 'zero' ? 1 : 0 };
+  #entryOf(t: CachedTable, c: number): Entry {
+    return decodeEntry(t.view, (c % this.#l2Entries) * this.#entryBytes, this.#geometry);
   }
 
   /** Loads (under the lock) and validates the L2 table at `off`. */
@@ -381,28 +331,8 @@ export class Qcow2Backend implements BlockBackend {
     }
     const data = new Uint8Array(this.#cs);
     await this.#file.read(off, [data]);
-    this.#validateL2(data, off);
+    validateL2Table(data, off, this.#geometry, this.#file.size);
     return this.#l2.insert(off, data, false);
-  }
-
-  #validateL2(data: Uint8Array, off: number): void {
-    const view = new DataView(data.buffer);
-    const fileSize = this.#file.size;
-    for (let o = 0; o < data.length; o += this.#entryBytes) {
-      const hi = view.getUint32(o), lo = view.getUint32(o + 4);
-      const d = decodeL2Entry(hi, this.#ext ? lo & ~1 : lo, this.#h.clusterBits, this.#v3);
-      const where = `L2 table at ${off}, entry ${o / this.#entryBytes}`;
-      if (typeof d === 'string') throw new Qcow2Error('QCOW2_BAD_METADATA', `${where}: ${d}`);
-      if (d.kind !== 'unallocated' && d.offset !== 0 && (d.offset < this.#cs || d.offset >= fileSize)) {
-        throw new Qcow2Error('QCOW2_BAD_METADATA', `${where}: cluster offset ${d.offset} is on the header or past the end of the file`);
-      }
-      if (this.#ext && d.kind !== 'compressed') {
-        const zero = view.getUint32(o + 8), alloc = view.getUint32(o + 12);
-        if ((zero & alloc) !== 0 || (alloc !== 0 && d.kind === 'unallocated')) {
-          throw new Qcow2Error('QCOW2_BAD_METADATA', `${where}: invalid subcluster bitmap`);
-        }
-      }
-    }
   }
 
   async #writeSlow(offset: number, buffers: readonly Uint8Array[], length: number): Promise<void> {
@@ -432,7 +362,7 @@ export class Qcow2Backend implements BlockBackend {
       let e = UNALLOCATED, host = 0, reuse = false, fresh = false;
       await this.#lock.run(async () => {
         await this.#clearAutoclear();
-        e = this.#decode(await this.#l2ForWrite(c), c);
+        e = this.#entryOf(await this.#l2ForWrite(c), c);
         reuse = e.copied && e.offset !== 0 && e.kind !== 'compressed';
         host = reuse ? e.offset : await this.#rc!.allocate(1);
         // A cluster past the end of the file reads as zeroes: when the old content is zeroes too, only the new data need be written.
@@ -552,6 +482,7 @@ export class Qcow2Backend implements BlockBackend {
     if (this.#frees.length > 0) {
       const frees = this.#frees;
       this.#frees = [];
+      this.#inflated = undefined; // its host clusters may be among those freed, and reused
       await this.#drain();
       for (const k of frees) {
         this.#l2.forget(k * this.#cs);
@@ -585,12 +516,23 @@ export class Qcow2Backend implements BlockBackend {
 
   async #zeroRange(offset: number, length: number, mode: 'discard' | 'unmap' | 'keep'): Promise<void> {
     const end = offset + length;
+    const tableBytes = this.#cs * this.#l2Entries;
     for (let at = offset; at < end;) {
       const c = Math.floor(at / this.#cs);
+      if (this.#backing === undefined && at % tableBytes === 0 && end - at >= tableBytes && this.#l2Offset(c) === 0) {
+        at += tableBytes; // a whole L2 table's range, unallocated and nothing behind it: reads zeroes already
+        continue;
+      }
       const n = Math.min((c + 1) * this.#cs, end) - at;
-      // Whole clusters through metadata where the format can say "zero"; partial ones (and v2 with a backing) with zeroes.
-      if (n === this.#cs && (this.#v3 || this.#backing === undefined)) await this.#zeroCluster(c, mode);
-      else await this.#writeZeroBytes(at, n);
+      if (n === this.#cs && (this.#v3 || this.#backing === undefined)) {
+        // Whole clusters through metadata where the format can say "zero", a table's worth under one lock.
+        const count = Math.floor((Math.min(end, (Math.floor(at / tableBytes) + 1) * tableBytes) - at) / this.#cs);
+        await this.#zeroClusters(c, count, mode);
+        at += count * this.#cs;
+        continue;
+      }
+      // Partial clusters (and v2 with a backing) are written with zeroes.
+      await this.#writeZeroBytes(at, n);
       at += n;
     }
   }
@@ -601,23 +543,35 @@ export class Qcow2Backend implements BlockBackend {
     await this.#writeSlow(offset, [new Uint8Array(n)], n);
   }
 
-  async #zeroCluster(c: number, mode: 'discard' | 'unmap' | 'keep'): Promise<void> {
-    await this.#withCluster(c, () => this.#lock.run(async () => {
-      const needZeroFlag = this.#backing !== undefined;
-      const l2off = this.#l2Offset(c);
-      if (l2off === 0 && !needZeroFlag) return; // unallocated, nothing behind it: reads zeroes already
+  /** Zeroes `count` whole clusters from `first`, all in one L2 table. */
+  async #zeroClusters(first: number, count: number, mode: 'discard' | 'unmap' | 'keep'): Promise<void> {
+    const busy: number[] = [];
+    await this.#lock.run(async () => {
+      if (this.#l2Offset(first) === 0 && this.#backing === undefined) return; // unallocated, nothing behind it: zeroes already
       await this.#clearAutoclear();
-      const t = await this.#l2ForWrite(c);
-      const e = this.#decode(t, c);
-      // v2 has no zero flag: there the cluster is deallocated (nothing behind it, so it reads zeroes).
-      const keep = this.#v3 && mode === 'keep' && e.copied && e.offset !== 0 && e.kind !== 'compressed';
-      if (keep) {
-        this.#setEntry(t, c, e.offset, true, 0, this.#ext ? ALL_SUBCLUSTERS : 1);
-        return;
+      const t = await this.#l2ForWrite(first);
+      // Nothing below awaits, so the table stays cached; a cluster a writer holds is done after it, on its own.
+      for (let c = first; c < first + count; c++) {
+        if (this.#busy.has(c)) busy.push(c);
+        else this.#zeroEntry(t, c, mode);
       }
-      this.#setEntry(t, c, 0, false, 0, needZeroFlag ? (this.#ext ? ALL_SUBCLUSTERS : 1) : 0);
-      this.#free(e);
-    }));
+    });
+    for (const c of busy) {
+      await this.#withCluster(c, () => this.#lock.run(async () => this.#zeroEntry(await this.#l2ForWrite(c), c, mode)));
+    }
+  }
+
+  #zeroEntry(t: CachedTable, c: number, mode: 'discard' | 'unmap' | 'keep'): void {
+    const e = this.#entryOf(t, c);
+    // v2 has no zero flag: there the cluster is deallocated (nothing behind it, so it reads zeroes).
+    if (this.#v3 && mode === 'keep' && e.copied && e.offset !== 0 && e.kind !== 'compressed') {
+      this.#setEntry(t, c, e.offset, true, 0, this.#ext ? ALL_SUBCLUSTERS : 1);
+      return;
+    }
+    const zeroFlag = this.#backing !== undefined ? (this.#ext ? ALL_SUBCLUSTERS : 1) : 0;
+    if (e.kind === 'unallocated' && e.offset === 0 && e.zero === zeroFlag && e.alloc === 0) return; // already so: stay clean
+    this.#setEntry(t, c, 0, false, 0, zeroFlag);
+    this.#free(e);
   }
 
   // ---------------------------------------------------------------- resize, extents, close
@@ -705,56 +659,4 @@ export class Qcow2Backend implements BlockBackend {
   }
 }
 
-/** 1: allocated data, 2: reads as zeroes, 0: from the backing (or zeroes without one). */
-function subclusterState(e: Entry, sc: number): 0 | 1 | 2 {
-  const bit = 2 ** sc; // sc < 32; ** keeps bit 31 positive
-  if (Math.floor(e.alloc / bit) % 2 === 1) return 1;
-  if (Math.floor(e.zero / bit) % 2 === 1) return 2;
-  return 0;
-}
 
-/** Views of `[start, start + length)` of a buffer list. */
-export function sliceBuffers(buffers: readonly Uint8Array[], start: number, length: number): Uint8Array[] {
-  const out: Uint8Array[] = [];
-  let skip = start, left = length;
-  for (const b of buffers) {
-    if (left === 0) break;
-    if (skip >= b.length) { skip -= b.length; continue; }
-    const n = Math.min(b.length - skip, left);
-    out.push(b.subarray(skip, skip + n));
-    left -= n;
-    skip = 0;
-  }
-  return out;
-}
-
-function copyInto(bufs: readonly Uint8Array[], data: Uint8Array): void {
-  let at = 0;
-  for (const b of bufs) { b.set(data.subarray(at, at + b.length)); at += b.length; }
-}
-
-/** The platform's raw-deflate stream, where there is one: enough output for one cluster, trailing bytes ignored. */
-const defaultInflate: Decompressor | undefined = typeof DecompressionStream === 'undefined' ? undefined : async (compressed, clusterSize) => {
-  const stream = new DecompressionStream('deflate-raw');
-  const writer = stream.writable.getWriter();
-  writer.write(compressed).catch(() => {});
-  writer.close().catch(() => {});
-  const reader = stream.readable.getReader();
-  const out = new Uint8Array(clusterSize);
-  let got = 0;
-  try {
-    while (got < clusterSize) {
-      const { value, done } = await reader.read();
-      if (done) break;
-      const n = Math.min(value.length, clusterSize - got);
-      out.set(value.subarray(0, n), got);
-      got += n;
-    }
-  } catch (e) {
-    // Padding after the deflate stream makes some streams fail once the cluster is complete.
-    if (got < clusterSize) throw e;
-  } finally {
-    reader.cancel().catch(() => {});
-  }
-  return got === clusterSize ? out : out.subarray(0, got);
-};

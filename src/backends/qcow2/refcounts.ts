@@ -269,10 +269,6 @@ export class Refcounts {
     this.#tableView = view;
     this.tableOffset = tableOffset;
     if (start + used > this.end) this.end = start + used;
-    this.onTableMoved?.(tableOffset, tableClusters);
     for (let k = 0; k < oldClusters; k++) await this.decrement(oldOffset / this.clusterSize + k);
   }
-
-  /** Told when the table moves (the driver's reserved areas follow it). */
-  onTableMoved?: (offset: number, clusters: number) => void;
 }

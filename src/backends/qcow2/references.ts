@@ -1,8 +1,8 @@
 /**
  * What the refcounts of a qcow2 image should be: every host cluster counted once per
  * reference to it from the header, the active and snapshot L1 tables, the L2 tables they
- * name, the data clusters those name, the snapshot table and the refcount table
- * (docs/interop/qcow2.txt, "Host cluster management"). The walk follows what
+ * name, the data clusters those name, the snapshot table, the refcount table and the
+ * persistent bitmaps (docs/interop/qcow2.txt, "Host cluster management"). The walk follows what
  * `qemu-img check` counts, so that the two agree on corruptions and leaks.
  *
  * Bounded on hostile input: the dense count array has one u16 per cluster of the file
@@ -13,13 +13,12 @@
 import {
   INCOMPAT, MAX_L1_BYTES, Qcow2Error, QCOW_OFLAG_ZERO, decodeL2Entry, entryOffset, l1EntryReserved, maxRefcount, type Qcow2Header,
 } from './header.js';
+import { forEachBitmapRegion } from './bitmaps.js';
 import type { ImageFile } from './image-file.js';
 import { readSnapshotTable } from './snapshot-table.js';
 
 /** Clusters of the file the check counts in memory (2 bytes each): 2^28, 16 TiB of 64 KiB clusters. */
 export const MAX_CHECK_CLUSTERS = 2 ** 28;
-/** Distinct clusters past the end of the file that may be referenced before the check gives up. */
-export const MAX_CLUSTERS_PAST_END = 2 ** 20;
 /** L1 entries walked over the active table and all snapshots: 32 tables of QEMU's largest. */
 export const MAX_L1_ENTRIES_WALKED = 2 ** 27;
 /** Distinct L2 tables the walk remembers (how many L1 entries name each). */
@@ -56,9 +55,11 @@ export class Tally {
 /** Expected refcount of every host cluster: dense inside the file, sparse past its end. */
 export class ClusterCounts {
   readonly #dense: Uint16Array;
-  /** Exact counts of clusters at 0xffff and above, and of every cluster past the end of the file. */
+  /**
+   * Exact counts of clusters at 0xffff and above, and of clusters past the end of the
+   * file (at most one: a region is counted only when it ends less than a cluster past it).
+   */
   readonly #sparse = new Map<number, number>();
-  #pastEnd = 0;
   /** The highest cluster referenced, -1 when none. */
   highest = -1;
 
@@ -82,9 +83,6 @@ export class ClusterCounts {
       if (after >= 0xffff) this.#sparse.set(cluster, after);
       this.#dense[cluster] = Math.min(after, 0xffff);
     } else {
-      if (before === 0 && ++this.#pastEnd > MAX_CLUSTERS_PAST_END) {
-        throw new Qcow2Error('QCOW2_BAD_METADATA', `more than ${MAX_CLUSTERS_PAST_END} clusters past the end of the file are referenced`);
-      }
       this.#sparse.set(cluster, after);
     }
     if (cluster > this.highest) this.highest = cluster;
@@ -211,6 +209,7 @@ export async function scanReferences(
     inc(h.snapshotsOffset, table.byteLength);
   }
   if (mode === 'check') inc(h.refcountTableOffset, h.refcountTableClusters * clusterSize);
+  await forEachBitmapRegion(file, h, inc, (offset) => tally.corruption(`ERROR bitmap data cluster offset=0x${offset.toString(16)} is not cluster aligned`));
   progress?.(0.1);
 
   // Each L2 table once, in file order, its references weighted by how many L1 entries name it.

@@ -80,6 +80,29 @@ describe('repairQcow2 leaves images qemu-img check finds clean', { skip: qemuSki
     }
   });
 
+  test('a leaky image with persistent dirty bitmaps keeps them', async () => {
+    const dir = tempDir();
+    try {
+      const path = dir.file('b.qcow2');
+      qemuImg('create', '-q', '-f', 'qcow2', path, '1G');
+      qemuImg('bitmap', '--add', '-g', '512', path, 'b1');
+      qemuIo(path, 'write -P 1 0 1M', 'write -P 2 500M 64k');
+      const file = readImage(path);
+      const s = new Surgery(file);
+      file.truncate(file.size + s.clusterSize);
+      s.setStoredRefcount(Math.ceil(file.size / s.clusterSize) - 1, 1);
+      const mutated = dir.file('mutated.qcow2');
+      writeImage(mutated, file);
+      assert.equal(qemuCounts(mutated).leaks, 1);
+      const out = dir.file('repaired.qcow2');
+      const after = await repairAndCompare(mutated, out);
+      assert.deepEqual(counts(after), { corruptions: 0, leaks: 0, checkErrors: 0 });
+      assert.match(qemuImg('info', out), /name: b1/);
+    } finally {
+      dir.remove();
+    }
+  });
+
   test('a lazy_refcounts image left dirty by a crash, with snapshots', async () => {
     const dir = tempDir();
     try {
