@@ -371,7 +371,23 @@ test('property: a header with random bytes changed opens, or fails with a typed 
   }
 });
 
-test('the driver\'s refusal names the file: a dirty image opened writable', async () => {
+test('the driver\'s refusal names the file: an image marked corrupt opened writable', async () => {
+  const t = tempDir();
+  try {
+    const path = join(t.dir, 'corrupt.qcow2');
+    await makeQcow2(path, { size: 1 << 20 });
+    const bytes = readFileSync(path);
+    bytes[79] |= 2; // incompatible_features, corrupt bit
+    writeFileSync(path, bytes);
+    await assert.rejects(openImage(path), (e: unknown) => e instanceof VblkError && e.code === 'QCOW2_CORRUPT' && e.message.startsWith(`${path}: `));
+    const ro = await openImage(path, { readOnly: true });
+    await ro.backend.close();
+  } finally {
+    t.done();
+  }
+});
+
+test('a dirty image opened writable is repaired, not trusted: the dirty bit is cleared on disk', async () => {
   const t = tempDir();
   try {
     const path = join(t.dir, 'dirty.qcow2');
@@ -379,9 +395,12 @@ test('the driver\'s refusal names the file: a dirty image opened writable', asyn
     const bytes = readFileSync(path);
     bytes[79] |= 1; // incompatible_features, dirty bit
     writeFileSync(path, bytes);
-    await assert.rejects(openImage(path), (e: unknown) => e instanceof VblkError && e.code === 'QCOW2_DIRTY' && e.message.startsWith(`${path}: `));
     const ro = await openImage(path, { readOnly: true });
     await ro.backend.close();
+    assert.equal(readFileSync(path)[79] & 1, 1, 'a read-only open leaves the image as it is');
+    const rw = await openImage(path);
+    await rw.backend.close();
+    assert.equal(readFileSync(path)[79] & 1, 0);
   } finally {
     t.done();
   }
