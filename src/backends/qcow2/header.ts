@@ -12,7 +12,7 @@
  *   readOnly?: boolean;                     // default file.readOnly
  *   backing?: BlockBackend;                 // read-only; required when the header names one
  *   decompressors?: { zlib?: Decompressor; zstd?: Decompressor };
- *   l2CacheBytes?: number;                  // default 1 MiB, at least 4 tables
+ *   l2CacheBytes?: number;                  // default: maps the whole disk, at most 16 MiB; at least 4 tables
  *   refcountCacheBytes?: number;            // default 256 KiB, at least 4 blocks
  *   repairDirty?: boolean;                  // default true: rebuild refcounts of a dirty image opened writable
  * }

@@ -20,7 +20,7 @@ export interface Qcow2Options {
   readonly backing?: BlockBackend;
   /** Decompressors by compression type. zlib defaults to `DecompressionStream('deflate-raw')` where the platform has it. */
   readonly decompressors?: Partial<Record<CompressionType, Decompressor>>;
-  /** Bytes of L2 tables kept in memory (QEMU's l2-cache-size). Default 1 MiB, at least 4 tables. */
+  /** Bytes of L2 tables kept in memory (QEMU's l2-cache-size). Default: enough to map the whole disk, at most 16 MiB; at least 4 tables. */
   readonly l2CacheBytes?: number;
   /**
    * A dirty image (lazy refcounts not written back) opened writable has its refcounts

@@ -35,6 +35,20 @@ export type { Decompressor } from './inflate.js';
 // The opener lives beside the class (it builds one); both are this module's API.
 export { openQcow2, type Qcow2Options } from './open.js';
 
+/** The most L2 cache a default takes: tables mapping 128 GiB with 64 KiB clusters. */
+const MAX_DEFAULT_L2_CACHE_BYTES = 16 << 20;
+
+/**
+ * Enough L2 tables to map the whole disk, up to {@link MAX_DEFAULT_L2_CACHE_BYTES} (QEMU on
+ * Linux does the same up to 32 MiB): random I/O over a disk the cache cannot map reloads
+ * and revalidates a whole table per request (measured: a 16 GiB image with 1 MiB of cache
+ * served 4 KiB random writes at 619 IOPS where qemu-storage-daemon served 11 320).
+ */
+function defaultL2CacheBytes(diskSize: number, clusterSize: number, entriesPerTable: number): number {
+  const tables = Math.ceil(diskSize / (clusterSize * entriesPerTable));
+  return Math.min(tables * clusterSize, MAX_DEFAULT_L2_CACHE_BYTES);
+}
+
 /** Codes of the hot path's cluster lookup beside host offsets (which are positive). */
 const NOT_FAST = -1, READS_ZERO = -2, READS_BACKING = -3;
 
@@ -91,7 +105,7 @@ export class Qcow2Backend implements BlockBackend {
     this.#geometry = { clusterBits: header.clusterBits, v3: this.#v3, extended: this.#ext };
     this.#l1 = l1;
     this.#l1View = new DataView(l1.buffer);
-    this.#l2 = new TableCache(Math.max(4, Math.floor((options.l2CacheBytes ?? 1 << 20) / this.#cs)), this.#cs, (t) => this.#writeBackL2(t));
+    this.#l2 = new TableCache(Math.max(4, Math.floor((options.l2CacheBytes ?? defaultL2CacheBytes(header.size, this.#cs, this.#l2Entries)) / this.#cs)), this.#cs, (t) => this.#writeBackL2(t));
     this.size = header.size;
     this.readOnly = readOnly;
     this.#headerClean = !this.#v3 || header.autoclearFeatures === 0;
