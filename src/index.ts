@@ -27,7 +27,7 @@ export {
 
 export { BlkDevice, MAX_RANGE_SEGMENTS, type BlkDeviceOptions, type BlkRangeLimits } from './blk/device.js';
 export {
-  BlkDriver, silentLogger,
+  BlkDriver, DEFAULT_RECONNECT_TIMEOUT_MS, silentLogger,
   type BlkDriverOptions, type BlkLogger, type CacheMode, type Completion, type RequestOptions, type ResizeEvent, type SectorRange,
 } from './blk/driver.js';
 export {

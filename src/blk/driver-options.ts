@@ -39,14 +39,14 @@ export interface BlkDriverOptions {
   queueSize?: number;
   /**
    * Fail a request that has not completed after this many milliseconds with
-   * {@link TimeoutError}. 0 (the default) waits forever, as Linux does.
+   * `TimeoutError`. 0 (the default) waits forever, as Linux does.
    */
   timeoutMs?: number;
   /**
    * When the transport loses the device and can reach it again (a vhost-user backend
    * restarted on the same socket), reconnect for up to this many milliseconds: requests
    * not completed are sent again to the new device, new ones wait (a block device's
-   * requests are idempotent). After that they fail with {@link RequestError}
+   * requests are idempotent). After that they fail with `RequestError`
    * `DEVICE_GONE`. 0, the default here, fails them at once; `connect` and the CLI
    * default to {@link DEFAULT_RECONNECT_TIMEOUT_MS}.
    */
