@@ -115,7 +115,9 @@ function makeImage(path: string): string[] {
 /**
  * fio rounds on two queues (one job per vCPU), each verifying all it wrote, until told to
  * stop; the probe's reads when told; then, on whichever QEMU runs the guest by then, the
- * checksum of the region read last, from the page cache.
+ * checksum of the region read last, from the page cache. fio's --invalidate=0: by default
+ * each round starts with BLKFLSBUF, which empties the whole disk's page cache, and the
+ * check would read the region from the disk again instead of the pages under test.
  */
 const GUEST_SCRIPT = `set -e
 (
@@ -124,7 +126,7 @@ const GUEST_SCRIPT = `set -e
     n=$((n+1))
     echo "FIO-ROUND $n"
     fio --name=m --filename=/dev/vda --direct=1 --ioengine=libaio --iodepth=8 --rw=randwrite --bs=4k \\
-        --size=8M --numjobs=2 --offset_increment=32M --cpus_allowed=0-1 --cpus_allowed_policy=split \\
+        --size=8M --numjobs=2 --offset_increment=32M --cpus_allowed=0-1 --cpus_allowed_policy=split --invalidate=0 \\
         --verify=crc32c --do_verify=1 --verify_fatal=1 --output-format=terse > /tmp/fio.out \\
       || { echo "FIO-FAILED round $n"; cat /tmp/fio.out; exit 1; }
   done
@@ -328,14 +330,21 @@ describe('live migration of a guest served over vhost-user', { skip: requirePeer
     t.diagnostic(`downtime (ms): ${o.downtimes.join(', ')}`);
   });
 
-  // A todo, not a test: of four runs against this backend only one showed stale pages on
-  // the destination. The pages it fills during the migration are mostly sent again anyway,
-  // for a reason not yet found (the guest's allocator does not zero them: init_on_alloc=0),
-  // so until that is understood the probe's pass above proves less than it should.
-  it('the probe catches a backend that does not log its data writes: the destination sees stale pages', {
-    timeout: 1_200_000, todo: 'caught a backend without data marks in 1 of 4 runs',
+  // A todo, not a test yet: one run since fio stopped emptying the page cache
+  // (--invalidate=0), and that one failed as it should (the guest crashed on the
+  // destination). Before, fio's BLKFLSBUF made the check read the disk again, and the
+  // broken backend passed in 3 of 4 runs.
+  it('the probe catches a backend that does not log its data writes: stale pages or a crashed guest on the destination', {
+    timeout: 1_200_000, todo: 'one run so far with the page cache left alone',
   }, async () => {
-    const { o } = await run('broken', (image, dir) => vblkServer(image, dir, true), true);
+    let o: Outcome;
+    try {
+      o = (await run('broken', (image, dir) => vblkServer(image, dir, true), true)).o;
+    } catch (e) {
+      // The destination's guest died on what it found in memory: caught, too.
+      assert.match((e as Error).message, /CHECK region/);
+      return;
+    }
     const autoInit = /mem auto-init: .*/.exec(o.output)?.[0] ?? 'no mem auto-init line';
     assert.notEqual(o.check.sum, o.expected[o.check.region], `with data pages unmarked the region still arrived intact: the probe proves nothing (${autoInit})`);
   });
