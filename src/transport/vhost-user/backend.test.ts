@@ -8,8 +8,10 @@ import { MemoryBackend } from '../../backends/memory-backend.js';
 import { BlkDevice } from '../../blk/device.js';
 import { VIRTIO_BLK_CONFIG, VIRTIO_BLK_F } from '../../spec/virtio-blk.js';
 import { VIRTIO_F, features } from '../../spec/virtio.js';
-import { VHOST_USER_F_PROTOCOL_FEATURES, VHOST_USER_PROTOCOL_F } from '../../spec/vhost-user.js';
-import { VhostUserBackendSession, type BackendIo, type RegionMapping } from './backend.js';
+import { VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES, VHOST_USER_PROTOCOL_F } from '../../spec/vhost-user.js';
+import {
+  BACKEND_PROTOCOL_FEATURES, BackendSessionError, VhostUserBackendSession, type BackendIo, type RegionMapping,
+} from './backend.js';
 import { CONFIG_RECORD_BYTES, readConfigRecord, writeConfigRecord } from './config-record.js';
 import type { FrontendRequest } from './messages.js';
 import { inflightQueueBytes } from '../../virtqueue/inflight.js';
@@ -209,4 +211,44 @@ test('a hostile record in the inflight buffer is ignored or validated like any c
     assert.equal(p.device.writeback, 0, what);
     await s.close();
   }
+});
+
+test('dirty logging is offered only with experimentalMigration; without it the log requests are refused as not negotiated', async () => {
+  const host = new FakeHost();
+  const device = new BlkDevice({ backend: new MemoryBackend({ size: 1 << 20 }) });
+  const LOG_SHMFD = 1n << BigInt(VHOST_USER_PROTOCOL_F.LOG_SHMFD);
+  const LOG_ALL = 1n << BigInt(VHOST_F_LOG_ALL);
+  const offers = async (s: VhostUserBackendSession) => {
+    const f = await send(s, { request: 'GET_FEATURES', needReply: false });
+    const p = await send(s, { request: 'GET_PROTOCOL_FEATURES', needReply: false });
+    assert.ok(f?.request === 'GET_FEATURES' && p?.request === 'GET_PROTOCOL_FEATURES');
+    return { features: f.features, protocol: p.features };
+  };
+
+  const off = new VhostUserBackendSession(device, host.io([]));
+  const o = await offers(off);
+  assert.equal(o.protocol, BACKEND_PROTOCOL_FEATURES, 'the protocol features offered without the option');
+  assert.equal(o.protocol & LOG_SHMFD, 0n);
+  assert.equal(o.features & LOG_ALL, 0n);
+  await send(off, { request: 'SET_PROTOCOL_FEATURES', needReply: false, features: PROTOCOL });
+  for (const req of [
+    { request: 'SET_LOG_BASE', needReply: false, fd: host.add(new Uint8Array(4096)), mmapSize: 4096, mmapOffset: 0 },
+    { request: 'SET_LOG_FD', needReply: false, fd: 9 },
+  ] as const) {
+    await assert.rejects(send(off, req), (e: unknown) => e instanceof BackendSessionError && e.code === 'NOT_NEGOTIATED', req.request);
+  }
+  await assert.rejects(send(off, { request: 'SET_FEATURES', needReply: false, features: GUEST_FEATURES | LOG_ALL }),
+    (e: unknown) => e instanceof BackendSessionError && e.code === 'BAD_FEATURES');
+  await off.close();
+
+  // A caller's protocolFeatures cannot turn the log on by itself.
+  const sneaky = new VhostUserBackendSession(device, host.io([]), { protocolFeatures: BACKEND_PROTOCOL_FEATURES | LOG_SHMFD });
+  assert.equal((await offers(sneaky)).protocol & LOG_SHMFD, 0n);
+  await sneaky.close();
+
+  const on = new VhostUserBackendSession(device, host.io([]), { experimentalMigration: true });
+  const n = await offers(on);
+  assert.equal(n.protocol, BACKEND_PROTOCOL_FEATURES | LOG_SHMFD);
+  assert.equal(n.features & LOG_ALL, LOG_ALL);
+  await on.close();
 });
