@@ -47,7 +47,11 @@ export interface ImageLockOptions {
 /** The image is locked by another process in a way ours conflicts with. */
 export class ImageLockError extends VblkError {
   declare readonly code: 'IMAGE_LOCKED';
-  constructor(readonly path: string, message: string) {
+  constructor(
+    /** The image whose lock was not granted. */
+    readonly path: string,
+    message: string,
+  ) {
     super('IMAGE_LOCKED', message);
   }
 }

@@ -36,8 +36,11 @@ export interface ServeOptions extends Omit<VhostUserServerOptions, 'device' | 's
 
 /** One socket of a {@link ServedDisk}: its device and its server. */
 export interface ServedSocket {
+  /** The unix socket path, as given. */
   readonly socketPath: string;
+  /** This socket's device model: its queues, negotiated features and statistics. */
   readonly device: BlkDevice;
+  /** The server listening on this socket. */
   readonly server: VhostUserServer;
 }
 
