@@ -48,7 +48,7 @@ export interface ImageLockOptions {
 export class ImageLockError extends VblkError {
   declare readonly code: 'IMAGE_LOCKED';
   constructor(
-    /** The image whose lock was not granted. */
+    /** The image whose lock was refused. */
     readonly path: string,
     message: string,
   ) {

@@ -36,11 +36,11 @@ export interface ServeOptions extends Omit<VhostUserServerOptions, 'device' | 's
 
 /** One socket of a {@link ServedDisk}: its device and its server. */
 export interface ServedSocket {
-  /** The unix socket path, as given. */
+  /** The unix socket it listens on. */
   readonly socketPath: string;
-  /** This socket's device model: its queues, negotiated features and statistics. */
+  /** The device its frontend drives: its own queues, features and statistics. */
   readonly device: BlkDevice;
-  /** The server listening on this socket. */
+  /** The vhost-user server accepting that socket's frontends. */
   readonly server: VhostUserServer;
 }
 
