@@ -739,6 +739,31 @@ add({
   },
 });
 
+// Without experimentalMigration (the default) nothing of the log is offered, and a
+// frontend that uses it anyway is refused as it was before logging existed.
+add({
+  name: 'migration off: no LOG_SHMFD nor VHOST_F_LOG_ALL offered, and SET_LOG_BASE is refused as not negotiated',
+  drop: /^cannot honour VHOST_USER_SET_LOG_BASE: .*needs protocol feature LOG_SHMFD/,
+  async run(ctx) {
+    const f = await ctx.main();
+    const offered = await f.handshake({ protocol: bit(VHOST_USER_PROTOCOL_F.REPLY_ACK) });
+    assert.equal(offered.protocol & LOG_PROTOCOL, 0n, 'GET_PROTOCOL_FEATURES offers LOG_SHMFD');
+    assert.equal(offered.features & bit(VHOST_F_LOG_ALL), 0n, 'GET_FEATURES offers VHOST_F_LOG_ALL (bit 26)');
+    assert.equal(await f.acked({ request: 'SET_FEATURES', needReply: true, features: LOG_ALL_FEATURES }), false, 'SET_FEATURES with LOG_ALL');
+    // A well-formed log, sealed and large enough: refused only because it was not offered.
+    f.send({ request: 'SET_LOG_BASE', needReply: false, fd: ctx.fds.memfd(LOG_OFFSET + LOG_BYTES, true), mmapSize: LOG_BYTES, mmapOffset: LOG_OFFSET });
+  },
+});
+add({
+  name: 'migration off: SET_LOG_FD is refused as not negotiated',
+  drop: /^cannot honour VHOST_USER_SET_LOG_FD: .*needs protocol feature LOG_SHMFD/,
+  async run(ctx) {
+    const f = await ctx.main();
+    await f.handshake({ protocol: bit(VHOST_USER_PROTOCOL_F.REPLY_ACK) });
+    f.send({ request: 'SET_LOG_FD', needReply: false, fd: ctx.fds.eventfd() });
+  },
+});
+
 /**
  * A running guest with logging on: a log of LOG_BYTES inside a memfd with a page of
  * zeroes either side, LOG_ALL, and ring 0's log flag with `logAddress` (null: no flag).
@@ -1125,91 +1150,103 @@ for (const [what, build, statuses] of badRequests) {
 // ---------------------------------------------------------------------------------------
 // Running the catalogue
 
-describe('vhost-user: hostile frontends and guests against one server', () => {
-  const dir = mkdtempSync(join(tmpdir(), 'vblk-hostile-'));
-  const socketPath = join(dir, 'vhost.sock');
-  const fds = new FdFactory();
-  let server: ServerProcess;
-  let baseline = 0;
-  let sector = 0;
+/**
+ * Runs `cases` against one serve child started with `serverArgs`: after each, the server
+ * must be alive, leak no fd and no mapping, and serve a well-behaved frontend.
+ */
+function catalogue(title: string, cases: readonly Case[], serverArgs: readonly string[]): void {
+  describe(title, () => {
+    const dir = mkdtempSync(join(tmpdir(), 'vblk-hostile-'));
+    const socketPath = join(dir, 'vhost.sock');
+    const fds = new FdFactory();
+    let server: ServerProcess;
+    let baseline = 0;
+    let sector = 0;
 
-  before(async () => {
-    server = await ServerProcess.start(socketPath);
-    // Warm up whatever Node opens lazily, then take the fd baseline.
-    for (let i = 0; i < 2; i++) await wellBehavedRoundTrip(socketPath);
-    await server.waitFor('warm-up disconnects', () => server.disconnected === 2);
-    await sleep(50);
-    baseline = server.fdCount();
-  });
-
-  after(async () => {
-    fds.cleanup();
-    const exit = await server.stop();
-    rmSync(dir, { recursive: true, force: true });
-    assert.deepEqual(exit, { code: 0, signal: null }, `the server did not stop cleanly:\n${server.log()}`);
-  });
-
-  for (const c of CASES) {
-    test(c.name, async () => {
-      assert.equal(server.exit, null, 'the server died in an earlier case');
-      // A case that failed half-way may have left a connection for the server to end.
-      await server.waitFor('earlier connections to end', () => server.connected === server.disconnected);
-      const ctx = new Ctx(socketPath, fds, server);
-      ctx.from = server.lines.length;
-      try {
-        await c.run(ctx);
-        if (c.drop) assert.equal(await (await ctx.main()).serverCloses(), true, `the server kept the connection open; log:\n${ctx.log().join('\n')}`);
-      } finally {
-        for (const conn of ctx.conns) conn.close();
-        for (const g of ctx.guests) g.release();
-        for (const r of ctx.regions) r.release();
-        fds.closeAll();
-      }
-      const accepted = ctx.conns.length + ctx.external;
-      await server.waitFor('the case connection to end', () => server.disconnects(ctx.from).length >= accepted);
-      const ended = server.disconnects(ctx.from);
-      if (accepted > 0) {
-        const want = c.drop ?? c.log ?? CLOSED_BY_FRONTEND;
-        assert.match(ended[0].reason, want, `log:\n${ctx.log().join('\n')}`);
-      }
-      assert.equal(server.exit, null);
-      for (const t of ctx.tracked) {
-        const eof = await Promise.race([t.peer.readExact(1).then((r) => r === null, () => true), sleep(10_000).then(() => false)]);
-        t.peer.close();
-        assert.ok(eof, `the server kept ${t.what} open`);
-      }
-      const open = await server.settleFds(baseline);
-      // Fewer than the baseline: it was taken while a session still closed its fds.
-      if (open < baseline) baseline = open;
-      if (open > baseline) {
-        // Report this case's leak once; later cases start from what is open now.
-        const was = baseline;
-        baseline = open;
-        assert.fail(`fd leak: ${open} open, baseline ${was}:\n${server.fdTargets().join('\n')}`);
-      }
-      // The session unmaps after its requests complete and the device resets: allow for that.
-      await server.waitFor('shared memory to be unmapped', () => server.memfdMappings().length === 0).catch(() => {});
-      const maps = server.memfdMappings();
-      assert.deepEqual(maps, [], `memory the frontend shared is still mapped:\n${maps.join('\n')}`);
-
-      const before = server.disconnects(ctx.from).length;
-      sector = (sector + 8) % 2048;
-      await wellBehavedRoundTrip(socketPath, sector);
-      await server.waitFor('the well-behaved frontend to end', () => server.disconnects(ctx.from).length > before);
-      assert.match(server.disconnects(ctx.from)[before].reason, CLOSED_BY_FRONTEND);
-      // Checked last, when every line of the case has long been read.
-      assert.ok(ctx.log().every((l) => !/^closing fd \d+/.test(l)), `an fd was closed twice:\n${ctx.log().join('\n')}`);
-
-      const afterGood = await server.settleFds(baseline);
-      if (afterGood < baseline) baseline = afterGood;
-      if (afterGood > baseline) {
-        const was = baseline;
-        baseline = afterGood;
-        assert.fail(`fd leak after the well-behaved frontend: ${afterGood} open, baseline ${was}:\n${server.fdTargets().join('\n')}`);
-      }
+    before(async () => {
+      server = await ServerProcess.start(socketPath, serverArgs);
+      // Warm up whatever Node opens lazily, then take the fd baseline.
+      for (let i = 0; i < 2; i++) await wellBehavedRoundTrip(socketPath);
+      await server.waitFor('warm-up disconnects', () => server.disconnected === 2);
+      await sleep(50);
+      baseline = server.fdCount();
     });
-  }
-});
+
+    after(async () => {
+      fds.cleanup();
+      const exit = await server.stop();
+      rmSync(dir, { recursive: true, force: true });
+      assert.deepEqual(exit, { code: 0, signal: null }, `the server did not stop cleanly:\n${server.log()}`);
+    });
+
+    for (const c of cases) {
+      test(c.name, async () => {
+        assert.equal(server.exit, null, 'the server died in an earlier case');
+        // A case that failed half-way may have left a connection for the server to end.
+        await server.waitFor('earlier connections to end', () => server.connected === server.disconnected);
+        const ctx = new Ctx(socketPath, fds, server);
+        ctx.from = server.lines.length;
+        try {
+          await c.run(ctx);
+          if (c.drop) assert.equal(await (await ctx.main()).serverCloses(), true, `the server kept the connection open; log:\n${ctx.log().join('\n')}`);
+        } finally {
+          for (const conn of ctx.conns) conn.close();
+          for (const g of ctx.guests) g.release();
+          for (const r of ctx.regions) r.release();
+          fds.closeAll();
+        }
+        const accepted = ctx.conns.length + ctx.external;
+        await server.waitFor('the case connection to end', () => server.disconnects(ctx.from).length >= accepted);
+        const ended = server.disconnects(ctx.from);
+        if (accepted > 0) {
+          const want = c.drop ?? c.log ?? CLOSED_BY_FRONTEND;
+          assert.match(ended[0].reason, want, `log:\n${ctx.log().join('\n')}`);
+        }
+        assert.equal(server.exit, null);
+        for (const t of ctx.tracked) {
+          const eof = await Promise.race([t.peer.readExact(1).then((r) => r === null, () => true), sleep(10_000).then(() => false)]);
+          t.peer.close();
+          assert.ok(eof, `the server kept ${t.what} open`);
+        }
+        const open = await server.settleFds(baseline);
+        // Fewer than the baseline: it was taken while a session still closed its fds.
+        if (open < baseline) baseline = open;
+        if (open > baseline) {
+          // Report this case's leak once; later cases start from what is open now.
+          const was = baseline;
+          baseline = open;
+          assert.fail(`fd leak: ${open} open, baseline ${was}:\n${server.fdTargets().join('\n')}`);
+        }
+        // The session unmaps after its requests complete and the device resets: allow for that.
+        await server.waitFor('shared memory to be unmapped', () => server.memfdMappings().length === 0).catch(() => {});
+        const maps = server.memfdMappings();
+        assert.deepEqual(maps, [], `memory the frontend shared is still mapped:\n${maps.join('\n')}`);
+
+        const before = server.disconnects(ctx.from).length;
+        sector = (sector + 8) % 2048;
+        await wellBehavedRoundTrip(socketPath, sector);
+        await server.waitFor('the well-behaved frontend to end', () => server.disconnects(ctx.from).length > before);
+        assert.match(server.disconnects(ctx.from)[before].reason, CLOSED_BY_FRONTEND);
+        // Checked last, when every line of the case has long been read.
+        assert.ok(ctx.log().every((l) => !/^closing fd \d+/.test(l)), `an fd was closed twice:\n${ctx.log().join('\n')}`);
+
+        const afterGood = await server.settleFds(baseline);
+        if (afterGood < baseline) baseline = afterGood;
+        if (afterGood > baseline) {
+          const was = baseline;
+          baseline = afterGood;
+          assert.fail(`fd leak after the well-behaved frontend: ${afterGood} open, baseline ${was}:\n${server.fdTargets().join('\n')}`);
+        }
+      });
+    }
+  });
+}
+
+// The dirty-log cases need the log offered (experimentalMigration); every other case runs
+// against the default server, which offers what vblk offers without the option.
+const isLogCase = (c: Case): boolean => c.name.startsWith('log: ');
+catalogue('vhost-user: hostile frontends and guests against one server', CASES.filter((c) => !isLogCase(c)), []);
+catalogue('vhost-user: hostile frontends against the migration dirty log (experimentalMigration)', CASES.filter(isLogCase), ['--experimental-migration']);
 
 describe('vhost-user: SIGBUS policy and socket mode', () => {
   const dir = mkdtempSync(join(tmpdir(), 'vblk-hostile-'));

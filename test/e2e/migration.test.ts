@@ -16,6 +16,9 @@
 // a cycle from the start; pages sent while they held the same region as at the end made
 // a broken backend pass now and then.)
 //
+// Opt-in: runs only with VBLK_MIGRATION_E2E=1 (see OPT_IN below), and `vblk serve` is
+// started with --experimental-migration, without which it offers no dirty log.
+//
 // The guest's workloads run until the host tells them to stop, never "until this much
 // is done", and the migration waits on QEMU's own counters, not on the clock.
 import { after, before, describe, it } from 'node:test';
@@ -53,7 +56,7 @@ interface DiskServer {
 async function vblkServer(image: string, dir: string, broken = false): Promise<DiskServer> {
   const sockets = [join(dir, 'a.sock'), join(dir, 'b.sock')] as const;
   // One `vblk serve` on both sockets: the image opened and locked once, a device per socket.
-  const args = ['--socket', sockets[1], '--queues', '2'];
+  const args = ['--socket', sockets[1], '--queues', '2', '--experimental-migration'];
   const served = broken
     ? await launchServe(process.execPath, [BROKEN_SERVE, 'serve', image, '--socket', sockets[0], ...args], sockets[0])
     : await startServe(image, sockets[0], args);
@@ -115,7 +118,9 @@ function makeImage(path: string): string[] {
 /**
  * fio rounds on two queues (one job per vCPU), each verifying all it wrote, until told to
  * stop; the probe's reads when told; then, on whichever QEMU runs the guest by then, the
- * checksum of the region read last, from the page cache.
+ * checksum of the region read last, from the page cache. fio's --invalidate=0: by default
+ * each round starts with BLKFLSBUF, which empties the whole disk's page cache, and the
+ * check would read the region from the disk again instead of the pages under test.
  */
 const GUEST_SCRIPT = `set -e
 (
@@ -124,7 +129,7 @@ const GUEST_SCRIPT = `set -e
     n=$((n+1))
     echo "FIO-ROUND $n"
     fio --name=m --filename=/dev/vda --direct=1 --ioengine=libaio --iodepth=8 --rw=randwrite --bs=4k \\
-        --size=8M --numjobs=2 --offset_increment=32M --cpus_allowed=0-1 --cpus_allowed_policy=split \\
+        --size=8M --numjobs=2 --offset_increment=32M --cpus_allowed=0-1 --cpus_allowed_policy=split --invalidate=0 \\
         --verify=crc32c --do_verify=1 --verify_fatal=1 --output-format=terse > /tmp/fio.out \\
       || { echo "FIO-FAILED round $n"; cat /tmp/fio.out; exit 1; }
   done
@@ -270,7 +275,18 @@ async function scenario(image: GuestImage, dir: string, server: DiskServer, expe
   }
 }
 
-describe('live migration of a guest served over vhost-user', { skip: requirePeer(...GUEST_PEERS, 'qemu-storage-daemon') }, () => {
+/**
+ * The whole suite is an opt-in (VBLK_MIGRATION_E2E=1), also under CI=true: migration is
+ * behind `vblk serve --experimental-migration` because of known destination-guest crashes
+ * (README, "Live migration"), and these runs take many minutes each. The
+ * qemu-storage-daemon case is skipped with them: it tests nothing of vblk, only gives the
+ * downtime and the crash-free reference to set beside the vblk case.
+ */
+const OPT_IN = process.env.VBLK_MIGRATION_E2E === '1'
+  ? false
+  : 'set VBLK_MIGRATION_E2E=1 to run: migration is experimental (vblk serve --experimental-migration); the destination guest crashed in 2 of 6 runs, under investigation';
+
+describe('live migration of a guest served over vhost-user', { skip: OPT_IN || requirePeer(...GUEST_PEERS, 'qemu-storage-daemon') }, () => {
   let scratch: { dir: string; cleanup(): void };
   let guestImage: GuestImage;
   const downtimes = new Map<string, number[]>();
@@ -328,14 +344,22 @@ describe('live migration of a guest served over vhost-user', { skip: requirePeer
     t.diagnostic(`downtime (ms): ${o.downtimes.join(', ')}`);
   });
 
-  // A todo, not a test: of four runs against this backend only one showed stale pages on
-  // the destination. The pages it fills during the migration are mostly sent again anyway,
-  // for a reason not yet found (the guest's allocator does not zero them: init_on_alloc=0),
-  // so until that is understood the probe's pass above proves less than it should.
-  it('the probe catches a backend that does not log its data writes: the destination sees stale pages', {
-    timeout: 1_200_000, todo: 'caught a backend without data marks in 1 of 4 runs',
+  // A todo, not a test yet: two runs since fio stopped emptying the page cache
+  // (--invalidate=0), and both failed as they should — but by crashing the guest on the
+  // destination, which the correct backend did too in 2 of 6 runs (README, known issue),
+  // so the crash does not tell the two apart. Before, fio's BLKFLSBUF made the check read
+  // the disk again, and the broken backend passed in 3 of 4 runs.
+  it('the probe catches a backend that does not log its data writes: stale pages or a crashed guest on the destination', {
+    timeout: 1_200_000, todo: 'a crashed destination does not yet tell a broken log from the open crash issue',
   }, async () => {
-    const { o } = await run('broken', (image, dir) => vblkServer(image, dir, true), true);
+    let o: Outcome;
+    try {
+      o = (await run('broken', (image, dir) => vblkServer(image, dir, true), true)).o;
+    } catch (e) {
+      // The destination's guest died on what it found in memory: caught, too.
+      assert.match((e as Error).message, /CHECK region/);
+      return;
+    }
     const autoInit = /mem auto-init: .*/.exec(o.output)?.[0] ?? 'no mem auto-init line';
     assert.notEqual(o.check.sum, o.expected[o.check.region], `with data pages unmarked the region still arrived intact: the probe proves nothing (${autoInit})`);
   });

@@ -6,6 +6,7 @@
  *
  *   node dist/test/support/serve-child.js --socket PATH [--size BYTES] [--queues N]
  *        [--queue-size N] [--socket-mode OCTAL] [--allow-unsealed-memory] [--slow-io MS]
+ *        [--experimental-migration]
  *
  * `--slow-io MS` delays every read and write by MS milliseconds, so a test can hold
  * requests in flight while a frontend goes away.
@@ -27,6 +28,7 @@ const { values } = parseArgs({
     'queue-size': { type: 'string', default: '256' },
     'socket-mode': { type: 'string' },
     'allow-unsealed-memory': { type: 'boolean', default: false },
+    'experimental-migration': { type: 'boolean', default: false },
     'slow-io': { type: 'string', default: '0' },
     'exit-with-parent': { type: 'boolean', default: false },
   },
@@ -66,6 +68,7 @@ const server = VhostUserServer.listen({
   device,
   log,
   allowUnsealedMemory: values['allow-unsealed-memory'],
+  experimentalMigration: values['experimental-migration'],
   ...(values['socket-mode'] !== undefined ? { socketMode: parseInt(values['socket-mode'], 8) } : {}),
 });
 if (values['exit-with-parent']) {

@@ -8,8 +8,10 @@ import { MemoryBackend } from '../../backends/memory-backend.js';
 import { BlkDevice } from '../../blk/device.js';
 import { VIRTIO_BLK_CONFIG, VIRTIO_BLK_F } from '../../spec/virtio-blk.js';
 import { VIRTIO_F, features } from '../../spec/virtio.js';
-import { VHOST_USER_F_PROTOCOL_FEATURES, VHOST_USER_PROTOCOL_F } from '../../spec/vhost-user.js';
-import { VhostUserBackendSession, type BackendIo, type RegionMapping } from './backend.js';
+import { VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES, VHOST_USER_PROTOCOL_F } from '../../spec/vhost-user.js';
+import {
+  BACKEND_PROTOCOL_FEATURES, BackendSessionError, VhostUserBackendSession, type BackendIo, type RegionMapping,
+} from './backend.js';
 import { CONFIG_RECORD_BYTES, readConfigRecord, writeConfigRecord } from './config-record.js';
 import type { FrontendRequest } from './messages.js';
 import { inflightQueueBytes } from '../../virtqueue/inflight.js';
@@ -209,4 +211,106 @@ test('a hostile record in the inflight buffer is ignored or validated like any c
     assert.equal(p.device.writeback, 0, what);
     await s.close();
   }
+});
+
+test('dirty logging is offered only with experimentalMigration; without it the log requests are refused as not negotiated', async () => {
+  const host = new FakeHost();
+  const device = new BlkDevice({ backend: new MemoryBackend({ size: 1 << 20 }) });
+  const LOG_SHMFD = 1n << BigInt(VHOST_USER_PROTOCOL_F.LOG_SHMFD);
+  const LOG_ALL = 1n << BigInt(VHOST_F_LOG_ALL);
+  const offers = async (s: VhostUserBackendSession) => {
+    const f = await send(s, { request: 'GET_FEATURES', needReply: false });
+    const p = await send(s, { request: 'GET_PROTOCOL_FEATURES', needReply: false });
+    assert.ok(f?.request === 'GET_FEATURES' && p?.request === 'GET_PROTOCOL_FEATURES');
+    return { features: f.features, protocol: p.features };
+  };
+
+  const off = new VhostUserBackendSession(device, host.io([]));
+  const o = await offers(off);
+  assert.equal(o.protocol, BACKEND_PROTOCOL_FEATURES, 'the protocol features offered without the option');
+  assert.equal(o.protocol & LOG_SHMFD, 0n);
+  assert.equal(o.features & LOG_ALL, 0n);
+  await send(off, { request: 'SET_PROTOCOL_FEATURES', needReply: false, features: PROTOCOL });
+  for (const req of [
+    { request: 'SET_LOG_BASE', needReply: false, fd: host.add(new Uint8Array(4096)), mmapSize: 4096, mmapOffset: 0 },
+    { request: 'SET_LOG_FD', needReply: false, fd: 9 },
+  ] as const) {
+    await assert.rejects(send(off, req), (e: unknown) => e instanceof BackendSessionError && e.code === 'NOT_NEGOTIATED', req.request);
+  }
+  await assert.rejects(send(off, { request: 'SET_FEATURES', needReply: false, features: GUEST_FEATURES | LOG_ALL }),
+    (e: unknown) => e instanceof BackendSessionError && e.code === 'BAD_FEATURES');
+  await off.close();
+
+  // A caller's protocolFeatures cannot turn the log on by itself.
+  const sneaky = new VhostUserBackendSession(device, host.io([]), { protocolFeatures: BACKEND_PROTOCOL_FEATURES | LOG_SHMFD });
+  assert.equal((await offers(sneaky)).protocol & LOG_SHMFD, 0n);
+  await sneaky.close();
+
+  const on = new VhostUserBackendSession(device, host.io([]), { experimentalMigration: true });
+  const n = await offers(on);
+  assert.equal(n.protocol, BACKEND_PROTOCOL_FEATURES | LOG_SHMFD);
+  assert.equal(n.features & LOG_ALL, LOG_ALL);
+  await on.close();
+});
+
+test('with the log on, a read whose buffers lie in several regions of one memfd (a pc guest: 0 and 0xc0000, and memory above 4 GiB at another file offset) marks the pages at their guest addresses', async () => {
+  const host = new FakeHost();
+  const device = new BlkDevice({ backend: new MemoryBackend({ size: 1 << 20 }) });
+  const s = new VhostUserBackendSession(device, host.io([]), { experimentalMigration: true });
+  // One 1 MiB memfd: guest 0..0xa0000 at file offset 0, guest 0xc0000..1 MiB at file
+  // offset 0xc0000, as QEMU sends a pc guest's RAM; and 64 KiB at 4 GiB from file offset
+  // 0xa0000, where guest and file offsets differ (a larger pc guest's RAM above 4 GiB).
+  // The frontend maps it once: user address = base + file offset.
+  const file = new Uint8Array(1 << 20);
+  const memFd = host.add(file);
+  const UVA = 0x7f00_0000_0000;
+  const view = new DataView(file.buffer);
+  const LOG_SHMFD = 1n << BigInt(VHOST_USER_PROTOCOL_F.LOG_SHMFD);
+  const LOG_ALL = 1n << BigInt(VHOST_F_LOG_ALL);
+  const DESC = 0xd0000;
+  const AVAIL = 0xd1000;
+  const USED = 0xd2000;
+  const HEADER = 0xe0000;
+  const DATA = 0xf3000; // region 1
+  const STATUS = 0x9f000; // region 0
+  const HIGH = 2 ** 32; // region 2, file offset 0xa0000
+  await send(s, { request: 'GET_FEATURES', needReply: false });
+  await send(s, { request: 'SET_PROTOCOL_FEATURES', needReply: false, features: PROTOCOL | LOG_SHMFD });
+  await send(s, { request: 'SET_FEATURES', needReply: false, features: GUEST_FEATURES });
+  await send(s, { request: 'SET_MEM_TABLE', needReply: false, regions: [
+    { guestAddress: 0, size: 0xa0000, userAddress: UVA, mmapOffset: 0, fd: memFd },
+    { guestAddress: 0xc0000, size: 0x40000, userAddress: UVA + 0xc0000, mmapOffset: 0xc0000, fd: memFd },
+    { guestAddress: HIGH, size: 0x10000, userAddress: UVA + 0xa0000, mmapOffset: 0xa0000, fd: memFd },
+  ] });
+  const bits = new Uint8Array((HIGH + 0x10000) / 4096 / 8);
+  const reply = await send(s, { request: 'SET_LOG_BASE', needReply: false, fd: host.add(bits), mmapSize: bits.length, mmapOffset: 0 });
+  assert.equal(reply?.request, 'SET_LOG_BASE');
+  await send(s, { request: 'SET_FEATURES', needReply: false, features: GUEST_FEATURES | LOG_ALL });
+  // A read of sector 0: header (readable), 2 × 4 KiB of data and the status byte (writable).
+  const desc = (i: number, addr: number, len: number, flags: number, next: number) => {
+    view.setBigUint64(DESC + 16 * i, BigInt(addr), true);
+    view.setUint32(DESC + 16 * i + 8, len, true);
+    view.setUint16(DESC + 16 * i + 12, flags, true);
+    view.setUint16(DESC + 16 * i + 14, next, true);
+  };
+  desc(0, HEADER, 16, 1, 1);
+  desc(1, DATA, 4096, 1 | 2, 2);
+  desc(2, HIGH + 0x3000, 4096, 1 | 2, 3);
+  desc(3, STATUS, 1, 2, 0);
+  view.setUint16(AVAIL + 4, 0, true); // ring[0] = head 0
+  view.setUint16(AVAIL + 2, 1, true); // idx
+  file[STATUS] = 0xff;
+  await send(s, { request: 'SET_VRING_NUM', needReply: false, index: 0, num: QUEUE });
+  await send(s, { request: 'SET_VRING_BASE', needReply: false, index: 0, num: 0 });
+  await send(s, { request: 'SET_VRING_ADDR', needReply: false, index: 0, flags: 1, desc: UVA + DESC, avail: UVA + AVAIL, used: UVA + USED, log: USED });
+  await send(s, { request: 'SET_VRING_KICK', needReply: false, index: 0, fd: 7 });
+  await send(s, { request: 'SET_VRING_ENABLE', needReply: false, index: 0, enable: true });
+  for (let i = 0; i < 100 && view.getUint16(USED + 2, true) !== 1; i++) await new Promise((r) => setImmediate(r));
+  assert.equal(view.getUint16(USED + 2, true), 1, 'the read completed');
+  assert.equal(file[STATUS], 0, 'status OK');
+  const marked: number[] = [];
+  for (let p = 0; p < bits.length * 8; p++) if (bits[p >> 3] & (1 << (p & 7))) marked.push(p);
+  assert.deepEqual(marked, [STATUS / 4096, USED / 4096, DATA / 4096, (HIGH + 0x3000) / 4096],
+    'status page (region 0), used ring and a data page (region 1), a data page above 4 GiB (region 2)');
+  await s.close();
 });
