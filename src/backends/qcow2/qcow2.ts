@@ -345,7 +345,7 @@ export class Qcow2Backend implements BlockBackend {
     }
     const data = new Uint8Array(this.#cs);
     await this.#file.read(off, [data]);
-    validateL2Table(data, off, this.#geometry, this.#file.size);
+    validateL2Table(data, off, this.#geometry, this.#file.size, this.#reserved());
     return this.#l2.insert(off, data, false);
   }
 

@@ -57,7 +57,11 @@ export class Refcounts {
     this.end = Math.ceil(init.file.size / this.clusterSize);
     const capacity = Math.max(4, Math.floor(init.cacheBytes / this.clusterSize));
     this.blocks = new TableCache(capacity, this.clusterSize, (t) => this.#writeBlock(t));
-    // Validate the table once: every block inside the file, aligned, off the header.
+    // Validate the table once: every block inside the file, aligned, off the header; block 0
+    // present (it counts the header: without it, every cluster below it would look free).
+    if (this.tableEntries === 0 || this.#blockOffset(0) === 0) {
+      throw new Qcow2Error('QCOW2_BAD_METADATA', 'refcount table entry 0 is empty: nothing counts the header and the clusters after it');
+    }
     for (let i = 0; i < this.tableEntries; i++) {
       const off = this.#blockOffset(i);
       if (off === 0) continue;
