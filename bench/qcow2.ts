@@ -72,13 +72,15 @@ interface Running {
   stop(): Promise<void>;
 }
 
-async function startQcow2Peer(kind: Qcow2Kind, image: string, dir: string): Promise<Running> {
+async function startQcow2Peer(kind: Qcow2Kind, image: string, dir: string, readOnly: boolean): Promise<Running> {
   const socket = join(dir, `${kind}.sock`);
   rmSync(socket, { force: true });
   if (kind === 'vblk-serve-qcow2') {
-    // --force-share: the read rows serve one image from both backends at once (nothing
-    // writes it); the write rows give each backend a fresh image of its own.
-    const s = await startServe(image, socket, ['--format', 'qcow2', '--queues', '1', '--force-share']);
+    // The read rows serve one image from both backends at once: vblk read-only and sharing
+    // it (a writable qcow2 node of the daemon keeps other writers out, as QEMU's image
+    // lock says). The write rows give each backend a fresh image of its own.
+    const shared = readOnly ? ['--read-only', '--force-share'] : [];
+    const s = await startServe(image, socket, ['--format', 'qcow2', '--queues', '1', ...shared]);
     return {
       kind, pid: s.proc.pid as number, socket,
       stop: async () => {
@@ -134,7 +136,7 @@ async function sideBySide(image: string, workload: Qcow2Workload, dir: string, r
   const rows: Qcow2Row[] = [];
   try {
     for (const kind of QCOW2_KINDS) {
-      const peer = await startQcow2Peer(kind, image, dir);
+      const peer = await startQcow2Peer(kind, image, dir, true);
       peers.push(peer);
       await runClient(peer.socket, PATTERNS[workload], 1, Math.min(WARMUP_S, runtimeS));
     }
@@ -163,7 +165,7 @@ async function freshWrites(size: number, dir: string, runtimeS: number, rounds: 
       const kind = QCOW2_KINDS[(n + k) % QCOW2_KINDS.length];
       rmSync(image, { force: true });
       qemuImg('create', '-q', '-f', 'qcow2', '-o', `cluster_size=${CLUSTER}`, image, String(size));
-      const peer = await startQcow2Peer(kind, image, dir);
+      const peer = await startQcow2Peer(kind, image, dir, false);
       try {
         await runClient(peer.socket, PATTERNS.randread, 1, Math.min(WARMUP_S, runtimeS));
         const row = await measure(peer, 'randwrite', n, runtimeS);
