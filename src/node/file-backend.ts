@@ -169,6 +169,52 @@ export function batches(buffers: readonly Uint8Array[]): (readonly Uint8Array[])
   return out;
 }
 
+/**
+ * Reads `buffers` (`total` bytes) from `offset` on the event loop. preadv returns short
+ * only at end of file: past it an image (sparse, truncated behind our back, or a format's
+ * cluster allocated at the end and not yet written to its end) reads as zeroes.
+ */
+export function readZeroFilled(fd: number, buffers: readonly Uint8Array[], offset: number, total: number): void {
+  if (buffers.length <= native.MAX_SEGMENTS) {
+    const n = native.preadv(fd, buffers, offset);
+    if (n < total) zeroFrom(buffers, n);
+    return;
+  }
+  let pos = offset;
+  for (const batch of batches(buffers)) {
+    const want = totalLength(batch);
+    const n = native.preadv(fd, batch, pos);
+    if (n < want) zeroFrom(batch, n);
+    pos += want;
+  }
+}
+
+/** {@link readZeroFilled} on the thread pool. */
+export async function readZeroFilledAsync(fd: number, buffers: readonly Uint8Array[], offset: number): Promise<void> {
+  let pos = offset;
+  for (const batch of batches(buffers)) {
+    const want = totalLength(batch);
+    const n = await native.preadvAsync(fd, batch, pos);
+    if (n < want) zeroFrom(batch, n);
+    pos += want;
+  }
+}
+
+/**
+ * One RWF_NOWAIT read: the bytes the page cache held (0 when none, or at end of file), or
+ * -1 when the filesystem cannot do it (the caller then stops trying for good).
+ */
+export function tryReadCached(fd: number, buffers: readonly Uint8Array[], offset: number): number {
+  let n: number;
+  try {
+    n = native.tryPreadv(fd, buffers, offset);
+  } catch (e) {
+    if (!isUnsupported(e)) throw e;
+    return -1;
+  }
+  return n < 0 ? 0 : n;
+}
+
 /** A shared block of zeroes, for writing zeroes where fallocate cannot (never written into). */
 export function zeroes(): Uint8Array {
   zeroBlock ??= new Uint8Array(ZERO_BLOCK);
@@ -228,46 +274,18 @@ export class FileBackend implements BlockBackend {
       }
       // The filesystem cannot try: read as `sync` from now on.
     }
-    if (buffers.length <= native.MAX_SEGMENTS) {
-      const n = native.preadv(this.fd, buffers, offset);
-      // preadv returns short only at end of file: past it, an image (sparse, or
-      // truncated behind our back) reads as zeroes.
-      if (n < total) zeroFrom(buffers, n);
-      return;
-    }
-    let pos = offset;
-    for (const batch of batches(buffers)) {
-      const want = totalLength(batch);
-      const n = native.preadv(this.fd, batch, pos);
-      if (n < want) zeroFrom(batch, n);
-      pos += want;
-    }
+    readZeroFilled(this.fd, buffers, offset, total);
   }
 
-  /**
-   * One RWF_NOWAIT read: the bytes the page cache held (0 when none, or at end of file),
-   * or -1 when the filesystem cannot do it, which turns trying off for good.
-   */
+  /** {@link tryReadCached}; a filesystem that cannot turns trying off for good. */
   private tryRead(offset: number, buffers: readonly Uint8Array[]): number {
-    let n: number;
-    try {
-      n = native.tryPreadv(this.fd, buffers, offset);
-    } catch (e) {
-      if (!isUnsupported(e)) throw e;
-      this.canTryRead = false;
-      return -1;
-    }
-    return n < 0 ? 0 : n;
+    const n = tryReadCached(this.fd, buffers, offset);
+    if (n < 0) this.canTryRead = false;
+    return n;
   }
 
-  private async readAsync(offset: number, buffers: readonly Uint8Array[]): Promise<void> {
-    let pos = offset;
-    for (const batch of batches(buffers)) {
-      const want = totalLength(batch);
-      const n = await native.preadvAsync(this.fd, batch, pos);
-      if (n < want) zeroFrom(batch, n);
-      pos += want;
-    }
+  private readAsync(offset: number, buffers: readonly Uint8Array[]): Promise<void> {
+    return readZeroFilledAsync(this.fd, buffers, offset);
   }
 
   write(offset: number, buffers: readonly Uint8Array[]): void | Promise<void> {

@@ -18,7 +18,7 @@ import { BackendError, totalLength } from '../backends/backend.js';
 import type { ImageFile } from '../backends/qcow2/image-file.js';
 import { sliceBuffers } from '../virtqueue/chain.js';
 import {
-  FileBackendError, batches, isUnsupported, openError, openNoAtime, zeroFrom, zeroes,
+  FileBackendError, batches, isUnsupported, openError, openNoAtime, readZeroFilled, readZeroFilledAsync, tryReadCached, zeroes,
 } from './file-backend.js';
 import * as native from './native.js';
 
@@ -88,35 +88,18 @@ export class NodeImageFile implements ImageFile {
       if (n === total) return;
       if (n >= 0) return n === 0 ? this.readAsync(offset, buffers) : this.readAsync(offset + n, sliceBuffers(buffers, n, total - n) ?? []);
     }
-    let pos = offset;
-    for (const batch of batches(buffers)) {
-      const want = totalLength(batch);
-      // Short only at end of file: the rest of a cluster allocated at the end reads as zeroes.
-      const n = native.preadv(this.fd, batch, pos);
-      if (n < want) zeroFrom(batch, n);
-      pos += want;
-    }
+    readZeroFilled(this.fd, buffers, offset, total);
   }
 
-  /** Bytes the page cache held (0 when none), or -1 when the filesystem cannot try (never again). */
+  /** {@link tryReadCached}; a filesystem that cannot turns trying off for good. */
   private tryRead(offset: number, buffers: readonly Uint8Array[]): number {
-    try {
-      return Math.max(0, native.tryPreadv(this.fd, buffers, offset));
-    } catch (e) {
-      if (!isUnsupported(e)) throw e;
-      this.canTryRead = false;
-      return -1;
-    }
+    const n = tryReadCached(this.fd, buffers, offset);
+    if (n < 0) this.canTryRead = false;
+    return n;
   }
 
-  private async readAsync(offset: number, buffers: readonly Uint8Array[]): Promise<void> {
-    let pos = offset;
-    for (const batch of batches(buffers)) {
-      const want = totalLength(batch);
-      const n = await native.preadvAsync(this.fd, batch, pos);
-      if (n < want) zeroFrom(batch, n);
-      pos += want;
-    }
+  private readAsync(offset: number, buffers: readonly Uint8Array[]): Promise<void> {
+    return readZeroFilledAsync(this.fd, buffers, offset);
   }
 
   write(offset: number, buffers: readonly Uint8Array[]): BackendResult {
