@@ -29,6 +29,8 @@
  *   `aio=io_uring`) on the same images, in rounds: 4 KiB random reads of an allocated
  *   image, 4 KiB random writes to a fresh empty image per run, 128 KiB sequential reads of
  *   a zlib-compressed one (bench/qcow2.ts).
+ * - migration: the downtime of live-migrating a Linux guest under fio whose disk `vblk
+ *   serve` serves, beside qemu-storage-daemon's, in rounds (bench/migration.ts).
  *
  * Prints the tables and a target summary, and writes the same figures as JSON (default
  * bench/results.json). Rows last 2 s by default, the whole suite a few minutes; see
@@ -51,22 +53,26 @@ import {
   startPeer, startQemuNbdExport, syncImage, type ClientResult, type Pattern, type Peer, type PeerKind,
 } from './peers.js';
 import { qcow2Report, qcow2Section, qcow2Targets, summarizeQcow2, type Qcow2Row, type Qcow2Summary } from './qcow2.js';
+import { migrationReport, migrationSection, migrationTargets, summarizeMigration, type MigrationRow, type MigrationSummary } from './migration.js';
+import { GUEST_PEERS, peerPath } from '../scripts/guest/guest.js';
 
 const MS_PER_S = 1000;
 const MIB = 2 ** 20;
 const KIB = 1024;
 const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '../..');
-export const SECTIONS = ['loopback', 'peers', 'versus', 'fio', 'scaling', 'filters', 'nbd', 'qcow2'] as const;
+export const SECTIONS = ['loopback', 'peers', 'versus', 'fio', 'scaling', 'filters', 'nbd', 'qcow2', 'migration'] as const;
 type Section = (typeof SECTIONS)[number];
 
 // ---- options ---------------------------------------------------------------------
 
 /** Rounds of the loopback and versus sections. */
 const DEFAULT_ROUNDS = 7;
+/** Rounds of the migration section: a round boots two guests per backend, half a minute each. */
+const DEFAULT_MIGRATION_ROUNDS = 5;
 
 const SPECS = {
   runtime: { kind: 'number', valueName: 'S', description: 'seconds per row' },
-  only: { kind: 'string', valueName: 'LIST', description: 'sections: loopback,peers,versus,fio,scaling,filters,nbd,qcow2' },
+  only: { kind: 'string', valueName: 'LIST', description: 'sections: loopback,peers,versus,fio,scaling,filters,nbd,qcow2,migration' },
   out: { kind: 'string', valueName: 'PATH', description: 'JSON output' },
   dir: { kind: 'string', valueName: 'DIR', description: 'scratch directory' },
   'image-size': { kind: 'size', description: 'data image size' },
@@ -74,6 +80,7 @@ const SPECS = {
   iodepths: { kind: 'string', valueName: 'LIST', description: 'scaling iodepths' },
   queues: { kind: 'string', valueName: 'LIST', description: 'queue counts' },
   rounds: { kind: 'number', valueName: 'N', description: 'rounds of the loopback and versus sections' },
+  'migration-rounds': { kind: 'number', valueName: 'N', description: 'rounds of the migration section' },
 } as const;
 
 interface Options {
@@ -86,6 +93,7 @@ interface Options {
   readonly iodepths: readonly number[];
   readonly queues: readonly number[];
   readonly rounds: number;
+  readonly migrationRounds: number;
 }
 
 function positiveList(what: string, text: string): number[] {
@@ -110,6 +118,8 @@ function parseOptions(argv: readonly string[], env: NodeJS.ProcessEnv): Options 
   if (!(runtimeS > 0)) throw new Error(`bench: the runtime must be a positive number of seconds, got ${runtimeS}`);
   const rounds = o.rounds ?? Number(env.BENCH_ROUNDS ?? DEFAULT_ROUNDS);
   if (!Number.isInteger(rounds) || rounds < 1) throw new Error(`bench: the rounds must be a positive integer, got ${rounds}`);
+  const migrationRounds = o['migration-rounds'] ?? Number(env.BENCH_MIGRATION_ROUNDS ?? DEFAULT_MIGRATION_ROUNDS);
+  if (!Number.isInteger(migrationRounds) || migrationRounds < 1) throw new Error(`bench: the migration rounds must be a positive integer, got ${migrationRounds}`);
   return {
     runtimeS,
     sections: sections as Section[],
@@ -120,6 +130,7 @@ function parseOptions(argv: readonly string[], env: NodeJS.ProcessEnv): Options 
     iodepths: positiveList('--iodepths', o.iodepths ?? '1,4,16,64,128'),
     queues: positiveList('--queues', o.queues ?? '1,2'),
     rounds,
+    migrationRounds,
   };
 }
 
@@ -591,7 +602,7 @@ function summarizeNbd(rows: readonly NbdRow[]): NbdSummary[] {
 // ---- targets and tables ------------------------------------------------------------
 
 /** The targets; the loopback ratio is reported, not judged (DESIGN.md, Performance). */
-function targets(peers: PeerRow[], versus: VersusSummary[], scaling: ScalingRow[], filters: FilterRow[], nbd: NbdSummary[], qcow2: Qcow2Summary[]): Target[] {
+function targets(peers: PeerRow[], versus: VersusSummary[], scaling: ScalingRow[], filters: FilterRow[], nbd: NbdSummary[], qcow2: Qcow2Summary[], migration: MigrationSummary[]): Target[] {
   const out: Target[] = [];
   const check = (name: string, value: number | null, limit: string, isMet: (v: number) => boolean): void => {
     out.push({ name, value: value === null ? null : round(value, 3), limit, met: value === null ? null : isMet(value) });
@@ -626,6 +637,7 @@ function targets(peers: PeerRow[], versus: VersusSummary[], scaling: ScalingRow[
     check(`${label} CPU per I/O, 4k ${x.rw} qd32 (median of rounds)`, x.cpu_ratio.median, '<= 1.0', (v) => v <= 1);
   }
   if (qcow2.length) for (const x of qcow2Targets(qcow2)) check(x.name, x.value, x.limit, x.isMet);
+  if (migration.length) for (const x of migrationTargets(migration)) check(x.name, x.value, x.limit, x.isMet);
   return out;
 }
 
@@ -697,6 +709,7 @@ function report(r: Results): string {
     ));
   }
   if (r.qcow2_summary.length) parts.push(qcow2Report(r.qcow2_summary, r.rounds, r.meta.image_bytes as number, table));
+  if (r.migration.length) parts.push(migrationReport(r.migration, r.migration_summary, table));
   if (r.targets.length) {
     parts.push('Targets\n' + table(['target', 'measured', 'wanted', 'met'], r.targets.map((t) => [t.name, t.value ?? 'n/a', t.limit, t.met === null ? 'n/a' : t.met ? 'yes' : 'NO'])));
   }
@@ -720,6 +733,8 @@ interface Results {
   nbd_summary: NbdSummary[];
   qcow2: Qcow2Row[];
   qcow2_summary: Qcow2Summary[];
+  migration: MigrationRow[];
+  migration_summary: MigrationSummary[];
   targets: Target[];
   skipped: string[];
 }
@@ -738,6 +753,7 @@ const USAGE = `usage: npm run bench [-- options]   (each option also an environm
   --iodepths LIST                       scaling iodepths (default 1,4,16,64,128)
   --queues LIST                         queue counts (default 1,2)
   --rounds N         BENCH_ROUNDS       rounds of the loopback, versus, nbd and qcow2 sections (default ${DEFAULT_ROUNDS})
+  --migration-rounds N BENCH_MIGRATION_ROUNDS  rounds of the migration section (default ${DEFAULT_MIGRATION_ROUNDS})
 `;
 
 export async function main(argv: readonly string[], env: NodeJS.ProcessEnv): Promise<Results | null> {
@@ -753,7 +769,7 @@ export async function main(argv: readonly string[], env: NodeJS.ProcessEnv): Pro
       date: new Date(started).toISOString(), runtime_s_per_row: o.runtimeS, node: process.version, kernel: release(),
       cpus: cpus().length, cpu_model: cpus()[0]?.model ?? 'unknown', image_bytes: o.imageSize, sparse_image_bytes: o.sparseSize,
     },
-    loopback: [], peers: [], versus: [], rounds: o.rounds, versus_summary: [], fio: [], scaling: [], filters: [], nbd: [], nbd_summary: [], qcow2: [], qcow2_summary: [], targets: [], skipped: [],
+    loopback: [], peers: [], versus: [], rounds: o.rounds, versus_summary: [], fio: [], scaling: [], filters: [], nbd: [], nbd_summary: [], qcow2: [], qcow2_summary: [], migration: [], migration_summary: [], targets: [], skipped: [],
   };
   const wants = (s: Section): boolean => o.sections.includes(s);
   if (wants('loopback')) results.loopback = await loopbackSection(o);
@@ -812,7 +828,21 @@ export async function main(argv: readonly string[], env: NodeJS.ProcessEnv): Pro
     }
   }
   if (wants('filters')) results.filters = await filtersSection(o);
-  results.targets = targets(results.peers, results.versus_summary, results.scaling, results.filters, results.nbd_summary, results.qcow2_summary);
+  if (wants('migration')) {
+    const absent = ['qemu-storage-daemon', ...GUEST_PEERS].filter((p) => peerPath(p) === undefined);
+    if (absent.length) results.skipped.push(`migration: ${absent.join(' and ')} not installed`);
+    else {
+      const own = o.dir === null;
+      const dir = own ? mkdtempSync(join(tmpdir(), 'vblk-bench-migration-')) : join(o.dir as string, 'migration');
+      try {
+        results.migration = await migrationSection(o.migrationRounds, dir, log);
+        results.migration_summary = summarizeMigration(results.migration);
+      } finally {
+        rmSync(dir, { recursive: true, force: true });
+      }
+    }
+  }
+  results.targets = targets(results.peers, results.versus_summary, results.scaling, results.filters, results.nbd_summary, results.qcow2_summary, results.migration_summary);
   (results.meta as { total_s?: number }).total_s = round((Date.now() - started) / MS_PER_S, 1);
   mkdirSync(dirname(o.out), { recursive: true });
   writeFileSync(o.out, `${JSON.stringify(results, null, 1)}\n`);

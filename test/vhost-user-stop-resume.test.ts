@@ -109,7 +109,7 @@ test('logging that starts while requests are in flight (QEMU 7.2: SET_LOG_BASE, 
   // The ring is restarted when its logging changes (backend.ts, refreshLogging): here it
   // holds three slow writes when LOG_ALL arrives. They complete unmarked under the old
   // queue, before the ack: QEMU's first pass copies all memory after that ack.
-  const migrating = await ServerProcess.start(join(dir, 'log.sock'), ['--slow-io', String(SLOW_IO_MS), '--experimental-migration']);
+  const migrating = await ServerProcess.start(join(dir, 'log.sock'), ['--slow-io', String(SLOW_IO_MS)]);
   const inflightBytes = inflightQueueBytes(RING_SIZE);
   const inflightFd = native.memfdCreate('test-inflight', inflightBytes * 2, { seal: true });
   const inflight = MappedRegion.map(inflightFd, inflightBytes * 2);

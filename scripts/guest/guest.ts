@@ -143,8 +143,11 @@ export interface GuestOptions {
   /** Plain virtio-blk disks, attached after the vhost-user ones. */
   drives?: Drive[];
   smp?: number;
-  /** Guest RAM, shared with vhost-user backends through a memfd; default 256. */
-  memoryMiB?: number;
+  /**
+   * Guest RAM in KiB, shared with vhost-user backends through a memfd; default 262144
+   * (256 MiB). QEMU rounds it up to a multiple of 8 KiB.
+   */
+  memoryKiB?: number;
   /** The whole run, boot to power-off; default 120 s. QEMU is killed when it expires. */
   timeoutMs?: number;
   /** chardev reconnect=N for the vhost-user sockets: QEMU reconnects after N s. */
@@ -242,12 +245,12 @@ function optValue(s: string): string {
 }
 
 function qemuArgv(opts: GuestOptions, kernel: string, initrd: string, qmpSocket: string, reboots: boolean): string[] {
-  const mem = opts.memoryMiB ?? 256;
+  const mem = `${opts.memoryKiB ?? 256 * 1024}K`;
   const argv = [
     'qemu-system-x86_64', '-nodefaults', '-no-user-config', '-accel', 'tcg', '-display', 'none',
-    '-smp', String(opts.smp ?? 1), '-m', String(mem),
+    '-smp', String(opts.smp ?? 1), '-m', mem,
     // vhost-user backends map guest RAM: it must be a shareable memfd.
-    '-object', `memory-backend-memfd,id=mem,size=${mem}M,share=on`, '-numa', 'node,memdev=mem',
+    '-object', `memory-backend-memfd,id=mem,size=${mem},share=on`, '-numa', 'node,memdev=mem',
     '-serial', 'stdio',
     '-qmp', `unix:${optValue(qmpSocket)},server=on,wait=off`,
   ];

@@ -60,8 +60,8 @@ export const command = defineCommand({
     'its own device and queues): a live migration\'s destination QEMU connects to a second',
     'socket while the source QEMU still runs on the first. `vblk resize` reaches every',
     'frontend; --metrics and `vblk stats` report each socket apart (a socket label).',
-    'QEMU migrates a guest only with --experimental-migration (without it QEMU refuses to',
-    'migrate, which is safe); see the README\'s "Live migration".',
+    'QEMU can live-migrate the guest (the dirty log is offered): see the README\'s',
+    '"Live migration".',
   ],
   options: {
     socket: { kind: 'list', valueName: 'PATH', description: 'unix socket to listen on (required; several serve the disk to a frontend each, at once)' },
@@ -107,10 +107,6 @@ export const command = defineCommand({
     'allow-unsealed-memory': {
       kind: 'boolean',
       description: 'map guest memory not sealed against shrinking (memory-backend-file); dangerous: a frontend that shrinks it kills vblk with SIGBUS',
-    },
-    'experimental-migration': {
-      kind: 'boolean',
-      description: 'offer dirty logging (VHOST_USER_PROTOCOL_F_LOG_SHMFD) so QEMU can live-migrate the guest — experimental: a migrated guest crashed in 2 of 6 test runs',
     },
   },
   async run({ options, positionals }, io) {
@@ -194,16 +190,12 @@ export const command = defineCommand({
       if (options['force-share']) log(`--force-share: other processes may use ${path} at the same time`, { level: 'warn' });
     }
     const backend = applyFilters(base, filters, { openOverlayFile: (path, size) => openFileBackend(path, { size }) });
-    if (options['experimental-migration']) {
-      log('--experimental-migration: dirty logging is offered, so QEMU may live-migrate the guest; experimental: a migrated guest crashed on the destination in 2 of 6 test runs', { level: 'warn' });
-    }
     let served: ServedDisk;
     try {
       served = await serve({
         backend,
         socketPath: sockets, socketMode: parseInt(options['socket-mode'], 8), log,
         allowUnsealedMemory: options['allow-unsealed-memory'], messageTimeoutMs,
-        experimentalMigration: options['experimental-migration'],
         device: {
           serial: options.serial,
           numQueues: options.queues,

@@ -39,15 +39,12 @@ export interface VhostUserServerOptions {
   readonly device: VirtioDevice;
   /** File mode of the socket (default 0o600: only the owner may connect). */
   readonly socketMode?: number;
-  /** Protocol features to offer (default: all the backend offers by default). */
-  readonly protocolFeatures?: bigint;
   /**
-   * Offer dirty logging (VHOST_USER_PROTOCOL_F_LOG_SHMFD and VHOST_F_LOG_ALL) so that QEMU
-   * can live-migrate the guest. Experimental: a migrated Linux guest crashed on the
-   * destination in 2 of 6 test runs, cause not yet known. Default false: QEMU then refuses
-   * to migrate the guest (a vhost-user device without LOG_SHMFD blocks migration).
+   * Protocol features to offer (default: all the backend offers by default, the dirty log
+   * for live migration among them; without VHOST_USER_PROTOCOL_F_LOG_SHMFD QEMU refuses to
+   * migrate the guest).
    */
-  readonly experimentalMigration?: boolean;
+  readonly protocolFeatures?: bigint;
   /** One line per connection and per error. */
   readonly log?: LogSink;
   /**
@@ -283,7 +280,7 @@ export class VhostUserServer {
   private async serve(conn: UnixConnection, n: number): Promise<void> {
     const io = new NodeBackendIo((line, context) => this.log(line, { frontend: n, ...context }), this.options.allowUnsealedMemory ?? false);
     const session = new VhostUserBackendSession(this.options.device, io, {
-      protocolFeatures: this.options.protocolFeatures, experimentalMigration: this.options.experimentalMigration,
+      protocolFeatures: this.options.protocolFeatures,
     });
     this.session = session;
     let reason = 'frontend closed the connection';

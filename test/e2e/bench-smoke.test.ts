@@ -8,19 +8,19 @@ import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { requirePeer } from '../../scripts/guest/guest.js';
+import { GUEST_PEERS, requirePeer } from '../../scripts/guest/guest.js';
 
 const RUN = fileURLToPath(new URL('../../bench/run.js', import.meta.url));
 
 test('npm run bench: every section runs against real peers and writes well-formed JSON',
-  { skip: requirePeer('qemu-storage-daemon', 'fio', 'qemu-nbd', 'qemu-img'), timeout: 300_000 }, () => {
+  { skip: requirePeer('qemu-storage-daemon', 'fio', 'qemu-nbd', 'qemu-img', ...GUEST_PEERS), timeout: 600_000 }, () => {
     const dir = mkdtempSync(join(tmpdir(), 'vblk-bench-smoke-'));
     try {
       const out = join(dir, 'results.json');
       const r = spawnSync(process.execPath, [
-        RUN, '--runtime', '0.2', '--image-size', '32M', '--sparse-size', '1G', '--iodepths', '1,8', '--queues', '1', '--rounds', '2',
+        RUN, '--runtime', '0.2', '--image-size', '32M', '--sparse-size', '1G', '--iodepths', '1,8', '--queues', '1', '--rounds', '2', '--migration-rounds', '1',
         '--out', out, '--dir', join(dir, 'scratch'),
-      ], { encoding: 'utf8', timeout: 290_000 });
+      ], { encoding: 'utf8', timeout: 590_000 });
       assert.equal(r.status, 0, r.stderr);
       const results = JSON.parse(readFileSync(out, 'utf8'));
       assert.deepEqual(results.skipped, []);
@@ -67,10 +67,16 @@ test('npm run bench: every section runs against real peers and writes well-forme
         'randread vblk-serve-qcow2', 'randread qsd-qcow2-io_uring', 'randwrite vblk-serve-qcow2', 'randwrite qsd-qcow2-io_uring',
         'read-compressed vblk-serve-qcow2', 'read-compressed qsd-qcow2-io_uring',
       ]);
+      // One round: a guest under fio migrated once with each backend, and the downtimes.
+      assert.deepEqual(results.migration.map((x: { backend: string }) => x.backend), ['vblk-serve', 'qsd']);
+      for (const row of results.migration) assert.ok(row.downtime_ms > 0 && row.total_ms >= row.downtime_ms, JSON.stringify(row));
+      assert.deepEqual(results.migration_summary.map((x: { backend: string; downtime_ratio: number | null }) => [x.backend, x.downtime_ratio === null]),
+        [['vblk-serve', false], ['qsd', true]]);
       // IOPS and CPU for serve and for serve --io mmap, metrics on/off, driver CPU, RSS, two
       // throttle limits; IOPS and CPU of the two NBD-sourced vblk serves, for reads and writes;
-      // IOPS and CPU of vblk serve on qcow2, for random reads and random writes.
-      assert.equal(results.targets.length, 9 + 8 + 4);
+      // IOPS and CPU of vblk serve on qcow2, for random reads and random writes; the
+      // migration downtime.
+      assert.equal(results.targets.length, 9 + 8 + 4 + 1);
       for (const t of results.targets) assert.equal(typeof t.met, 'boolean', JSON.stringify(t));
       assert.match(r.stdout, /^Targets$/m);
     } finally {

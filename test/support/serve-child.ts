@@ -6,7 +6,7 @@
  *
  *   node dist/test/support/serve-child.js --socket PATH [--size BYTES] [--queues N]
  *        [--queue-size N] [--socket-mode OCTAL] [--allow-unsealed-memory] [--slow-io MS]
- *        [--experimental-migration]
+ *        [--no-dirty-log]
  *
  * `--slow-io MS` delays every read and write by MS milliseconds, so a test can hold
  * requests in flight while a frontend goes away.
@@ -19,6 +19,8 @@ import { parseArgs } from 'node:util';
 import { MemoryBackend } from '../../src/backends/memory-backend.js';
 import { BlkDevice } from '../../src/blk/device.js';
 import { VhostUserServer } from '../../src/node/vhost-user-server.js';
+import { VHOST_USER_PROTOCOL_F } from '../../src/spec/vhost-user.js';
+import { BACKEND_PROTOCOL_FEATURES } from '../../src/transport/vhost-user/backend.js';
 
 const { values } = parseArgs({
   options: {
@@ -28,7 +30,7 @@ const { values } = parseArgs({
     'queue-size': { type: 'string', default: '256' },
     'socket-mode': { type: 'string' },
     'allow-unsealed-memory': { type: 'boolean', default: false },
-    'experimental-migration': { type: 'boolean', default: false },
+    'no-dirty-log': { type: 'boolean', default: false },
     'slow-io': { type: 'string', default: '0' },
     'exit-with-parent': { type: 'boolean', default: false },
   },
@@ -68,7 +70,7 @@ const server = VhostUserServer.listen({
   device,
   log,
   allowUnsealedMemory: values['allow-unsealed-memory'],
-  experimentalMigration: values['experimental-migration'],
+  ...(values['no-dirty-log'] ? { protocolFeatures: BACKEND_PROTOCOL_FEATURES & ~(1n << BigInt(VHOST_USER_PROTOCOL_F.LOG_SHMFD)) } : {}),
   ...(values['socket-mode'] !== undefined ? { socketMode: parseInt(values['socket-mode'], 8) } : {}),
 });
 if (values['exit-with-parent']) {

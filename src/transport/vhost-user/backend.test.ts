@@ -213,7 +213,7 @@ test('a hostile record in the inflight buffer is ignored or validated like any c
   }
 });
 
-test('dirty logging is offered only with experimentalMigration; without it the log requests are refused as not negotiated', async () => {
+test('dirty logging is offered by default; a caller that leaves LOG_SHMFD out gets the log requests refused as not negotiated', async () => {
   const host = new FakeHost();
   const device = new BlkDevice({ backend: new MemoryBackend({ size: 1 << 20 }) });
   const LOG_SHMFD = 1n << BigInt(VHOST_USER_PROTOCOL_F.LOG_SHMFD);
@@ -225,12 +225,18 @@ test('dirty logging is offered only with experimentalMigration; without it the l
     return { features: f.features, protocol: p.features };
   };
 
-  const off = new VhostUserBackendSession(device, host.io([]));
+  const on = new VhostUserBackendSession(device, host.io([]));
+  const n = await offers(on);
+  assert.equal(n.protocol, BACKEND_PROTOCOL_FEATURES);
+  assert.equal(n.protocol & LOG_SHMFD, LOG_SHMFD);
+  assert.equal(n.features & LOG_ALL, LOG_ALL, 'VHOST_F_LOG_ALL comes with the shared-memory log');
+  await on.close();
+
+  const off = new VhostUserBackendSession(device, host.io([]), { protocolFeatures: BACKEND_PROTOCOL_FEATURES & ~LOG_SHMFD });
   const o = await offers(off);
-  assert.equal(o.protocol, BACKEND_PROTOCOL_FEATURES, 'the protocol features offered without the option');
   assert.equal(o.protocol & LOG_SHMFD, 0n);
-  assert.equal(o.features & LOG_ALL, 0n);
-  await send(off, { request: 'SET_PROTOCOL_FEATURES', needReply: false, features: PROTOCOL });
+  assert.equal(o.features & LOG_ALL, 0n, 'no VHOST_F_LOG_ALL without a log to mark in');
+  await send(off, { request: 'SET_PROTOCOL_FEATURES', needReply: false, features: PROTOCOL & ~LOG_SHMFD });
   for (const req of [
     { request: 'SET_LOG_BASE', needReply: false, fd: host.add(new Uint8Array(4096)), mmapSize: 4096, mmapOffset: 0 },
     { request: 'SET_LOG_FD', needReply: false, fd: 9 },
@@ -240,23 +246,12 @@ test('dirty logging is offered only with experimentalMigration; without it the l
   await assert.rejects(send(off, { request: 'SET_FEATURES', needReply: false, features: GUEST_FEATURES | LOG_ALL }),
     (e: unknown) => e instanceof BackendSessionError && e.code === 'BAD_FEATURES');
   await off.close();
-
-  // A caller's protocolFeatures cannot turn the log on by itself.
-  const sneaky = new VhostUserBackendSession(device, host.io([]), { protocolFeatures: BACKEND_PROTOCOL_FEATURES | LOG_SHMFD });
-  assert.equal((await offers(sneaky)).protocol & LOG_SHMFD, 0n);
-  await sneaky.close();
-
-  const on = new VhostUserBackendSession(device, host.io([]), { experimentalMigration: true });
-  const n = await offers(on);
-  assert.equal(n.protocol, BACKEND_PROTOCOL_FEATURES | LOG_SHMFD);
-  assert.equal(n.features & LOG_ALL, LOG_ALL);
-  await on.close();
 });
 
 test('with the log on, a read whose buffers lie in several regions of one memfd (a pc guest: 0 and 0xc0000, and memory above 4 GiB at another file offset) marks the pages at their guest addresses', async () => {
   const host = new FakeHost();
   const device = new BlkDevice({ backend: new MemoryBackend({ size: 1 << 20 }) });
-  const s = new VhostUserBackendSession(device, host.io([]), { experimentalMigration: true });
+  const s = new VhostUserBackendSession(device, host.io([]));
   // One 1 MiB memfd: guest 0..0xa0000 at file offset 0, guest 0xc0000..1 MiB at file
   // offset 0xc0000, as QEMU sends a pc guest's RAM; and 64 KiB at 4 GiB from file offset
   // 0xa0000, where guest and file offsets differ (a larger pc guest's RAM above 4 GiB).

@@ -84,37 +84,28 @@ export class BackendSessionError extends VblkError {
   }
 }
 
-/** Protocol features this backend offers by default. */
+/**
+ * Protocol features this backend offers by default. LOG_SHMFD (the shared-memory dirty
+ * log, and with it VHOST_F_LOG_ALL) is what QEMU needs to live-migrate the guest: without
+ * it QEMU refuses to.
+ */
 export const BACKEND_PROTOCOL_FEATURES = featureSet(
   VHOST_USER_PROTOCOL_F.MQ,
+  VHOST_USER_PROTOCOL_F.LOG_SHMFD,
   VHOST_USER_PROTOCOL_F.REPLY_ACK,
   VHOST_USER_PROTOCOL_F.BACKEND_REQ,
   VHOST_USER_PROTOCOL_F.CONFIG,
   VHOST_USER_PROTOCOL_F.INFLIGHT_SHMFD,
 );
 
-/**
- * Protocol features offered only with {@link BackendSessionOptions.experimentalMigration}:
- * the shared-memory dirty log (LOG_SHMFD), and with it VHOST_F_LOG_ALL. Experimental: a
- * guest migrated with it crashed on the destination in 2 of 6 test runs, cause unknown.
- * Without it QEMU refuses to migrate the guest, which is safe.
- */
-export const MIGRATION_PROTOCOL_FEATURES = featureSet(VHOST_USER_PROTOCOL_F.LOG_SHMFD);
-
 /** How a {@link VhostUserBackendSession} negotiates. */
 export interface BackendSessionOptions {
   /**
    * Protocol features to offer: a subset of {@link BACKEND_PROTOCOL_FEATURES} (default:
-   * all of them). LOG_SHMFD is offered exactly when `experimentalMigration` says, whatever
-   * this holds.
+   * all of them). Leaving LOG_SHMFD out keeps the guest from being migrated: SET_LOG_BASE
+   * and SET_LOG_FD are then refused as not negotiated.
    */
   readonly protocolFeatures?: bigint;
-  /**
-   * Offer dirty logging ({@link MIGRATION_PROTOCOL_FEATURES} and VHOST_F_LOG_ALL) so that
-   * QEMU can live-migrate the guest. Experimental: a migrated guest crashed in 2 of 6 test
-   * runs. Default false: SET_LOG_BASE and SET_LOG_FD are refused as not negotiated.
-   */
-  readonly experimentalMigration?: boolean;
 }
 
 /** Virtio feature bits that are vhost's, not the device's: never passed to the device model. */
@@ -182,8 +173,7 @@ export class VhostUserBackendSession implements DeviceHost {
     private readonly io: BackendIo,
     options: BackendSessionOptions = {},
   ) {
-    const protocol = (options.protocolFeatures ?? BACKEND_PROTOCOL_FEATURES) & ~MIGRATION_PROTOCOL_FEATURES;
-    this.offeredProtocol = options.experimentalMigration === true ? protocol | MIGRATION_PROTOCOL_FEATURES : protocol;
+    this.offeredProtocol = (options.protocolFeatures ?? BACKEND_PROTOCOL_FEATURES) & BACKEND_PROTOCOL_FEATURES;
     for (let i = 0; i < device.numQueues; i++) {
       this.vrings.push({
         num: 0, addr: null, base: 0, kickFd: null, kickWatch: null, callFd: null, errFd: null, enabled: false, queue: null,
