@@ -67,12 +67,13 @@ export async function vblkServer(image: string, dir: string, broken = false): Pr
 }
 
 /**
- * Migration across hosts, on one machine: the image behind one NBD server (qemu-nbd,
- * two clients), and a `vblk serve` of its own for each QEMU, as each host would run it.
- * The two share nothing but the export.
+ * Migration across hosts, on one machine: the image behind one NBD server (qemu-nbd),
+ * and a `vblk serve` of its own for each QEMU, as each host would run it. The two share
+ * nothing but the export.
  */
 export async function nbdHostsServer(image: string, dir: string): Promise<DiskServer> {
-  const nbd = await startQemuNbd(image, join(dir, 'nbd.sock'), { shared: 2 });
+  // Each `vblk serve` opens one NBD connection per queue (up to 4): room for both.
+  const nbd = await startQemuNbd(image, join(dir, 'nbd.sock'), { shared: 4 });
   const sockets = [join(dir, 'host-a.sock'), join(dir, 'host-b.sock')] as const;
   const served: Awaited<ReturnType<typeof startServe>>[] = [];
   try {
@@ -126,9 +127,14 @@ export async function qsdServer(image: string, dir: string): Promise<DiskServer>
  * by then, the checksum of the region read last, from the page cache. fio's
  * --invalidate=0: by default each round starts with BLKFLSBUF, which empties the whole
  * disk's page cache, and the check would read the region from the disk again instead of
- * the pages under test.
+ * the pages under test. For the same reason the script holds /dev/vda open throughout
+ * (fd 3): Linux empties a block device's page cache when its last opener closes it, as
+ * `dd` does after each read whenever fio is between rounds. The CHECK line says how much
+ * of the disk was in the page cache before it (Buffers: the region read last, and
+ * whatever else the block device holds), so a test can see that the check read pages.
  */
 export const GUEST_SCRIPT = `set -e
+exec 3</dev/vda
 (
   n=0
   while [ ! -e /tmp/stop ]; do
@@ -152,8 +158,9 @@ done
 echo READ-DONE
 read -r line
 r=$(cat /tmp/last-region)
+cached=$(awk '/^Buffers:/{print $2}' /proc/meminfo)
 sum=$(dd if=/dev/vda bs=1M skip=$((${REGION_START_MIB} + r * ${REGION_MIB})) count=${REGION_MIB} 2>/dev/null | sha256sum)
-echo "CHECK region=$r sum=\${sum%% *}"
+echo "CHECK region=$r sum=\${sum%% *} cached-kib=$cached"
 read -r line
 touch /tmp/stop
 wait $fio_loop

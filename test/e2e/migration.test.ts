@@ -66,7 +66,8 @@ async function freePort(): Promise<number> {
 interface Outcome {
   /** query-migrate's downtime, ms: there, and back (only there when the run stopped at the check). */
   downtimes: number[];
-  check: { region: number; sum: string };
+  /** The destination's checksum of the region read last, and how much of the disk was in its page cache then. */
+  check: { region: number; sum: string; cachedKib: number };
   output: string;
   exitCode: number | null;
 }
@@ -103,13 +104,13 @@ async function scenario(image: GuestImage, server: DiskServer, uriOf: (to: 'a' |
     });
     await a.qmp('quit');
     b.send('check');
-    const line = await b.waitFor(/^CHECK region=\d sum=[0-9a-f]+/, 120_000).catch((e: unknown) => {
+    const line = await b.waitFor(/^CHECK region=\d sum=[0-9a-f]+ cached-kib=\d+/, 120_000).catch((e: unknown) => {
       // The waitFor error shows the console's last lines; a guest that crashed on the
       // destination says what broke in its first ones.
       throw new Error(`${(e as Error).message}${crashReport(b)}`);
     });
-    const m = /region=(\d) sum=([0-9a-f]+)/.exec(line)!;
-    const check = { region: Number(m[1]), sum: m[2] };
+    const m = /region=(\d) sum=([0-9a-f]+) cached-kib=(\d+)/.exec(line)!;
+    const check = { region: Number(m[1]), sum: m[2], cachedKib: Number(m[3]) };
     note(`there: ${first.downtime} ms downtime; ${line}`);
     if (checkOnly) return { downtimes: [first.downtime ?? NaN], check, output: output(), exitCode: null };
 
@@ -155,7 +156,7 @@ describe('live migration of a guest served over vhost-user', { skip: requirePeer
   const tcpUri = async () => `tcp:127.0.0.1:${await freePort()}`;
 
   const run = async (name: string, serverOf: (image: string, dir: string) => Promise<DiskServer>, tcp = false, checkOnly = false) => {
-    const dir = join(scratch.dir, name);
+    const dir = join(scratch.dir, name.replaceAll(' ', '-'));
     mkdirSync(dir);
     const image = join(dir, 'disk.img');
     const expected = makeImage(image);
@@ -175,9 +176,15 @@ describe('live migration of a guest served over vhost-user', { skip: requirePeer
     assert.doesNotMatch(o.output, /IO-ERRORS-LOGGED|FIO-FAILED/);
   };
 
+  /** The check read the region from the page cache the backend filled, not from the disk again. */
+  const assertProbeCached = (o: Outcome): void => {
+    assert.ok(o.check.cachedKib >= REGION_MIB * 1024, `only ${o.check.cachedKib} KiB of the disk in the page cache before the check: the region read during the migration was dropped, and the check proves nothing`);
+  };
+
   const there_and_back = async (name: string, serverOf: (image: string, dir: string) => Promise<DiskServer>, tcp = false) => {
     const { o, expected, log } = await run(name, serverOf, tcp);
     assertClean(o, log);
+    assertProbeCached(o);
     assert.equal(o.check.sum, expected[o.check.region], `region ${o.check.region}, read during the migration, is wrong on the destination`);
     downtimes.set(name, o.downtimes);
     return o;
@@ -200,6 +207,7 @@ describe('live migration of a guest served over vhost-user', { skip: requirePeer
 
   it('the probe catches a backend that does not mark its data writes: the destination reads stale pages', { timeout: 1_200_000 }, async () => {
     const { o, expected } = await run('broken', (image, dir) => vblkServer(image, dir, true), false, true);
+    assertProbeCached(o);
     assert.notEqual(o.check.sum, expected[o.check.region], 'with data pages unmarked the region still arrived intact: the probe proves nothing');
   });
 });
