@@ -53,5 +53,5 @@ test('npm run bench --only filters measures each stack and checks the throttle a
 test('bad options are refused with one line', () => {
   const r = spawnSync(process.execPath, [RUN, '--only', 'nothing'], { encoding: 'utf8', timeout: 30_000 });
   assert.equal(r.status, 1);
-  assert.equal(r.stderr, "bench: unknown section 'nothing' (loopback, peers, versus, fio, scaling, filters, nbd, qcow2)\n");
+  assert.equal(r.stderr, "bench: unknown section 'nothing' (loopback, peers, versus, fio, scaling, filters, nbd, qcow2, migration)\n");
 });
