@@ -154,6 +154,11 @@ export class CowFilter extends FilterBackend {
     return true;
   }
 
+  /** Writes go to the throwaway overlay, never to the source: nothing for a FUA to make durable. */
+  override get canFua(): boolean {
+    return false;
+  }
+
   /** Serial when either side is: the filter calls both, and may call one while a guest request waits on the other. */
   override get concurrency(): BackendConcurrency | undefined {
     return this.inner.concurrency === 'serial' || this.overlayStore?.concurrency === 'serial' ? 'serial' : this.inner.concurrency;

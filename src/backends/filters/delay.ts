@@ -36,9 +36,9 @@ export class DelayFilter extends FilterBackend {
     return ms === 0 ? this.inner.read(offset, buffers) : this.after(ms, () => this.inner.read(offset, buffers));
   }
 
-  override write(offset: number, buffers: readonly Uint8Array[]): BackendResult {
+  override write(offset: number, buffers: readonly Uint8Array[], fua?: boolean): BackendResult {
     const ms = this.ms.write;
-    return ms === 0 ? this.inner.write(offset, buffers) : this.after(ms, () => this.inner.write(offset, buffers));
+    return ms === 0 ? this.inner.write(offset, buffers, fua) : this.after(ms, () => this.inner.write(offset, buffers, fua));
   }
 
   override flush(): BackendResult {

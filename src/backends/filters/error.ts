@@ -88,9 +88,9 @@ export class ErrorFilter extends FilterBackend {
     return this.inner.read(offset, buffers);
   }
 
-  override write(offset: number, buffers: readonly Uint8Array[]): BackendResult {
+  override write(offset: number, buffers: readonly Uint8Array[], fua?: boolean): BackendResult {
     this.check('write', offset, totalLength(buffers));
-    return this.inner.write(offset, buffers);
+    return this.inner.write(offset, buffers, fua);
   }
 
   override flush(): BackendResult {

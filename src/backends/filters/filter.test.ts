@@ -5,6 +5,7 @@ import assert from 'node:assert/strict';
 import type { BackendResult, BlockBackend } from '../backend.js';
 import { MemoryBackend } from '../memory-backend.js';
 import { FilterBackend } from './filter.js';
+import { FILTER_HELP, applyFilters, parseFilterSpec, type FilterName } from './registry.js';
 
 class Plain extends FilterBackend {}
 
@@ -61,4 +62,32 @@ test('operations and close go to the backend below', async () => {
   assert.deepEqual(back, new Uint8Array(512));
   f.close();
   assert.throws(() => inner.flush(), { code: 'CLOSED' });
+});
+
+test('every filter but cow keeps the FUA of a backend that has it: canFua, and the flag on each write', async () => {
+  const seen: (boolean | undefined)[] = [];
+  class FuaBackend extends MemoryBackend {
+    readonly canFua = true;
+    override write(offset: number, buffers: readonly Uint8Array[], fua?: boolean): BackendResult {
+      seen.push(fua);
+      return super.write(offset, buffers);
+    }
+  }
+  for (const name of Object.keys(FILTER_HELP) as FilterName[]) {
+    // Options that let every write through at once.
+    const spec = parseFilterSpec({ cow: 'cow', error: 'error:rate=0', delay: 'delay:write=1ms', throttle: 'throttle:iops=1000000', stats: 'stats' }[name]);
+    const f = applyFilters(new FuaBackend({ size: 1 << 20 }), [spec]);
+    seen.length = 0;
+    await f.write(0, [new Uint8Array(512)], true);
+    await f.write(512, [new Uint8Array(512)], false);
+    if (name === 'cow') {
+      assert.equal(f.canFua, false, 'cow: its writes go to a throwaway overlay');
+      assert.deepEqual(seen, [], 'cow wrote to the source');
+    } else {
+      assert.equal(f.canFua, true, `${name}: canFua`);
+      assert.deepEqual(seen, [true, false], `${name}: the fua flag of each write`);
+    }
+  }
+  // And a backend without FUA stays without it behind a filter.
+  assert.equal(applyFilters(new MemoryBackend({ size: 1 << 20 }), [parseFilterSpec('stats')]).canFua, false);
 });

@@ -75,6 +75,11 @@ export abstract class FilterBackend implements BlockBackend {
     return this.inner.canWriteZeroes;
   }
 
+  /** Forwarded with the `fua` of {@link write}, so a filter keeps an NBD source's single durable writes. */
+  get canFua(): boolean {
+    return this.inner.canFua === true;
+  }
+
   get blockSize(): BlockSizeHints | undefined {
     return this.inner.blockSize;
   }
@@ -87,8 +92,8 @@ export abstract class FilterBackend implements BlockBackend {
     return this.inner.read(offset, buffers);
   }
 
-  write(offset: number, buffers: readonly Uint8Array[]): BackendResult {
-    return this.inner.write(offset, buffers);
+  write(offset: number, buffers: readonly Uint8Array[], fua?: boolean): BackendResult {
+    return this.inner.write(offset, buffers, fua);
   }
 
   flush(): BackendResult {

@@ -84,11 +84,11 @@ export class StatsFilter extends FilterBackend {
     }
   }
 
-  override write(offset: number, buffers: readonly Uint8Array[]): BackendResult {
+  override write(offset: number, buffers: readonly Uint8Array[], fua?: boolean): BackendResult {
     const c = this.counters.write;
     c.begin(totalLength(buffers));
     try {
-      return c.settle(this.inner.write(offset, buffers));
+      return c.settle(this.inner.write(offset, buffers, fua));
     } catch (e) {
       return c.failed(e);
     }

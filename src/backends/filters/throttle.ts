@@ -138,10 +138,10 @@ export class ThrottleFilter extends FilterBackend {
     return this.enqueue(this.readLimits, bytes, () => this.inner.read(offset, buffers));
   }
 
-  override write(offset: number, buffers: readonly Uint8Array[]): BackendResult {
+  override write(offset: number, buffers: readonly Uint8Array[], fua?: boolean): BackendResult {
     const bytes = totalLength(buffers);
-    if (this.admit(this.writeLimits, bytes)) return this.inner.write(offset, buffers);
-    return this.enqueue(this.writeLimits, bytes, () => this.inner.write(offset, buffers));
+    if (this.admit(this.writeLimits, bytes)) return this.inner.write(offset, buffers, fua);
+    return this.enqueue(this.writeLimits, bytes, () => this.inner.write(offset, buffers, fua));
   }
 
   override discard(offset: number, length: number): BackendResult {
