@@ -79,6 +79,16 @@ test('serve --size creates a sparse image of that size and the socket is mode 06
   assert.match(s.log(), /SIGTERM: stopping/);
 });
 
+test('a final flush that fails at SIGTERM says so in one line, and the exit status is 1', async () => {
+  const image = join(scratch.dir, 'flushfail.img');
+  writeFileSync(image, new Uint8Array(1 << 20));
+  const sock = join(scratch.dir, 'flushfail.sock');
+  const s = await startServe(image, sock, ['--filter', 'error:ops=flush']);
+  assert.equal(await s.stop(), 1);
+  assert.match(s.log(), /SIGTERM: stopping\nvblk serve: the final flush failed, so data the guest wrote may not be on stable storage: .+\n$/);
+  assert.doesNotMatch(s.log(), /stopped/);
+});
+
 test('NBD sources: a bad URI, an unreachable server, --size, and a block size below the export\'s minimum say what is wrong', async () => {
   const sock = join(scratch.dir, 'nbd.sock');
   await fails(['serve', 'nbd://host/e?bogus=1', '--socket', sock], /^vblk serve: not a usable NBD URI \(unknown query parameter 'bogus'/);

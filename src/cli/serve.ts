@@ -232,10 +232,7 @@ export const command = defineCommand({
       try {
         metrics = await listenMetrics(metricsAt.host, metricsAt.port, metricsRegistry(served.sockets.map((s) => ({ socket: s.socketPath, device: s.device, frontends: s.server }))));
       } catch (e) {
-        control?.close();
-        await served.close();
-        await backend.close();
-        lock?.release();
+        await closeAll([() => control?.close(), () => served.close(), () => backend.close(), () => lock?.release()]);
         throw e;
       }
       log(`metrics on ${metrics.url}`);
@@ -261,14 +258,26 @@ export const command = defineCommand({
     });
     log(`serving ${source}${through} (${format}${backend.size} bytes${readOnly ? ', read-only' : ''}) on ${sockets.join(', ')}`);
     await stopped;
-    control?.close();
-    await metrics?.close();
-    await served.close();
-    await backend.close();
-    lock?.release();
+    await closeAll([() => control?.close(), () => metrics?.close(), () => served.close(), () => backend.close(), () => lock?.release()]);
     log('stopped');
   },
 });
+
+/**
+ * Runs every step in order, each even when one before it failed (a failed final flush
+ * must still close the image and release its lock), then throws the first failure.
+ */
+async function closeAll(steps: readonly (() => unknown)[]): Promise<void> {
+  let first: { error: unknown } | null = null;
+  for (const step of steps) {
+    try {
+      await step();
+    } catch (e) {
+      first ??= { error: e };
+    }
+  }
+  if (first !== null) throw first.error;
+}
 
 /** `HOST:PORT` (an IPv6 host in brackets) → its parts; a one-line error otherwise. */
 export function parseHostPort(value: string): { host: string; port: number } {

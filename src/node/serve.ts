@@ -10,7 +10,7 @@
  * and write the one backend. Live migration needs this: the destination QEMU connects
  * while the source still runs.
  */
-import type { BlockBackend } from '../backends/backend.js';
+import { BackendError, type BlockBackend } from '../backends/backend.js';
 import { SerialBackend } from '../backends/serial.js';
 import { BlkDevice, type BlkDeviceOptions } from '../blk/device.js';
 import { describeThrown, UsageError } from '../errors.js';
@@ -62,7 +62,8 @@ export interface ServedDisk {
   /**
    * Stops listening on every socket, lets the connected frontends' requests complete,
    * then flushes the backend once when it is writable and has a cache. The backend stays
-   * open: it is the caller's to close.
+   * open: it is the caller's to close. Rejects with a {@link BackendError} `IO_ERROR`
+   * when that flush fails: what the guests wrote may not all be durable.
    */
   close(): Promise<void>;
 }
@@ -113,7 +114,12 @@ export async function serve(options: ServeOptions): Promise<ServedDisk> {
     },
     async close() {
       await Promise.all(sockets.map((s) => s.server.close()));
-      if (!shared.readOnly && shared.canFlush) await shared.flush();
+      if (shared.readOnly || !shared.canFlush) return;
+      try {
+        await shared.flush();
+      } catch (e) {
+        throw new BackendError('IO_ERROR', `the final flush failed, so data the guest wrote may not be on stable storage: ${describeThrown(e)}`);
+      }
     },
   };
 }
