@@ -191,6 +191,29 @@ test('a device that comes back with another capacity is a config change: resize 
   }
 });
 
+test('an attempt that finds an unsuitable device leaves the disk\'s limits alone: a request submitted meanwhile is checked by the ones in use', async () => {
+  const device = new ScriptedDevice({ answer: holdAll, features: features(VIRTIO_F.VERSION_1, VIRTIO_BLK_F.FLUSH, VIRTIO_BLK_F.BLK_SIZE) });
+  const r = await reconnectRig(device);
+  try {
+    const held = r.driver.read(0, [new Uint8Array(512)]);
+    await waitUntil(() => device.held.length === 1, { what: 'the device to hold the read' });
+    // Back at once, but with 4096-byte blocks: every attempt is refused until it has 512 again.
+    const config = decodeBlkConfig(device.config) as BlkConfig;
+    device.config.set(encodeBlkConfig({ ...config, blkSize: 4096, capacity: 8192 }));
+    device.answer = ok;
+    await r.t.lose();
+    await waitUntil(() => r.t.attempts >= 2, { what: 'two reconnection attempts' });
+    assert.equal(r.driver.logicalBlockSize, 512);
+    assert.equal(r.driver.capacity, 2048);
+    // One 512-byte block: misaligned for the refused device, fine for the disk.
+    const late = r.driver.write(1, [new Uint8Array(512).fill(7)]);
+    device.config.set(encodeBlkConfig(config));
+    await within(Promise.all([held, late]), { what: 'the held read and the late write to complete' });
+  } finally {
+    await r.close();
+  }
+});
+
 test('removing the disk while it reconnects fails what it holds with DISK_REMOVED and stops trying', async () => {
   const device = new ScriptedDevice({ answer: holdAll });
   const r = await reconnectRig(device);

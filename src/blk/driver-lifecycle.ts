@@ -21,7 +21,7 @@ import { DriverQueueError } from '../virtqueue/split-driver.js';
 import { decodeBlkConfig, BlkConfigError } from './config.js';
 import { ProbeError, QueueBrokenError, RequestError } from './driver-errors.js';
 import type { RequestEngine } from './driver-engine.js';
-import { newSizeMessage, type DiskLimits } from './driver-limits.js';
+import { DiskLimits, newSizeMessage } from './driver-limits.js';
 import type { BlkDriverOptions, BlkLogger, ResizeEvent } from './driver-options.js';
 
 export type Phase = 'probing' | 'running' | 'reconnecting' | 'freezing' | 'frozen' | 'removing' | 'removed' | 'failed';
@@ -124,13 +124,19 @@ export class DiskLifecycle {
       }
       const config = decodeBlkConfig(await this.readConfigFor(negotiated));
       if (config instanceof BlkConfigError) throw new ProbeError('BAD_CONFIG', `${this.name}: ${config.message}`, { cause: config });
-      this.limits.apply(negotiated, config);
-      await this.setupQueues();
+      // The disk's limits change only once the device is known to suit: requests submitted
+      // meanwhile (while reconnecting) are checked and cut by the ones in use.
+      const next = new DiskLimits(this.name);
+      next.apply(negotiated, config);
+      const plan = await this.planQueues(next);
       // Held requests were checked and cut by the old limits: the new device must take them.
-      if (inUse !== null && (this.limits.blockSize !== inUse.blockSize || this.limits.maxChainBytes < inUse.maxChainBytes)) {
-        throw new ProbeError('INCOMPATIBLE_DEVICE', `${this.name}: the device came back with ${this.limits.blockSize}-byte blocks and ` +
-          `${this.limits.maxChainBytes}-byte chains; the disk uses ${inUse.blockSize} and ${inUse.maxChainBytes}`);
+      if (inUse !== null && (next.blockSize !== inUse.blockSize || next.maxChainBytes < inUse.maxChainBytes)) {
+        throw new ProbeError('INCOMPATIBLE_DEVICE', `${this.name}: the device came back with ${next.blockSize}-byte blocks and ` +
+          `${next.maxChainBytes}-byte chains; the disk uses ${inUse.blockSize} and ${inUse.maxChainBytes}`);
       }
+      this.limits.adopt(next);
+      for (let i = 0; i < plan.sizes.length; i++) await this.engine.addQueue(i, plan.sizes[i], plan.indirectEntries);
+      this.engine.queuesReady(plan.sizes.length);
       await t.setStatus(S.ACKNOWLEDGE | S.DRIVER | S.FEATURES_OK | S.DRIVER_OK);
     } catch (e) {
       const err = e instanceof ProbeError ? e
@@ -169,21 +175,20 @@ export class DiskLifecycle {
     }
   }
 
-  private async setupQueues(): Promise<void> {
+  /** The queues `limits` call for: their sizes and indirect table entries (completing `limits`' chain limits). */
+  private async planQueues(limits: DiskLimits): Promise<{ sizes: number[]; indirectEntries: number }> {
     const t = this.transport;
     let count = 1;
-    if (this.limits.has(VIRTIO_BLK_F.MQ)) {
-      count = Math.max(1, Math.min(this.limits.cfg.numQueues || 1, this.options.queues ?? 1, await t.maxQueues()));
+    if (limits.has(VIRTIO_BLK_F.MQ)) {
+      count = Math.max(1, Math.min(limits.cfg.numQueues || 1, this.options.queues ?? 1, await t.maxQueues()));
     }
     const sizes: number[] = [];
     for (let i = 0; i < count; i++) {
-      const size = this.limits.queueSize(await t.maxQueueSize(i), this.options);
+      const size = limits.queueSize(await t.maxQueueSize(i), this.options);
       if (!isValidQueueSize(size)) throw new ProbeError('QUEUE_SETUP', `${this.name}: queue ${i} has no usable size`);
       sizes.push(size);
     }
-    const indirectEntries = this.limits.planChains(sizes, this.options);
-    for (let i = 0; i < count; i++) await this.engine.addQueue(i, sizes[i], indirectEntries);
-    this.engine.queuesReady(count);
+    return { sizes, indirectEntries: limits.planChains(sizes, this.options) };
   }
 
   // ---- Config changes ------------------------------------------------------------

@@ -102,6 +102,11 @@ export class DiskLimits {
     this.isReadOnly = has(VIRTIO_BLK_F.RO);
   }
 
+  /** Takes every limit of `other` (worked out for a device before it is in use). */
+  adopt(other: DiskLimits): void {
+    Object.assign(this, other);
+  }
+
   /** A config read after a change notification: capacity and cache mode follow it. */
   update(config: BlkConfig): void {
     this.cfg = config;
