@@ -10,7 +10,6 @@
  */
 import { VblkError } from '../../errors.js';
 import type { LogSink } from '../../log.js';
-import { GuestMemory, type MemoryRegion } from '../../memory/guest-memory.js';
 import { VIRTIO_F, features as featureSet, hasFeature } from '../../spec/virtio.js';
 import {
   VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES, VHOST_USER_MAX_CONFIG_SIZE, VHOST_USER_PROTOCOL_F, VHOST_VRING_F_LOG,
@@ -21,7 +20,8 @@ import { QueueSetupError, type QueueDirtyLog } from '../../virtqueue/ring-views.
 import { inflightQueueBytes } from '../../virtqueue/inflight.js';
 import { SplitDeviceQueue } from '../../virtqueue/split-device.js';
 import { encodeBackendRequest, getConfigReply } from './codec.js';
-import { CONFIG_RECORD_BYTES, readConfigRecord, writeConfigRecord } from './config-record.js';
+import { InflightState } from './inflight-state.js';
+import { MemoryTable, memoryTableProblem } from './memory-table.js';
 import { MigrationLog, MigrationLogError } from './migration-log.js';
 import {
   requestFds,
@@ -111,16 +111,6 @@ export interface BackendSessionOptions {
 /** Virtio feature bits that are vhost's, not the device's: never passed to the device model. */
 const VHOST_ONLY_FEATURES = (1n << BigInt(VHOST_USER_F_PROTOCOL_FEATURES)) | (1n << BigInt(VHOST_F_LOG_ALL));
 
-/**
- * The inflight buffer shared with the frontend: one log per queue, `perQueue` bytes apart,
- * then the config record (config-record.ts) when the buffer has room for it.
- */
-interface InflightBuffer {
-  readonly mapping: RegionMapping;
-  readonly numQueues: number;
-  readonly queueSize: number;
-  readonly perQueue: number;
-}
 
 interface Vring {
   num: number;
@@ -139,31 +129,18 @@ interface Vring {
   queue: SplitDeviceQueue | null;
 }
 
-interface Region {
-  readonly guestAddress: number;
-  readonly size: number;
-  readonly userAddress: number;
-  readonly mapping: RegionMapping;
-}
-
 /** One frontend connection's state. Create one per connection; call {@link close} at the end. */
 export class VhostUserBackendSession implements DeviceHost {
   private readonly vrings: Vring[] = [];
-  private regions: Region[] = [];
-  private memory: GuestMemory | null = null;
+  private readonly table: MemoryTable;
   private acked = 0n;
   private protocol = 0n;
   private backendChannel: number | null = null;
-  private inflight: InflightBuffer | null = null;
+  /** The inflight buffer and the frontend's copy of the config space recorded in it. */
+  private readonly inflight: InflightState;
   private readonly migration: MigrationLog;
   /** Protocol features offered in GET_PROTOCOL_FEATURES. */
   private readonly offeredProtocol: bigint;
-  /**
-   * The config space as the frontend holds it (QEMU keeps a copy and never reads ours
-   * again: config-record.ts), or null while unknown. Replayed into the device whenever a
-   * ring starts, so the guest gets the settings it believes it chose.
-   */
-  private frontendConfig: Uint8Array | null = null;
   private closed = false;
   /** Requests a previous backend left in flight that this session resubmitted. */
   resubmitted = 0;
@@ -180,6 +157,8 @@ export class VhostUserBackendSession implements DeviceHost {
       });
     }
     this.migration = new MigrationLog(io);
+    this.inflight = new InflightState(io);
+    this.table = new MemoryTable(io);
     device.attach(this);
   }
 
@@ -349,7 +328,7 @@ export class VhostUserBackendSession implements DeviceHost {
   private async setLogBase(req: FrontendRequestOf<'SET_LOG_BASE'>): Promise<BackendReply> {
     this.requireLogShmfd('SET_LOG_BASE', req.fd);
     try {
-      this.migration.setBase(req.fd, req.mmapSize, req.mmapOffset, this.memoryEnd());
+      this.migration.setBase(req.fd, req.mmapSize, req.mmapOffset, this.table.end());
     } catch (e) {
       if (e instanceof MigrationLogError) throw new BackendSessionError('BAD_LOG', e.message);
       throw e;
@@ -377,11 +356,6 @@ export class VhostUserBackendSession implements DeviceHost {
     this.migration.setFd(fd);
   }
 
-  /** The highest guest-physical address of the memory table (0 without one). */
-  private memoryEnd(): number {
-    return this.regions.reduce((end, r) => Math.max(end, r.guestAddress + r.size), 0);
-  }
-
   /**
    * How ring `v` logs, if it does: while a log is mapped and the frontend asked for
    * logging, with VHOST_F_LOG_ALL or the ring's VHOST_VRING_F_LOG. Used-ring writes are
@@ -393,7 +367,7 @@ export class VhostUserBackendSession implements DeviceHost {
     if (a === null || !this.migration.dirty.active) return null;
     const ringFlag = (a.flags & (1 << VHOST_VRING_F_LOG)) !== 0;
     if (!ringFlag && !hasFeature(this.acked, VHOST_F_LOG_ALL)) return null;
-    return { log: this.migration.dirty, usedAt: ringFlag ? a.log : this.toGuest(a.used) };
+    return { log: this.migration.dirty, usedAt: ringFlag ? a.log : this.table.toGuest(a.used) };
   }
 
   /**
@@ -424,53 +398,35 @@ export class VhostUserBackendSession implements DeviceHost {
     const reply = getConfigReply(req, this.device.readConfig(0, req.offset + req.size));
     // A frontend's first read is the copy it keeps; QEMU takes only the capacity from
     // later ones (a resize), so they change nothing it believes of the writable fields.
-    if (this.frontendConfig === null) {
-      this.frontendConfig = this.device.readConfig(0, VHOST_USER_MAX_CONFIG_SIZE);
-      this.recordConfig();
-    }
+    if (this.inflight.frontendConfig === null) this.inflight.setFrontendConfig(this.device.readConfig(0, VHOST_USER_MAX_CONFIG_SIZE));
     return reply;
   }
 
   /** SET_CONFIG: the device takes what it accepts; the frontend's copy takes the bytes as written. */
   private setConfig(offset: number, data: Uint8Array): void {
     this.device.writeConfig(offset, data);
-    const view = this.frontendConfig ?? this.device.readConfig(0, VHOST_USER_MAX_CONFIG_SIZE);
+    const view = this.inflight.frontendConfig ?? this.device.readConfig(0, VHOST_USER_MAX_CONFIG_SIZE);
     // The codec bounds offset + size by VHOST_USER_MAX_CONFIG_SIZE.
     view.set(data.subarray(0, Math.max(0, view.length - offset)), offset);
-    this.frontendConfig = view;
-    this.recordConfig();
+    this.inflight.setFrontendConfig(view);
   }
 
   /**
    * Before a ring serves requests: the device's writable config as the frontend believes
-   * it. Unknown (a backend restarted under a running driver, with nothing recorded), the
+   * it, so the guest gets the settings it believes it chose. Unknown (a backend restarted under a running driver, with nothing recorded), the
    * device takes its cautious settings, and the frontend's copy is taken to be those.
    */
   private applyFrontendConfig(): void {
     // Without the CONFIG protocol feature a frontend has no copy: the device's own stands.
     if (!this.hasProtocol(VHOST_USER_PROTOCOL_F.CONFIG)) return;
-    if (this.frontendConfig !== null) {
-      this.device.writeConfig(0, this.frontendConfig);
+    const known = this.inflight.frontendConfig;
+    if (known !== null) {
+      this.device.writeConfig(0, known);
       return;
     }
     this.io.log('the frontend\'s copy of the config space is unknown (no GET_CONFIG on this connection, none recorded in the inflight buffer): assuming the cautious settings', { level: 'warn' });
     this.device.assumeCautiousConfig?.();
-    this.frontendConfig = this.device.readConfig(0, VHOST_USER_MAX_CONFIG_SIZE);
-    this.recordConfig();
-  }
-
-  /** Where the config record lives in the inflight buffer, or null when it has no room for one. */
-  private configRecordArea(): Uint8Array | null {
-    const b = this.inflight;
-    if (!b) return null;
-    const at = b.perQueue * b.numQueues;
-    const chunk = b.mapping.chunks[0];
-    return at + CONFIG_RECORD_BYTES <= chunk.length ? chunk.subarray(at, at + CONFIG_RECORD_BYTES) : null;
-  }
-
-  private recordConfig(): void {
-    const area = this.configRecordArea();
-    if (area && this.frontendConfig) writeConfigRecord(area, this.frontendConfig);
+    this.inflight.setFrontendConfig(this.device.readConfig(0, VHOST_USER_MAX_CONFIG_SIZE));
   }
 
   private checkInflightShape(numQueues: number, queueSize: number): number {
@@ -486,10 +442,7 @@ export class VhostUserBackendSession implements DeviceHost {
     this.requireProtocol(VHOST_USER_PROTOCOL_F.INFLIGHT_SHMFD, 'GET_INFLIGHT_FD');
     const perQueue = this.checkInflightShape(numQueues, queueSize);
     this.requireRingsStopped();
-    const mmapSize = perQueue * numQueues + CONFIG_RECORD_BYTES;
-    const { fd, mapping } = this.io.createSharedMemory(mmapSize);
-    this.replaceInflight({ mapping, numQueues, queueSize, perQueue });
-    this.recordConfig();
+    const { fd, mmapSize } = this.inflight.create({ numQueues, queueSize, perQueue });
     return { request: 'GET_INFLIGHT_FD', fd, mmapSize, mmapOffset: 0, numQueues, queueSize };
   }
 
@@ -502,9 +455,7 @@ export class VhostUserBackendSession implements DeviceHost {
         throw new BackendSessionError('BAD_RING', `inflight buffer of ${req.mmapSize} bytes is smaller than ${req.numQueues} queues of ${req.queueSize} need`);
       }
       this.requireRingsStopped();
-      const mapping = this.io.mapRegion(req.fd, req.mmapSize, req.mmapOffset);
-      this.replaceInflight({ mapping, numQueues: req.numQueues, queueSize: req.queueSize, perQueue });
-      this.restoreConfig();
+      this.inflight.adopt(req.fd, req.mmapSize, req.mmapOffset, { numQueues: req.numQueues, queueSize: req.queueSize, perQueue });
     } catch (e) {
       if (e instanceof BackendSessionError) throw e;
       throw new BackendSessionError('BAD_RING', `cannot map the inflight buffer: ${e instanceof Error ? e.message : String(e)}`);
@@ -521,32 +472,6 @@ export class VhostUserBackendSession implements DeviceHost {
     if (this.vrings.some((v) => v.queue)) throw new BackendSessionError('RING_BUSY', 'the inflight buffer cannot change while rings run');
   }
 
-  /** A buffer handed over may carry what a previous backend recorded; else it gets our record. */
-  private restoreConfig(): void {
-    const area = this.configRecordArea();
-    const recorded = area && readConfigRecord(area);
-    if (!recorded) {
-      this.recordConfig();
-      return;
-    }
-    const view = new Uint8Array(VHOST_USER_MAX_CONFIG_SIZE);
-    view.set(recorded);
-    this.frontendConfig = view;
-  }
-
-  private replaceInflight(next: InflightBuffer | null): void {
-    this.inflight?.mapping.unmap();
-    this.inflight = next;
-  }
-
-  /** Queue `index`'s log in the inflight buffer (a buffer may span windows only past 4 GiB: never for a log). */
-  private inflightLogOf(index: number, queueSize: number): Uint8Array | null {
-    const b = this.inflight;
-    if (!b || index >= b.numQueues || queueSize !== b.queueSize) return null;
-    const chunk = b.mapping.chunks[0];
-    const at = index * b.perQueue;
-    return at + b.perQueue <= chunk.length ? chunk.subarray(at, at + b.perQueue) : null;
-  }
 
   private vring(index: number, fdToCloseOnError: number | null = null): Vring {
     const v = this.vrings[index];
@@ -619,14 +544,15 @@ export class VhostUserBackendSession implements DeviceHost {
   /** Starts ring `index` when it has everything it needs: memory, size, addresses, a kick, enabled. */
   private maybeStart(index: number): void {
     const v = this.vrings[index];
-    if (v.queue || !v.enabled || v.kickFd === null || v.addr === null || v.num === 0 || this.memory === null) return;
-    const desc = this.toGuest(v.addr.desc);
-    const avail = this.toGuest(v.addr.avail);
-    const used = this.toGuest(v.addr.used);
+    const memory = this.table.memory;
+    if (v.queue || !v.enabled || v.kickFd === null || v.addr === null || v.num === 0 || memory === null) return;
+    const desc = this.table.toGuest(v.addr.desc);
+    const avail = this.table.toGuest(v.addr.avail);
+    const used = this.table.toGuest(v.addr.used);
     if (desc < 0 || avail < 0 || used < 0) {
       throw new BackendSessionError('BAD_RING', `ring ${index} addresses are outside every memory region`);
     }
-    const queue = SplitDeviceQueue.create(this.memory, {
+    const queue = SplitDeviceQueue.create(memory, {
       size: v.num, desc, avail, used,
       eventIdx: hasFeature(this.acked, VIRTIO_F.RING_EVENT_IDX),
       indirect: hasFeature(this.acked, VIRTIO_F.RING_INDIRECT_DESC),
@@ -634,7 +560,7 @@ export class VhostUserBackendSession implements DeviceHost {
     });
     if (queue instanceof QueueSetupError) throw new BackendSessionError('BAD_RING', `ring ${index}: ${queue.message}`);
     queue.nextAvail = v.base;
-    const log = this.inflightLogOf(index, v.num);
+    const log = this.inflight.logOf(index, v.num);
     if (log) {
       const r = queue.attachInflight(log);
       if (r.discarded) this.io.log(`ring ${index}: ${r.discarded}`, { queue: index, level: 'warn' });
@@ -675,32 +601,12 @@ export class VhostUserBackendSession implements DeviceHost {
     }
   }
 
-  /** Frontend user address → guest address, through the memory table; -1 if unmapped. */
-  private toGuest(uva: number): number {
-    for (const r of this.regions) {
-      if (uva >= r.userAddress && uva - r.userAddress < r.size) return r.guestAddress + (uva - r.userAddress);
-    }
-    return -1;
-  }
-
   private async setMemTable(table: readonly MappedMemoryRegion[]): Promise<void> {
-    const fail = (why: string): never => {
+    const problem = memoryTableProblem(table);
+    if (problem !== null) {
       for (const r of table) this.io.closeFd(r.fd);
-      throw new BackendSessionError('BAD_MEMORY_TABLE', why);
-    };
-    for (const r of table) {
-      if (r.size === 0) fail(`memory region at guest 0x${r.guestAddress.toString(16)} is empty`);
-      if (r.guestAddress + r.size > Number.MAX_SAFE_INTEGER || r.userAddress + r.size > Number.MAX_SAFE_INTEGER ||
-          r.mmapOffset + r.size > Number.MAX_SAFE_INTEGER) {
-        fail(`memory region at guest 0x${r.guestAddress.toString(16)} reaches past 2^53`);
-      }
+      throw new BackendSessionError('BAD_MEMORY_TABLE', problem);
     }
-    const overlaps = (key: 'guestAddress' | 'userAddress'): boolean => {
-      const sorted = [...table].sort((a, b) => a[key] - b[key]);
-      return sorted.some((r, i) => i > 0 && sorted[i - 1][key] + sorted[i - 1].size > r[key]);
-    };
-    if (overlaps('guestAddress')) fail('memory regions overlap in guest-physical addresses');
-    if (overlaps('userAddress')) fail('memory regions overlap in frontend user addresses');
 
     // Rings run on views of the old mappings: stop them (their requests finish first),
     // swap the table, then restart them where they stopped (NOTES: SET_MEM_TABLE may
@@ -711,35 +617,19 @@ export class VhostUserBackendSession implements DeviceHost {
       v.base = await this.device.stopQueue(i);
       v.queue = null;
     }
-    const mapped: Region[] = [];
     try {
-      for (const r of table) {
-        mapped.push({ guestAddress: r.guestAddress, size: r.size, userAddress: r.userAddress, mapping: this.io.mapRegion(r.fd, r.size, r.mmapOffset) });
-      }
+      this.table.replace(table);
     } catch (e) {
-      for (const m of mapped) m.mapping.unmap();
-      // The old table stays: the rings stopped for the swap go on with it. Not fail():
-      // the finally below closes the fds, and closing them twice could close an fd
-      // opened meanwhile by someone else.
+      // The old table stays: the rings stopped for the swap go on with it. The finally
+      // below closes the fds, once: closing one twice could close an fd opened meanwhile.
       for (const i of running) this.maybeStart(i);
       throw new BackendSessionError('BAD_MEMORY_TABLE', `cannot map memory region: ${e instanceof Error ? e.message : String(e)}`);
     } finally {
       // The mapping keeps the memory; the fds are not needed any more.
       for (const r of table) this.io.closeFd(r.fd);
     }
-    this.unmapAll();
-    this.regions = mapped;
-    const parts: MemoryRegion[] = [];
-    for (const r of mapped) {
-      let at = r.guestAddress;
-      for (const chunk of r.mapping.chunks) {
-        parts.push({ guestAddress: at, bytes: chunk });
-        at += chunk.length;
-      }
-    }
-    this.memory = new GuestMemory(parts);
-    if (!this.migration.covers(this.memoryEnd())) {
-      this.io.log(`the migration log (${this.migration.dirty.size} bytes) does not cover guest memory up to 0x${this.memoryEnd().toString(16)}: writes beyond it cannot be logged until the frontend sends a larger one`, { level: 'warn' });
+    if (!this.migration.covers(this.table.end())) {
+      this.io.log(`the migration log (${this.migration.dirty.size} bytes) does not cover guest memory up to 0x${this.table.end().toString(16)}: writes beyond it cannot be logged until the frontend sends a larger one`, { level: 'warn' });
     }
     // Restart the rings that ran, and start those that had everything but memory (a
     // frontend may set a ring up before its first table). Every ring gets its chance
@@ -753,12 +643,6 @@ export class VhostUserBackendSession implements DeviceHost {
       }
     }
     if (failure !== null) throw failure;
-  }
-
-  private unmapAll(): void {
-    for (const r of this.regions) r.mapping.unmap();
-    this.regions = [];
-    this.memory = null;
   }
 
   // DeviceHost
@@ -785,9 +669,8 @@ export class VhostUserBackendSession implements DeviceHost {
     this.closed = true;
     for (let i = 0; i < this.vrings.length; i++) await this.stopVring(i);
     await this.device.reset();
-    this.unmapAll();
-    this.inflight?.mapping.unmap();
-    this.inflight = null;
+    this.table.unmap();
+    this.inflight.close();
     this.migration.close();
     for (const v of this.vrings) {
       for (const fd of [v.callFd, v.errFd]) if (fd !== null) this.io.closeFd(fd);
