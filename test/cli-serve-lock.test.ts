@@ -99,15 +99,37 @@ test('an image that --size creates is locked as well', async () => {
   });
 });
 
+/** A qcow2 overlay over a new raw image: [overlay, its backing file]. */
+async function newOverlay(): Promise<[string, string]> {
+  const base = newImage();
+  const overlay = `${base}.qcow2`;
+  const r = await runCli(['image', 'create', '--backing', base, '--backing-format', 'raw', overlay]);
+  assert.equal(r.code, 0, r.stderr);
+  return [overlay, base];
+}
+
+test('the backing file of a served overlay is locked for reading: a writer refuses, a reader shares it, --force-share lets a writer in', async () => {
+  const [overlay, base] = await newOverlay();
+  await withServes([[overlay, sock('b1'), []]], async () => {
+    await refused([base, '--socket', sock('b2')], lockedLine(base, 'lets no other process write to it'));
+    await withServes([[base, sock('b2'), ['--read-only']]], async () => {});
+  });
+  // And the other way round: an overlay whose backing file another process writes.
+  await withServes([[base, sock('b3'), []]], async () => {
+    await refused([overlay, '--socket', sock('b4')], lockedLine(base, 'writes to it'));
+    await withServes([[overlay, sock('b4'), ['--force-share']]], async () => {});
+  });
+});
+
 test('--force-share with an NBD source is a usage error', async () => {
   const r = await runCli(['serve', 'nbd://localhost/x', '--socket', sock('nbd'), '--force-share']);
   assert.equal(r.code, 2);
   assert.match(r.stderr, /^vblk serve: --force-share is for an image file/);
 });
 
-function qemuIo(image: string, command: string): Promise<{ code: number; output: string }> {
+function qemuIo(image: string, command: string, readOnly = false): Promise<{ code: number; output: string }> {
   return new Promise((resolve) => {
-    execFile('qemu-io', ['-f', 'raw', '-c', command, image], { timeout: 30_000 }, (e, stdout, stderr) => {
+    execFile('qemu-io', ['-f', 'raw', ...(readOnly ? ['-r'] : []), '-c', command, image], { timeout: 30_000 }, (e, stdout, stderr) => {
       resolve({ code: e === null ? 0 : typeof e.code === 'number' ? e.code : -1, output: stdout + stderr });
     });
   });
@@ -181,6 +203,17 @@ describe('vblk and QEMU 7.2 see each other\'s image locks', { skip: requirePeer(
     await withQemuDrive(image, ',readonly=on', async () => {
       await refused([image, '--socket', sock('d3')], lockedLine(image, 'lets no other process write to it'));
       await withServes([[image, sock('d3'), ['--read-only']]], async () => {});
+    });
+  });
+
+  test('qemu-io refuses to write the backing file of an overlay vblk serve holds', async () => {
+    const [overlay, base] = await newOverlay();
+    await withServes([[overlay, sock('q5'), []]], async () => {
+      const w = await qemuIo(base, 'write 0 512');
+      assert.notEqual(w.code, 0, w.output);
+      assert.match(w.output, /Failed to get "write" lock/);
+      const r = await qemuIo(base, 'read 0 512', true);
+      assert.equal(r.code, 0, r.output);
     });
   });
 

@@ -54,7 +54,8 @@ export const command = defineCommand({
     'An IMAGE is locked as QEMU locks its images (vblk serve, QEMU and qemu-storage-daemon see',
     'each other): a writer refuses to start while another process writes the image or keeps',
     'writers out (as readers do), and a --read-only serve while another process writes it;',
-    '--read-only serves share it. --force-share overrides the lock.',
+    '--read-only serves share it. Backing files are locked as a --read-only serve locks its',
+    'image. --force-share overrides the lock.',
     '',
     'Several --socket serve the one disk to a frontend each, at the same time (each socket',
     'its own device and queues): a live migration\'s destination QEMU connects to a second',
@@ -186,7 +187,14 @@ export const command = defineCommand({
         throw e;
       }
       base = image.backend;
-      lock ??= take();
+      try {
+        // Backing files are read, and what is read must not change: other readers share
+        // them, writers are kept out (as QEMU does with the backing files of its images).
+        lock = lockChain(lock ?? take(), image.backing, options['force-share']);
+      } catch (e) {
+        await base.close();
+        throw e;
+      }
       if (options['force-share']) log(`--force-share: other processes may use ${path} at the same time`, { level: 'warn' });
     }
     const backend = applyFilters(base, filters, { openOverlayFile: (path, size) => openFileBackend(path, { size }) });
@@ -326,6 +334,22 @@ function lockSource(image: string, readOnly: boolean, share: boolean): ImageLock
     if (e instanceof ImageLockError) throw new ImageLockError(image, `${e.message}; --force-share serves it anyway`);
     throw e;
   }
+}
+
+/**
+ * `top`'s lock with a reader's lock on each backing file, released together. When one
+ * cannot be taken, every lock taken so far, `top`'s included, is released before the
+ * error goes on.
+ */
+function lockChain(top: ImageLock, backing: readonly { readonly path: string }[], share: boolean): ImageLock {
+  const held = [top];
+  try {
+    for (const b of backing) held.push(lockSource(b.path, true, share));
+  } catch (e) {
+    for (const l of held) l.release();
+    throw e;
+  }
+  return { release: () => held.forEach((l) => l.release()) };
 }
 
 /** One `--filter` value; a bad one is a usage error naming what to fix. */
