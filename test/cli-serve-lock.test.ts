@@ -121,6 +121,31 @@ test('the backing file of a served overlay is locked for reading: a writer refus
   });
 });
 
+test('vblk image check refuses an image vblk serve writes (--force-share checks it anyway), and --repair any image in use', async () => {
+  const [overlay] = await newOverlay();
+  const check = (...args: string[]) => runCli(['image', 'check', overlay, ...args]);
+  await withServes([[overlay, sock('c1'), []]], async () => {
+    const r = await check();
+    assert.equal(r.code, 1, r.stderr);
+    assert.equal(r.stderr, `vblk image check: image ${overlay} is in use: another process (vblk serve, QEMU, qemu-storage-daemon …) writes to it; --force-share checks it anyway\n`);
+    const shared = await check('--force-share');
+    assert.equal(shared.code, 0, shared.stderr);
+    const repair = await check('--repair');
+    assert.equal(repair.code, 1, repair.stderr);
+    assert.match(repair.stderr, /^vblk image check: image .* is in use: another process .* writes to it\n$/);
+    const both = await check('--repair', '--force-share');
+    assert.equal(both.code, 2);
+    assert.match(both.stderr, /^vblk image check: --force-share cannot go with --repair/);
+  });
+  await withServes([[overlay, sock('c2'), ['--read-only']]], async () => {
+    assert.equal((await check()).code, 0, 'a check shares the image with readers');
+    const repair = await check('--repair');
+    assert.equal(repair.code, 1, 'a repair needs it to itself');
+    assert.match(repair.stderr, /keeps writers out|lets no other process write to it/);
+  });
+  assert.equal((await check('--repair')).code, 0, 'free again');
+});
+
 test('--force-share with an NBD source is a usage error', async () => {
   const r = await runCli(['serve', 'nbd://localhost/x', '--socket', sock('nbd'), '--force-share']);
   assert.equal(r.code, 2);

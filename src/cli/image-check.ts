@@ -8,7 +8,9 @@ import { CliUsageError } from './args.js';
 import { checkQcow2, type Qcow2CheckResult } from '../backends/qcow2/check.js';
 import { repairQcow2, type Qcow2RepairResult } from '../backends/qcow2/repair.js';
 import { closeChain, walkChain } from '../node/image-open.js';
-import { defineCommand } from './command.js';
+import { defineCommand, type CliIo } from './command.js';
+import { ImageLockError, lockImage, type ImageLock } from '../node/image-lock.js';
+import { existsSync } from 'node:fs';
 
 /**
  * Exit statuses of `qemu-img check` (verified against qemu-img 7.2 on hand-made leaky and
@@ -24,60 +26,87 @@ export const CHECK_UNSUPPORTED = 63;
 export const command = defineCommand({
   name: 'image check',
   summary: 'check a qcow2 image\'s refcounts and copied flags, as qemu-img check does',
-  usage: 'IMAGE [--repair] [--json]',
+  usage: 'IMAGE [--repair] [--json] [--force-share]',
   details: [
     'Exit status as qemu-img check\'s: 0 clean, 1 the check could not complete, 2 corruptions,',
     '3 leaked clusters only, 63 the image is raw (nothing to check); after --repair, of the',
     'check that follows the repair. Problems are listed on stderr, one per line; on a terminal',
-    'a progress line shows how far it is. Never check or repair an image while it is served.',
+    'a progress line shows how far it is. The image is locked as vblk serve and QEMU lock',
+    'theirs: a check refuses an image another process writes, a repair one that any other',
+    'process uses (exit status 1).',
   ],
   options: {
     repair: { kind: 'boolean', description: 'rebuild the refcounts from the metadata that uses clusters (frees leaks, fixes under-counted clusters and copied flags, clears the dirty and corrupt bits), as qemu-img check -r all' },
     json: { kind: 'boolean', description: 'print the counts as one JSON object on one line' },
+    'force-share': { kind: 'boolean', description: 'check an image another process writes (as qemu-img check -U): the counts may be wrong while it writes; not with --repair' },
   },
   async run({ options, positionals }, io) {
     if (positionals.length !== 1) throw new CliUsageError(`vblk image check: expected one IMAGE, got ${positionals.length} arguments`);
     const path = positionals[0];
-    // The image alone matters (a check reads no backing file, and a missing one does not
-    // stop it). Its format is probed, which is safe: the check only reads.
-    const chain = walkChain(path, { readOnly: !options.repair }).levels;
-    const top = chain[0];
-    let result: Qcow2CheckResult;
-    let repaired: Qcow2RepairResult | undefined;
+    if (options.repair && options['force-share']) {
+      throw new CliUsageError('vblk image check: --force-share cannot go with --repair: repairing an image another process uses corrupts it');
+    }
+    // A missing image is left to the check, which says so in its own words.
+    const lock = existsSync(path) ? lockFor(path, options.repair, options['force-share']) : null;
     try {
-      if (top.format === 'raw') {
-        io.stderr(`vblk image check: ${path} is a raw image: it has no metadata to check\n`);
-        return CHECK_UNSUPPORTED;
-      }
-      const progress = progressReporter(process.stderr.isTTY === true, (t) => io.stderr(t));
-      try {
-        if (options.repair) {
-          repaired = await repairQcow2(top.file, { onProgress: progress.update });
-          result = repaired.after;
-        } else {
-          result = await checkQcow2(top.file, { onProgress: progress.update });
-        }
-      } finally {
-        progress.done();
-      }
+      return await checkImage(path, options, io);
     } finally {
-      closeChain(chain);
+      lock?.release();
     }
-    if (repaired !== undefined) {
-      for (const m of repaired.before.messages) io.stderr(`${m}\n`);
-      if (!options.json) io.stdout(formatRepair(repaired));
-    }
-    for (const m of result.messages) io.stderr(`${m}\n`);
-    const json = {
-      filename: path, format: 'qcow2', ...summary(result),
-      ...(repaired === undefined ? {} : {
-        repaired: { leaks: repaired.leaksFixed, corruptions: repaired.corruptionsFixed, rebuilt: repaired.rebuilt }, before: summary(repaired.before),
-      }),
-    };
-    io.stdout(options.json ? `${JSON.stringify(json)}\n` : formatCheck(path, result));
-    return checkStatus(result);
   },
 });
+
+/** The lock a check (reading) or a repair (writing) takes on the image, as serve takes one. */
+function lockFor(path: string, repair: boolean, share: boolean): ImageLock {
+  try {
+    return lockImage(path, { readOnly: !repair, share });
+  } catch (e) {
+    if (e instanceof ImageLockError && !repair) throw new ImageLockError(path, `${e.message}; --force-share checks it anyway`);
+    throw e;
+  }
+}
+
+/** Checks (or repairs) the image at `path`, reports, and returns qemu-img check's exit status. */
+async function checkImage(path: string, options: { repair: boolean; json: boolean }, io: CliIo): Promise<number> {
+  // The image alone matters (a check reads no backing file, and a missing one does not
+  // stop it). Its format is probed, which is safe: the check only reads.
+  const chain = walkChain(path, { readOnly: !options.repair }).levels;
+  const top = chain[0];
+  let result: Qcow2CheckResult;
+  let repaired: Qcow2RepairResult | undefined;
+  try {
+    if (top.format === 'raw') {
+      io.stderr(`vblk image check: ${path} is a raw image: it has no metadata to check\n`);
+      return CHECK_UNSUPPORTED;
+    }
+    const progress = progressReporter(process.stderr.isTTY === true, (t) => io.stderr(t));
+    try {
+      if (options.repair) {
+        repaired = await repairQcow2(top.file, { onProgress: progress.update });
+        result = repaired.after;
+      } else {
+        result = await checkQcow2(top.file, { onProgress: progress.update });
+      }
+    } finally {
+      progress.done();
+    }
+  } finally {
+    closeChain(chain);
+  }
+  if (repaired !== undefined) {
+    for (const m of repaired.before.messages) io.stderr(`${m}\n`);
+    if (!options.json) io.stdout(formatRepair(repaired));
+  }
+  for (const m of result.messages) io.stderr(`${m}\n`);
+  const json = {
+    filename: path, format: 'qcow2', ...summary(result),
+    ...(repaired === undefined ? {} : {
+      repaired: { leaks: repaired.leaksFixed, corruptions: repaired.corruptionsFixed, rebuilt: repaired.rebuilt }, before: summary(repaired.before),
+    }),
+  };
+  io.stdout(options.json ? `${JSON.stringify(json)}\n` : formatCheck(path, result));
+  return checkStatus(result);
+}
 
 /** The counts of a result, without its message list (printed apart). */
 function summary(r: Qcow2CheckResult): Omit<Qcow2CheckResult, 'messages'> {
