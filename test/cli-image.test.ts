@@ -202,6 +202,10 @@ test('image check: exit 0 clean, 3 leaks only, 2 corruptions, 63 raw — as qemu
   assert.equal(counts.format, 'qcow2');
   await fails(63, /ck\.raw is a raw image/, 'image', 'check', raw);
   await fails(1, /missing\.qcow2 does not exist/, 'image', 'check', file('missing.qcow2'));
+  // A bad command line is 1 too, never qemu-img's 2 ("corruptions found"); other commands keep 2.
+  await fails(1, /^vblk image check: expected one IMAGE, got 2 arguments/, 'image', 'check', clean, leaky);
+  await fails(1, /^vblk image check: .*--bogus/, 'image', 'check', '--bogus', clean);
+  await fails(2, /^vblk image info: /, 'image', 'info', '--bogus', clean);
   if (!qemuSkip) {
     for (const [path, status] of [[clean, 0], [leaky, 3], [corrupt, 2], [raw, 63]] as const) {
       assert.equal(spawnSync('qemu-img', ['check', path]).status, status, `qemu-img check ${path}`);

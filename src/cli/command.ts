@@ -32,6 +32,11 @@ export interface Command<S extends OptionSpecs = OptionSpecs> {
    */
   readonly subcommands?: readonly Command[];
   /**
+   * Exit status of a bad command line, when the usual 2 means something else for
+   * this command (`vblk image check`: qemu-img check's 2 is "corruptions found").
+   */
+  readonly usageStatus?: number;
+  /**
    * Runs the command with parsed arguments. Resolves to the exit status (0 when nothing
    * is returned). Throw {@link CliUsageError} for a bad command line; any other error is
    * printed as one line and exits with status 1.

@@ -27,10 +27,12 @@ export const command = defineCommand({
   name: 'image check',
   summary: 'check a qcow2 image\'s refcounts and copied flags, as qemu-img check does',
   usage: 'IMAGE [--repair] [--json] [--force-share]',
+  // A script reads 2 as "corruptions found": a bad command line is a check that could not run.
+  usageStatus: CHECK_INCOMPLETE,
   details: [
-    'Exit status as qemu-img check\'s: 0 clean, 1 the check could not complete, 2 corruptions,',
-    '3 leaked clusters only, 63 the image is raw (nothing to check); after --repair, of the',
-    'check that follows the repair. Problems are listed on stderr, one per line; on a terminal',
+    'Exit status as qemu-img check\'s: 0 clean, 1 the check could not complete (a bad command',
+    'line too), 2 corruptions, 3 leaked clusters only, 63 the image is raw (nothing to check);',
+    'after --repair, of the check that follows the repair. Problems are listed on stderr, one per line; on a terminal',
     'a progress line shows how far it is. The image is locked as vblk serve and QEMU lock',
     'theirs: a check refuses an image another process writes, a repair one that any other',
     'process uses (exit status 1).',

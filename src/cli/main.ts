@@ -163,7 +163,7 @@ export async function main(argv: readonly string[], io: CliIo = processIo): Prom
   } catch (e) {
     if (e instanceof CliUsageError) {
       io.stderr(`${oneLine(e.message)}\n`);
-      return EXIT_USAGE;
+      return command.usageStatus ?? EXIT_USAGE;
     }
     io.stderr(`vblk ${command.name}: ${oneLine(e instanceof Error ? e.message : String(e))}\n`);
     return EXIT_FAILURE;
