@@ -1,9 +1,9 @@
 // Live migration of a guest whose disk `vblk serve` serves: a Linux guest running fio
 // --verify=crc32c on two queues moves from one QEMU to another and back (QMP `migrate`
 // to a QEMU started with `-incoming`), with no I/O error and every verify passing —
-// served by one `vblk serve` on two sockets, by two `vblk serve` over one NBD export (two
-// hosts' setup, migrating over TCP), and by qemu-storage-daemon for the downtime to set
-// beside ours.
+// served by one `vblk serve` on two sockets (of a raw image, and of a qcow2 one), by two
+// `vblk serve` over one NBD export (two hosts' setup, migrating over TCP), and by
+// qemu-storage-daemon for the downtime to set beside ours.
 //
 // The dirty log is put to the proof by a probe that only a correct log passes: once the
 // migration (slowed down, and unable to converge until the host lets it) has sent all
@@ -23,6 +23,7 @@
 // is done", and the migration waits on QEMU's own counters, not on the clock.
 import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
+import { execFileSync, spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { copyFileSync, mkdirSync, writeFileSync } from 'node:fs';
 import { createServer } from 'node:net';
@@ -131,7 +132,7 @@ async function scenario(image: GuestImage, server: DiskServer, uriOf: (to: 'a' |
   }
 }
 
-describe('live migration of a guest served over vhost-user', { skip: requirePeer(...GUEST_PEERS, 'qemu-storage-daemon', 'qemu-nbd') }, () => {
+describe('live migration of a guest served over vhost-user', { skip: requirePeer(...GUEST_PEERS, 'qemu-storage-daemon', 'qemu-nbd', 'qemu-img') }, () => {
   let scratch: { dir: string; cleanup(): void };
   let guestImage: GuestImage;
   const downtimes = new Map<string, number[]>();
@@ -155,11 +156,13 @@ describe('live migration of a guest served over vhost-user', { skip: requirePeer
   const unixUri = (dir: string) => async (to: 'a' | 'b') => `unix:${join(dir, `mig-${to}.sock`)}`;
   const tcpUri = async () => `tcp:127.0.0.1:${await freePort()}`;
 
-  const run = async (name: string, serverOf: (image: string, dir: string) => Promise<DiskServer>, tcp = false, checkOnly = false) => {
+  const run = async (name: string, serverOf: (image: string, dir: string) => Promise<DiskServer>, tcp = false, checkOnly = false, qcow2 = false) => {
     const dir = join(scratch.dir, name.replaceAll(' ', '-'));
     mkdirSync(dir);
-    const image = join(dir, 'disk.img');
-    const expected = makeImage(image);
+    const raw = join(dir, 'disk.img');
+    const expected = makeImage(raw);
+    const image = qcow2 ? `${raw}.qcow2` : raw;
+    if (qcow2) execFileSync('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', raw, image]);
     const server = await serverOf(image, dir);
     try {
       const o = await scenario(guestImage, server, tcp ? tcpUri : unixUri(dir), checkOnly);
@@ -181,8 +184,8 @@ describe('live migration of a guest served over vhost-user', { skip: requirePeer
     assert.ok(o.check.cachedKib >= REGION_MIB * 1024, `only ${o.check.cachedKib} KiB of the disk in the page cache before the check: the region read during the migration was dropped, and the check proves nothing`);
   };
 
-  const there_and_back = async (name: string, serverOf: (image: string, dir: string) => Promise<DiskServer>, tcp = false) => {
-    const { o, expected, log } = await run(name, serverOf, tcp);
+  const there_and_back = async (name: string, serverOf: (image: string, dir: string) => Promise<DiskServer>, tcp = false, qcow2 = false) => {
+    const { o, expected, log } = await run(name, serverOf, tcp, false, qcow2);
     assertClean(o, log);
     assertProbeCached(o);
     assert.equal(o.check.sum, expected[o.check.region], `region ${o.check.region}, read during the migration, is wrong on the destination`);
@@ -192,6 +195,13 @@ describe('live migration of a guest served over vhost-user', { skip: requirePeer
 
   it('vblk serve on two sockets: there and back with fio verifying on two queues; the pages it filled during the migration arrive', { timeout: 1_200_000 }, async (t) => {
     const o = await there_and_back('vblk serve', (image, dir) => vblkServer(image, dir));
+    t.diagnostic(`downtime (ms): ${o.downtimes.join(', ')}`);
+  });
+
+  it('vblk serve on two sockets of a qcow2 image: there and back; qemu-img check finds the image clean after', { timeout: 1_200_000 }, async (t) => {
+    const o = await there_and_back('vblk serve qcow2', (image, dir) => vblkServer(image, dir), false, true);
+    const check = spawnSync('qemu-img', ['check', join(scratch.dir, 'vblk-serve-qcow2', 'disk.img.qcow2')], { encoding: 'utf8' });
+    assert.equal(check.status, 0, check.stdout + check.stderr);
     t.diagnostic(`downtime (ms): ${o.downtimes.join(', ')}`);
   });
 
