@@ -42,10 +42,12 @@ export function decodeEntry(view: DataView, o: number, g: L2Geometry): Entry {
 /**
  * Throws {@link Qcow2Error} unless every entry of the L2 table at `off` is well-formed:
  * no reserved bits, aligned offsets off the header and inside the file, none inside the
- * `metadata` cluster ranges ([first, end) in clusters: the L1, refcount and snapshot tables,
- * which a write or a free through a data entry would destroy), consistent bitmaps.
+ * `metadata` cluster ranges ([first, end) in clusters: the L1, refcount and snapshot tables)
+ * nor on one of the `tables` clusters (L2 tables and refcount blocks), which a write or a
+ * free through a data entry would destroy; consistent bitmaps.
  */
-export function validateL2Table(data: Uint8Array, off: number, g: L2Geometry, fileSize: number, metadata: readonly (readonly [number, number])[] = []): void {
+export function validateL2Table(data: Uint8Array, off: number, g: L2Geometry, fileSize: number,
+  metadata: readonly (readonly [number, number])[] = [], tables: ReadonlySet<number> = new Set()): void {
   const view = new DataView(data.buffer, data.byteOffset, data.byteLength);
   const entryBytes = g.extended ? 16 : 8, clusterSize = 2 ** g.clusterBits;
   for (let o = 0; o < data.length; o += entryBytes) {
@@ -61,6 +63,7 @@ export function validateL2Table(data: Uint8Array, off: number, g: L2Geometry, fi
       if (metadata.some(([s, e]) => c >= s && c < e)) {
         throw new Qcow2Error('QCOW2_BAD_METADATA', `${where}: cluster offset ${d.offset} lies in the L1, refcount or snapshot table`);
       }
+      if (tables.has(c)) throw new Qcow2Error('QCOW2_BAD_METADATA', `${where}: cluster offset ${d.offset} is an L2 table or a refcount block`);
     }
     if (g.extended && d.kind !== 'compressed') {
       const zero = view.getUint32(o + 8), alloc = view.getUint32(o + 12);

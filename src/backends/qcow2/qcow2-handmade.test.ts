@@ -269,6 +269,36 @@ test('an L2 entry pointing at the L1 or the refcount table fails the requests un
   assert.equal(ro.hitRead?.code, 'QCOW2_BAD_METADATA');
 });
 
+test('an L2 entry pointing at an L2 table (the other one, or its own) or at a refcount block fails the requests under that table, and its write never lands there', async () => {
+  const b = await base();
+  const v0 = new DataView(b.bytes.buffer);
+  const otherL2 = entryOffset(v0.getUint32(b.l1 + 8), v0.getUint32(b.l1 + 12));
+  const block = u64(v0, b.refTable);
+  for (const [what, at] of [['the other L2 table', otherL2], ['its own L2 table', b.l2], ['a refcount block', block]] as const) {
+    for (const flag of [false, true]) {
+      const patch = (v: DataView): void => (flag ? copied(v, b.l2 + 8 * HIT, at) : writeU64(v, b.l2 + 8 * HIT, at));
+      // The other table is what the case damages when it points there: it must not work then.
+      const out = await run(patched(b, patch), { otherWorks: at !== otherL2 });
+      assert.equal(out.open, undefined);
+      assert.equal(out.hitRead?.code, 'QCOW2_BAD_METADATA', `${what}, COPIED ${flag}: ${out.hitRead?.message}`);
+      assert.match(out.hitRead?.message ?? '', /is an L2 table or a refcount block/);
+      assert.equal(out.hitWrite?.code, 'QCOW2_BAD_METADATA', `${what}, COPIED ${flag}: ${out.hitWrite?.message}`);
+      // The table may change by the harness's own writes under the other table; never by the refused write's data.
+      assert.notDeepEqual(out.after.subarray(at, at + CS), pattern(CS, 7), `${what}, COPIED ${flag}: the refused write landed on the table`);
+    }
+  }
+});
+
+test('an L1 entry pointing at a refcount block fails the requests under it, and never overwrites the block', async () => {
+  const b = await base();
+  const block = u64(new DataView(b.bytes.buffer), b.refTable);
+  const out = await run(patched(b, (v) => copied(v, b.l1, block)));
+  assert.equal(out.open, undefined);
+  assert.equal(out.hitRead?.code, 'QCOW2_BAD_METADATA', out.hitRead?.message);
+  assert.match(out.hitRead?.message ?? '', /is a refcount block/);
+  assert.equal(out.hitWrite?.code, 'QCOW2_BAD_METADATA', out.hitWrite?.message);
+});
+
 test('a refcount table entry at offset 0 or past EOF: refused writable, readable read-only', async () => {
   const b = await base();
   for (const [what, at] of [['past EOF', eof(b)], ['on the header cluster (512)', 512]] as const) {

@@ -66,6 +66,9 @@ export class Qcow2Backend implements BlockBackend {
   readonly #geometry: L2Geometry;
   #l1: Uint8Array;
   #l1View: DataView;
+  /** Counts the changes to the L1 table, for {@link #tableClusters}. */
+  #l1Changes = 0;
+  #tables: { all: Set<number>; refcountBlocks: Set<number>; l1Changes: number; rcChanges: number } | null = null;
   #l1DirtyFrom = Infinity;
   #l1DirtyTo = 0;
   readonly #l2: TableCache;
@@ -343,10 +346,32 @@ export class Qcow2Backend implements BlockBackend {
     if (off % this.#cs !== 0 || off < this.#cs || off >= this.#file.size) {
       throw new Qcow2Error('QCOW2_BAD_METADATA', `L2 table offset ${off} is unaligned, on the header or past the end of the file`);
     }
+    const tables = this.#tableClusters();
+    if (tables.refcountBlocks.has(off / this.#cs)) {
+      throw new Qcow2Error('QCOW2_BAD_METADATA', `L2 table offset ${off} is a refcount block`);
+    }
     const data = new Uint8Array(this.#cs);
     await this.#file.read(off, [data]);
-    validateL2Table(data, off, this.#geometry, this.#file.size, this.#reserved());
+    validateL2Table(data, off, this.#geometry, this.#file.size, this.#reserved(), tables.all);
     return this.#l2.insert(off, data, false);
+  }
+
+  /**
+   * The clusters of the L2 tables the L1 table lists and of the refcount blocks: no data
+   * entry may point at one. Derived again after the L1 or the refcount table changed.
+   */
+  #tableClusters(): { readonly all: ReadonlySet<number>; readonly refcountBlocks: ReadonlySet<number> } {
+    const rcChanges = this.#rc?.changes ?? 0;
+    const t = this.#tables;
+    if (t !== null && t.l1Changes === this.#l1Changes && t.rcChanges === rcChanges) return t;
+    const refcountBlocks = new Set(this.#rc?.blockClusters() ?? []);
+    const all = new Set(refcountBlocks);
+    for (let o = 0; o < this.#l1.length; o += 8) {
+      const l2 = entryOffset(this.#l1View.getUint32(o), this.#l1View.getUint32(o + 4));
+      if (l2 !== 0) all.add(l2 / this.#cs);
+    }
+    this.#tables = { all, refcountBlocks, l1Changes: this.#l1Changes, rcChanges };
+    return this.#tables;
   }
 
   async #writeSlow(offset: number, buffers: readonly Uint8Array[], length: number): Promise<void> {
@@ -448,6 +473,7 @@ export class Qcow2Backend implements BlockBackend {
 
   #setL1(i: number, l2off: number): void {
     writeU64(this.#l1View, 8 * i, l2off);
+    this.#l1Changes++;
     // Bit 63, COPIED: this L2 table is ours alone.
     if (l2off !== 0) this.#l1View.setUint32(8 * i, (this.#l1View.getUint32(8 * i) | 0x8000_0000) >>> 0);
     this.#l1DirtyFrom = Math.min(this.#l1DirtyFrom, i);
@@ -617,6 +643,7 @@ export class Qcow2Backend implements BlockBackend {
         await this.#file.flush();
         this.#l1 = l1;
         this.#l1View = new DataView(l1.buffer);
+        this.#l1Changes++;
       }
       const fields = new Uint8Array(24); // size, crypt_method, l1_size, l1_table_offset: bytes 24..48
       const v = new DataView(fields.buffer);

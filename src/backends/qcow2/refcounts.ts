@@ -75,6 +75,19 @@ export class Refcounts {
     return this.table.length / 8;
   }
 
+  /** Counts the changes to the table (a new block, a moved table): who derives something from it knows when to derive again. */
+  changes = 0;
+
+  /** The clusters of the refcount blocks the table lists. */
+  blockClusters(): number[] {
+    const out: number[] = [];
+    for (let i = 0; i < this.tableEntries; i++) {
+      const off = this.#blockOffset(i);
+      if (off !== 0) out.push(off / this.clusterSize);
+    }
+    return out;
+  }
+
   #blockOffset(i: number): number {
     const off = readU64(this.#tableView, 8 * i, `refcount table entry ${i}`);
     return off - (off % 512); // bits 0..8 are reserved
@@ -210,6 +223,7 @@ export class Refcounts {
     await this.file.write(offset, [data]);
     await this.file.flush();
     writeU64(this.#tableView, 8 * i, offset);
+    this.changes++;
     await this.file.write(this.tableOffset + 8 * i, [this.table.subarray(8 * i, 8 * i + 8)]);
     await this.blocks.insert(offset, data, false);
     if (home + 1 > this.end) this.end = home + 1;
@@ -272,6 +286,7 @@ export class Refcounts {
     this.table = table;
     this.#tableView = view;
     this.tableOffset = tableOffset;
+    this.changes++;
     if (start + used > this.end) this.end = start + used;
     for (let k = 0; k < oldClusters; k++) await this.decrement(oldOffset / this.clusterSize + k);
   }
