@@ -22,6 +22,7 @@ export interface MetricsSource {
     readonly connectionCount: number;
     readonly isConnected: boolean;
     readonly resubmittedRequests: number;
+    readonly isDirtyLogging: boolean;
   };
 }
 
@@ -106,6 +107,8 @@ export function metricsRegistry(sources: readonly MetricsSource[]): client.Regis
     new ReadOnlyMetric('vblk_resubmitted_requests_total', 'Requests a killed backend left in flight that were resubmitted', 'counter',
       perSource((s) => s.frontends.resubmittedRequests)),
     new ReadOnlyMetric('vblk_disk_size_bytes', 'Disk size in bytes', 'gauge', perSource((s) => s.device.capacity * 512)),
+    new ReadOnlyMetric('vblk_dirty_log_active', 'Whether the frontend has the dirty log on: it is live-migrating the guest', 'gauge',
+      perSource((s) => (s.frontends.isDirtyLogging ? 1 : 0))),
   ];
   // registerMetric wants prom-client's Metric class; it calls only name and get().
   for (const m of metrics) registry.registerMetric(m as unknown as client.Metric);

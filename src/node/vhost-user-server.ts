@@ -254,6 +254,11 @@ export class VhostUserServer {
     return this.current !== null;
   }
 
+  /** Whether the connected frontend has the dirty log on: it is live-migrating its guest. */
+  get isDirtyLogging(): boolean {
+    return this.session?.isDirtyLogging ?? false;
+  }
+
   /** Requests that previous backends left in flight and this server resubmitted (vhost-user inflight tracking). */
   get resubmittedRequests(): number {
     return this.resubmittedBefore + (this.session?.resubmitted ?? 0);

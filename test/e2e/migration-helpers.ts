@@ -40,26 +40,29 @@ export const SLOW = { 'max-bandwidth': 16 * MiB, 'downtime-limit': 1 };
 /** Then, and for every migration without a probe: converge (QEMU 7.2's default downtime limit, 300 ms). */
 export const FAST = { 'max-bandwidth': 1024 * MiB, 'downtime-limit': 300 };
 
-/** Two sockets onto one disk, and a name for reports. */
+/** Two sockets onto one disk. */
 export interface DiskServer {
   readonly sockets: readonly [string, string];
+  /** Where its Prometheus metrics are, when it serves them. */
+  readonly metricsUrl?: string;
   log(): string;
   stop(): Promise<void>;
 }
 
 /**
  * One `vblk serve` on both sockets: the image opened and locked once, a device per
- * socket. With `broken`, one whose data pages are never marked in the dirty log
- * (test/support/serve-without-data-log.ts).
+ * socket, with metrics on a free port. With `broken`, one whose data pages are never
+ * marked in the dirty log (test/support/serve-without-data-log.ts).
  */
 export async function vblkServer(image: string, dir: string, broken = false): Promise<DiskServer> {
   const sockets = [join(dir, 'a.sock'), join(dir, 'b.sock')] as const;
-  const args = ['--socket', sockets[1], '--queues', '2'];
+  const args = ['--socket', sockets[1], '--queues', '2', '--metrics', '127.0.0.1:0'];
   const served = broken
     ? await launchServe(process.execPath, [BROKEN_SERVE, 'serve', image, '--socket', sockets[0], ...args], sockets[0])
     : await startServe(image, sockets[0], args);
+  const metricsUrl = /metrics on (\S+)/.exec(await served.waitForLog(/metrics on \S+/))![1];
   return {
-    sockets, log: () => served.log(),
+    sockets, metricsUrl, log: () => served.log(),
     stop: async () => {
       await served.stop();
     },

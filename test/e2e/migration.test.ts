@@ -64,9 +64,17 @@ async function freePort(): Promise<number> {
   return port;
 }
 
+/** `vblk_dirty_log_active` of each socket, from the server's metrics. */
+async function dirtyLogGauges(server: DiskServer): Promise<number[]> {
+  const text = await (await fetch(server.metricsUrl!)).text();
+  return server.sockets.map((s) => Number(new RegExp(`^vblk_dirty_log_active\\{socket="${s}"\\} (\\d+)$`, 'm').exec(text)?.[1] ?? NaN));
+}
+
 interface Outcome {
   /** query-migrate's downtime, ms: there, and back (only there when the run stopped at the check). */
   downtimes: number[];
+  /** The dirty-log gauges of the two sockets (when the server has metrics): before, during and after the first migration. */
+  gauges?: { before: number[]; during: number[]; after: number[] };
   /** The destination's checksum of the region read last, and how much of the disk was in its page cache then. */
   check: { region: number; sum: string; cachedKib: number };
   output: string;
@@ -99,9 +107,13 @@ async function scenario(image: GuestImage, server: DiskServer, uriOf: (to: 'a' |
     const toB = await uriOf('b');
     const b = await startGuest({ ...base, vhostUserSockets: on(server.sockets[1]), extraArgs: ['-incoming', toB] });
     guests.push(b);
+    const metered = server.metricsUrl !== undefined;
+    const gauges = metered ? { before: await dirtyLogGauges(server), during: [] as number[], after: [] as number[] } : undefined;
     const first = await migrate(a, b, toB, async () => {
       a.send('read');
       await a.waitFor('READ-DONE', 300_000);
+      // Still short of the switchover (migrate() holds it back until this returns).
+      if (gauges) gauges.during = await dirtyLogGauges(server);
     });
     await a.qmp('quit');
     b.send('check');
@@ -113,7 +125,8 @@ async function scenario(image: GuestImage, server: DiskServer, uriOf: (to: 'a' |
     const m = /region=(\d) sum=([0-9a-f]+) cached-kib=(\d+)/.exec(line)!;
     const check = { region: Number(m[1]), sum: m[2], cachedKib: Number(m[3]) };
     note(`there: ${first.downtime} ms downtime; ${line}`);
-    if (checkOnly) return { downtimes: [first.downtime ?? NaN], check, output: output(), exitCode: null };
+    if (gauges) gauges.after = await dirtyLogGauges(server);
+    if (checkOnly) return { downtimes: [first.downtime ?? NaN], check, gauges, output: output(), exitCode: null };
 
     // And back, to a new QEMU on the first socket.
     const toA = await uriOf('a');
@@ -126,7 +139,7 @@ async function scenario(image: GuestImage, server: DiskServer, uriOf: (to: 'a' |
     await a2.waitFor(/^FIO-ROUND \d+/, 300_000);
     a2.send('stop');
     const r = await a2.done;
-    return { downtimes: [first.downtime ?? NaN, second.downtime ?? NaN], check, output: output(), exitCode: r.exitCode };
+    return { downtimes: [first.downtime ?? NaN, second.downtime ?? NaN], check, gauges, output: output(), exitCode: r.exitCode };
   } finally {
     for (const g of guests) await g.kill();
   }
@@ -193,8 +206,10 @@ describe('live migration of a guest served over vhost-user', { skip: requirePeer
     return o;
   };
 
-  it('vblk serve on two sockets: there and back with fio verifying on two queues; the pages it filled during the migration arrive', { timeout: 1_200_000 }, async (t) => {
+  it('vblk serve on two sockets: there and back with fio verifying on two queues; the pages it filled during the migration arrive; its metrics show the migration', { timeout: 1_200_000 }, async (t) => {
     const o = await there_and_back('vblk serve', (image, dir) => vblkServer(image, dir));
+    // vblk_dirty_log_active: on for the source's socket while QEMU copies memory, off before and after.
+    assert.deepEqual(o.gauges, { before: [0, 0], during: [1, 0], after: [0, 0] });
     t.diagnostic(`downtime (ms): ${o.downtimes.join(', ')}`);
   });
 

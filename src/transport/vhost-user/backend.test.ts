@@ -299,7 +299,9 @@ test('with the log on, a read whose buffers lie in several regions of one memfd 
   await send(s, { request: 'SET_VRING_BASE', needReply: false, index: 0, num: 0 });
   await send(s, { request: 'SET_VRING_ADDR', needReply: false, index: 0, flags: 1, desc: UVA + DESC, avail: UVA + AVAIL, used: UVA + USED, log: USED });
   await send(s, { request: 'SET_VRING_KICK', needReply: false, index: 0, fd: 7 });
+  assert.equal(s.isDirtyLogging, false, 'no ring runs yet');
   await send(s, { request: 'SET_VRING_ENABLE', needReply: false, index: 0, enable: true });
+  assert.equal(s.isDirtyLogging, true, 'a running ring logs');
   for (let i = 0; i < 100 && view.getUint16(USED + 2, true) !== 1; i++) await new Promise((r) => setImmediate(r));
   assert.equal(view.getUint16(USED + 2, true), 1, 'the read completed');
   assert.equal(file[STATUS], 0, 'status OK');
@@ -307,5 +309,9 @@ test('with the log on, a read whose buffers lie in several regions of one memfd 
   for (let p = 0; p < bits.length * 8; p++) if (bits[p >> 3] & (1 << (p & 7))) marked.push(p);
   assert.deepEqual(marked, [STATUS / 4096, USED / 4096, DATA / 4096, (HIGH + 0x3000) / 4096],
     'status page (region 0), used ring and a data page (region 1), a data page above 4 GiB (region 2)');
+  // A migration that fails: QEMU turns logging off with SET_FEATURES without LOG_ALL and the ring's flag cleared.
+  await send(s, { request: 'SET_FEATURES', needReply: false, features: GUEST_FEATURES });
+  await send(s, { request: 'SET_VRING_ADDR', needReply: false, index: 0, flags: 0, desc: UVA + DESC, avail: UVA + AVAIL, used: UVA + USED, log: 0 });
+  assert.equal(s.isDirtyLogging, false, 'logging off');
   await s.close();
 });

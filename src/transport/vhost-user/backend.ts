@@ -176,6 +176,11 @@ export class VhostUserBackendSession implements DeviceHost {
     return hasFeature(this.protocol, bit);
   }
 
+  /** Whether a ring marks its writes in the dirty log now: the frontend is migrating the guest. */
+  get isDirtyLogging(): boolean {
+    return this.vrings.some((v) => v.queue?.dirtyLog != null);
+  }
+
   /**
    * Handles one request and returns the reply to send (its own reply, or a REPLY_ACK
    * when the frontend asked for one), or null when none is owed. A request that cannot
