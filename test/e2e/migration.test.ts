@@ -203,13 +203,18 @@ describe('live migration of a guest served over vhost-user', { skip: requirePeer
     assertProbeCached(o);
     assert.equal(o.check.sum, expected[o.check.region], `region ${o.check.region}, read during the migration, is wrong on the destination`);
     downtimes.set(name, o.downtimes);
-    return o;
+    return { ...o, log };
   };
 
   it('vblk serve on two sockets: there and back with fio verifying on two queues; the pages it filled during the migration arrive; its metrics show the migration', { timeout: 1_200_000 }, async (t) => {
     const o = await there_and_back('vblk serve', (image, dir) => vblkServer(image, dir));
     // vblk_dirty_log_active: on for the source's socket while QEMU copies memory, off before and after.
     assert.deepEqual(o.gauges, { before: [0, 0], during: [1, 0], after: [0, 0] });
+    // And the log says so, for the source's socket each way (a.sock there, b.sock back).
+    for (const socket of ['a.sock', 'b.sock']) {
+      assert.match(o.log, new RegExp(`${socket}: dirty log on \\(\\d+ bytes\\): the frontend is live-migrating the guest`), o.log);
+      assert.match(o.log, new RegExp(`${socket}: dirty log off`), o.log);
+    }
     t.diagnostic(`downtime (ms): ${o.downtimes.join(', ')}`);
   });
 

@@ -251,7 +251,8 @@ test('dirty logging is offered by default; a caller that leaves LOG_SHMFD out ge
 test('with the log on, a read whose buffers lie in several regions of one memfd (a pc guest: 0 and 0xc0000, and memory above 4 GiB at another file offset) marks the pages at their guest addresses', async () => {
   const host = new FakeHost();
   const device = new BlkDevice({ backend: new MemoryBackend({ size: 1 << 20 }) });
-  const s = new VhostUserBackendSession(device, host.io([]));
+  const logs: string[] = [];
+  const s = new VhostUserBackendSession(device, host.io(logs));
   // One 1 MiB memfd: guest 0..0xa0000 at file offset 0, guest 0xc0000..1 MiB at file
   // offset 0xc0000, as QEMU sends a pc guest's RAM; and 64 KiB at 4 GiB from file offset
   // 0xa0000, where guest and file offsets differ (a larger pc guest's RAM above 4 GiB).
@@ -313,5 +314,8 @@ test('with the log on, a read whose buffers lie in several regions of one memfd 
   await send(s, { request: 'SET_FEATURES', needReply: false, features: GUEST_FEATURES });
   await send(s, { request: 'SET_VRING_ADDR', needReply: false, index: 0, flags: 0, desc: UVA + DESC, avail: UVA + AVAIL, used: UVA + USED, log: 0 });
   assert.equal(s.isDirtyLogging, false, 'logging off');
+  assert.deepEqual(logs.filter((l) => l.startsWith('dirty log')), [
+    `dirty log on (${bits.length} bytes): the frontend is live-migrating the guest`, 'dirty log off: the migration ended or failed',
+  ]);
   await s.close();
 });

@@ -142,6 +142,8 @@ export class VhostUserBackendSession implements DeviceHost {
   /** Protocol features offered in GET_PROTOCOL_FEATURES. */
   private readonly offeredProtocol: bigint;
   private closed = false;
+  /** {@link isDirtyLogging} when last noted in the log. */
+  private wasDirtyLogging = false;
   /** Requests a previous backend left in flight that this session resubmitted. */
   resubmitted = 0;
 
@@ -189,10 +191,19 @@ export class VhostUserBackendSession implements DeviceHost {
    */
   async handle(req: FrontendRequest): Promise<BackendReply | null> {
     const own = await this.dispatch(req);
+    this.noteLogging();
     if (own) return own;
     return req.needReply && this.hasProtocol(VHOST_USER_PROTOCOL_F.REPLY_ACK)
       ? { request: req.request as Exclude<FrontendRequest['request'], RequestWithReply>, success: true }
       : null;
+  }
+
+  /** Says in the log when the rings start or stop marking the dirty log: a migration began or ended. */
+  private noteLogging(): void {
+    const now = this.isDirtyLogging;
+    if (now === this.wasDirtyLogging) return;
+    this.wasDirtyLogging = now;
+    this.io.log(now ? `dirty log on (${this.migration.dirty.size} bytes): the frontend is live-migrating the guest` : 'dirty log off: the migration ended or failed');
   }
 
   /** The failed REPLY_ACK owed for `req`, or null when the frontend did not ask for one. */
