@@ -299,6 +299,39 @@ test('an L1 entry pointing at a refcount block fails the requests under it, and 
   assert.equal(out.hitWrite?.code, 'QCOW2_BAD_METADATA', out.hitWrite?.message);
 });
 
+test('a data cluster whose refcount says free, handed out as a new L2 table: the write through the old entry is refused and the table survives', async () => {
+  const b = await base();
+  const block = u64(new DataView(b.bytes.buffer), b.refTable);
+  // 16-bit refcounts: the data cluster of guest cluster HIT counted 0, so the allocator's first free cluster.
+  const bytes = patched(b, (v) => v.setUint16(block + 2 * (b.data / CS), 0));
+  const file = new RecordingFile(new MemoryImageFile(bytes));
+  const q = await openQcow2(file);
+  // HIT's table loaded (and checked) while its data cluster is still data.
+  await q.read(HIT * CS, [new Uint8Array(CS)]);
+  // A write past the old size needs a new L2 table: it lands on the data cluster of HIT.
+  await q.resize(2 * SIZE);
+  const far = 1500;
+  await q.write(far * CS, [pattern(CS, 5)]);
+  await q.flush();
+  const now = new DataView(file.inner.bytes().buffer);
+  const l1 = u64(now, 40);
+  const newTable = entryOffset(now.getUint32(l1 + 8 * 2), now.getUint32(l1 + 8 * 2 + 4));
+  assert.equal(newTable, b.data, 'the new L2 table took the cluster the damaged refcount freed');
+  // Through the old entry, a write would overwrite that table, a discard free it.
+  for (const [what, op] of [['write', () => q.write(HIT * CS, [pattern(CS, 7)])], ['discard', () => q.discard(HIT * CS, CS)],
+    ['write-zeroes', () => q.writeZeroes(HIT * CS, CS, false)]] as const) {
+    const e = await attempt(what, op);
+    assert.equal(e?.code, 'QCOW2_BAD_METADATA', `${what}: ${e?.message}`);
+    assert.match(e.message, /holds the image's metadata/);
+  }
+  const back = new Uint8Array(CS);
+  await q.read(far * CS, [back]);
+  assert.deepEqual(back, pattern(CS, 5), 'the new table still maps the far cluster');
+  await q.flush();
+  await q.close();
+  checkWrites(file, bytes.length + GROWTH);
+});
+
 test('a refcount table entry at offset 0 or past EOF: refused writable, readable read-only', async () => {
   const b = await base();
   for (const [what, at] of [['past EOF', eof(b)], ['on the header cluster (512)', 512]] as const) {

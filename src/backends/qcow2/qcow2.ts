@@ -20,6 +20,7 @@ import {
 } from '../backend.js';
 import type { ImageFile } from './image-file.js';
 import { TableCache, type CachedTable } from './table-cache.js';
+import { MetadataMap } from './metadata-map.js';
 import { Refcounts } from './refcounts.js';
 import { Mutex, copyInto, sliceBuffers } from './buffers.js';
 import { defaultInflate, type Decompressor } from './inflate.js';
@@ -66,9 +67,8 @@ export class Qcow2Backend implements BlockBackend {
   readonly #geometry: L2Geometry;
   #l1: Uint8Array;
   #l1View: DataView;
-  /** Counts the changes to the L1 table, for {@link #tableClusters}. */
-  #l1Changes = 0;
-  #tables: { all: Set<number>; refcountBlocks: Set<number>; l1Changes: number; rcChanges: number } | null = null;
+  /** The image's metadata clusters, which no data entry may point into. */
+  readonly #meta: MetadataMap;
   #l1DirtyFrom = Infinity;
   #l1DirtyTo = 0;
   readonly #l2: TableCache;
@@ -116,10 +116,11 @@ export class Qcow2Backend implements BlockBackend {
     // v2 has no zero flag: with a backing file a discarded cluster would show the backing data.
     this.canDiscard = !readOnly && (this.#v3 || this.#backing === undefined);
     this.canWriteZeroes = !readOnly;
+    this.#meta = new MetadataMap({ clusterSize: this.#cs, header: () => this.#h, l1: () => this.#l1, refcounts: () => this.#rc });
     if (refcountTable !== undefined) {
       this.#rc = new Refcounts({
         file, clusterBits: header.clusterBits, refcountOrder: header.refcountOrder, tableOffset: header.refcountTableOffset,
-        table: refcountTable, cacheBytes: options.refcountCacheBytes ?? 256 * 1024, reserved: () => this.#reserved(),
+        table: refcountTable, cacheBytes: options.refcountCacheBytes ?? 256 * 1024, reserved: () => this.#meta.reserved(),
       });
     }
   }
@@ -128,15 +129,6 @@ export class Qcow2Backend implements BlockBackend {
   get header(): Qcow2Header {
     return { ...this.#h, refcountTableOffset: this.#rc?.tableOffset ?? this.#h.refcountTableOffset,
       refcountTableClusters: this.#rc ? this.#rc.table.length / this.#cs : this.#h.refcountTableClusters };
-  }
-
-  #reserved(): (readonly [number, number])[] {
-    const cs = this.#cs, h = this.#h, rc = this.#rc;
-    const areas: (readonly [number, number])[] = [[0, 1]];
-    if (h.l1TableOffset !== 0) areas.push([h.l1TableOffset / cs, h.l1TableOffset / cs + Math.ceil(h.l1Size * 8 / cs)]);
-    if (rc !== undefined) areas.push([rc.tableOffset / cs, rc.tableOffset / cs + rc.table.length / cs]);
-    if (h.nbSnapshots > 0) areas.push([h.snapshotsOffset / cs, h.snapshotsOffset / cs + Math.max(1, Math.ceil(h.nbSnapshots * 40 / cs))]);
-    return areas;
   }
 
   // ---------------------------------------------------------------- fast path
@@ -168,7 +160,9 @@ export class Qcow2Backend implements BlockBackend {
     }
     if (write && ((hi & 0x8000_0000) === 0 || (l1hi & 0x8000_0000) === 0)) return NOT_FAST;
     const host = entryOffset(hi, lo);
-    return host !== 0 ? host : write ? NOT_FAST : this.#unallocatedReads;
+    if (host === 0) return write ? NOT_FAST : this.#unallocatedReads;
+    // The slow path refuses a write onto metadata (see #checkDataCluster).
+    return write && this.#meta.clusters().all.has(host / this.#cs) ? NOT_FAST : host;
   }
 
   read(offset: number, buffers: readonly Uint8Array[]): BackendResult {
@@ -346,33 +340,16 @@ export class Qcow2Backend implements BlockBackend {
     if (off % this.#cs !== 0 || off < this.#cs || off >= this.#file.size) {
       throw new Qcow2Error('QCOW2_BAD_METADATA', `L2 table offset ${off} is unaligned, on the header or past the end of the file`);
     }
-    const tables = this.#tableClusters();
+    const tables = this.#meta.clusters();
     if (tables.refcountBlocks.has(off / this.#cs)) {
       throw new Qcow2Error('QCOW2_BAD_METADATA', `L2 table offset ${off} is a refcount block`);
     }
     const data = new Uint8Array(this.#cs);
     await this.#file.read(off, [data]);
-    validateL2Table(data, off, this.#geometry, this.#file.size, this.#reserved(), tables.all);
+    validateL2Table(data, off, this.#geometry, this.#file.size, this.#meta.reserved(), tables.all);
     return this.#l2.insert(off, data, false);
   }
 
-  /**
-   * The clusters of the L2 tables the L1 table lists and of the refcount blocks: no data
-   * entry may point at one. Derived again after the L1 or the refcount table changed.
-   */
-  #tableClusters(): { readonly all: ReadonlySet<number>; readonly refcountBlocks: ReadonlySet<number> } {
-    const rcChanges = this.#rc?.changes ?? 0;
-    const t = this.#tables;
-    if (t !== null && t.l1Changes === this.#l1Changes && t.rcChanges === rcChanges) return t;
-    const refcountBlocks = new Set(this.#rc?.blockClusters() ?? []);
-    const all = new Set(refcountBlocks);
-    for (let o = 0; o < this.#l1.length; o += 8) {
-      const l2 = entryOffset(this.#l1View.getUint32(o), this.#l1View.getUint32(o + 4));
-      if (l2 !== 0) all.add(l2 / this.#cs);
-    }
-    this.#tables = { all, refcountBlocks, l1Changes: this.#l1Changes, rcChanges };
-    return this.#tables;
-  }
 
   async #writeSlow(offset: number, buffers: readonly Uint8Array[], length: number): Promise<void> {
     for (const [c, inOff, bufs] of this.#pieces(offset, buffers, length)) await this.#writeCluster(c, inOff, bufs);
@@ -402,6 +379,7 @@ export class Qcow2Backend implements BlockBackend {
       await this.#lock.run(async () => {
         await this.#clearAutoclear();
         e = this.#entryOf(await this.#l2ForWrite(c), c);
+        this.#checkDataCluster(e, c);
         reuse = e.copied && e.offset !== 0 && e.kind !== 'compressed';
         host = reuse ? e.offset : await this.#rc!.allocate(1);
         // A cluster past the end of the file reads as zeroes: when the old content is zeroes too, only the new data need be written.
@@ -446,6 +424,20 @@ export class Qcow2Backend implements BlockBackend {
   }
 
   /** Queues the host clusters of an entry no longer referenced for release at the next flush. */
+  /**
+   * Throws unless guest cluster `c`'s entry `e` points at data, not at the image's own
+   * metadata. Entries are checked when their table is loaded; this catches a cluster that
+   * became metadata since — handed out as a new table because a damaged refcount called
+   * it free — before a write or a free through the entry destroys it.
+   */
+  #checkDataCluster(e: Entry, c: number): void {
+    if (e.offset === 0 || e.kind === 'compressed') return;
+    const host = Math.floor(e.offset / this.#cs);
+    if (this.#meta.clusters().all.has(host)) {
+      throw new Qcow2Error('QCOW2_BAD_METADATA', `guest cluster ${c} maps to cluster offset ${host * this.#cs}, which holds the image's metadata (its refcount said it was free)`);
+    }
+  }
+
   #free(e: Entry): void {
     if (e.offset === 0) return;
     const first = Math.floor(e.offset / this.#cs);
@@ -473,7 +465,7 @@ export class Qcow2Backend implements BlockBackend {
 
   #setL1(i: number, l2off: number): void {
     writeU64(this.#l1View, 8 * i, l2off);
-    this.#l1Changes++;
+    this.#meta.l1Changes++;
     // Bit 63, COPIED: this L2 table is ours alone.
     if (l2off !== 0) this.#l1View.setUint32(8 * i, (this.#l1View.getUint32(8 * i) | 0x8000_0000) >>> 0);
     this.#l1DirtyFrom = Math.min(this.#l1DirtyFrom, i);
@@ -603,6 +595,7 @@ export class Qcow2Backend implements BlockBackend {
 
   #zeroEntry(t: CachedTable, c: number, mode: 'discard' | 'unmap' | 'keep'): void {
     const e = this.#entryOf(t, c);
+    this.#checkDataCluster(e, c);
     // v2 has no zero flag: there the cluster is deallocated (nothing behind it, so it reads zeroes).
     if (this.#v3 && mode === 'keep' && e.copied && e.offset !== 0 && e.kind !== 'compressed') {
       this.#setEntry(t, c, e.offset, true, 0, this.#ext ? ALL_SUBCLUSTERS : 1);
@@ -643,7 +636,7 @@ export class Qcow2Backend implements BlockBackend {
         await this.#file.flush();
         this.#l1 = l1;
         this.#l1View = new DataView(l1.buffer);
-        this.#l1Changes++;
+        this.#meta.l1Changes++;
       }
       const fields = new Uint8Array(24); // size, crypt_method, l1_size, l1_table_offset: bytes 24..48
       const v = new DataView(fields.buffer);
