@@ -174,7 +174,7 @@ export function batches(buffers: readonly Uint8Array[]): (readonly Uint8Array[])
  * only at end of file: past it an image (sparse, truncated behind our back, or a format's
  * cluster allocated at the end and not yet written to its end) reads as zeroes.
  */
-export function readZeroFilled(fd: number, buffers: readonly Uint8Array[], offset: number, total: number): void {
+function readZeroFilled(fd: number, buffers: readonly Uint8Array[], offset: number, total: number): void {
   if (buffers.length <= native.MAX_SEGMENTS) {
     const n = native.preadv(fd, buffers, offset);
     if (n < total) zeroFrom(buffers, n);
@@ -190,7 +190,7 @@ export function readZeroFilled(fd: number, buffers: readonly Uint8Array[], offse
 }
 
 /** {@link readZeroFilled} on the thread pool. */
-export async function readZeroFilledAsync(fd: number, buffers: readonly Uint8Array[], offset: number): Promise<void> {
+async function readZeroFilledAsync(fd: number, buffers: readonly Uint8Array[], offset: number): Promise<void> {
   let pos = offset;
   for (const batch of batches(buffers)) {
     const want = totalLength(batch);
@@ -204,7 +204,7 @@ export async function readZeroFilledAsync(fd: number, buffers: readonly Uint8Arr
  * One RWF_NOWAIT read: the bytes the page cache held (0 when none, or at end of file), or
  * -1 when the filesystem cannot do it (the caller then stops trying for good).
  */
-export function tryReadCached(fd: number, buffers: readonly Uint8Array[], offset: number): number {
+function tryReadCached(fd: number, buffers: readonly Uint8Array[], offset: number): number {
   let n: number;
   try {
     n = native.tryPreadv(fd, buffers, offset);
@@ -213,6 +213,33 @@ export function tryReadCached(fd: number, buffers: readonly Uint8Array[], offset
     return -1;
   }
   return n < 0 ? 0 : n;
+}
+
+/**
+ * Reads of a file in `sync`, `async` or `auto` I/O mode, the end of file as zeroes, shared
+ * by {@link FileBackend} and the qcow2 image file: `auto` takes what the page cache holds
+ * on the event loop (RWF_NOWAIT) and reads the rest on the thread pool; a filesystem that
+ * cannot try turns trying off for good, and reads then go as `sync`.
+ */
+export class FileReader {
+  private canTry: boolean;
+
+  constructor(private readonly fd: number, private readonly io: 'sync' | 'async' | 'auto') {
+    this.canTry = io === 'auto';
+  }
+
+  /** Fills `buffers` (`total` bytes) from `offset`. */
+  read(offset: number, buffers: readonly Uint8Array[], total: number): void | Promise<void> {
+    if (this.io === 'async') return readZeroFilledAsync(this.fd, buffers, offset);
+    if (this.canTry && buffers.length <= native.MAX_SEGMENTS) {
+      const n = tryReadCached(this.fd, buffers, offset);
+      if (n === total) return;
+      // Not all of it cached (or the file ends early): the rest on the thread pool.
+      if (n >= 0) return readZeroFilledAsync(this.fd, n === 0 ? buffers : sliceBuffers(buffers, n, total - n) ?? [], offset + n);
+      this.canTry = false;
+    }
+    readZeroFilled(this.fd, buffers, offset, total);
+  }
 }
 
 /** A shared block of zeroes, for writing zeroes where fallocate cannot (never written into). */
@@ -236,8 +263,8 @@ export class FileBackend implements BlockBackend {
   /** Whether the filesystem still seems to take these fallocate modes (cleared at the first refusal). */
   private punchHoles = true;
   private zeroRanges = true;
-  /** `auto` mode: the filesystem takes RWF_NOWAIT reads (cleared at the first refusal). */
-  private canTryRead = true;
+  /** Reads, but for `mmap` mode. */
+  private readonly reader: FileReader;
   /** `mmap` mode: the image's mapping. */
   private map: native.FileMap | null = null;
 
@@ -248,6 +275,7 @@ export class FileBackend implements BlockBackend {
     this.readOnly = options.readOnly;
     this.io = options.io;
     if (this.io === 'mmap') this.map = native.mapFile(fd, size);
+    this.reader = new FileReader(fd, this.io === 'mmap' ? 'sync' : this.io);
   }
 
   read(offset: number, buffers: readonly Uint8Array[]): void | Promise<void> {
@@ -263,29 +291,7 @@ export class FileBackend implements BlockBackend {
       for (const batch of batches(buffers)) pos += native.mappedRead(this.map, pos, batch);
       return;
     }
-    if (this.io === 'async') return this.readAsync(offset, buffers);
-    if (this.io === 'auto' && this.canTryRead && buffers.length <= native.MAX_SEGMENTS) {
-      const n = this.tryRead(offset, buffers);
-      if (n === total) return;
-      if (n >= 0) {
-        // Not all of it cached (or the file ends early): the rest on the thread pool,
-        // which also reads the end of file as zeroes.
-        return n === 0 ? this.readAsync(offset, buffers) : this.readAsync(offset + n, sliceBuffers(buffers, n, total - n) ?? []);
-      }
-      // The filesystem cannot try: read as `sync` from now on.
-    }
-    readZeroFilled(this.fd, buffers, offset, total);
-  }
-
-  /** {@link tryReadCached}; a filesystem that cannot turns trying off for good. */
-  private tryRead(offset: number, buffers: readonly Uint8Array[]): number {
-    const n = tryReadCached(this.fd, buffers, offset);
-    if (n < 0) this.canTryRead = false;
-    return n;
-  }
-
-  private readAsync(offset: number, buffers: readonly Uint8Array[]): Promise<void> {
-    return readZeroFilledAsync(this.fd, buffers, offset);
+    return this.reader.read(offset, buffers, total);
   }
 
   write(offset: number, buffers: readonly Uint8Array[]): void | Promise<void> {

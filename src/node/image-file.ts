@@ -16,10 +16,7 @@ import { closeSync, constants, fstatSync, ftruncateSync } from 'node:fs';
 import type { BackendResult } from '../backends/backend.js';
 import { BackendError, totalLength } from '../backends/backend.js';
 import type { ImageFile } from '../backends/qcow2/image-file.js';
-import { sliceBuffers } from '../virtqueue/chain.js';
-import {
-  FileBackendError, batches, isUnsupported, openError, openNoAtime, readZeroFilled, readZeroFilledAsync, tryReadCached, zeroes,
-} from './file-backend.js';
+import { FileBackendError, FileReader, batches, isUnsupported, openError, openNoAtime, zeroes } from './file-backend.js';
 import * as native from './native.js';
 
 /** How a {@link NodeImageFile} runs reads and writes: the file backend's modes without `mmap`. */
@@ -69,7 +66,7 @@ export class NodeImageFile implements ImageFile {
   private closed = false;
   /** Cleared at the filesystem's first refusal of these (see file-backend.ts). */
   private punchHoles = true;
-  private canTryRead = true;
+  private readonly reader: FileReader;
 
   /** Takes ownership of `fd`, a file of `size` bytes. */
   constructor(fd: number, size: number, options: { readonly readOnly: boolean; readonly io: ImageFileIoMode }) {
@@ -77,29 +74,13 @@ export class NodeImageFile implements ImageFile {
     this.size = size;
     this.readOnly = options.readOnly;
     this.io = options.io;
+    this.reader = new FileReader(fd, options.io);
   }
 
   read(offset: number, buffers: readonly Uint8Array[]): BackendResult {
     const total = totalLength(buffers);
     this.check(offset, total, false);
-    if (this.io === 'async') return this.readAsync(offset, buffers);
-    if (this.io === 'auto' && this.canTryRead && buffers.length <= native.MAX_SEGMENTS) {
-      const n = this.tryRead(offset, buffers);
-      if (n === total) return;
-      if (n >= 0) return n === 0 ? this.readAsync(offset, buffers) : this.readAsync(offset + n, sliceBuffers(buffers, n, total - n) ?? []);
-    }
-    readZeroFilled(this.fd, buffers, offset, total);
-  }
-
-  /** {@link tryReadCached}; a filesystem that cannot turns trying off for good. */
-  private tryRead(offset: number, buffers: readonly Uint8Array[]): number {
-    const n = tryReadCached(this.fd, buffers, offset);
-    if (n < 0) this.canTryRead = false;
-    return n;
-  }
-
-  private readAsync(offset: number, buffers: readonly Uint8Array[]): Promise<void> {
-    return readZeroFilledAsync(this.fd, buffers, offset);
+    return this.reader.read(offset, buffers, total);
   }
 
   write(offset: number, buffers: readonly Uint8Array[]): BackendResult {
