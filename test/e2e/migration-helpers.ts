@@ -226,5 +226,7 @@ export async function migrate(src: Guest, dst: Guest, uri: string, during?: () =
     note('probe read');
     await src.qmp('migrate-set-parameters', FAST);
   }
-  return pollMigration(src, (i) => i.status === 'completed', 'completion', 300_000);
+  // QEMU 7.2 says `completed` a moment before it works out the times (the migration thread
+  // sets the state, then takes the lock to compute them): a poll in between reads 0 for both.
+  return pollMigration(src, (i) => i.status === 'completed' && (i['total-time'] ?? 0) > 0, 'completion with its times', 300_000);
 }
