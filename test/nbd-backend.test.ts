@@ -246,7 +246,6 @@ describe('NBD backend against nbdkit', { skip: requirePeer('nbdkit', 'nbdcopy') 
   });
 });
 
-
 describe('NBD backend: what goes on the wire', () => {
   let scratch: { dir: string; cleanup(): void };
   before(() => {

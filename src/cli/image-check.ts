@@ -9,7 +9,7 @@ import { checkQcow2, type Qcow2CheckResult } from '../backends/qcow2/check.js';
 import { repairQcow2, type Qcow2RepairResult } from '../backends/qcow2/repair.js';
 import { closeChain, walkChain } from '../node/image-open.js';
 import { defineCommand, type CliIo } from './command.js';
-import { ImageLockError, lockImage, type ImageLock } from '../node/image-lock.js';
+import { lockImage, type ImageLock } from '../node/image-lock.js';
 import { existsSync } from 'node:fs';
 
 /**
@@ -60,12 +60,7 @@ export const command = defineCommand({
 
 /** The lock a check (reading) or a repair (writing) takes on the image, as serve takes one. */
 function lockFor(path: string, repair: boolean, share: boolean): ImageLock {
-  try {
-    return lockImage(path, { readOnly: !repair, share });
-  } catch (e) {
-    if (e instanceof ImageLockError && !repair) throw new ImageLockError(path, `${e.message}; --force-share checks it anyway`);
-    throw e;
-  }
+  return lockImage(path, { readOnly: !repair, share, overrideHint: repair ? undefined : '--force-share checks it anyway' });
 }
 
 /** Checks (or repairs) the image at `path`, reports, and returns qemu-img check's exit status. */

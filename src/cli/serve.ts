@@ -17,7 +17,7 @@ import { loadBackendModule } from '../node/backend-module.js';
 import { listenControl } from '../node/control.js';
 import { openFileBackend } from '../node/file-backend.js';
 import { IMAGE_FORMATS, openImage, type OpenedImage } from '../node/image-open.js';
-import { ImageLockError, lockImage, type ImageLock } from '../node/image-lock.js';
+import { lockImage, type ImageLock } from '../node/image-lock.js';
 import { listenMetrics, metricsRegistry, type MetricsEndpoint } from '../node/metrics.js';
 import { openNbdBackend } from '../node/nbd-backend.js';
 import { serve, type ServedDisk } from '../node/serve.js';
@@ -328,12 +328,7 @@ export function describeImage(image: OpenedImage): string {
 
 /** The IMAGE's lock; a conflict's one line names the image and the option that overrides it. */
 function lockSource(image: string, readOnly: boolean, share: boolean): ImageLock {
-  try {
-    return lockImage(image, { readOnly, share });
-  } catch (e) {
-    if (e instanceof ImageLockError) throw new ImageLockError(image, `${e.message}; --force-share serves it anyway`);
-    throw e;
-  }
+  return lockImage(image, { readOnly, share, overrideHint: '--force-share serves it anyway' });
 }
 
 /**

@@ -37,7 +37,6 @@ import * as native from './native.js';
  */
 export type FileIoMode = 'sync' | 'async' | 'auto' | 'mmap';
 
-
 /** How {@link openFileBackend} opens an image. */
 export interface FileBackendOptions {
   /** Open the image O_RDONLY and refuse every write. */

@@ -42,6 +42,8 @@ export interface ImageLockOptions {
    * Our own use is still announced: a later process that shares nothing refuses.
    */
   readonly share?: boolean;
+  /** What a refusal's message ends with: how the user overrides it (`--force-share …`). */
+  readonly overrideHint?: string;
 }
 
 /** The image is locked by another process in a way ours conflicts with. */
@@ -84,12 +86,12 @@ export function lockImage(path: string, options: ImageLockOptions): ImageLock {
     // Others' locks on what we hold only matter through the checks below: ours are shared.
     const refused = hold.find((byte) => !native.ofdLock(fd, byte, 1, 'read'));
     // Only an exclusive lock refuses a shared one: nobody's scheme we know, it still keeps us out.
-    if (refused !== undefined) throw lockedError(path, `holds an exclusive lock on byte ${refused}`);
+    if (refused !== undefined) throw lockedError(path, `holds an exclusive lock on byte ${refused}`, options.overrideHint);
     if (!options.share) {
       const check = [UNSHARED_BYTE + CONSISTENT_READ, PERM_BYTE + WRITE];
       if (!options.readOnly) check.push(UNSHARED_BYTE + WRITE);
       const conflict = check.find((byte) => native.ofdTestLock(fd, byte, 1, 'write') !== null);
-      if (conflict !== undefined) throw lockedError(path, HOLDER_OF[conflict]);
+      if (conflict !== undefined) throw lockedError(path, HOLDER_OF[conflict], options.overrideHint);
     }
   } catch (e) {
     closeSync(fd);
@@ -105,6 +107,6 @@ export function lockImage(path: string, options: ImageLockOptions): ImageLock {
   };
 }
 
-function lockedError(path: string, doing: string): ImageLockError {
-  return new ImageLockError(path, `image ${path} is in use: another process (vblk serve, QEMU, qemu-storage-daemon …) ${doing}`);
+function lockedError(path: string, doing: string, hint: string | undefined): ImageLockError {
+  return new ImageLockError(path, `image ${path} is in use: another process (vblk serve, QEMU, qemu-storage-daemon …) ${doing}${hint ? `; ${hint}` : ''}`);
 }

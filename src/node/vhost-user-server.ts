@@ -362,4 +362,3 @@ export class VhostUserServer {
     await this.active;
   }
 }
-

@@ -278,4 +278,3 @@ if dmesg | grep -i -E 'I/O error|blk_update_request|virtio_blk.*error'; then ech
 echo FIO-DONE
 `;
 }
-

@@ -41,13 +41,11 @@ export function decodeEntry(view: DataView, o: number, g: L2Geometry): Entry {
 
 /**
  * Throws {@link Qcow2Error} unless every entry of the L2 table at `off` is well-formed:
- * no reserved bits, aligned offsets off the header and inside the file, none inside the
- * `metadata` cluster ranges ([first, end) in clusters: the L1, refcount and snapshot tables)
- * nor on one of the `tables` clusters (L2 tables and refcount blocks), which a write or a
- * free through a data entry would destroy; consistent bitmaps.
+ * no reserved bits, aligned offsets off the header and inside the file, none on one of the
+ * `metadata` clusters (the header, L1, refcount and snapshot tables, L2 tables and refcount
+ * blocks), which a write or a free through a data entry would destroy; consistent bitmaps.
  */
-export function validateL2Table(data: Uint8Array, off: number, g: L2Geometry, fileSize: number,
-  metadata: readonly (readonly [number, number])[] = [], tables: ReadonlySet<number> = new Set()): void {
+export function validateL2Table(data: Uint8Array, off: number, g: L2Geometry, fileSize: number, metadata: ReadonlySet<number>): void {
   const view = new DataView(data.buffer, data.byteOffset, data.byteLength);
   const entryBytes = g.extended ? 16 : 8, clusterSize = 2 ** g.clusterBits;
   for (let o = 0; o < data.length; o += entryBytes) {
@@ -55,15 +53,13 @@ export function validateL2Table(data: Uint8Array, off: number, g: L2Geometry, fi
     const d = decodeL2Entry(hi, g.extended ? lo & ~1 : lo, g.clusterBits, g.v3);
     const where = `L2 table at ${off}, entry ${o / entryBytes}`;
     if (typeof d === 'string') throw new Qcow2Error('QCOW2_BAD_METADATA', `${where}: ${d}`);
-    if (d.kind !== 'unallocated' && d.offset !== 0 && (d.offset < clusterSize || d.offset >= fileSize)) {
-      throw new Qcow2Error('QCOW2_BAD_METADATA', `${where}: cluster offset ${d.offset} is on the header or past the end of the file`);
-    }
     if (d.kind !== 'unallocated' && d.offset !== 0) {
-      const c = Math.floor(d.offset / clusterSize);
-      if (metadata.some(([s, e]) => c >= s && c < e)) {
-        throw new Qcow2Error('QCOW2_BAD_METADATA', `${where}: cluster offset ${d.offset} lies in the L1, refcount or snapshot table`);
+      if (d.offset < clusterSize || d.offset >= fileSize) {
+        throw new Qcow2Error('QCOW2_BAD_METADATA', `${where}: cluster offset ${d.offset} is on the header or past the end of the file`);
       }
-      if (tables.has(c)) throw new Qcow2Error('QCOW2_BAD_METADATA', `${where}: cluster offset ${d.offset} is an L2 table or a refcount block`);
+      if (metadata.has(Math.floor(d.offset / clusterSize))) {
+        throw new Qcow2Error('QCOW2_BAD_METADATA', `${where}: cluster offset ${d.offset} is metadata (an L1, L2, refcount or snapshot table, or a refcount block)`);
+      }
     }
     if (g.extended && d.kind !== 'compressed') {
       const zero = view.getUint32(o + 8), alloc = view.getUint32(o + 12);

@@ -31,7 +31,6 @@ export interface Qcow2Options {
   readonly refcountCacheBytes?: number;
 }
 
-
 /** Opens a qcow2 image: reads and validates the header, the L1 table and (writable) the refcount table. */
 export async function openQcow2(file: ImageFile, options: Qcow2Options = {}): Promise<Qcow2Backend> {
   const readOnly = options.readOnly ?? file.readOnly;
@@ -84,4 +83,3 @@ async function readFirstCluster(file: ImageFile): Promise<Qcow2Header> {
   }
   return parseHeader(first, file.size);
 }
-

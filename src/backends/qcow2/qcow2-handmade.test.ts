@@ -281,7 +281,7 @@ test('an L2 entry pointing at an L2 table (the other one, or its own) or at a re
       const out = await run(patched(b, patch), { otherWorks: at !== otherL2 });
       assert.equal(out.open, undefined);
       assert.equal(out.hitRead?.code, 'QCOW2_BAD_METADATA', `${what}, COPIED ${flag}: ${out.hitRead?.message}`);
-      assert.match(out.hitRead?.message ?? '', /is an L2 table or a refcount block/);
+      assert.match(out.hitRead?.message ?? '', /is metadata \(an L1, L2, refcount or snapshot table, or a refcount block\)/);
       assert.equal(out.hitWrite?.code, 'QCOW2_BAD_METADATA', `${what}, COPIED ${flag}: ${out.hitWrite?.message}`);
       // The table may change by the harness's own writes under the other table; never by the refused write's data.
       assert.notDeepEqual(out.after.subarray(at, at + CS), pattern(CS, 7), `${what}, COPIED ${flag}: the refused write landed on the table`);

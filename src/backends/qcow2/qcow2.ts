@@ -346,10 +346,9 @@ export class Qcow2Backend implements BlockBackend {
     }
     const data = new Uint8Array(this.#cs);
     await this.#file.read(off, [data]);
-    validateL2Table(data, off, this.#geometry, this.#file.size, this.#meta.reserved(), tables.all);
+    validateL2Table(data, off, this.#geometry, this.#file.size, tables.all);
     return this.#l2.insert(off, data, false);
   }
-
 
   async #writeSlow(offset: number, buffers: readonly Uint8Array[], length: number): Promise<void> {
     for (const [c, inOff, bufs] of this.#pieces(offset, buffers, length)) await this.#writeCluster(c, inOff, bufs);
@@ -692,5 +691,3 @@ export class Qcow2Backend implements BlockBackend {
     if (this.readOnly) throw new BackendError('READ_ONLY', 'the qcow2 image is open read-only');
   }
 }
-
-

@@ -111,7 +111,6 @@ export interface BackendSessionOptions {
 /** Virtio feature bits that are vhost's, not the device's: never passed to the device model. */
 const VHOST_ONLY_FEATURES = (1n << BigInt(VHOST_USER_F_PROTOCOL_FEATURES)) | (1n << BigInt(VHOST_F_LOG_ALL));
 
-
 interface Vring {
   num: number;
   /**
@@ -487,7 +486,6 @@ export class VhostUserBackendSession implements DeviceHost {
   private requireRingsStopped(): void {
     if (this.vrings.some((v) => v.queue)) throw new BackendSessionError('RING_BUSY', 'the inflight buffer cannot change while rings run');
   }
-
 
   private vring(index: number, fdToCloseOnError: number | null = null): Vring {
     const v = this.vrings[index];
