@@ -181,7 +181,7 @@ async function withQemuDrive(image: string, drive: string, body: () => Promise<v
   }
 }
 
-describe('vblk and QEMU 7.2 see each other\'s image locks', { skip: requirePeer('qemu-storage-daemon', 'qemu-io', 'qemu-system-x86_64') }, () => {
+describe('vblk and QEMU 7.2 see each other\'s image locks', { skip: requirePeer('qemu-storage-daemon', 'qemu-io', 'qemu-img', 'qemu-system-x86_64') }, () => {
   const withQsd = async (image: string, writable: boolean, body: (q: Qsd) => Promise<void>): Promise<void> => {
     const name = `qsd${images}${writable ? 'w' : 'r'}`;
     const q = await startQsd(image, sock(name), sock(`${name}-qmp`), { writable });
@@ -239,6 +239,32 @@ describe('vblk and QEMU 7.2 see each other\'s image locks', { skip: requirePeer(
       assert.match(w.output, /Failed to get "write" lock/);
       const r = await qemuIo(base, 'read 0 512', true);
       assert.equal(r.code, 0, r.output);
+    });
+  });
+
+  test('vblk image info refuses an image vblk serve writes as qemu-img info does, and both show it with --force-share (-U) or when the serve only reads', async () => {
+    const [overlay] = await newOverlay();
+    const qemuImgInfo = (...args: string[]) => new Promise<{ code: number; output: string }>((resolve) => {
+      execFile('qemu-img', ['info', ...args, overlay], { timeout: 30_000, encoding: 'utf8' }, (e, stdout, stderr) => {
+        resolve({ code: e === null ? 0 : typeof e.code === 'number' ? e.code : -1, output: stdout + stderr });
+      });
+    });
+    const info = (...args: string[]) => runCli(['image', 'info', overlay, ...args]);
+    await withServes([[overlay, sock('i1'), []]], async () => {
+      const q = await qemuImgInfo();
+      assert.equal(q.code, 1, q.output);
+      assert.match(q.output, /Failed to get shared "write" lock/);
+      const r = await info();
+      assert.equal(r.code, 1, r.stderr);
+      assert.equal(r.stderr, `vblk image info: image ${overlay} is in use: another process (vblk serve, QEMU, qemu-storage-daemon …) writes to it; --force-share shows it anyway\n`);
+      assert.equal((await qemuImgInfo('-U')).code, 0);
+      const shared = await info('--force-share', '--json');
+      assert.equal(shared.code, 0, shared.stderr);
+      assert.equal(JSON.parse(shared.stdout.toString()).format, 'qcow2');
+    });
+    await withServes([[overlay, sock('i2'), ['--read-only']]], async () => {
+      assert.equal((await qemuImgInfo()).code, 0);
+      assert.equal((await info()).code, 0);
     });
   });
 

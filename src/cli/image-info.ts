@@ -1,10 +1,11 @@
 /**
- * `vblk image info IMAGE [--format raw|qcow2] [--json]`: what an image is (format,
- * sizes, qcow2 header fields, flags) and its backing chain, read from the headers only:
- * no data is read, nothing is written, and a broken chain is shown as far as it goes.
+ * `vblk image info IMAGE [--format raw|qcow2] [--json] [--force-share]`: what an image is
+ * (format, sizes, qcow2 header fields, flags) and its backing chain, read from the headers
+ * only: no data is read, nothing is written, and a broken chain is shown as far as it goes.
  */
-import { fstatSync } from 'node:fs';
+import { existsSync, fstatSync } from 'node:fs';
 import { COMPAT, INCOMPAT } from '../backends/qcow2/header.js';
+import { lockImage } from '../node/image-lock.js';
 import { IMAGE_FORMATS, closeChain, walkChain, type ChainLevel } from '../node/image-open.js';
 import { CliUsageError } from './args.js';
 import { defineCommand } from './command.js';
@@ -49,15 +50,29 @@ export interface BackingInfo {
 export const command = defineCommand({
   name: 'image info',
   summary: 'show an image\'s format, sizes, qcow2 header fields and backing chain',
-  usage: 'IMAGE [--format raw|qcow2] [--json]',
+  usage: 'IMAGE [--format raw|qcow2] [--json] [--force-share]',
+  details: [
+    'The image is locked for reading as qemu-img info locks it: an image another process',
+    'writes (vblk serve, a running QEMU) is refused, since its header may change under the read.',
+  ],
   options: {
     format: { kind: 'choice', choices: IMAGE_FORMATS, valueName: 'FORMAT', description: 'the image\'s format (probed from its first bytes when absent)' },
     json: { kind: 'boolean', description: 'print one JSON object on one line' },
+    'force-share': { kind: 'boolean', description: 'show an image another process writes (as qemu-img info -U): the dirty flag and sizes may be stale' },
   },
   async run({ options, positionals }, io) {
     if (positionals.length !== 1) throw new CliUsageError(`vblk image info: expected one IMAGE, got ${positionals.length} arguments`);
-    const info = imageInfo(positionals[0], options.format);
-    io.stdout(options.json ? `${JSON.stringify(info)}\n` : formatInfo(info));
+    const path = positionals[0];
+    // A missing image is left to imageInfo, which says so in its own words.
+    const lock = existsSync(path)
+      ? lockImage(path, { readOnly: true, share: options['force-share'], overrideHint: '--force-share shows it anyway' })
+      : null;
+    try {
+      const info = imageInfo(path, options.format);
+      io.stdout(options.json ? `${JSON.stringify(info)}\n` : formatInfo(info));
+    } finally {
+      lock?.release();
+    }
   },
 });
 
