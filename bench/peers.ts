@@ -129,7 +129,7 @@ export async function startPeer(kind: (typeof PEER_KINDS)[number], image: string
     const s = await startServe(image, socket, ['--queues', String(queues), '--force-share', ...extra]);
     await s.waitForLog(/serving /);
     const url = /metrics on (\S+)/.exec(s.log())?.[1];
-    const scraper = url === undefined ? null : setInterval(() => void fetch(url).then((r) => r.text(), () => ''), 1000);
+    const scraper = url === undefined ? null : setInterval(() => void fetch(url).then((r) => r.text()).catch(() => ''), 1000);
     return {
       kind, pid: s.proc.pid as number, socket,
       stop: async () => {

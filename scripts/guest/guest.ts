@@ -213,7 +213,7 @@ const EXIT_MARKER = /VBLK-GUEST-EXIT=(\d+)/;
 const ERROR_MARKER = /VBLK-GUEST-ERROR: (.*)/;
 const PANIC = /Kernel panic - not syncing: .*/;
 // init powers off right after the exit marker; a QEMU still alive this long after it is stuck.
-const POWEROFF_GRACE_MS = 10_000;
+const POWEROFF_GRACE_MS = 30_000;
 
 /** Running QEMUs and their temporary directories, for the exit hook. */
 const live = new Map<ChildProcess, string>();

@@ -94,7 +94,10 @@ for (const kind of ['qemu-storage-daemon', 'vblk serve', 'vblk serve --io mmap']
             // too (checked here; VHOST-USER-NOTES.md says otherwise): re-export the node.
             lastPublish = async () => {
               await qsd.qmp('block-export-del', { id: 'e' });
-              for (let i = 0; i < 100 && ((await qsd.qmp('query-block-exports')) as unknown[]).length > 0; i++) {
+              // The export goes once its last connection has; a bound, then a clear failure.
+              const deadline = Date.now() + 60_000;
+              while (((await qsd.qmp('query-block-exports')) as unknown[]).length > 0) {
+                if (Date.now() > deadline) throw new Error('qemu-storage-daemon still lists export e 60 s after block-export-del');
                 await new Promise((r) => setTimeout(r, 50));
               }
               await qsd.qmp('block-export-add', {

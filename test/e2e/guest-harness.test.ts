@@ -37,7 +37,7 @@ describe('guest harness', { skip: requirePeer(...GUEST_PEERS) }, () => {
     assert.equal(r.exitCode, 0, `guest failed (${r.error ?? 'no error'}):\n${r.output.split('\n').slice(-40).join('\n')}`);
   }
 
-  it('boots, sees /dev/vda at its size, and ext4 and fio work on it', { timeout: 120_000 }, async (t) => {
+  it('boots, sees /dev/vda at its size, and ext4 and fio work on it', { timeout: 240_000 }, async (t) => {
     const r = await runGuest({
       drives: [{ path: await freshDisk() }],
       script: `set -e
@@ -67,14 +67,14 @@ e2fsck -fn /dev/vda
     assert.equal(createHash('sha256').update(hostData).digest('hex'), guestSha);
   });
 
-  it('propagates the exit status of the script', { timeout: 60_000 }, async () => {
+  it('propagates the exit status of the script', { timeout: 180_000 }, async () => {
     const r = await runGuest({ script: 'echo about to fail\nexit 3\n' });
     assert.equal(r.exitCode, 3);
     assert.equal(r.error, undefined);
     assert.match(r.output, /^about to fail$/m);
   });
 
-  it('kills QEMU and reports a timeout when the script hangs', { timeout: 60_000 }, async () => {
+  it('kills QEMU and reports a timeout when the script hangs', { timeout: 180_000 }, async () => {
     const guest = await startGuest({ script: 'sleep 600', timeoutMs: 8_000 });
     const r = await guest.done;
     assert.equal(r.timedOut, true);
@@ -82,7 +82,7 @@ e2fsck -fn /dev/vda
     assert.throws(() => process.kill(guest.pid, 0), { code: 'ESRCH' });
   });
 
-  it('runs the next script after the guest reboots itself', { timeout: 60_000 }, async () => {
+  it('runs the next script after the guest reboots itself', { timeout: 180_000 }, async () => {
     const r = await runGuest({
       drives: [{ path: await freshDisk() }],
       script: [
@@ -100,7 +100,7 @@ echo second-boot-ok`,
     assert.match(r.output, /^second-boot-ok$/m);
   });
 
-  it('lets a test talk to the running guest: console lines and QMP system_reset', { timeout: 60_000 }, async () => {
+  it('lets a test talk to the running guest: console lines and QMP system_reset', { timeout: 180_000 }, async () => {
     const guest = await startGuest({
       script: [
         'echo READY\nread -r word\necho "got=$word"\nsleep 600',
@@ -108,7 +108,7 @@ echo second-boot-ok`,
       ],
     });
     try {
-      await guest.waitFor('READY');
+      await guest.waitFor('READY', 120_000);
       guest.send('hello');
       await guest.waitFor(/^got=hello$/);
       const status = (await guest.qmp('query-status')) as { status: string };
@@ -125,7 +125,7 @@ echo second-boot-ok`,
   // The command line every vblk e2e test relies on (memfd-shared RAM, vhost-user-blk-pci,
   // reconnect, more than one vCPU), checked against a vhost-user device nobody here wrote.
   it('attaches a vhost-user-blk disk as vda, before the plain drives',
-    { timeout: 60_000, skip: requirePeer('qemu-storage-daemon') }, async () => {
+    { timeout: 180_000, skip: requirePeer('qemu-storage-daemon') }, async () => {
       const image = join(dir, 'vhost.img');
       const file = await open(image, 'w');
       await file.truncate(32 << 20);

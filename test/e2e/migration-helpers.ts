@@ -138,6 +138,8 @@ export async function qsdServer(image: string, dir: string): Promise<DiskServer>
  */
 export const GUEST_SCRIPT = `set -e
 exec 3</dev/vda
+# Before the loop starts: the first FIO-ROUND line would otherwise race it on the other vCPU.
+echo READY
 (
   n=0
   while [ ! -e /tmp/stop ]; do
@@ -151,7 +153,6 @@ exec 3</dev/vda
   echo "FIO-ROUNDS=$n"
 ) &
 fio_loop=$!
-echo READY
 read -r line
 for r in $(seq 0 $((${REGIONS} - 1))); do
   echo 3 > /proc/sys/vm/drop_caches
