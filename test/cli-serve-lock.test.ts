@@ -152,12 +152,17 @@ test('--force-share with an NBD source is a usage error', async () => {
   assert.match(r.stderr, /^vblk serve: --force-share is for an image file/);
 });
 
-function qemuIo(image: string, command: string, readOnly = false): Promise<{ code: number; output: string }> {
+/** Runs one of QEMU's tools to its end: its exit status and all it printed. */
+function qemuTool(tool: string, args: string[]): Promise<{ code: number; output: string }> {
   return new Promise((resolve) => {
-    execFile('qemu-io', ['-f', 'raw', ...(readOnly ? ['-r'] : []), '-c', command, image], { timeout: 30_000 }, (e, stdout, stderr) => {
+    execFile(tool, args, { timeout: 30_000, encoding: 'utf8' }, (e, stdout, stderr) => {
       resolve({ code: e === null ? 0 : typeof e.code === 'number' ? e.code : -1, output: stdout + stderr });
     });
   });
+}
+
+function qemuIo(image: string, command: string, readOnly = false): Promise<{ code: number; output: string }> {
+  return qemuTool('qemu-io', ['-f', 'raw', ...(readOnly ? ['-r'] : []), '-c', command, image]);
 }
 
 /** A stopped QEMU (-S, no guest) with `image` as a virtio -drive, holding its locks. */
@@ -244,11 +249,7 @@ describe('vblk and QEMU 7.2 see each other\'s image locks', { skip: requirePeer(
 
   test('vblk image info refuses an image vblk serve writes as qemu-img info does, and both show it with --force-share (-U) or when the serve only reads', async () => {
     const [overlay] = await newOverlay();
-    const qemuImgInfo = (...args: string[]) => new Promise<{ code: number; output: string }>((resolve) => {
-      execFile('qemu-img', ['info', ...args, overlay], { timeout: 30_000, encoding: 'utf8' }, (e, stdout, stderr) => {
-        resolve({ code: e === null ? 0 : typeof e.code === 'number' ? e.code : -1, output: stdout + stderr });
-      });
-    });
+    const qemuImgInfo = (...args: string[]) => qemuTool('qemu-img', ['info', ...args, overlay]);
     const info = (...args: string[]) => runCli(['image', 'info', overlay, ...args]);
     await withServes([[overlay, sock('i1'), []]], async () => {
       const q = await qemuImgInfo();
