@@ -206,8 +206,46 @@ async function pollMigration(g: Guest, until: (i: MigrationInfo) => boolean, wha
 }
 
 /**
+ * Runs `during` while the migration stays short of its switchover. Should QEMU switch over
+ * anyway (a dirty-page sync finding fewer pages than the 1 ms limit lets through), the
+ * source is paused and `during` could never finish: that fails at once, saying so.
+ */
+async function duringUnconverged(src: Guest, during: () => Promise<void>): Promise<void> {
+  let probing = true;
+  const work = during();
+  const watch = (async () => {
+    while (probing) {
+      const info = (await src.qmp('query-migrate')) as MigrationInfo;
+      if (info.status !== 'active') throw new Error(`the migration went ${info.status} before the probe was done (the guest dirtied too little memory to hold it back)`);
+      await new Promise((r) => setTimeout(r, 200));
+    }
+  })();
+  try {
+    await Promise.race([work, watch]);
+  } catch (e) {
+    work.catch(() => {}); // its guest is killed by the caller's cleanup; that ending is not news
+    throw e;
+  } finally {
+    probing = false;
+  }
+  await watch;
+}
+
+/**
+ * Where `dst` listens: `uri` itself, or for `tcp:HOST:0` (QEMU binds a free port, with no
+ * window in which another process could take it) the port QEMU bound, from its query-migrate.
+ */
+async function listeningUri(dst: Guest, uri: string): Promise<string> {
+  if (!/^tcp:.*:0$/.test(uri)) return uri;
+  const info = (await dst.qmp('query-migrate')) as { 'socket-address'?: { type: string; host?: string; port?: string }[] };
+  const a = info['socket-address']?.find((x) => x.type === 'inet');
+  if (a?.port === undefined) throw new Error(`the destination listens on ${uri} but query-migrate names no port: ${JSON.stringify(info)}`);
+  return `tcp:${a.host}:${a.port}`;
+}
+
+/**
  * Migrates the guest from `src` to `dst`, which listens on `uri` (its `-incoming`:
- * `unix:PATH` or `tcp:HOST:PORT`). With `during`, the migration is held slow and short
+ * `unix:PATH`, `tcp:HOST:PORT` or `tcp:HOST:0`). With `during`, the migration is held slow and short
  * of its switchover until `during` is done.
  */
 export async function migrate(src: Guest, dst: Guest, uri: string, during?: () => Promise<void>): Promise<MigrationInfo> {
@@ -215,15 +253,16 @@ export async function migrate(src: Guest, dst: Guest, uri: string, during?: () =
   // the migration before its main loop runs, and its monitor answers only from there.
   await waitUntil(() => existsSync(dst.qmpSocket), { what: `the destination's QMP socket ${dst.qmpSocket}`, timeoutMs: 120_000 });
   await dst.qmp('query-status');
+  const to = await listeningUri(dst, uri);
   await src.qmp('migrate-set-parameters', during ? SLOW : FAST);
-  await src.qmp('migrate', { uri });
-  note(`migrating to ${uri}`);
+  await src.qmp('migrate', { uri: to });
+  note(`migrating to ${to}`);
   if (during) {
     // dirty-sync-count 2: the first pass over all memory is done, and every page the
     // probe fills from now on was sent before, with other contents.
     await pollMigration(src, (i) => (i.ram?.['dirty-sync-count'] ?? 0) >= 2, 'the first pass', 300_000);
     note('first pass done');
-    await during();
+    await duringUnconverged(src, during);
     note('probe read');
     await src.qmp('migrate-set-parameters', FAST);
   }

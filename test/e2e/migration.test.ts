@@ -26,7 +26,6 @@ import assert from 'node:assert/strict';
 import { execFileSync, spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { copyFileSync, mkdirSync, writeFileSync } from 'node:fs';
-import { createServer } from 'node:net';
 import { join } from 'node:path';
 import { GUEST_PEERS, ensureGuest, requirePeer, startGuest, type Guest, type GuestImage } from '../../scripts/guest/guest.js';
 import {
@@ -53,15 +52,6 @@ function makeImage(path: string): string[] {
     const from = (REGION_START_MIB + r * REGION_MIB) * MiB;
     return createHash('sha256').update(image.subarray(from, from + REGION_MIB * MiB)).digest('hex');
   });
-}
-
-/** A TCP port nothing listens on now (the destination QEMU takes it a moment later). */
-async function freePort(): Promise<number> {
-  const s = createServer();
-  await new Promise<void>((res) => s.listen(0, '127.0.0.1', res));
-  const { port } = s.address() as { port: number };
-  await new Promise<void>((res) => s.close(() => res()));
-  return port;
 }
 
 /** `vblk_dirty_log_active` of each socket, from the server's metrics. */
@@ -167,7 +157,8 @@ describe('live migration of a guest served over vhost-user', { skip: requirePeer
   });
 
   const unixUri = (dir: string) => async (to: 'a' | 'b') => `unix:${join(dir, `mig-${to}.sock`)}`;
-  const tcpUri = async () => `tcp:127.0.0.1:${await freePort()}`;
+  // Port 0: the destination QEMU picks a free one, and migrate() asks it which.
+  const tcpUri = async () => 'tcp:127.0.0.1:0';
 
   const run = async (name: string, serverOf: (image: string, dir: string) => Promise<DiskServer>, tcp = false, checkOnly = false, qcow2 = false) => {
     const dir = join(scratch.dir, name.replaceAll(' ', '-'));
