@@ -1,16 +1,18 @@
 // vblk as a package: `npm pack`, then an empty project installs the tarball and uses it
 // as a stranger would. npm builds the addon on install (scripts/install-addon.mjs); a
 // TypeScript backend type-checks against the exported BlockBackend with no Node.js
-// types; vblk/node and vblk/testing work from a program; the exported compliance suite
-// runs on the backend with `node --test`; `npx vblk serve --backend ./my-backend.js`
-// serves it and `npx vblk read` returns its bytes.
+// types; vblk/node and vblk/testing work from a program, and so does an NBD export
+// served from one; the exported compliance suite runs on the backend with `node --test`;
+// `npx vblk serve --backend ./my-backend.js` serves it and `npx vblk read` returns its bytes.
 import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
-import { existsSync, mkdirSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
+import { requirePeer } from '../../scripts/guest/guest.js';
+import { startQemuNbd } from '../support/nbd-servers.js';
 import { launchServe, scratchDir } from './serve-helpers.js';
 
 const REPO = resolve(dirname(fileURLToPath(import.meta.url)), '../../..');
@@ -78,6 +80,24 @@ await backend.close();
 console.log(back.every((b) => b === 1) ? 'ROUND-TRIP-OK' : 'ROUND-TRIP-BAD');
 `;
 
+/** A program that serves an NBD export (argv[2]) over vhost-user, reads sector 1 through it and copies it to sector 2. */
+const NBD_PROGRAM = `import { VIRTIO_BLK_SECTOR_SIZE } from 'vblk';
+import { connect, openNbdBackend, serve } from 'vblk/node';
+
+const [uri, socketPath] = process.argv.slice(2);
+const backend = await openNbdBackend({ uri });
+const served = await serve({ backend, socketPath });
+const disk = await connect(socketPath);
+const sector = new Uint8Array(VIRTIO_BLK_SECTOR_SIZE);
+await disk.driver.read(1, [sector]);
+await disk.driver.write(2, [sector]);
+await disk.driver.flush();
+await disk.close();
+await served.close();
+await backend.close();
+console.log(new TextDecoder().decode(sector).replace(/\\0+$/, ''));
+`;
+
 const COMPLIANCE = `import { backendComplianceSuite } from 'vblk/testing';
 import { RamDisk } from './my-backend.js';
 
@@ -114,6 +134,7 @@ describe('the packed package in an empty project', { timeout: 240_000 }, () => {
     await run('npm', ['install', '--no-audit', '--no-fund', join(scratch.dir, info.filename)], { cwd: project });
     writeFileSync(join(project, 'my-backend.ts'), MY_BACKEND);
     writeFileSync(join(project, 'program.ts'), PROGRAM);
+    writeFileSync(join(project, 'nbd-program.ts'), NBD_PROGRAM);
     writeFileSync(join(project, 'compliance.test.mjs'), COMPLIANCE);
   });
   after(() => scratch.cleanup());
@@ -150,6 +171,24 @@ describe('the packed package in an empty project', { timeout: 240_000 }, () => {
     const r = await run(process.execPath, ['program.js', join(scratch.dir, 'program.sock')], { cwd: project, timeout: 30_000 });
     assert.equal(r.stdout.trim(), 'ROUND-TRIP-OK');
   });
+
+  it('vblk/node serves an NBD export from a program: qemu-nbd\'s image read and written through openNbdBackend, serve() and connect()',
+    { skip: requirePeer('qemu-nbd') }, async () => {
+      const image = join(scratch.dir, 'nbd.img');
+      const bytes = Buffer.alloc(1 << 20);
+      bytes.write('hello over NBD', 512, 'latin1');
+      writeFileSync(image, bytes);
+      const nbd = await startQemuNbd(image, join(scratch.dir, 'nbd.sock'));
+      try {
+        writeFileSync(join(project, 'tsconfig.nbd.json'), tsconfig(['nbd-program.ts'], ['node']));
+        await run(process.execPath, [TSC, '-p', 'tsconfig.nbd.json'], { cwd: project });
+        const r = await run(process.execPath, ['nbd-program.js', nbd.uri, join(scratch.dir, 'nbd-program.sock')], { cwd: project, timeout: 30_000 });
+        assert.equal(r.stdout.trim(), 'hello over NBD');
+      } finally {
+        await nbd.stop();
+      }
+      assert.equal(readFileSync(image).subarray(1024, 1024 + 14).toString('latin1'), 'hello over NBD');
+    });
 
   it('the exported compliance suite runs on the backend with node --test', async (t) => {
     const probe = await run(process.execPath, ['--input-type=module', '-e', "const m = await import('vblk/testing'); console.log(typeof m.backendComplianceSuite);"], { cwd: project });
