@@ -9,7 +9,7 @@ import { randomFillSync } from 'node:crypto';
 import { readFileSync, statSync, unlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { requirePeer } from '../scripts/guest/guest.js';
-import { openNbdBackend, type NbdBackend } from '../src/node/nbd-backend.js';
+import { openNbdBackend, type NbdExportBackend } from '../src/node/nbd-backend.js';
 import { startNbdkit, startQemuNbd } from './support/nbd-servers.js';
 import { FakeNbdServer } from './support/fake-nbd-server.js';
 import { FLAGS } from './support/nbd-wire.js';
@@ -22,8 +22,8 @@ const MiB = 1024 * 1024;
 const SIZE = 16 * MiB;
 
 /** Backends a test opened: closed after it whatever happens, or their reconnecting would keep the process alive. */
-const opened: NbdBackend[] = [];
-function track(b: NbdBackend): NbdBackend {
+const opened: NbdExportBackend[] = [];
+function track(b: NbdExportBackend): NbdExportBackend {
   opened.push(b);
   return b;
 }
@@ -47,7 +47,7 @@ function qemuImgCompare(a: string, fa: string, b: string, fb: string): void {
 }
 
 /** Reads the whole export through the backend, in pieces of assorted sizes, many at once. */
-async function readAll(b: NbdBackend): Promise<Uint8Array> {
+async function readAll(b: NbdExportBackend): Promise<Uint8Array> {
   const out = new Uint8Array(b.size);
   const jobs: Promise<void>[] = [];
   for (let at = 0, i = 0; at < b.size; i++) {
@@ -62,7 +62,7 @@ async function readAll(b: NbdBackend): Promise<Uint8Array> {
 }
 
 /** Writes `ops` (offset, data) all at once and flushes. */
-async function writeAll(b: NbdBackend, ops: [number, Uint8Array][]): Promise<void> {
+async function writeAll(b: NbdExportBackend, ops: [number, Uint8Array][]): Promise<void> {
   await Promise.all(ops.map(([at, data]) => b.write(at, [data])));
   await b.flush();
 }

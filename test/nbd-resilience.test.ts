@@ -15,7 +15,7 @@ import { unlinkSync, writeFileSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { join } from 'node:path';
 import { requirePeer } from '../scripts/guest/guest.js';
-import { openNbdBackend, type NbdBackend, type NbdBackendOptions } from '../src/node/nbd-backend.js';
+import { openNbdBackend, type NbdBackendOptions, type NbdExportBackend } from '../src/node/nbd-backend.js';
 import { FakeNbdServer } from './support/fake-nbd-server.js';
 import { concat, dataChunk, errorChunk, simpleReply } from './support/nbd-wire.js';
 import { startNbdkit, startQemuNbd } from './support/nbd-servers.js';
@@ -24,8 +24,8 @@ import { scratchDir } from './e2e/serve-helpers.js';
 
 const MiB = 1024 * 1024;
 
-const opened: NbdBackend[] = [];
-async function open(options: NbdBackendOptions): Promise<NbdBackend> {
+const opened: NbdExportBackend[] = [];
+async function open(options: NbdBackendOptions): Promise<NbdExportBackend> {
   const b = await openNbdBackend(options);
   opened.push(b);
   return b;
@@ -47,7 +47,7 @@ interface Workload {
  * random place, read a random place back and check it against `model`. No two requests
  * in flight overlap, so the model is exact whatever order the server serves them in.
  */
-function workload(b: NbdBackend, model: Uint8Array, workers: number, region: number): Workload {
+function workload(b: NbdExportBackend, model: Uint8Array, workers: number, region: number): Workload {
   const w: Workload = { done: 0, failed: 0, firstError: null, stop: async () => {} };
   let stopping = false;
   const loops = Array.from({ length: workers }, async (_, k) => {

@@ -22,8 +22,10 @@ export {
   type BackingLevel, type FormatSource, type ImageFormat, type ImageOpenErrorCode, type OpenImageOptions, type OpenedImage,
 } from './image-open.js';
 export {
-  NbdBackend, NbdBackendError, openNbdBackend, type NbdBackendErrorCode, type NbdBackendOptions,
+  NbdBackendError, openNbdBackend, type NbdBackendErrorCode, type NbdBackendOptions, type NbdExportBackend,
 } from './nbd-backend.js';
+export type { NbdBlockSizes, NbdExportInfo } from '../backends/nbd/handshake.js';
+export type { NbdAddress, NbdScheme, NbdUri } from '../backends/nbd/uri.js';
 export { ImageLockError, lockImage, type ImageLock, type ImageLockOptions } from './image-lock.js';
 export { VhostUserServer, type VhostUserServerOptions } from './vhost-user-server.js';
 export { connectVhostUser, type ConnectOptions } from './vhost-user-client.js';

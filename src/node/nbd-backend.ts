@@ -84,13 +84,36 @@ const DEFAULT_RECONNECT_TIMEOUT_MS = 60_000;
 const MAX_EFFECT_LENGTH = 0x8000_0000;
 const NO_BUFFERS: readonly Uint8Array[] = [];
 
+/** What {@link openNbdBackend} returns: a {@link BlockBackend} with what the export said of itself. */
+export interface NbdExportBackend extends BlockBackend {
+  /** Writes can be made durable one by one (NBD_CMD_FLAG_FUA). */
+  readonly canFua: boolean;
+  /** The export says it behaves like a rotational disk (virtio-blk has no way to say so). */
+  readonly rotational: boolean;
+  /** The server's size constraints (the protocol's defaults when it advertised none). */
+  readonly blockSizes: NbdBlockSizes;
+  /** The export as the first handshake found it. */
+  readonly info: NbdExportInfo | null;
+  /** The URI, canonical, for messages. */
+  readonly uriText: string;
+  /** Connections in transmission now (fewer than opened while some reconnect). */
+  readonly connectionsUp: number;
+  // Every operation goes over the network: each returns a promise.
+  read(offset: number, buffers: readonly Uint8Array[]): Promise<void>;
+  write(offset: number, buffers: readonly Uint8Array[], fua?: boolean): Promise<void>;
+  flush(): Promise<void>;
+  discard(offset: number, length: number): Promise<void>;
+  writeZeroes(offset: number, length: number, unmap: boolean): Promise<void>;
+  close(): Promise<void>;
+}
+
 /**
  * Opens the export: connects (one connection, or `connections` when the server allows
  * several), negotiates, and returns the backend. Throws {@link NbdBackendError}
  * `CONNECT_FAILED` with the reason (unreachable server, unknown export, TLS refused, a
  * protocol violation…), or an NbdUriError for a bad URI.
  */
-export async function openNbdBackend(options: NbdBackendOptions): Promise<NbdBackend> {
+export async function openNbdBackend(options: NbdBackendOptions): Promise<NbdExportBackend> {
   const uri = typeof options.uri === 'string' ? parseNbdUri(options.uri) : options.uri;
   const wanted = options.connections ?? 1;
   if (!Number.isInteger(wanted) || wanted < 1 || wanted > 64) {
@@ -132,7 +155,7 @@ class Split {
 function noop(): void {}
 
 /** An NBD export as a {@link BlockBackend}. Build it with {@link openNbdBackend}. */
-export class NbdBackend implements BlockBackend, ConnectionOwner<Op> {
+export class NbdBackend implements NbdExportBackend, ConnectionOwner<Op> {
   size = 0;
   readOnly = false;
   canFlush = false;

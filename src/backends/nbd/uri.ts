@@ -19,13 +19,26 @@ export type NbdScheme = 'nbd' | 'nbds' | 'nbd+unix' | 'nbds+unix';
 
 /** Where the server listens. */
 export type NbdAddress =
-  | { readonly kind: 'tcp'; readonly host: string; readonly port: number }
-  /** A path; one starting with NUL names a socket in Linux's abstract namespace. */
-  | { readonly kind: 'unix'; readonly socket: string };
+  | {
+    /** TCP (`nbd://`, `nbds://`). */
+    readonly kind: 'tcp';
+    /** A host name or an IP address (without brackets). */
+    readonly host: string;
+    /** The URI's port, else NBD's 10809. */
+    readonly port: number;
+  }
+  | {
+    /** A unix socket (`nbd+unix://`, `nbds+unix://`). */
+    readonly kind: 'unix';
+    /** The `socket` parameter: a path; one starting with NUL names a socket in Linux's abstract namespace. */
+    readonly socket: string;
+  };
 
 /** A parsed NBD URI. */
 export interface NbdUri {
+  /** As written: it says whether TLS is required and whether the address is TCP or a unix socket. */
   readonly scheme: NbdScheme;
+  /** Where the server listens. */
   readonly address: NbdAddress;
   /** The export name: the path without its leading `/`, percent-decoded ("" is the default export). */
   readonly exportName: string;
