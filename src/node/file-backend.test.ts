@@ -76,7 +76,7 @@ for (const io of ['sync', 'async', 'auto', 'mmap'] as FileIoMode[]) {
       expected.fill(0, MiB, 3 * MiB + 512);
       expected.fill(0, 0, 512);
       assert.deepEqual(back, expected);
-      assert.equal((b as unknown as { zeroRanges: boolean }).zeroRanges, false, 'the fallback path ran');
+      assert.equal((b as unknown as { writer: { zeroRanges: boolean } }).writer.zeroRanges, false, 'the fallback path ran');
       await b.close();
     } finally {
       t.done();

@@ -15,7 +15,7 @@ import {
 } from '../backends/backend.js';
 import { VblkError } from '../errors.js';
 import { VIRTIO_BLK_SECTOR_SIZE } from '../spec/virtio-blk.js';
-import { sliceBuffers } from '../virtqueue/chain.js';
+import { FileReader, FileWriter, batches } from './file-io.js';
 import * as native from './native.js';
 
 /**
@@ -69,9 +69,6 @@ export class FileBackendError extends VblkError {
 
 /** New image files are private: a disk image holds whatever its guest wrote. */
 const IMAGE_MODE = 0o600;
-/** Bytes written per call when a range must be zeroed by writing. */
-const ZERO_BLOCK = 1024 * 1024;
-let zeroBlock: Uint8Array | null = null;
 
 /**
  * Opens the image at `path`. Throws {@link FileBackendError} when it is missing (and no
@@ -142,111 +139,6 @@ export function openError(path: string, e: unknown): FileBackendError {
   return new FileBackendError('IMAGE_UNREADABLE', `cannot open image ${path}: ${reason}`);
 }
 
-/** Errors with which fallocate says "not this mode here" (fallocate(2)): fall back to writing zeroes. */
-export function isUnsupported(e: unknown): boolean {
-  return native.isNativeError(e) && (e.code === 'EOPNOTSUPP' || e.code === 'ENOTSUP' || e.code === 'EINVAL' || e.code === 'ENOSYS');
-}
-
-/** Fills every byte of `buffers` from byte `from` on with zeroes (what a read past end of file gives). */
-export function zeroFrom(buffers: readonly Uint8Array[], from: number): void {
-  let skip = from;
-  for (const b of buffers) {
-    if (skip >= b.length) {
-      skip -= b.length;
-      continue;
-    }
-    b.fill(0, skip);
-    skip = 0;
-  }
-}
-
-/** `buffers` cut into lists the addon accepts in one call (the addon's limit is far above any chain's). */
-export function batches(buffers: readonly Uint8Array[]): (readonly Uint8Array[])[] {
-  if (buffers.length <= native.MAX_SEGMENTS) return [buffers];
-  const out: Uint8Array[][] = [];
-  for (let i = 0; i < buffers.length; i += native.MAX_SEGMENTS) out.push(buffers.slice(i, i + native.MAX_SEGMENTS));
-  return out;
-}
-
-/**
- * Reads `buffers` (`total` bytes) from `offset` on the event loop. preadv returns short
- * only at end of file: past it an image (sparse, truncated behind our back, or a format's
- * cluster allocated at the end and not yet written to its end) reads as zeroes.
- */
-function readZeroFilled(fd: number, buffers: readonly Uint8Array[], offset: number, total: number): void {
-  if (buffers.length <= native.MAX_SEGMENTS) {
-    const n = native.preadv(fd, buffers, offset);
-    if (n < total) zeroFrom(buffers, n);
-    return;
-  }
-  let pos = offset;
-  for (const batch of batches(buffers)) {
-    const want = totalLength(batch);
-    const n = native.preadv(fd, batch, pos);
-    if (n < want) zeroFrom(batch, n);
-    pos += want;
-  }
-}
-
-/** {@link readZeroFilled} on the thread pool. */
-async function readZeroFilledAsync(fd: number, buffers: readonly Uint8Array[], offset: number): Promise<void> {
-  let pos = offset;
-  for (const batch of batches(buffers)) {
-    const want = totalLength(batch);
-    const n = await native.preadvAsync(fd, batch, pos);
-    if (n < want) zeroFrom(batch, n);
-    pos += want;
-  }
-}
-
-/**
- * One RWF_NOWAIT read: the bytes the page cache held (0 when none, or at end of file), or
- * -1 when the filesystem cannot do it (the caller then stops trying for good).
- */
-function tryReadCached(fd: number, buffers: readonly Uint8Array[], offset: number): number {
-  let n: number;
-  try {
-    n = native.tryPreadv(fd, buffers, offset);
-  } catch (e) {
-    if (!isUnsupported(e)) throw e;
-    return -1;
-  }
-  return n < 0 ? 0 : n;
-}
-
-/**
- * Reads of a file in `sync`, `async` or `auto` I/O mode, the end of file as zeroes, shared
- * by {@link FileBackend} and the qcow2 image file: `auto` takes what the page cache holds
- * on the event loop (RWF_NOWAIT) and reads the rest on the thread pool; a filesystem that
- * cannot try turns trying off for good, and reads then go as `sync`.
- */
-export class FileReader {
-  private canTry: boolean;
-
-  constructor(private readonly fd: number, private readonly io: 'sync' | 'async' | 'auto') {
-    this.canTry = io === 'auto';
-  }
-
-  /** Fills `buffers` (`total` bytes) from `offset`. */
-  read(offset: number, buffers: readonly Uint8Array[], total: number): void | Promise<void> {
-    if (this.io === 'async') return readZeroFilledAsync(this.fd, buffers, offset);
-    if (this.canTry && buffers.length <= native.MAX_SEGMENTS) {
-      const n = tryReadCached(this.fd, buffers, offset);
-      if (n === total) return;
-      // Not all of it cached (or the file ends early): the rest on the thread pool.
-      if (n >= 0) return readZeroFilledAsync(this.fd, n === 0 ? buffers : sliceBuffers(buffers, n, total - n) ?? [], offset + n);
-      this.canTry = false;
-    }
-    readZeroFilled(this.fd, buffers, offset, total);
-  }
-}
-
-/** A shared block of zeroes, for writing zeroes where fallocate cannot (never written into). */
-export function zeroes(): Uint8Array {
-  zeroBlock ??= new Uint8Array(ZERO_BLOCK);
-  return zeroBlock;
-}
-
 /** A raw image file as a {@link BlockBackend}. */
 export class FileBackend implements BlockBackend {
   size: number;
@@ -259,11 +151,9 @@ export class FileBackend implements BlockBackend {
   readonly io: FileIoMode;
   private readonly fd: number;
   private closed = false;
-  /** Whether the filesystem still seems to take these fallocate modes (cleared at the first refusal). */
-  private punchHoles = true;
-  private zeroRanges = true;
   /** Reads, but for `mmap` mode. */
   private readonly reader: FileReader;
+  private readonly writer: FileWriter;
   /** `mmap` mode: the image's mapping. */
   private map: native.FileMap | null = null;
 
@@ -275,6 +165,7 @@ export class FileBackend implements BlockBackend {
     this.io = options.io;
     if (this.io === 'mmap') this.map = native.mapFile(fd, size);
     this.reader = new FileReader(fd, this.io === 'mmap' ? 'sync' : this.io);
+    this.writer = new FileWriter(fd, this.io === 'async');
   }
 
   read(offset: number, buffers: readonly Uint8Array[]): void | Promise<void> {
@@ -295,19 +186,7 @@ export class FileBackend implements BlockBackend {
 
   write(offset: number, buffers: readonly Uint8Array[]): void | Promise<void> {
     this.check(offset, totalLength(buffers), true);
-    if (this.io === 'async') return this.writeAsync(offset, buffers);
-    // pwritev writes everything (looping over short counts) or throws.
-    if (buffers.length <= native.MAX_SEGMENTS) {
-      native.pwritev(this.fd, buffers, offset);
-      return;
-    }
-    let pos = offset;
-    for (const batch of batches(buffers)) pos += native.pwritev(this.fd, batch, pos);
-  }
-
-  private async writeAsync(offset: number, buffers: readonly Uint8Array[]): Promise<void> {
-    let pos = offset;
-    for (const batch of batches(buffers)) pos += await native.pwritevAsync(this.fd, batch, pos);
+    return this.writer.write(offset, buffers);
   }
 
   flush(): Promise<void> {
@@ -317,70 +196,13 @@ export class FileBackend implements BlockBackend {
 
   discard(offset: number, length: number): void | Promise<void> {
     this.check(offset, length, true);
-    return this.deallocate(offset, length);
+    return this.writer.punchHole(offset, length);
   }
 
   writeZeroes(offset: number, length: number, unmap: boolean): void | Promise<void> {
     this.check(offset, length, true);
     // With unmap the spec lets us deallocate (5.2.6.2), and a hole reads as zeroes.
-    if (unmap) return this.deallocate(offset, length);
-    if (!this.zeroRanges) return this.writeZeroBytes(offset, length);
-    if (this.io === 'async') return this.zeroRangeAsync(offset, length);
-    try {
-      native.fallocate(this.fd, native.FALLOC_FL_ZERO_RANGE, offset, length);
-    } catch (e) {
-      if (!isUnsupported(e)) throw e;
-      this.zeroRanges = false;
-      this.writeZeroBytes(offset, length);
-    }
-  }
-
-  private async zeroRangeAsync(offset: number, length: number): Promise<void> {
-    try {
-      await native.fallocateAsync(this.fd, native.FALLOC_FL_ZERO_RANGE, offset, length);
-    } catch (e) {
-      if (!isUnsupported(e)) throw e;
-      this.zeroRanges = false;
-      await this.writeZeroBytes(offset, length);
-    }
-  }
-
-  /** Punches a hole (KEEP_SIZE: the image never changes size), else writes zeroes. */
-  private deallocate(offset: number, length: number): void | Promise<void> {
-    if (!this.punchHoles) return this.writeZeroBytes(offset, length);
-    const mode = native.FALLOC_FL_PUNCH_HOLE | native.FALLOC_FL_KEEP_SIZE;
-    if (this.io === 'async') return this.punchAsync(mode, offset, length);
-    try {
-      native.fallocate(this.fd, mode, offset, length);
-    } catch (e) {
-      if (!isUnsupported(e)) throw e;
-      this.punchHoles = false;
-      this.writeZeroBytes(offset, length);
-    }
-  }
-
-  private async punchAsync(mode: number, offset: number, length: number): Promise<void> {
-    try {
-      await native.fallocateAsync(this.fd, mode, offset, length);
-    } catch (e) {
-      if (!isUnsupported(e)) throw e;
-      this.punchHoles = false;
-      await this.writeZeroBytes(offset, length);
-    }
-  }
-
-  /** The fallback: zeroes written a block at a time (slow, and it allocates the range). */
-  private writeZeroBytes(offset: number, length: number): void | Promise<void> {
-    if (this.io === 'async') return this.writeZeroBytesAsync(offset, length);
-    const z = zeroes();
-    for (let done = 0; done < length;) done += native.pwritev(this.fd, [z.subarray(0, Math.min(z.length, length - done))], offset + done);
-  }
-
-  private async writeZeroBytesAsync(offset: number, length: number): Promise<void> {
-    const z = zeroes();
-    for (let done = 0; done < length;) {
-      done += await native.pwritevAsync(this.fd, [z.subarray(0, Math.min(z.length, length - done))], offset + done);
-    }
+    return unmap ? this.writer.punchHole(offset, length) : this.writer.zeroRange(offset, length);
   }
 
   /** Grows the image file (sparsely: ftruncate allocates nothing). */

@@ -16,7 +16,8 @@ import { closeSync, constants, fstatSync, ftruncateSync } from 'node:fs';
 import type { BackendResult } from '../backends/backend.js';
 import { BackendError, totalLength } from '../backends/backend.js';
 import type { ImageFile } from '../backends/qcow2/image-file.js';
-import { FileBackendError, FileReader, batches, isUnsupported, openError, openNoAtime, zeroes } from './file-backend.js';
+import { FileBackendError, openError, openNoAtime } from './file-backend.js';
+import { FileReader, FileWriter } from './file-io.js';
 import * as native from './native.js';
 
 /** How a {@link NodeImageFile} runs reads and writes: the file backend's modes without `mmap`. */
@@ -64,9 +65,8 @@ export class NodeImageFile implements ImageFile {
   /** The descriptor, for fstat (allocation figures); owned by this object. */
   readonly fd: number;
   private closed = false;
-  /** Cleared at the filesystem's first refusal of these (see file-backend.ts). */
-  private punchHoles = true;
   private readonly reader: FileReader;
+  private readonly writer: FileWriter;
 
   /** Takes ownership of `fd`, a file of `size` bytes. */
   constructor(fd: number, size: number, options: { readonly readOnly: boolean; readonly io: ImageFileIoMode }) {
@@ -75,6 +75,7 @@ export class NodeImageFile implements ImageFile {
     this.readOnly = options.readOnly;
     this.io = options.io;
     this.reader = new FileReader(fd, options.io);
+    this.writer = new FileWriter(fd, options.io === 'async');
   }
 
   read(offset: number, buffers: readonly Uint8Array[]): BackendResult {
@@ -89,14 +90,7 @@ export class NodeImageFile implements ImageFile {
     // The size grows when the write is issued: a format allocates past the end and
     // expects later requests to see the new length before this one lands.
     this.size = Math.max(this.size, offset + total);
-    if (this.io === 'async') return this.writeAsync(offset, buffers);
-    let pos = offset;
-    for (const batch of batches(buffers)) pos += native.pwritev(this.fd, batch, pos);
-  }
-
-  private async writeAsync(offset: number, buffers: readonly Uint8Array[]): Promise<void> {
-    let pos = offset;
-    for (const batch of batches(buffers)) pos += await native.pwritevAsync(this.fd, batch, pos);
+    return this.writer.write(offset, buffers);
   }
 
   flush(): Promise<void> {
@@ -111,43 +105,15 @@ export class NodeImageFile implements ImageFile {
     this.size = size;
   }
 
-  /** Punches a hole (KEEP_SIZE: the file never changes length); writes zeroes where the filesystem cannot. */
+  /**
+   * Punches a hole (KEEP_SIZE: the file never changes length). Where the filesystem
+   * cannot, zeroes are written inside the file only: past its end they would grow it, and
+   * reads there give zeroes anyway.
+   */
   discard(offset: number, length: number): BackendResult {
     this.check(offset, length, true);
     if (length === 0) return;
-    if (!this.punchHoles) return this.writeZeroBytes(offset, length);
-    const mode = native.FALLOC_FL_PUNCH_HOLE | native.FALLOC_FL_KEEP_SIZE;
-    if (this.io === 'async') return this.punchAsync(mode, offset, length);
-    try {
-      native.fallocate(this.fd, mode, offset, length);
-    } catch (e) {
-      if (!isUnsupported(e)) throw e;
-      this.punchHoles = false;
-      return this.writeZeroBytes(offset, length);
-    }
-  }
-
-  private async punchAsync(mode: number, offset: number, length: number): Promise<void> {
-    try {
-      await native.fallocateAsync(this.fd, mode, offset, length);
-    } catch (e) {
-      if (!isUnsupported(e)) throw e;
-      this.punchHoles = false;
-      await this.writeZeroBytes(offset, length);
-    }
-  }
-
-  /** The fallback, only inside the file: zeroes past its end would grow it, and reads there give zeroes anyway. */
-  private writeZeroBytes(offset: number, length: number): BackendResult {
-    const end = Math.min(offset + length, this.size);
-    if (end <= offset) return;
-    const z = zeroes();
-    if (this.io === 'async') {
-      return (async () => {
-        for (let at = offset; at < end;) at += await native.pwritevAsync(this.fd, [z.subarray(0, Math.min(z.length, end - at))], at);
-      })();
-    }
-    for (let at = offset; at < end;) at += native.pwritev(this.fd, [z.subarray(0, Math.min(z.length, end - at))], at);
+    return this.writer.punchHole(offset, length, Math.min(offset + length, this.size));
   }
 
   /** Bytes the file occupies on the host (st_blocks × 512): what `vblk image info` reports as allocated. */
