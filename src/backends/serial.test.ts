@@ -103,3 +103,27 @@ test('extents, resize and close wait their turn', async () => {
   assert.equal(gate.size, 2 << 20);
   assert.equal(gate.concurrency, 'parallel');
 });
+
+test('a backend with FUA keeps it behind the queue: canFua, and the flag of each write, started at once or queued', async () => {
+  class FuaHeld extends Held {
+    readonly canFua = true;
+    readonly flags: (boolean | undefined)[] = [];
+    override write(offset: number, buffers: readonly Uint8Array[], fua?: boolean): BackendResult {
+      this.flags.push(fua);
+      return super.write(offset, buffers);
+    }
+  }
+  const inner = new FuaHeld({ size: 1 << 20 });
+  const s = new SerialBackend(inner);
+  assert.equal(s.canFua, true);
+  const first = s.write(0, [new Uint8Array(512)], true);
+  const queued = s.write(512, [new Uint8Array(512)], true);
+  const plain = s.write(1024, [new Uint8Array(512)], false);
+  while (inner.held.length > 0 || inner.flags.length < 3) {
+    inner.held.shift()?.();
+    await new Promise((r) => setImmediate(r));
+  }
+  await Promise.all([first, queued, plain]);
+  assert.deepEqual(inner.flags, [true, true, false]);
+  assert.equal(new SerialBackend(new MemoryBackend({ size: 1 << 20 })).canFua, false);
+});

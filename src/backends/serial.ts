@@ -48,9 +48,9 @@ export class SerialBackend extends FilterBackend {
     return this.started(this.inner.read(offset, buffers));
   }
 
-  override write(offset: number, buffers: readonly Uint8Array[]): BackendResult {
-    if (this.busy) return this.enqueue(() => this.inner.write(offset, buffers));
-    return this.started(this.inner.write(offset, buffers));
+  override write(offset: number, buffers: readonly Uint8Array[], fua?: boolean): BackendResult {
+    if (this.busy) return this.enqueue(() => this.inner.write(offset, buffers, fua));
+    return this.started(this.inner.write(offset, buffers, fua));
   }
 
   override flush(): BackendResult {
