@@ -45,7 +45,7 @@ export function decodeEntry(view: DataView, o: number, g: L2Geometry): Entry {
  * `metadata` clusters (the header, L1, refcount and snapshot tables, L2 tables and refcount
  * blocks), which a write or a free through a data entry would destroy; consistent bitmaps.
  */
-export function validateL2Table(data: Uint8Array, off: number, g: L2Geometry, fileSize: number, metadata: ReadonlySet<number>): void {
+export function validateL2Table(data: Uint8Array, off: number, g: L2Geometry, fileSize: number, metadata: { has(cluster: number): boolean }): void {
   const view = new DataView(data.buffer, data.byteOffset, data.byteLength);
   const entryBytes = g.extended ? 16 : 8, clusterSize = 2 ** g.clusterBits;
   for (let o = 0; o < data.length; o += entryBytes) {

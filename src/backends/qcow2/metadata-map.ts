@@ -17,19 +17,44 @@ export interface MetadataSources {
   refcounts(): Refcounts | undefined;
 }
 
-export interface MetadataClusters {
-  /** Every metadata cluster. */
-  readonly all: ReadonlySet<number>;
-  /** The refcount blocks alone (an L1 entry may not point at one). */
-  readonly refcountBlocks: ReadonlySet<number>;
-}
-
+/**
+ * Kept up to date at the cost of each change, not of the image's size: the L2 tables by a
+ * count per cluster that {@link MetadataMap.l1EntryChanged} adjusts (an image with 4 KiB
+ * clusters gets a new L2 table every 2 MiB it grows, and its L1 table may have half a
+ * million entries); the fixed tables and the refcount blocks derived again when the
+ * header or the refcount table is replaced or a refcount block is added, the L2 tables
+ * when the L1 table is replaced.
+ */
 export class MetadataMap {
-  /** Counts the changes to the L1 table: the owner bumps it with each one. */
-  l1Changes = 0;
-  #cached: (MetadataClusters & { l1Changes: number; rcChanges: number }) | null = null;
+  /** Active L2 tables: how many L1 entries point at each (more than one only in a damaged image). */
+  #l2: Map<number, number> | null = null;
+  #l2From: Uint8Array | null = null;
+  #fixed: { all: Set<number>; refcountBlocks: Set<number>; header: Qcow2Header; rcChanges: number } | null = null;
 
   constructor(private readonly src: MetadataSources) {}
+
+  /** Whether cluster `c` holds metadata: the header, a table, an L2 table or a refcount block. */
+  has(c: number): boolean {
+    return this.#fixedSets().all.has(c) || this.#l2Tables().has(c);
+  }
+
+  /** Whether cluster `c` is a refcount block (an L1 entry may not point at one). */
+  isRefcountBlock(c: number): boolean {
+    return this.#fixedSets().refcountBlocks.has(c);
+  }
+
+  /** The L1 entry that pointed at the L2 table at `oldOffset` now points at `newOffset` (0: none). */
+  l1EntryChanged(oldOffset: number, newOffset: number): void {
+    const l2 = this.#l2;
+    if (l2 === null) return; // derived from the L1 table when first asked
+    const cs = this.src.clusterSize;
+    if (oldOffset !== 0) {
+      const n = (l2.get(oldOffset / cs) ?? 0) - 1;
+      if (n > 0) l2.set(oldOffset / cs, n);
+      else l2.delete(oldOffset / cs);
+    }
+    if (newOffset !== 0) l2.set(newOffset / cs, (l2.get(newOffset / cs) ?? 0) + 1);
+  }
 
   /** The fixed tables, as [first, end) cluster ranges (a snapshot table counted at its smallest). */
   reserved(): (readonly [number, number])[] {
@@ -41,22 +66,30 @@ export class MetadataMap {
     return areas;
   }
 
-  /** Every metadata cluster; derived again after the L1 or the refcount table changed. */
-  clusters(): MetadataClusters {
-    const rc = this.src.refcounts();
+  #fixedSets(): { all: Set<number>; refcountBlocks: Set<number> } {
+    const h = this.src.header(), rc = this.src.refcounts();
     const rcChanges = rc?.changes ?? 0;
-    const c = this.#cached;
-    if (c !== null && c.l1Changes === this.l1Changes && c.rcChanges === rcChanges) return c;
+    const f = this.#fixed;
+    if (f !== null && f.header === h && f.rcChanges === rcChanges) return f;
     const refcountBlocks = new Set(rc?.blockClusters() ?? []);
     const all = new Set(refcountBlocks);
     for (const [from, to] of this.reserved()) for (let k = from; k < to; k++) all.add(k);
+    this.#fixed = { all, refcountBlocks, header: h, rcChanges };
+    return this.#fixed;
+  }
+
+  #l2Tables(): Map<number, number> {
     const l1 = this.src.l1();
+    if (this.#l2 !== null && this.#l2From === l1) return this.#l2;
+    const cs = this.src.clusterSize;
+    const l2 = new Map<number, number>();
     const view = new DataView(l1.buffer, l1.byteOffset, l1.byteLength);
     for (let o = 0; o < l1.length; o += 8) {
-      const l2 = entryOffset(view.getUint32(o), view.getUint32(o + 4));
-      if (l2 !== 0) all.add(l2 / this.src.clusterSize);
+      const off = entryOffset(view.getUint32(o), view.getUint32(o + 4));
+      if (off !== 0) l2.set(off / cs, (l2.get(off / cs) ?? 0) + 1);
     }
-    this.#cached = { all, refcountBlocks, l1Changes: this.l1Changes, rcChanges };
-    return this.#cached;
+    this.#l2 = l2;
+    this.#l2From = l1;
+    return l2;
   }
 }

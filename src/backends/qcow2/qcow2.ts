@@ -162,7 +162,7 @@ export class Qcow2Backend implements BlockBackend {
     const host = entryOffset(hi, lo);
     if (host === 0) return write ? NOT_FAST : this.#unallocatedReads;
     // The slow path refuses a write onto metadata (see #checkDataCluster).
-    return write && this.#meta.clusters().all.has(host / this.#cs) ? NOT_FAST : host;
+    return write && this.#meta.has(host / this.#cs) ? NOT_FAST : host;
   }
 
   read(offset: number, buffers: readonly Uint8Array[]): BackendResult {
@@ -340,13 +340,12 @@ export class Qcow2Backend implements BlockBackend {
     if (off % this.#cs !== 0 || off < this.#cs || off >= this.#file.size) {
       throw new Qcow2Error('QCOW2_BAD_METADATA', `L2 table offset ${off} is unaligned, on the header or past the end of the file`);
     }
-    const tables = this.#meta.clusters();
-    if (tables.refcountBlocks.has(off / this.#cs)) {
+    if (this.#meta.isRefcountBlock(off / this.#cs)) {
       throw new Qcow2Error('QCOW2_BAD_METADATA', `L2 table offset ${off} is a refcount block`);
     }
     const data = new Uint8Array(this.#cs);
     await this.#file.read(off, [data]);
-    validateL2Table(data, off, this.#geometry, this.#file.size, tables.all);
+    validateL2Table(data, off, this.#geometry, this.#file.size, this.#meta);
     return this.#l2.insert(off, data, false);
   }
 
@@ -422,7 +421,6 @@ export class Qcow2Backend implements BlockBackend {
     t.dirty = true;
   }
 
-  /** Queues the host clusters of an entry no longer referenced for release at the next flush. */
   /**
    * Throws unless guest cluster `c`'s entry `e` points at data, not at the image's own
    * metadata. Entries are checked when their table is loaded; this catches a cluster that
@@ -432,11 +430,12 @@ export class Qcow2Backend implements BlockBackend {
   #checkDataCluster(e: Entry, c: number): void {
     if (e.offset === 0 || e.kind === 'compressed') return;
     const host = Math.floor(e.offset / this.#cs);
-    if (this.#meta.clusters().all.has(host)) {
+    if (this.#meta.has(host)) {
       throw new Qcow2Error('QCOW2_BAD_METADATA', `guest cluster ${c} maps to cluster offset ${host * this.#cs}, which holds the image's metadata (its refcount said it was free)`);
     }
   }
 
+  /** Queues the host clusters of an entry no longer referenced for release at the next flush. */
   #free(e: Entry): void {
     if (e.offset === 0) return;
     const first = Math.floor(e.offset / this.#cs);
@@ -463,8 +462,8 @@ export class Qcow2Backend implements BlockBackend {
   }
 
   #setL1(i: number, l2off: number): void {
+    this.#meta.l1EntryChanged(entryOffset(this.#l1View.getUint32(8 * i), this.#l1View.getUint32(8 * i + 4)), l2off);
     writeU64(this.#l1View, 8 * i, l2off);
-    this.#meta.l1Changes++;
     // Bit 63, COPIED: this L2 table is ours alone.
     if (l2off !== 0) this.#l1View.setUint32(8 * i, (this.#l1View.getUint32(8 * i) | 0x8000_0000) >>> 0);
     this.#l1DirtyFrom = Math.min(this.#l1DirtyFrom, i);
@@ -635,7 +634,6 @@ export class Qcow2Backend implements BlockBackend {
         await this.#file.flush();
         this.#l1 = l1;
         this.#l1View = new DataView(l1.buffer);
-        this.#meta.l1Changes++;
       }
       const fields = new Uint8Array(24); // size, crypt_method, l1_size, l1_table_offset: bytes 24..48
       const v = new DataView(fields.buffer);
