@@ -540,6 +540,7 @@ export class Engine {
   }
 }
 
+/** The status of a request whose backend operation failed with `error`. */
 function failureStatus(error: unknown): number {
   return error instanceof BackendError && error.code === 'UNSUPPORTED' ? S_UNSUPP : S_IOERR;
 }

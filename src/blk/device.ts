@@ -429,8 +429,6 @@ export class BlkDevice implements VirtioDevice {
   }
 }
 
-/** The status of a request whose backend operation failed with `error`. */
-
 function rangeLimits(name: string, given: false | BlkRangeLimits | undefined, sectorsPerBlock: number): RangeLimits {
   const g = given || {};
   const maxSectors = g.maxSectors ?? DEFAULT_MAX_RANGE_SECTORS - (DEFAULT_MAX_RANGE_SECTORS % sectorsPerBlock);

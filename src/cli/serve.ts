@@ -19,7 +19,7 @@ import { openFileBackend } from '../node/file-backend.js';
 import { IMAGE_FORMATS, openImage, type OpenedImage } from '../node/image-open.js';
 import { lockImage, type ImageLock } from '../node/image-lock.js';
 import { listenMetrics, metricsRegistry, type MetricsEndpoint } from '../node/metrics.js';
-import { openNbdBackend } from '../node/nbd-backend.js';
+import { openNbdBackend, type NbdExportBackend } from '../node/nbd-backend.js';
 import { serve, type ServedDisk } from '../node/serve.js';
 import { MAX_READ_TIMEOUT_MS } from '../node/unix-socket.js';
 import { DEFAULT_MESSAGE_TIMEOUT_MS } from '../node/vhost-user-server.js';
@@ -358,7 +358,7 @@ function parseFilter(text: string): FilterSpec {
 }
 
 /** "flush, fua, trim, zeroes": what an export offers, for the log. */
-function describeNbd(b: { readOnly: boolean; canFlush: boolean; canFua: boolean; canDiscard: boolean; canWriteZeroes: boolean; rotational: boolean }): string {
+function describeNbd(b: NbdExportBackend): string {
   const on: string[] = [];
   if (b.readOnly) on.push('read-only');
   if (b.canFlush) on.push('flush');

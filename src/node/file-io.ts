@@ -10,12 +10,12 @@ import { sliceBuffers } from '../virtqueue/chain.js';
 import * as native from './native.js';
 
 /** Errors with which fallocate says "not this mode here" (fallocate(2)): fall back to writing zeroes. */
-export function isUnsupported(e: unknown): boolean {
+function isUnsupported(e: unknown): boolean {
   return native.isNativeError(e) && (e.code === 'EOPNOTSUPP' || e.code === 'ENOTSUP' || e.code === 'EINVAL' || e.code === 'ENOSYS');
 }
 
 /** Fills every byte of `buffers` from byte `from` on with zeroes (what a read past end of file gives). */
-export function zeroFrom(buffers: readonly Uint8Array[], from: number): void {
+function zeroFrom(buffers: readonly Uint8Array[], from: number): void {
   let skip = from;
   for (const b of buffers) {
     if (skip >= b.length) {
@@ -113,10 +113,12 @@ const ZERO_BLOCK = 1024 * 1024;
 let zeroBlock: Uint8Array | null = null;
 
 /** A shared block of zeroes, for writing zeroes where fallocate cannot (never written into). */
-export function zeroes(): Uint8Array {
+function zeroes(): Uint8Array {
   zeroBlock ??= new Uint8Array(ZERO_BLOCK);
   return zeroBlock;
 }
+
+const PUNCH_HOLE = native.FALLOC_FL_PUNCH_HOLE | native.FALLOC_FL_KEEP_SIZE;
 
 /**
  * Writes to a file on the event loop or, `async`, on the thread pool, and the two
@@ -152,30 +154,32 @@ export class FileWriter {
    */
   punchHole(offset: number, length: number, zeroesEnd = offset + length): BackendResult {
     if (!this.punchHoles) return this.writeZeroes(offset, zeroesEnd);
-    return this.fallocate(native.FALLOC_FL_PUNCH_HOLE | native.FALLOC_FL_KEEP_SIZE, offset, length, zeroesEnd, () => (this.punchHoles = false));
+    return this.fallocate(PUNCH_HOLE, offset, length, zeroesEnd);
   }
 
   /** Zeroes the range with FALLOC_FL_ZERO_RANGE (allocated, reads as zeroes), else by writing zeroes. */
   zeroRange(offset: number, length: number): BackendResult {
     if (!this.zeroRanges) return this.writeZeroes(offset, offset + length);
-    return this.fallocate(native.FALLOC_FL_ZERO_RANGE, offset, length, offset + length, () => (this.zeroRanges = false));
+    return this.fallocate(native.FALLOC_FL_ZERO_RANGE, offset, length, offset + length);
   }
 
-  private fallocate(mode: number, offset: number, length: number, zeroesEnd: number, refused: () => void): BackendResult {
+  private fallocate(mode: number, offset: number, length: number, zeroesEnd: number): BackendResult {
     if (this.async) {
-      return native.fallocateAsync(this.fd, mode, offset, length).catch((e: unknown) => {
-        if (!isUnsupported(e)) throw e;
-        refused();
-        return this.writeZeroes(offset, zeroesEnd);
-      });
+      return native.fallocateAsync(this.fd, mode, offset, length).catch((e: unknown) => this.refused(e, mode, offset, zeroesEnd));
     }
     try {
       native.fallocate(this.fd, mode, offset, length);
     } catch (e) {
-      if (!isUnsupported(e)) throw e;
-      refused();
-      return this.writeZeroes(offset, zeroesEnd);
+      return this.refused(e, mode, offset, zeroesEnd);
     }
+  }
+
+  /** A failed fallocate: a mode the filesystem lacks is remembered as missing and the range written with zeroes. */
+  private refused(e: unknown, mode: number, offset: number, zeroesEnd: number): BackendResult {
+    if (!isUnsupported(e)) throw e;
+    if (mode === PUNCH_HOLE) this.punchHoles = false;
+    else this.zeroRanges = false;
+    return this.writeZeroes(offset, zeroesEnd);
   }
 
   /** The fallback: zeroes written a block at a time over [offset, end) (slow, and it allocates). */

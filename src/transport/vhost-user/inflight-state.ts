@@ -9,18 +9,15 @@ import { CONFIG_RECORD_BYTES, readConfigRecord, writeConfigRecord } from './conf
 import { VHOST_USER_MAX_CONFIG_SIZE } from '../../spec/vhost-user.js';
 import type { BackendIo, RegionMapping } from './backend.js';
 
-interface InflightBuffer {
-  readonly mapping: RegionMapping;
-  readonly numQueues: number;
-  readonly queueSize: number;
-  readonly perQueue: number;
-}
-
 /** The shape of an inflight buffer: queues, their size, and the log bytes of each. */
 export interface InflightShape {
   readonly numQueues: number;
   readonly queueSize: number;
   readonly perQueue: number;
+}
+
+interface InflightBuffer extends InflightShape {
+  readonly mapping: RegionMapping;
 }
 
 export class InflightState {
