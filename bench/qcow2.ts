@@ -22,6 +22,7 @@ import { join } from 'node:path';
 import { startServe } from '../test/e2e/serve-helpers.js';
 import { startQsd } from '../test/e2e/qsd-helpers.js';
 import { processCpuUs, runClient, warmImage, type Pattern } from './peers.js';
+import { median, spread } from './stats.js';
 
 export const QCOW2_KINDS = ['vblk-serve-qcow2', 'qsd-qcow2-io_uring'] as const;
 export type Qcow2Kind = (typeof QCOW2_KINDS)[number];
@@ -203,15 +204,6 @@ export async function qcow2Section(o: { runtimeS: number; rounds: number; imageS
     for (const f of [allocated, compressibleRaw, compressed]) rmSync(f, { force: true });
   }
 }
-
-function median(values: readonly number[]): number {
-  const sorted = [...values].sort((a, b) => a - b);
-  const mid = sorted.length >> 1;
-  return sorted.length % 2 ? sorted[mid] : (sorted[mid - 1] + sorted[mid]) / 2;
-}
-
-const r3 = (n: number): number => Math.round(n * 1000) / 1000;
-const spread = (v: readonly number[]): { median: number; min: number; max: number } => ({ median: r3(median(v)), min: r3(Math.min(...v)), max: r3(Math.max(...v)) });
 
 /** Medians per workload and backend, and per-round ratios to the daemon's. */
 export function summarizeQcow2(rows: readonly Qcow2Row[]): Qcow2Summary[] {

@@ -55,6 +55,7 @@ import {
 import { qcow2Report, qcow2Section, qcow2Targets, summarizeQcow2, type Qcow2Row, type Qcow2Summary } from './qcow2.js';
 import { migrationReport, migrationSection, migrationTargets, summarizeMigration, type MigrationRow, type MigrationSummary } from './migration.js';
 import { GUEST_PEERS, peerPath } from '../scripts/guest/guest.js';
+import { median, spread, type Spread } from './stats.js';
 
 const MS_PER_S = 1000;
 const MIB = 2 ** 20;
@@ -67,7 +68,7 @@ type Section = (typeof SECTIONS)[number];
 
 /** Rounds of the loopback and versus sections. */
 const DEFAULT_ROUNDS = 7;
-/** Rounds of the migration section: a round boots two guests per backend, half a minute each. */
+/** Rounds of the migration section: a round boots two guests per backend (some 16 s a round here). */
 const DEFAULT_MIGRATION_ROUNDS = 5;
 
 const SPECS = {
@@ -178,12 +179,6 @@ interface VersusSummary {
   readonly base: PeerKind;
   readonly iops_ratio: Spread;
   readonly cpu_ratio: Spread;
-}
-
-interface Spread {
-  readonly median: number;
-  readonly min: number;
-  readonly max: number;
 }
 
 interface FioRow {
@@ -440,16 +435,6 @@ async function versusSection(o: Options, image: string, dir: string): Promise<Ve
     for (const peer of peers) await peer.stop();
   }
   return rows;
-}
-
-function median(values: readonly number[]): number {
-  const sorted = [...values].sort((a, b) => a - b);
-  const mid = sorted.length >> 1;
-  return sorted.length % 2 ? sorted[mid] : (sorted[mid - 1] + sorted[mid]) / 2;
-}
-
-function spread(values: readonly number[]): Spread {
-  return { median: round(median(values), 3), min: round(Math.min(...values), 3), max: round(Math.max(...values), 3) };
 }
 
 /**

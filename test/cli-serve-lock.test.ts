@@ -113,6 +113,7 @@ test('the backing file of a served overlay is locked for reading: a writer refus
   await withServes([[overlay, sock('b1'), []]], async () => {
     await refused([base, '--socket', sock('b2')], lockedLine(base, 'lets no other process write to it'));
     await withServes([[base, sock('b2'), ['--read-only']]], async () => {});
+    await withServes([[base, sock('b5'), ['--force-share']]], async () => {});
   });
   // And the other way round: an overlay whose backing file another process writes.
   await withServes([[base, sock('b3'), []]], async () => {

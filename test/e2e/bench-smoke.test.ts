@@ -21,7 +21,7 @@ test('npm run bench: every section runs against real peers and writes well-forme
         RUN, '--runtime', '0.2', '--image-size', '32M', '--sparse-size', '1G', '--iodepths', '1,8', '--queues', '1', '--rounds', '2', '--migration-rounds', '1',
         '--out', out, '--dir', join(dir, 'scratch'),
       ], { encoding: 'utf8', timeout: 590_000 });
-      assert.equal(r.status, 0, r.stderr);
+      assert.equal(r.status, 0, `${r.signal ?? ''} ${r.error?.message ?? ''}\n${r.stderr}`);
       const results = JSON.parse(readFileSync(out, 'utf8'));
       assert.deepEqual(results.skipped, []);
       assert.equal(results.loopback.length, 4);

@@ -2,13 +2,13 @@
 // servers (one `vblk serve` on two sockets, qemu-storage-daemon with two exports, or two
 // `vblk serve` over one NBD export as two hosts would run them), the guest, and a QMP
 // `migrate` that waits on QEMU's own counters.
-import { spawn } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { join, resolve, dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import type { Guest, GuestImage, GuestOptions } from '../../scripts/guest/guest.js';
 import { startQemuNbd } from '../support/nbd-servers.js';
-import { waitUntil } from '../support/wait.js';
+import { waitUntil, within } from '../support/wait.js';
+import { startQsd } from './qsd-helpers.js';
 import { launchServe, startServe } from './serve-helpers.js';
 
 const here = dirname(fileURLToPath(import.meta.url));
@@ -37,7 +37,7 @@ export const IMAGE_SIZE = 128 * MiB;
 
 /** While the probe runs: slow enough that the first pass takes a while, and no switchover. */
 export const SLOW = { 'max-bandwidth': 16 * MiB, 'downtime-limit': 1 };
-/** Then, and for every migration without a probe: converge (QEMU 7.2's default downtime limit, 300 ms). */
+/** Then, and for every migration without a probe: converge (QEMU 7.2's default downtime limit, 300 ms; 8 times its default bandwidth, 128 MiB/s). */
 export const FAST = { 'max-bandwidth': 1024 * MiB, 'downtime-limit': 300 };
 
 /** Two sockets onto one disk. */
@@ -99,29 +99,8 @@ export async function nbdHostsServer(image: string, dir: string): Promise<DiskSe
 /** qemu-storage-daemon with two vhost-user-blk exports of one node. */
 export async function qsdServer(image: string, dir: string): Promise<DiskServer> {
   const sockets = [join(dir, 'qa.sock'), join(dir, 'qb.sock')] as const;
-  const exportOf = (id: string, s: string) =>
-    `type=vhost-user-blk,id=${id},node-name=d,addr.type=unix,addr.path=${s},writable=on,num-queues=2`;
-  const proc = spawn('qemu-storage-daemon', [
-    '--blockdev', `driver=file,node-name=f,filename=${image}`, '--blockdev', 'driver=raw,node-name=d,file=f',
-    '--export', exportOf('ea', sockets[0]), '--export', exportOf('eb', sockets[1]),
-  ], { stdio: ['ignore', 'pipe', 'pipe'] });
-  let log = '';
-  proc.stdout.on('data', (d: Buffer) => (log += d.toString()));
-  proc.stderr.on('data', (d: Buffer) => (log += d.toString()));
-  const exited = new Promise<void>((res) => proc.on('close', () => res()));
-  const started = Date.now();
-  while (!sockets.every((s) => existsSync(s))) {
-    if (proc.exitCode !== null) throw new Error(`qemu-storage-daemon exited with ${proc.exitCode}: ${log}`);
-    if (Date.now() - started > 30_000) throw new Error(`qemu-storage-daemon did not create its sockets: ${log}`);
-    await new Promise((r) => setTimeout(r, 20));
-  }
-  return {
-    sockets, log: () => log,
-    stop: async () => {
-      if (proc.exitCode === null) proc.kill('SIGTERM');
-      await exited;
-    },
-  };
+  const q = await startQsd(image, sockets[0], join(dir, 'qsd-qmp.sock'), { numQueues: 2, moreSockets: [sockets[1]] });
+  return { sockets, log: q.log, stop: q.stop };
 }
 
 /**
@@ -252,7 +231,7 @@ export async function migrate(src: Guest, dst: Guest, uri: string, during?: () =
   // QEMU sets up its devices (the vhost-user handshake included) and starts listening for
   // the migration before its main loop runs, and its monitor answers only from there.
   await waitUntil(() => existsSync(dst.qmpSocket), { what: `the destination's QMP socket ${dst.qmpSocket}`, timeoutMs: 120_000 });
-  await dst.qmp('query-status');
+  await within(dst.qmp('query-status'), { what: 'the destination QEMU to set up its vhost-user disk and answer QMP', timeoutMs: 120_000 });
   const to = await listeningUri(dst, uri);
   await src.qmp('migrate-set-parameters', during ? SLOW : FAST);
   await src.qmp('migrate', { uri: to });

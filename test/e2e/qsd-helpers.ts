@@ -31,6 +31,8 @@ export interface QsdOptions {
    * connection): the image argument is then ignored.
    */
   nbd?: { readonly socket: string; readonly export: string };
+  /** More vhost-user-blk exports of the same node, one per socket (a migration's destination connects to one). */
+  moreSockets?: readonly string[];
 }
 
 export async function startQsd(image: string, socket: string, qmpSocket: string, options: QsdOptions = {}): Promise<Qsd> {
@@ -39,9 +41,13 @@ export async function startQsd(image: string, socket: string, qmpSocket: string,
   const disk = options.nbd
     ? ['--blockdev', `driver=nbd,node-name=d,server.type=unix,server.path=${options.nbd.socket},export=${options.nbd.export}`]
     : ['--blockdev', file, '--blockdev', `driver=${options.format ?? 'raw'},node-name=d,file=f${discard}`];
+  const exportOn = (id: string, path: string) => ['--export',
+    `type=vhost-user-blk,id=${id},node-name=d,addr.type=unix,addr.path=${path},writable=${options.writable === false ? 'off' : 'on'},num-queues=${options.numQueues ?? 1}`];
+  const more = options.moreSockets ?? [];
   const args = [
     ...disk,
-    '--export', `type=vhost-user-blk,id=e,node-name=d,addr.type=unix,addr.path=${socket},writable=${options.writable === false ? 'off' : 'on'},num-queues=${options.numQueues ?? 1}`,
+    ...exportOn('e', socket),
+    ...more.flatMap((path, i) => exportOn(`e${i + 1}`, path)),
     '--chardev', `socket,id=m,path=${qmpSocket},server=on,wait=off`,
     '--monitor', 'chardev=m',
   ];
@@ -51,7 +57,7 @@ export async function startQsd(image: string, socket: string, qmpSocket: string,
   proc.stderr!.on('data', (d: Buffer) => (log += d.toString()));
   const exited = new Promise<void>((res) => proc.on('exit', () => res()));
   const started = Date.now();
-  while (!existsSync(socket) || !existsSync(qmpSocket)) {
+  while (![socket, qmpSocket, ...more].every((p) => existsSync(p))) {
     if (proc.exitCode !== null) throw new Error(`qemu-storage-daemon exited with ${proc.exitCode}: ${log}`);
     if (Date.now() - started > 10_000) throw new Error(`qemu-storage-daemon did not create its sockets: ${log}`);
     await new Promise((r) => setTimeout(r, 20));
